@@ -1,0 +1,28 @@
+//! The incfs repository format, as data structures and byte encodings.
+//!
+//! A repository is a directory of immutable, content-named *objects* plus one signed *manifest*
+//! per published version (see `docs/format.md` for the byte-level specification). This crate
+//! turns those bytes into checked Rust values and back; it performs no I/O and no cryptography,
+//! so every parser of untrusted input lives here and can be fuzzed on its own.
+//!
+//! - [`manifest`]: the image model (inodes, directory entries, objects) and its validation.
+//! - [`wire`]: the manifest's byte encoding and the signature envelope around it.
+//! - [`block_map`]: per-file metadata stored in objects (compact Merkle tree + block records).
+//! - [`codec`]: per-block compression (zero, raw, LZ4, zstd).
+//! - [`layout`]: where things live inside a repository.
+
+pub mod block_map;
+pub mod codec;
+pub mod layout;
+pub mod manifest;
+pub mod wire;
+
+pub use block_map::{BlockRecord, FileMetaLayout, BLOCK_RECORD_SIZE};
+pub use codec::{Codec, Compression};
+pub use manifest::{
+    Dirent, FileData, Inode, InodeKind, Manifest, ManifestError, MetaRef, Metadata, ObjectRef,
+    Xattr,
+};
+pub use wire::{Envelope, SignatureAlgorithm, WireError};
+
+pub use incfs_verity::{Hash, BLOCK_SIZE};

@@ -1,0 +1,310 @@
+//! Hashing blocks, building whole trees and checking hash blocks.
+
+use rayon::prelude::*;
+use sha2::{Digest, Sha256};
+
+use crate::{Geometry, Hash, BLOCK_SIZE, HASHES_PER_BLOCK, HASH_SIZE, LOG_BLOCK_SIZE};
+
+static ZEROS: [u8; BLOCK_SIZE] = [0; BLOCK_SIZE];
+
+/// Below this many bytes, hashing on one thread beats the cost of spreading the work.
+const PARALLEL_THRESHOLD: usize = 1 << 20;
+
+/// Hash of one data block: SHA-256 of `data` zero-padded to 4096 bytes.
+///
+/// `data` may be shorter than a block (the last block of a file, or a block stored with its
+/// trailing zeros trimmed): both pad to the same 4096 bytes and so give the same hash.
+pub fn hash_data_block(data: &[u8]) -> Hash {
+    assert!(
+        data.len() <= BLOCK_SIZE,
+        "a data block is at most 4096 bytes"
+    );
+    let mut h = Sha256::new();
+    h.update(data);
+    h.update(&ZEROS[..BLOCK_SIZE - data.len()]);
+    h.finalize().into()
+}
+
+/// Hash of one hash block holding `hashes` (at most 128), zero-padded to 4096 bytes.
+pub fn hash_hash_block(hashes: &[Hash]) -> Hash {
+    assert!(
+        hashes.len() <= HASHES_PER_BLOCK,
+        "a hash block holds at most 128 hashes"
+    );
+    let mut h = Sha256::new();
+    for x in hashes {
+        h.update(x);
+    }
+    h.update(&ZEROS[..BLOCK_SIZE - hashes.len() * HASH_SIZE]);
+    h.finalize().into()
+}
+
+/// Hashes of every 4 KiB block of `data` (level 0 of its tree), in parallel for large inputs.
+pub fn hash_data(data: &[u8]) -> Vec<Hash> {
+    if data.len() < PARALLEL_THRESHOLD {
+        data.chunks(BLOCK_SIZE).map(hash_data_block).collect()
+    } else {
+        data.par_chunks(BLOCK_SIZE).map(hash_data_block).collect()
+    }
+}
+
+/// Check that the hash block holding `hashes` hashes to `expected` (its entry in the parent
+/// level, or the root hash for the top level).
+pub fn check_hash_block(hashes: &[Hash], expected: &Hash) -> bool {
+    hashes.len() <= HASHES_PER_BLOCK && &hash_hash_block(hashes) == expected
+}
+
+/// The fs-verity file digest: SHA-256 of the 256-byte `fsverity_descriptor` for a file of
+/// `size` bytes whose tree has root hash `root` (SHA-256, 4096-byte blocks, no salt).
+pub fn file_digest(root: &Hash, size: u64) -> Hash {
+    let mut desc = [0u8; 256];
+    desc[0] = 1; // version
+    desc[1] = 1; // hash algorithm: FS_VERITY_HASH_ALG_SHA256
+    desc[2] = LOG_BLOCK_SIZE;
+    desc[3] = 0; // salt size
+                 // 4..8 reserved
+    desc[8..16].copy_from_slice(&size.to_le_bytes());
+    desc[16..16 + HASH_SIZE].copy_from_slice(root);
+    // root_hash is 64 bytes (zero-padded), then salt[32] and reserved[144]: all zero.
+    Sha256::digest(desc).into()
+}
+
+/// Digest in the form `fsverity digest` prints: `sha256:<64 hex digits>`.
+pub fn format_digest(digest: &Hash) -> String {
+    format!("sha256:{}", hex::encode(digest))
+}
+
+/// Why a stored tree was rejected.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum TreeError {
+    #[error("tree is {actual} bytes, a file of {size} bytes needs {expected}")]
+    Length {
+        size: u64,
+        expected: u64,
+        actual: u64,
+    },
+    #[error("level {level} hash block {index} does not match its parent")]
+    HashBlock { level: usize, index: u64 },
+    #[error("top hash block does not match the root hash")]
+    Root,
+}
+
+/// A whole Merkle tree, every level in memory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MerkleTree {
+    geometry: Geometry,
+    /// Hashes per level, level 0 first.
+    levels: Vec<Vec<Hash>>,
+    root: Hash,
+}
+
+impl MerkleTree {
+    /// Build the tree of a file of `size` bytes from its data block hashes.
+    pub fn from_leaves(size: u64, leaves: Vec<Hash>) -> Self {
+        let geometry = Geometry::new(size);
+        assert_eq!(
+            leaves.len() as u64,
+            geometry.data_blocks(),
+            "one leaf per data block"
+        );
+        let mut levels = Vec::with_capacity(geometry.levels().len());
+        if !leaves.is_empty() {
+            levels.push(leaves);
+            while levels.last().unwrap().len() > HASHES_PER_BLOCK {
+                let below = levels.last().unwrap();
+                let above: Vec<Hash> = if below.len() >= PARALLEL_THRESHOLD / HASH_SIZE {
+                    below
+                        .par_chunks(HASHES_PER_BLOCK)
+                        .map(hash_hash_block)
+                        .collect()
+                } else {
+                    below
+                        .chunks(HASHES_PER_BLOCK)
+                        .map(hash_hash_block)
+                        .collect()
+                };
+                levels.push(above);
+            }
+        }
+        let root = levels
+            .last()
+            .map_or([0; HASH_SIZE], |top| hash_hash_block(top));
+        MerkleTree {
+            geometry,
+            levels,
+            root,
+        }
+    }
+
+    /// Build the tree of `data` (the whole file).
+    pub fn from_data(data: &[u8]) -> Self {
+        Self::from_leaves(data.len() as u64, hash_data(data))
+    }
+
+    /// Parse a compact tree (see [`Geometry::compact_offset`]) of a file of `size` bytes and
+    /// check every hash block in it against `root`.
+    pub fn from_compact(size: u64, compact: &[u8], root: &Hash) -> Result<Self, TreeError> {
+        let geometry = Geometry::new(size);
+        if compact.len() as u64 != geometry.compact_len() {
+            return Err(TreeError::Length {
+                size,
+                expected: geometry.compact_len(),
+                actual: compact.len() as u64,
+            });
+        }
+        let levels: Vec<Vec<Hash>> = (0..geometry.levels().len())
+            .map(|level| {
+                let start = geometry.compact_offset(level) as usize;
+                let n = geometry.levels()[level] as usize;
+                compact[start..start + n * HASH_SIZE]
+                    .chunks_exact(HASH_SIZE)
+                    .map(|c| c.try_into().unwrap())
+                    .collect()
+            })
+            .collect();
+        // Top down, the direction trust flows: a damaged level is named, not its children.
+        let computed = levels
+            .last()
+            .map_or([0; HASH_SIZE], |top| hash_hash_block(top));
+        if &computed != root {
+            return Err(TreeError::Root);
+        }
+        for level in (0..levels.len().saturating_sub(1)).rev() {
+            let parents = &levels[level + 1];
+            for (index, block) in levels[level].chunks(HASHES_PER_BLOCK).enumerate() {
+                if !check_hash_block(block, &parents[index]) {
+                    return Err(TreeError::HashBlock {
+                        level,
+                        index: index as u64,
+                    });
+                }
+            }
+        }
+        Ok(MerkleTree {
+            geometry,
+            levels,
+            root: *root,
+        })
+    }
+
+    pub fn geometry(&self) -> &Geometry {
+        &self.geometry
+    }
+
+    pub fn root(&self) -> &Hash {
+        &self.root
+    }
+
+    /// The fs-verity digest of the file.
+    pub fn digest(&self) -> Hash {
+        file_digest(&self.root, self.geometry.size())
+    }
+
+    /// Hashes of the data blocks (level 0).
+    pub fn leaves(&self) -> &[Hash] {
+        self.levels.first().map_or(&[], |l| l.as_slice())
+    }
+
+    /// The tree in compact form: levels top first, hashes back to back, no padding.
+    pub fn to_compact(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(self.geometry.compact_len() as usize);
+        for level in self.levels.iter().rev() {
+            for h in level {
+                out.extend_from_slice(h);
+            }
+        }
+        out
+    }
+
+    /// The tree in the padded fs-verity layout (top level first, 4096-byte hash blocks), as
+    /// `FS_IOC_READ_VERITY_METADATA` would return it.
+    pub fn to_fsverity_layout(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        for level in self.levels.iter().rev() {
+            for block in level.chunks(HASHES_PER_BLOCK) {
+                for h in block {
+                    out.extend_from_slice(h);
+                }
+                out.resize(out.len().next_multiple_of(BLOCK_SIZE), 0);
+            }
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sha(data: &[u8]) -> Hash {
+        Sha256::digest(data).into()
+    }
+
+    #[test]
+    fn empty_file_has_zero_root() {
+        let t = MerkleTree::from_data(&[]);
+        assert_eq!(t.root(), &[0; 32]);
+        assert!(t.to_compact().is_empty());
+    }
+
+    #[test]
+    fn short_block_pads_with_zeros() {
+        let mut padded = vec![0u8; BLOCK_SIZE];
+        padded[..3].copy_from_slice(b"abc");
+        assert_eq!(hash_data_block(b"abc"), sha(&padded));
+        assert_eq!(hash_data_block(b"abc"), hash_data_block(&padded));
+    }
+
+    #[test]
+    fn one_block_root_is_hash_of_padded_hash_block() {
+        let t = MerkleTree::from_data(b"hello");
+        let mut block = vec![0u8; BLOCK_SIZE];
+        block[..32].copy_from_slice(&hash_data_block(b"hello"));
+        assert_eq!(t.root(), &sha(&block));
+        assert_eq!(t.to_fsverity_layout(), block);
+    }
+
+    #[test]
+    fn compact_round_trip_and_tamper_detection() {
+        let data: Vec<u8> = (0..(200 * BLOCK_SIZE + 17))
+            .map(|i| (i * 7 % 251) as u8)
+            .collect();
+        let t = MerkleTree::from_data(&data);
+        assert_eq!(t.geometry().levels(), &[201, 2]);
+        let compact = t.to_compact();
+        let back = MerkleTree::from_compact(data.len() as u64, &compact, t.root()).unwrap();
+        assert_eq!(back, t);
+
+        let mut bad = compact.clone();
+        let last = bad.len() - 1;
+        bad[last] ^= 1;
+        assert_eq!(
+            MerkleTree::from_compact(data.len() as u64, &bad, t.root()),
+            Err(TreeError::HashBlock { level: 0, index: 1 })
+        );
+        bad = compact.clone();
+        bad[0] ^= 1;
+        assert_eq!(
+            MerkleTree::from_compact(data.len() as u64, &bad, t.root()),
+            Err(TreeError::Root)
+        );
+        assert!(matches!(
+            MerkleTree::from_compact(data.len() as u64, &compact[1..], t.root()),
+            Err(TreeError::Length { .. })
+        ));
+    }
+
+    #[test]
+    fn parallel_and_serial_hashing_agree() {
+        let data: Vec<u8> = (0..(3 << 20)).map(|i| (i % 253) as u8).collect();
+        let serial: Vec<Hash> = data.chunks(BLOCK_SIZE).map(hash_data_block).collect();
+        assert_eq!(hash_data(&data), serial);
+    }
+
+    #[test]
+    fn digest_formats_like_fsverity() {
+        let d = MerkleTree::from_data(&[]).digest();
+        let s = format_digest(&d);
+        assert!(s.starts_with("sha256:") && s.len() == 7 + 64);
+    }
+}
