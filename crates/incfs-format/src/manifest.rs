@@ -553,3 +553,36 @@ pub(crate) mod tests {
         assert!(matches!(m.validate(), Err(ManifestError::ImageName(_))));
     }
 }
+
+/// A path for messages: printable UTF-8 as is; control characters, invalid UTF-8 and `\` as
+/// `\xNN`, so a hostile name (say, one holding a newline) cannot forge output lines.
+pub fn display_path(path: &[u8]) -> String {
+    let mut out = String::with_capacity(path.len());
+    for chunk in path.utf8_chunks() {
+        for c in chunk.valid().chars() {
+            if c.is_control() || c == '\\' {
+                let mut buf = [0u8; 4];
+                for b in c.encode_utf8(&mut buf).bytes() {
+                    out.push_str(&format!("\\x{b:02x}"));
+                }
+            } else {
+                out.push(c);
+            }
+        }
+        for b in chunk.invalid() {
+            out.push_str(&format!("\\x{b:02x}"));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod display_tests {
+    #[test]
+    fn hostile_paths_print_on_one_line() {
+        assert_eq!(
+            super::display_path(b"a\nb\\c\xffd/\xc3\xa9"),
+            "a\\x0ab\\x5cc\\xffd/\u{e9}"
+        );
+    }
+}

@@ -1,0 +1,334 @@
+//! An image opened from a source: the verified manifest, and verified reads of file data.
+//!
+//! Trust flows one way. The manifest is accepted only with a valid signature from a trusted key;
+//! it holds each file's Merkle root. A file's metadata region (tree and block map) is fetched and
+//! its tree checked against that root; every data block fetched is decoded and hashed and must
+//! equal its leaf in that tree. Nothing that fails a check is returned.
+
+use std::ops::Range;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use futures::stream::{self, StreamExt};
+
+use incfs_format::block_map::{BlockRecord, FileMetaLayout, BLOCK_RECORD_SIZE};
+use incfs_format::codec::decode_block;
+use incfs_format::manifest::{FileData, Manifest};
+use incfs_format::{layout, wire, Codec, Hash, BLOCK_SIZE};
+use incfs_sign::{PublicKey, SignatureError, TrustedKeys};
+use incfs_verity::{hash_data_block, MerkleTree};
+
+use crate::source::{Source, SourceError};
+
+/// Largest single ranged GET when reading runs of adjacent blocks.
+pub const MAX_RUN_BYTES: u64 = 8 << 20;
+/// Ranged GETs in flight per file read.
+const READ_CONCURRENCY: usize = 4;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ImageError {
+    #[error(transparent)]
+    Source(#[from] SourceError),
+    #[error("{source_name}: the manifest is malformed: {error}")]
+    Manifest {
+        source_name: String,
+        error: wire::WireError,
+    },
+    #[error("{source_name}: {error}")]
+    Signature {
+        source_name: String,
+        error: SignatureError,
+    },
+}
+
+/// Why a file's metadata region was rejected.
+#[derive(Debug, thiserror::Error)]
+pub enum MetaError {
+    #[error("metadata: {0}")]
+    Source(#[from] SourceError),
+    #[error("Merkle tree does not match the signed root hash: {0}")]
+    Tree(#[from] incfs_verity::TreeError),
+    #[error("block {block}: bad block record: {reason}")]
+    Record { block: u64, reason: String },
+}
+
+/// Why one block could not be returned.
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+pub enum BlockFault {
+    #[error("content does not match the Merkle tree (corrupted or substituted data)")]
+    Mismatch,
+    #[error("stored bytes do not decode: {0}")]
+    Decode(String),
+    #[error("{0}")]
+    Fetch(String),
+}
+
+/// A file's verified Merkle tree and (unverified) block map.
+#[derive(Debug, Clone)]
+pub struct FileMeta {
+    pub tree: MerkleTree,
+    pub records: Vec<BlockRecord>,
+}
+
+impl FileMeta {
+    pub fn size(&self) -> u64 {
+        self.tree.geometry().size()
+    }
+}
+
+/// A repository image with a verified manifest.
+#[derive(Debug, Clone)]
+pub struct Image {
+    source: Source,
+    manifest: Arc<Manifest>,
+    manifest_bytes: Bytes,
+    signer: PublicKey,
+}
+
+impl Image {
+    /// Open the newest version published at `source`.
+    pub async fn open(source: Source, trust: &TrustedKeys) -> Result<Image, ImageError> {
+        let bytes = source.get(layout::LATEST_MANIFEST).await?;
+        Self::from_manifest_bytes(source, bytes, trust)
+    }
+
+    /// Open version `version` published at `source`.
+    pub async fn open_version(
+        source: Source,
+        version: u64,
+        trust: &TrustedKeys,
+    ) -> Result<Image, ImageError> {
+        let bytes = source.get(&layout::version_manifest(version)).await?;
+        Self::from_manifest_bytes(source, bytes, trust)
+    }
+
+    /// Accept manifest bytes (however obtained) after checking signature and structure.
+    pub fn from_manifest_bytes(
+        source: Source,
+        bytes: Bytes,
+        trust: &TrustedKeys,
+    ) -> Result<Image, ImageError> {
+        let source_name = source.name().to_string();
+        let env = wire::open_envelope(&bytes).map_err(|error| ImageError::Manifest {
+            source_name: source_name.clone(),
+            error,
+        })?;
+        let signer = trust
+            .verify(&env)
+            .map_err(|error| ImageError::Signature {
+                source_name: source_name.clone(),
+                error,
+            })?
+            .clone();
+        let manifest = wire::decode_body(env.body)
+            .map_err(|error| ImageError::Manifest { source_name, error })?;
+        Ok(Image {
+            source,
+            manifest: Arc::new(manifest),
+            manifest_bytes: bytes,
+            signer,
+        })
+    }
+
+    pub fn manifest(&self) -> &Arc<Manifest> {
+        &self.manifest
+    }
+
+    /// The signed manifest exactly as fetched.
+    pub fn manifest_bytes(&self) -> &Bytes {
+        &self.manifest_bytes
+    }
+
+    pub fn signer(&self) -> &PublicKey {
+        &self.signer
+    }
+
+    pub fn source(&self) -> &Source {
+        &self.source
+    }
+
+    /// Repository key of object `index` (which must be in the manifest's table).
+    pub fn object_key(&self, index: u32) -> String {
+        layout::object(&self.manifest.objects[index as usize].digest)
+    }
+
+    /// Fetch and check a file's metadata region.
+    pub async fn file_meta(&self, file: &FileData) -> Result<FileMeta, MetaError> {
+        let Some(meta) = file.meta else {
+            return Ok(FileMeta {
+                tree: MerkleTree::from_leaves(0, Vec::new()),
+                records: Vec::new(),
+            });
+        };
+        let layout = FileMetaLayout::new(file.size);
+        // validate() guaranteed the region lies inside the object, so this cannot overflow.
+        let len = layout.len().unwrap();
+        let bytes = self
+            .source
+            .get_range(
+                &self.object_key(meta.object),
+                meta.offset..meta.offset + len,
+            )
+            .await?;
+        let (tree, map) = bytes.split_at(layout.map_offset() as usize);
+        let tree = MerkleTree::from_compact(file.size, tree, &file.root_hash)?;
+        let records = map
+            .chunks_exact(BLOCK_RECORD_SIZE)
+            .enumerate()
+            .map(|(i, c)| {
+                let bad = |reason: String| MetaError::Record {
+                    block: i as u64,
+                    reason,
+                };
+                let r =
+                    BlockRecord::decode(c.try_into().unwrap()).map_err(|e| bad(e.to_string()))?;
+                if r.codec != Codec::Zero {
+                    let obj = self
+                        .manifest
+                        .objects
+                        .get(r.object as usize)
+                        .ok_or_else(|| bad("names a missing object".into()))?;
+                    if r.range().end > obj.size {
+                        return Err(bad(format!(
+                            "bytes {:?} lie outside object {}",
+                            r.range(),
+                            r.object
+                        )));
+                    }
+                }
+                Ok(r)
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(FileMeta { tree, records })
+    }
+
+    /// Read blocks `blocks` of a file, verified. Adjacent stored blocks are fetched with one
+    /// ranged GET; several GETs run at once. Returns one outcome per block, in order; a failed
+    /// block never carries data.
+    pub async fn read_blocks(
+        &self,
+        meta: &FileMeta,
+        blocks: Range<u64>,
+    ) -> Vec<Result<Box<[u8; BLOCK_SIZE]>, BlockFault>> {
+        let runs = coalesce(&meta.records, blocks);
+        let results: Vec<Vec<_>> = stream::iter(runs)
+            .map(|run| self.read_run(meta, run))
+            .buffered(READ_CONCURRENCY)
+            .collect()
+            .await;
+        results.into_iter().flatten().collect()
+    }
+
+    async fn read_run(
+        &self,
+        meta: &FileMeta,
+        run: Range<u64>,
+    ) -> Vec<Result<Box<[u8; BLOCK_SIZE]>, BlockFault>> {
+        let records = &meta.records[run.start as usize..run.end as usize];
+        let first = records[0];
+        let fetched: Result<Option<Bytes>, BlockFault> = if first.codec == Codec::Zero {
+            Ok(None)
+        } else {
+            let end = records.last().unwrap().range().end;
+            self.source
+                .get_range(&self.object_key(first.object), first.offset..end)
+                .await
+                .map(Some)
+                .map_err(|e| BlockFault::Fetch(e.to_string()))
+        };
+        let leaves = &meta.tree.leaves()[run.start as usize..run.end as usize];
+        records
+            .iter()
+            .zip(leaves)
+            .map(|(r, leaf)| {
+                let stored: &[u8] = match &fetched {
+                    Err(e) => return Err(e.clone()),
+                    Ok(None) => &[],
+                    Ok(Some(b)) => {
+                        &b[(r.offset - first.offset) as usize
+                            ..(r.range().end - first.offset) as usize]
+                    }
+                };
+                verify_block(r, stored, leaf)
+            })
+            .collect()
+    }
+}
+
+/// Decode stored bytes and check them against their leaf hash.
+pub fn verify_block(
+    r: &BlockRecord,
+    stored: &[u8],
+    leaf: &Hash,
+) -> Result<Box<[u8; BLOCK_SIZE]>, BlockFault> {
+    let mut block = Box::new([0u8; BLOCK_SIZE]);
+    decode_block(r.codec, stored, &mut block).map_err(|e| BlockFault::Decode(e.to_string()))?;
+    if &hash_data_block(&block[..]) != leaf {
+        return Err(BlockFault::Mismatch);
+    }
+    Ok(block)
+}
+
+/// Split `blocks` into runs that one GET can serve: zero blocks alone (nothing to fetch), or
+/// stored blocks lying back to back in one object, up to [`MAX_RUN_BYTES`].
+pub fn coalesce(records: &[BlockRecord], blocks: Range<u64>) -> Vec<Range<u64>> {
+    let mut runs: Vec<Range<u64>> = Vec::new();
+    for i in blocks {
+        let r = &records[i as usize];
+        if let Some(last) = runs.last_mut() {
+            let prev = &records[(last.end - 1) as usize];
+            let start = &records[last.start as usize];
+            let joins = r.codec != Codec::Zero
+                && prev.codec != Codec::Zero
+                && prev.object == r.object
+                && prev.range().end == r.offset
+                && r.range().end - start.offset <= MAX_RUN_BYTES;
+            let both_zero = r.codec == Codec::Zero && prev.codec == Codec::Zero;
+            if joins || both_zero {
+                last.end = i + 1;
+                continue;
+            }
+        }
+        runs.push(i..i + 1);
+    }
+    runs
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rec(object: u32, offset: u64, len: u16) -> BlockRecord {
+        BlockRecord {
+            object,
+            codec: Codec::Lz4,
+            len,
+            offset,
+        }
+    }
+
+    #[test]
+    fn coalesces_adjacent_blocks_only() {
+        let records = vec![
+            rec(0, 0, 100),
+            rec(0, 100, 50),
+            BlockRecord::ZERO,
+            BlockRecord::ZERO,
+            rec(0, 150, 10),
+            rec(1, 160, 10),
+            rec(1, 500, 10),
+        ];
+        assert_eq!(coalesce(&records, 0..7), vec![0..2, 2..4, 4..5, 5..6, 6..7]);
+        assert_eq!(coalesce(&records, 1..3), vec![1..2, 2..3]);
+    }
+
+    #[test]
+    fn runs_are_capped() {
+        let records: Vec<_> = (0..5000).map(|i| rec(0, i * 4096, 4096)).collect();
+        let runs = coalesce(&records, 0..5000);
+        assert_eq!(runs.len(), 3);
+        assert!(runs
+            .iter()
+            .all(|r| (r.end - r.start) * 4096 <= MAX_RUN_BYTES));
+    }
+}

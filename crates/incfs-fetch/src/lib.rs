@@ -1,0 +1,15 @@
+//! Reading incfs repositories: sources, verified image reads, whole-image checks and extraction.
+//!
+//! - [`source`]: HTTP(S), S3-compatible and local repositories behind one ranged-GET interface.
+//! - [`image`]: a manifest accepted only with a trusted signature, and block reads that are
+//!   verified against each file's Merkle tree before they are returned.
+//! - [`verify`]: `incfs verify`, every object, tree and block, with a report of all problems.
+//! - [`extract`]: `incfs extract`, the whole image written to a local directory.
+
+pub mod extract;
+pub mod image;
+pub mod source;
+pub mod verify;
+
+pub use image::{BlockFault, FileMeta, Image, ImageError, MetaError};
+pub use source::{Source, SourceError, SourceOptions};

@@ -1,0 +1,192 @@
+//! `incfs verify`: check a whole image and report every problem with its path and block.
+//!
+//! The signature is checked when the image is opened. Here every object's presence and size is
+//! checked, then every file's tree against its signed root, then every block against its tree.
+//! Problems are collected, not fatal: one damaged object must not hide the others.
+
+use std::collections::HashMap;
+use std::ops::Range;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+
+use futures::stream::{self, StreamExt};
+
+use incfs_format::manifest::{display_path, FileData, InodeKind, MetaRef};
+use incfs_format::{layout, Codec};
+
+use crate::image::{BlockFault, Image};
+use crate::source::SourceError;
+
+/// Files checked at once.
+const FILE_CONCURRENCY: usize = 8;
+/// Blocks read per batch within a file (bounds memory per file to 4 MiB).
+const BATCH_BLOCKS: u64 = 1024;
+
+/// One thing wrong with an image.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    /// The file (escaped for display) or object concerned.
+    pub subject: String,
+    /// The blocks concerned, if the problem is about blocks.
+    pub blocks: Option<Range<u64>>,
+    pub message: String,
+}
+
+impl std::fmt::Display for Problem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.blocks {
+            Some(b) if b.end - b.start == 1 => {
+                write!(f, "{}: block {}: {}", self.subject, b.start, self.message)
+            }
+            Some(b) => write!(
+                f,
+                "{}: blocks {}-{}: {}",
+                self.subject,
+                b.start,
+                b.end - 1,
+                self.message
+            ),
+            None => write!(f, "{}: {}", self.subject, self.message),
+        }
+    }
+}
+
+/// The outcome of a full check.
+#[derive(Debug, Default)]
+pub struct VerifyReport {
+    pub problems: Vec<Problem>,
+    pub files: u64,
+    pub blocks: u64,
+    /// File bytes covered by the check.
+    pub bytes: u64,
+}
+
+/// Receives progress (bytes of file content checked).
+pub trait VerifyProgress: Sync {
+    fn start(&self, _bytes: u64) {}
+    fn advance(&self, _bytes: u64) {}
+}
+
+impl VerifyProgress for () {}
+
+/// Check everything in `image`.
+pub async fn verify_image(image: &Image, progress: &dyn VerifyProgress) -> VerifyReport {
+    let m = image.manifest();
+    let problems = Mutex::new(Vec::new());
+    let blocks = AtomicU64::new(0);
+
+    // Objects first: a missing or truncated object explains the block errors that follow.
+    let sizes: Vec<_> = stream::iter(m.objects.iter().enumerate())
+        .map(|(i, o)| async move {
+            let key = layout::object(&o.digest);
+            match image.source().size(&key).await {
+                Ok(size) if size == o.size => None,
+                Ok(size) => Some(format!(
+                    "object {i} ({key}) is {size} bytes but the manifest says {} (truncated or replaced)",
+                    o.size
+                )),
+                Err(SourceError::NotFound { .. }) => Some(format!("object {i} ({key}) is missing")),
+                Err(e) => Some(format!("object {i} ({key}): {e}")),
+            }
+        })
+        .buffered(16)
+        .collect()
+        .await;
+    for (i, p) in sizes.into_iter().enumerate() {
+        if let Some(message) = p {
+            problems.lock().unwrap().push(Problem {
+                subject: format!("object {i}"),
+                blocks: None,
+                message,
+            });
+        }
+    }
+
+    // One check per distinct file content (hard links and duplicate files share a region).
+    let mut files: HashMap<Option<MetaRef>, (Vec<u8>, FileData)> = HashMap::new();
+    for (path, inode) in m.walk() {
+        if let InodeKind::File(f) = &m.inodes[inode as usize].kind {
+            if f.meta.is_some() {
+                files.entry(f.meta).or_insert((path, *f));
+            }
+        }
+    }
+    let mut files: Vec<_> = files.into_values().collect();
+    files.sort_by(|a, b| a.0.cmp(&b.0));
+    let total: u64 = files.iter().map(|(_, f)| f.size).sum();
+    progress.start(total);
+
+    stream::iter(files.iter())
+        .for_each_concurrent(FILE_CONCURRENCY, |(path, f)| {
+            let problems = &problems;
+            let blocks = &blocks;
+            async move {
+                let found = verify_file(image, f, progress).await;
+                blocks.fetch_add(incfs_verity::block_count(f.size), Ordering::Relaxed);
+                let subject = display_path(path);
+                problems
+                    .lock()
+                    .unwrap()
+                    .extend(found.into_iter().map(|(blocks, message)| Problem {
+                        subject: subject.clone(),
+                        blocks,
+                        message,
+                    }));
+            }
+        })
+        .await;
+
+    let mut problems = problems.into_inner().unwrap();
+    problems.sort_by(|a, b| {
+        (&a.subject, a.blocks.as_ref().map(|r| r.start))
+            .cmp(&(&b.subject, b.blocks.as_ref().map(|r| r.start)))
+    });
+    VerifyReport {
+        problems,
+        files: files.len() as u64,
+        blocks: blocks.into_inner(),
+        bytes: total,
+    }
+}
+
+/// Problems of one file, consecutive blocks with the same fault merged into one range.
+async fn verify_file(
+    image: &Image,
+    f: &FileData,
+    progress: &dyn VerifyProgress,
+) -> Vec<(Option<Range<u64>>, String)> {
+    let meta = match image.file_meta(f).await {
+        Ok(m) => m,
+        Err(e) => {
+            progress.advance(f.size);
+            return vec![(None, e.to_string())];
+        }
+    };
+    let n = meta.records.len() as u64;
+    let mut out: Vec<(Option<Range<u64>>, String)> = Vec::new();
+    let mut start = 0;
+    while start < n {
+        let end = (start + BATCH_BLOCKS).min(n);
+        for (i, r) in (start..end).zip(image.read_blocks(&meta, start..end).await) {
+            if let Err(fault) = r {
+                let rec = &meta.records[i as usize];
+                let message = match fault {
+                    BlockFault::Mismatch if rec.codec != Codec::Zero => format!(
+                        "{fault} (object {} bytes {}..{})",
+                        rec.object,
+                        rec.offset,
+                        rec.range().end
+                    ),
+                    _ => fault.to_string(),
+                };
+                match out.last_mut() {
+                    Some((Some(range), m)) if range.end == i && *m == message => range.end = i + 1,
+                    _ => out.push((Some(i..i + 1), message)),
+                }
+            }
+        }
+        progress.advance(((end - start) * 4096).min(f.size - start * 4096));
+        start = end;
+    }
+    out
+}

@@ -1,0 +1,210 @@
+//! What the repository already stores, so that a block or a file is stored only once.
+//!
+//! Blocks are addressed by content: their leaf hash (the SHA-256 of the zero-padded block, the
+//! same hash the Merkle tree holds). Before packing, the metadata regions of every version
+//! already in the repository are read back; each one's tree is checked against its root hash,
+//! and its blocks become candidates for reuse. A block from an earlier pack is read back and
+//! hashed the first time it is reused, so a damaged repository is never propagated into a new
+//! version: the block is stored afresh instead.
+
+use std::collections::{HashMap, HashSet};
+use std::fs::{self, File};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use incfs_format::block_map::{BlockRecord, FileMetaLayout, BLOCK_RECORD_SIZE};
+use incfs_format::codec::decode_block;
+use incfs_format::manifest::{InodeKind, Manifest, MetaRef, ObjectRef};
+use incfs_format::{layout, wire, Hash, BLOCK_SIZE};
+use incfs_verity::{hash_data_block, MerkleTree};
+use sha2::{Digest, Sha256};
+
+use crate::PackError;
+
+/// Digest of a file's encoded block records: two files with the same content, size and records
+/// can share one metadata region.
+pub(crate) fn records_digest(records: &[BlockRecord]) -> Hash {
+    let mut h = Sha256::new();
+    for r in records {
+        h.update(r.encode());
+    }
+    h.finalize().into()
+}
+
+#[derive(Default)]
+pub(crate) struct DedupIndex {
+    blocks: HashMap<Hash, BlockRecord>,
+    files: HashMap<(Hash, u64), (MetaRef, Hash)>,
+    /// Objects with an index below this were written by earlier packs.
+    old_objects: u32,
+    old_table: Vec<ObjectRef>,
+    verified: HashSet<(u32, u64)>,
+    open: HashMap<u32, File>,
+    repo: PathBuf,
+}
+
+/// The repository's newest version, if any, and the reuse index over all its versions.
+pub(crate) fn load(repo: &Path) -> Result<(Option<Manifest>, DedupIndex), PackError> {
+    let mut index = DedupIndex {
+        repo: repo.to_path_buf(),
+        ..Default::default()
+    };
+    let dir = repo.join(layout::VERSIONS_DIR);
+    let mut versions: Vec<u64> = match fs::read_dir(&dir) {
+        Ok(rd) => rd
+            .filter_map(|e| e.ok())
+            .filter_map(|e| layout::parse_version_manifest_name(e.file_name().to_str()?))
+            .collect(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+        Err(source) => return Err(PackError::Io { path: dir, source }),
+    };
+    versions.sort_unstable();
+    let Some(&newest) = versions.last() else {
+        return Ok((None, index));
+    };
+
+    let read_manifest = |v: u64| -> Result<Manifest, String> {
+        let path = repo.join(layout::version_manifest(v));
+        let bytes = fs::read(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let env = wire::open_envelope(&bytes).map_err(|e| format!("{}: {e}", path.display()))?;
+        let m = wire::decode_body(env.body).map_err(|e| format!("{}: {e}", path.display()))?;
+        if m.version != v {
+            return Err(format!(
+                "{} says it is version {}",
+                path.display(),
+                m.version
+            ));
+        }
+        Ok(m)
+    };
+    let latest = read_manifest(newest).map_err(|reason| PackError::DamagedRepository { reason })?;
+    index.old_table = latest.objects.clone();
+    index.old_objects = latest.objects.len() as u32;
+
+    for &v in versions.iter().rev() {
+        let m = if v == newest {
+            latest.clone()
+        } else {
+            match read_manifest(v) {
+                Ok(m) => m,
+                Err(reason) => {
+                    tracing::warn!("not reusing data of an unreadable old version: {reason}");
+                    continue;
+                }
+            }
+        };
+        if !latest.objects.starts_with(&m.objects) {
+            tracing::warn!("version {v} does not share the newest version's object table; not reusing its data");
+            continue;
+        }
+        for inode in &m.inodes {
+            if let InodeKind::File(f) = &inode.kind {
+                if let Some(meta) = f.meta {
+                    if let Err(reason) = index.learn_file(&m, f.size, &f.root_hash, meta) {
+                        tracing::warn!("version {v}: not reusing a damaged file record: {reason}");
+                    }
+                }
+            }
+        }
+    }
+    Ok((Some(latest), index))
+}
+
+impl DedupIndex {
+    fn object_file(&mut self, object: u32) -> std::io::Result<&File> {
+        if !self.open.contains_key(&object) {
+            let path = self
+                .repo
+                .join(layout::object(&self.old_table[object as usize].digest));
+            self.open.insert(object, File::open(path)?);
+        }
+        Ok(&self.open[&object])
+    }
+
+    fn read_old(&mut self, object: u32, offset: u64, len: usize) -> Result<Vec<u8>, String> {
+        let mut buf = vec![0u8; len];
+        self.object_file(object)
+            .and_then(|f| f.read_exact_at(&mut buf, offset))
+            .map_err(|e| format!("object {object} at {offset}: {e}"))?;
+        Ok(buf)
+    }
+
+    fn learn_file(
+        &mut self,
+        m: &Manifest,
+        size: u64,
+        root: &Hash,
+        meta: MetaRef,
+    ) -> Result<(), String> {
+        let layout = FileMetaLayout::new(size);
+        let len = layout.len().ok_or("metadata too large")? as usize;
+        let bytes = self.read_old(meta.object, meta.offset, len)?;
+        let (tree, map) = bytes.split_at(layout.map_offset() as usize);
+        let tree = MerkleTree::from_compact(size, tree, root).map_err(|e| e.to_string())?;
+        let mut records = Vec::with_capacity(map.len() / BLOCK_RECORD_SIZE);
+        for chunk in map.chunks_exact(BLOCK_RECORD_SIZE) {
+            let r = BlockRecord::decode(chunk.try_into().unwrap()).map_err(|e| e.to_string())?;
+            let obj = m
+                .objects
+                .get(r.object as usize)
+                .ok_or("block record names a missing object")?;
+            if r.range().end > obj.size {
+                return Err("block record lies outside its object".into());
+            }
+            records.push(r);
+        }
+        for (leaf, r) in tree.leaves().iter().zip(&records) {
+            if r.codec != incfs_format::Codec::Zero {
+                self.blocks.entry(*leaf).or_insert(*r);
+            }
+        }
+        self.files
+            .entry((*root, size))
+            .or_insert((meta, records_digest(&records)));
+        Ok(())
+    }
+
+    /// A stored copy of the block with leaf hash `hash`, checked if it comes from an earlier pack.
+    pub fn block(&mut self, hash: &Hash) -> Option<BlockRecord> {
+        let r = *self.blocks.get(hash)?;
+        if r.object >= self.old_objects || self.verified.contains(&(r.object, r.offset)) {
+            return Some(r);
+        }
+        let ok = self
+            .read_old(r.object, r.offset, r.len as usize)
+            .and_then(|stored| {
+                let mut block = [0u8; BLOCK_SIZE];
+                decode_block(r.codec, &stored, &mut block).map_err(|e| e.to_string())?;
+                Ok(&hash_data_block(&block) == hash)
+            })
+            .unwrap_or(false);
+        if ok {
+            self.verified.insert((r.object, r.offset));
+            Some(r)
+        } else {
+            tracing::warn!(
+                "stored block at object {} offset {} is damaged; storing a fresh copy (run incfs verify on the repository)",
+                r.object,
+                r.offset
+            );
+            self.blocks.remove(hash);
+            None
+        }
+    }
+
+    pub fn insert_block(&mut self, hash: Hash, r: BlockRecord) {
+        self.blocks.insert(hash, r);
+    }
+
+    /// An existing metadata region for a file with this root hash, size and block records.
+    pub fn file(&self, root: &Hash, size: u64, records: &Hash) -> Option<MetaRef> {
+        self.files
+            .get(&(*root, size))
+            .filter(|(_, r)| r == records)
+            .map(|(m, _)| *m)
+    }
+
+    pub fn insert_file(&mut self, root: Hash, size: u64, meta: MetaRef, records: Hash) {
+        self.files.insert((root, size), (meta, records));
+    }
+}
