@@ -6,25 +6,32 @@ use crate::{block_count, HASHES_PER_BLOCK, HASH_SIZE};
 ///
 /// `levels()[0]` is the number of data blocks (one hash each); `levels()[i + 1]` is the number of
 /// hash blocks in level `i`. The last entry is the top level, whose hashes fit in one hash block.
-/// An empty file has no levels.
+/// A file of at most one block has no levels at all: as in fs-verity, the root hash of a
+/// one-block file is the hash of its data block, and that of an empty file is all zeros.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Geometry {
     size: u64,
+    blocks: u64,
     levels: Vec<u64>,
 }
 
 impl Geometry {
     pub fn new(size: u64) -> Self {
+        let blocks = block_count(size);
         let mut levels = Vec::new();
-        let mut n = block_count(size);
-        if n > 0 {
+        let mut n = blocks;
+        if n > 1 {
             levels.push(n);
             while n > HASHES_PER_BLOCK as u64 {
                 n = n.div_ceil(HASHES_PER_BLOCK as u64);
                 levels.push(n);
             }
         }
-        Geometry { size, levels }
+        Geometry {
+            size,
+            blocks,
+            levels,
+        }
     }
 
     /// File size the tree covers.
@@ -34,10 +41,11 @@ impl Geometry {
 
     /// Number of data blocks.
     pub fn data_blocks(&self) -> u64 {
-        self.levels.first().copied().unwrap_or(0)
+        self.blocks
     }
 
-    /// Hashes per level, level 0 (data block hashes) first.
+    /// Hashes per stored level, level 0 (data block hashes) first; empty for files of at most
+    /// one block.
     pub fn levels(&self) -> &[u64] {
         &self.levels
     }
@@ -78,8 +86,9 @@ mod tests {
     #[test]
     fn levels_for_boundary_sizes() {
         assert_eq!(Geometry::new(0).levels(), &[] as &[u64]);
-        assert_eq!(Geometry::new(1).levels(), &[1]);
-        assert_eq!(Geometry::new(4096).levels(), &[1]);
+        assert_eq!(Geometry::new(1).levels(), &[] as &[u64]);
+        assert_eq!(Geometry::new(4096).levels(), &[] as &[u64]);
+        assert_eq!(Geometry::new(4096).data_blocks(), 1);
         assert_eq!(Geometry::new(4097).levels(), &[2]);
         assert_eq!(Geometry::new(128 * 4096).levels(), &[128]);
         assert_eq!(Geometry::new(128 * 4096 + 1).levels(), &[129, 2]);

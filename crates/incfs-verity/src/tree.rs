@@ -93,9 +93,18 @@ pub enum TreeError {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MerkleTree {
     geometry: Geometry,
-    /// Hashes per level, level 0 first.
+    /// Hashes per level, level 0 (one hash per data block) first. A one-block file has just
+    /// level 0, holding the root hash; it is not part of the stored tree.
     levels: Vec<Vec<Hash>>,
     root: Hash,
+}
+
+fn root_of(levels: &[Vec<Hash>]) -> Hash {
+    match levels.last() {
+        None => [0; HASH_SIZE],
+        Some(top) if levels.len() == 1 && top.len() == 1 => top[0],
+        Some(top) => hash_hash_block(top),
+    }
 }
 
 impl MerkleTree {
@@ -126,9 +135,7 @@ impl MerkleTree {
                 levels.push(above);
             }
         }
-        let root = levels
-            .last()
-            .map_or([0; HASH_SIZE], |top| hash_hash_block(top));
+        let root = root_of(&levels);
         MerkleTree {
             geometry,
             levels,
@@ -152,6 +159,14 @@ impl MerkleTree {
                 actual: compact.len() as u64,
             });
         }
+        if geometry.data_blocks() == 1 {
+            // No stored tree: the root hash is the data block's own hash.
+            return Ok(MerkleTree {
+                geometry,
+                levels: vec![vec![*root]],
+                root: *root,
+            });
+        }
         let levels: Vec<Vec<Hash>> = (0..geometry.levels().len())
             .map(|level| {
                 let start = geometry.compact_offset(level) as usize;
@@ -163,10 +178,7 @@ impl MerkleTree {
             })
             .collect();
         // Top down, the direction trust flows: a damaged level is named, not its children.
-        let computed = levels
-            .last()
-            .map_or([0; HASH_SIZE], |top| hash_hash_block(top));
-        if &computed != root {
+        if &root_of(&levels) != root {
             return Err(TreeError::Root);
         }
         for level in (0..levels.len().saturating_sub(1)).rev() {
@@ -205,10 +217,18 @@ impl MerkleTree {
         self.levels.first().map_or(&[], |l| l.as_slice())
     }
 
+    fn stored_levels(&self) -> &[Vec<Hash>] {
+        if self.geometry.levels().is_empty() {
+            &[]
+        } else {
+            &self.levels
+        }
+    }
+
     /// The tree in compact form: levels top first, hashes back to back, no padding.
     pub fn to_compact(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(self.geometry.compact_len() as usize);
-        for level in self.levels.iter().rev() {
+        for level in self.stored_levels().iter().rev() {
             for h in level {
                 out.extend_from_slice(h);
             }
@@ -220,7 +240,7 @@ impl MerkleTree {
     /// `FS_IOC_READ_VERITY_METADATA` would return it.
     pub fn to_fsverity_layout(&self) -> Vec<u8> {
         let mut out = Vec::new();
-        for level in self.levels.iter().rev() {
+        for level in self.stored_levels().iter().rev() {
             for block in level.chunks(HASHES_PER_BLOCK) {
                 for h in block {
                     out.extend_from_slice(h);
@@ -256,10 +276,20 @@ mod tests {
     }
 
     #[test]
-    fn one_block_root_is_hash_of_padded_hash_block() {
+    fn one_block_root_is_the_block_hash() {
         let t = MerkleTree::from_data(b"hello");
+        assert_eq!(t.root(), &hash_data_block(b"hello"));
+        assert!(t.to_compact().is_empty() && t.to_fsverity_layout().is_empty());
+        assert_eq!(MerkleTree::from_compact(5, &[], t.root()).unwrap(), t);
+    }
+
+    #[test]
+    fn two_block_root_is_hash_of_padded_hash_block() {
+        let data = vec![7u8; BLOCK_SIZE + 1];
+        let t = MerkleTree::from_data(&data);
         let mut block = vec![0u8; BLOCK_SIZE];
-        block[..32].copy_from_slice(&hash_data_block(b"hello"));
+        block[..32].copy_from_slice(&hash_data_block(&data[..BLOCK_SIZE]));
+        block[32..64].copy_from_slice(&hash_data_block(&data[BLOCK_SIZE..]));
         assert_eq!(t.root(), &sha(&block));
         assert_eq!(t.to_fsverity_layout(), block);
     }

@@ -1,0 +1,234 @@
+//! `incfs`: publish file trees as signed, block-addressed images and read them back lazily.
+
+mod demo;
+mod digest;
+mod keys;
+mod progress;
+mod publish;
+mod read;
+mod serve;
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+#[derive(Parser)]
+#[command(
+    name = "incfs",
+    version,
+    about = "Incremental FS: publish a file tree as a signed, block-addressed image; fetch and verify it block by block",
+    long_about = "Incremental FS: publish a file tree once as a signed image of 4 KiB blocks on any static \
+HTTP server, S3-compatible store or directory; read it back with every block checked against the \
+file's fs-verity Merkle tree.\n\nTypical use:\n  incfs keygen --out publisher\n  incfs pack ./tree ./repo --key publisher.pem\n  \
+incfs serve ./repo --listen 127.0.0.1:8080\n  incfs verify http://127.0.0.1:8080 --trust publisher.pub.pem\n  \
+incfs extract http://127.0.0.1:8080 ./copy --trust publisher.pub.pem"
+)]
+struct Cli {
+    /// More log output (-v: info, -vv: debug). RUST_LOG overrides.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    verbose: u8,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Algorithm {
+    Ed25519,
+    EcdsaP256,
+    Rsa3072,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum CompressionArg {
+    Lz4,
+    Zstd,
+    None,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Create a publisher key pair: NAME.pem (PKCS#8 private key, mode 0600) and NAME.pub.pem
+    /// (SubjectPublicKeyInfo public key). Keys from `openssl genpkey` work just as well.
+    Keygen {
+        #[arg(long, value_enum, default_value = "ed25519")]
+        algorithm: Algorithm,
+        /// Output name: writes NAME.pem and NAME.pub.pem.
+        #[arg(long)]
+        out: PathBuf,
+        /// Replace existing key files.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Print each file's fs-verity digest (SHA-256, 4096-byte blocks), exactly as
+    /// `fsverity digest --hash-alg=sha256 --block-size=4096 FILE` does.
+    Digest {
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+    },
+    /// Publish SRC_DIR as the next version of the repository REPO_DIR (created if missing).
+    ///
+    /// Blocks are deduplicated by content against everything already in the repository, so a
+    /// new version stores only the blocks that changed. The same tree, options and key always
+    /// give byte-identical output.
+    Pack {
+        src_dir: PathBuf,
+        repo_dir: PathBuf,
+        /// Private key (PEM) to sign the manifest with.
+        #[arg(long)]
+        key: PathBuf,
+        /// Image name (default: the previous version's name, else SRC_DIR's name).
+        #[arg(long)]
+        name: Option<String>,
+        /// Version number (default: the latest version + 1; must be larger).
+        #[arg(long)]
+        version: Option<u64>,
+        /// Block compression; a block that does not shrink is stored raw either way.
+        #[arg(long, value_enum, default_value = "zstd")]
+        compression: CompressionArg,
+        /// zstd level (1-19).
+        #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(i32).range(1..=19))]
+        zstd_level: i32,
+        /// Start a new object after this many MiB.
+        #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..=4096))]
+        object_mib: u64,
+        /// No progress display.
+        #[arg(short, long)]
+        quiet: bool,
+    },
+    /// Check a repository completely: signature, every object, every Merkle tree against the
+    /// signed root, every block against its tree. Lists each problem with path and block number
+    /// and exits with status 1 if there is any.
+    Verify {
+        /// Repository: a directory, http(s):// URL or s3://bucket/prefix.
+        repo: String,
+        /// Trusted publisher public key (PEM); repeat for several.
+        #[arg(long, required = true)]
+        trust: Vec<PathBuf>,
+        /// Check this version instead of the latest.
+        #[arg(long)]
+        version: Option<u64>,
+        #[arg(short, long)]
+        quiet: bool,
+    },
+    /// Fetch a whole image into a new directory, every block verified before it is written.
+    Extract {
+        /// Repository: a directory, http(s):// URL or s3://bucket/prefix.
+        repo: String,
+        /// Destination directory (must not exist or be empty).
+        dest: PathBuf,
+        #[arg(long, required = true)]
+        trust: Vec<PathBuf>,
+        #[arg(long)]
+        version: Option<u64>,
+        #[arg(short, long)]
+        quiet: bool,
+    },
+    /// Serve a repository directory over HTTP (GET/HEAD, single ranges, ETag, keep-alive).
+    ///
+    /// Prints the URL it serves on, then runs until SIGINT or SIGTERM.
+    Serve {
+        repo_dir: PathBuf,
+        /// Address to listen on; port 0 picks a free port.
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        listen: std::net::SocketAddr,
+    },
+    /// Run the whole job end to end on a built-in sample tree: make a key, pack, serve on
+    /// 127.0.0.1, verify and extract over HTTP, and compare with the original.
+    Demo {
+        /// Work directory to keep (default: a temporary one, removed afterwards).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
+}
+
+fn init_logging(verbose: u8) {
+    let default = match verbose {
+        0 => "warn",
+        1 => "info",
+        _ => "debug",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .without_time()
+        .with_target(false)
+        .init();
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?)
+}
+
+fn main() {
+    let cli = Cli::parse();
+    init_logging(cli.verbose);
+    let result = match cli.command {
+        Command::Keygen {
+            algorithm,
+            out,
+            force,
+        } => keys::keygen(
+            match algorithm {
+                Algorithm::Ed25519 => incfs_sign::KeyAlgorithm::Ed25519,
+                Algorithm::EcdsaP256 => incfs_sign::KeyAlgorithm::EcdsaP256,
+                Algorithm::Rsa3072 => incfs_sign::KeyAlgorithm::Rsa3072,
+            },
+            &out,
+            force,
+        ),
+        Command::Digest { files } => digest::run(&files),
+        Command::Pack {
+            src_dir,
+            repo_dir,
+            key,
+            name,
+            version,
+            compression,
+            zstd_level,
+            object_mib,
+            quiet,
+        } => {
+            let compression = match compression {
+                CompressionArg::Lz4 => incfs_format::Compression::Lz4,
+                CompressionArg::Zstd => incfs_format::Compression::Zstd { level: zstd_level },
+                CompressionArg::None => incfs_format::Compression::None,
+            };
+            let opts = incfs_pack::PackOptions {
+                name,
+                version,
+                compression,
+                object_size: object_mib << 20,
+            };
+            publish::pack(&src_dir, &repo_dir, &key, &opts, quiet)
+        }
+        Command::Verify {
+            repo,
+            trust,
+            version,
+            quiet,
+        } => runtime().and_then(|rt| rt.block_on(read::verify(&repo, &trust, version, quiet))),
+        Command::Extract {
+            repo,
+            dest,
+            trust,
+            version,
+            quiet,
+        } => runtime()
+            .and_then(|rt| rt.block_on(read::extract(&repo, &dest, &trust, version, quiet))),
+        Command::Serve { repo_dir, listen } => {
+            runtime().and_then(|rt| rt.block_on(serve::run(&repo_dir, listen)))
+        }
+        Command::Demo { dir } => runtime().and_then(|rt| rt.block_on(demo::run(dir))),
+    };
+    match result {
+        Ok(code) => std::process::exit(code),
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::exit(2);
+        }
+    }
+}

@@ -1,0 +1,67 @@
+//! `incfs pack`.
+
+use std::path::Path;
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use incfs_pack::{pack as pack_tree, PackOptions};
+use indicatif::HumanBytes;
+
+use crate::keys::load_signing_key;
+use crate::progress::Reporter;
+
+pub fn pack(src: &Path, repo: &Path, key: &Path, opts: &PackOptions, quiet: bool) -> Result<i32> {
+    let key = load_signing_key(key)?;
+    let started = Instant::now();
+    let reporter = Reporter::new("packing", quiet);
+    let result = pack_tree(src, repo, &key, opts, &reporter);
+    reporter.finish();
+    let s = result.with_context(|| format!("packing {} into {}", src.display(), repo.display()))?;
+    let secs = started.elapsed().as_secs_f64().max(1e-3);
+    let ratio = if s.new_block_bytes > 0 {
+        s.new_block_stored as f64 / s.new_block_bytes as f64
+    } else {
+        1.0
+    };
+    println!(
+        "packed {} version {} into {} with key {}",
+        s.name,
+        s.version,
+        repo.display(),
+        key.public_key().id_hex()
+    );
+    println!(
+        "  entries: {} files, {} directories, {} symlinks, {} special, {} extra hard links{}",
+        s.files,
+        s.dirs,
+        s.symlinks,
+        s.specials,
+        s.hard_links,
+        if s.skipped > 0 {
+            format!(", {} skipped (sockets)", s.skipped)
+        } else {
+            String::new()
+        }
+    );
+    println!(
+        "  bytes in: {} in {:.1}s ({}/s)",
+        HumanBytes(s.bytes_in),
+        secs,
+        HumanBytes((s.bytes_in as f64 / secs) as u64)
+    );
+    println!(
+        "  stored:   {} new ({} of new blocks compressed to {}, ratio {:.3}; {} objects; manifest {})",
+        HumanBytes(s.bytes_stored),
+        HumanBytes(s.new_block_bytes),
+        HumanBytes(s.new_block_stored),
+        ratio,
+        s.objects_written,
+        HumanBytes(s.manifest_bytes)
+    );
+    println!(
+        "  saved:    {} by deduplication, {} of zero blocks not stored",
+        HumanBytes(s.dedup_saved),
+        HumanBytes(s.zero_bytes)
+    );
+    Ok(0)
+}

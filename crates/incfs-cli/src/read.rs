@@ -1,0 +1,92 @@
+//! `incfs verify` and `incfs extract`: reading an image from a source.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use incfs_fetch::{Image, Source, SourceOptions};
+use indicatif::HumanBytes;
+
+use crate::keys::load_trusted;
+use crate::progress::Reporter;
+
+pub async fn open(repo: &str, trust: &[PathBuf], version: Option<u64>) -> Result<Image> {
+    let trust = load_trusted(trust)?;
+    let source = Source::parse(repo, &SourceOptions::default())?;
+    Ok(match version {
+        Some(v) => Image::open_version(source, v, &trust).await?,
+        None => Image::open(source, &trust).await?,
+    })
+}
+
+pub async fn verify(
+    repo: &str,
+    trust: &[PathBuf],
+    version: Option<u64>,
+    quiet: bool,
+) -> Result<i32> {
+    let started = Instant::now();
+    let image = match open(repo, trust, version).await {
+        Ok(i) => i,
+        Err(e) => {
+            eprintln!("problem: manifest: {e:#}");
+            println!("FAILED: the manifest of {repo} cannot be trusted; nothing else was checked");
+            return Ok(1);
+        }
+    };
+    let m = image.manifest().clone();
+    let reporter = Reporter::new("verifying", quiet);
+    let report = incfs_fetch::verify::verify_image(&image, &reporter).await;
+    reporter.finish();
+    for p in &report.problems {
+        eprintln!("problem: {p}");
+    }
+    let secs = started.elapsed().as_secs_f64().max(1e-3);
+    let what = format!(
+        "{} version {}: signature by {}, {} objects, {} files, {} blocks, {} in {:.1}s ({}/s)",
+        m.name,
+        m.version,
+        image.signer().id_hex(),
+        m.objects.len(),
+        report.files,
+        report.blocks,
+        HumanBytes(report.bytes),
+        secs,
+        HumanBytes((report.bytes as f64 / secs) as u64)
+    );
+    if report.problems.is_empty() {
+        println!("OK: {what}");
+        Ok(0)
+    } else {
+        println!("FAILED: {} problems; {what}", report.problems.len());
+        Ok(1)
+    }
+}
+
+pub async fn extract(
+    repo: &str,
+    dest: &Path,
+    trust: &[PathBuf],
+    version: Option<u64>,
+    quiet: bool,
+) -> Result<i32> {
+    let started = Instant::now();
+    let image = open(repo, trust, version).await?;
+    let reporter = Reporter::new("extracting", quiet);
+    let result = incfs_fetch::extract::extract(&image, dest, &reporter).await;
+    reporter.finish();
+    let s = result.with_context(|| format!("extracting into {}", dest.display()))?;
+    let secs = started.elapsed().as_secs_f64().max(1e-3);
+    println!(
+        "extracted {} version {} into {}: {} entries, {} files, {} verified in {:.1}s ({}/s)",
+        image.manifest().name,
+        image.manifest().version,
+        dest.display(),
+        s.entries,
+        s.files,
+        HumanBytes(s.bytes),
+        secs,
+        HumanBytes((s.bytes as f64 / secs) as u64)
+    );
+    Ok(0)
+}
