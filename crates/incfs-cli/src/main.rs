@@ -35,6 +35,7 @@ struct Cli {
 enum Algorithm {
     Ed25519,
     EcdsaP256,
+    #[value(name = "rsa-3072")]
     Rsa3072,
 }
 

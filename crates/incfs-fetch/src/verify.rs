@@ -76,17 +76,17 @@ pub async fn verify_image(image: &Image, progress: &dyn VerifyProgress) -> Verif
     let blocks = AtomicU64::new(0);
 
     // Objects first: a missing or truncated object explains the block errors that follow.
-    let sizes: Vec<_> = stream::iter(m.objects.iter().enumerate())
-        .map(|(i, o)| async move {
+    let sizes: Vec<_> = stream::iter(m.objects.iter())
+        .map(|o| async move {
             let key = layout::object(&o.digest);
             match image.source().size(&key).await {
                 Ok(size) if size == o.size => None,
                 Ok(size) => Some(format!(
-                    "object {i} ({key}) is {size} bytes but the manifest says {} (truncated or replaced)",
+                    "{key} is {size} bytes but the manifest says {} (truncated or replaced)",
                     o.size
                 )),
-                Err(SourceError::NotFound { .. }) => Some(format!("object {i} ({key}) is missing")),
-                Err(e) => Some(format!("object {i} ({key}): {e}")),
+                Err(SourceError::NotFound { .. }) => Some(format!("{key} is missing")),
+                Err(e) => Some(e.to_string()),
             }
         })
         .buffered(16)

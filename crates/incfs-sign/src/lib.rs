@@ -208,7 +208,12 @@ impl SigningKey {
     pub fn to_pem(&self) -> String {
         let le = rsa::pkcs8::LineEnding::LF;
         let pem = match &self.0 {
-            Secret::Ed25519(k) => k.to_pkcs8_pem(le),
+            // PKCS#8 v1 (no embedded public key), the form openssl writes and reads.
+            Secret::Ed25519(k) => ed25519_dalek::pkcs8::KeypairBytes {
+                secret_key: k.to_bytes(),
+                public_key: None,
+            }
+            .to_pkcs8_pem(le),
             Secret::P256(k) => p256::SecretKey::from(k).to_pkcs8_pem(le),
             Secret::Rsa(k) => rsa::pkcs8::EncodePrivateKey::to_pkcs8_pem(k.as_ref(), le),
         };
