@@ -1,0 +1,72 @@
+#!/usr/bin/env bash
+# Benchmark of the publishing side, with baselines measured in the same run on the same tree:
+#   pack (per codec)   vs  tar | zstd -3 / lz4 (same reading and compressing, as one stream)
+#   incfs digest       vs  fsverity digest (the reference fs-verity hashing)
+#   verify (dir, HTTP) vs  fsverity digest (hashing the plain files)
+# Prints throughput in MB/s (10^6 bytes of file content per second), stored/original ratios
+# and ours/baseline ratios. The tree is read once first so that every run reads from the
+# page cache. Usage: bench/image.sh [TREE]   (default /usr/lib)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+TREE=$(realpath "${1:-/usr/lib}")
+scripts/deps.sh zstd lz4
+cargo build --release --locked -p incfs-cli >/dev/null 2>&1
+INCFS=$PWD/target/release/incfs
+work=$(mktemp -d /var/tmp/incfs-bench.XXXXXX)
+srv=
+cleanup() { [ -n "$srv" ] && kill "$srv" 2>/dev/null; rm -rf "$work"; }
+trap cleanup EXIT
+
+bytes=$(find "$TREE" -type f -printf '%s\n' | awk '{s+=$1} END {printf "%d", s}')
+files=$(find "$TREE" -type f | wc -l)
+echo "tree: $TREE, $files files, $(awk -v b="$bytes" 'BEGIN {printf "%.1f", b/1e6}') MB; $(nproc) cores"
+tar -C "$TREE" -cf - . >/dev/null 2>&1 || true
+
+# secs CMD...: run CMD (output discarded) and print its wall time in seconds.
+secs() { local s e; s=$(date +%s.%N); "$@" >/dev/null 2>&1; e=$(date +%s.%N); awk -v s="$s" -v e="$e" 'BEGIN {printf "%.3f", e-s}'; }
+mbps() { awk -v b="$bytes" -v t="$1" 'BEGIN {printf "%.0f", b/1e6/t}'; }
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN {printf "%.2f", a/b}'; }
+
+"$INCFS" keygen --out "$work/key" >/dev/null
+row() { printf '%-34s %10s %10s %12s\n' "$@"; }
+row "measurement" "seconds" "MB/s" "vs baseline"
+
+for codec in zstd lz4; do
+  t=$(secs sh -c "tar -C '$TREE' -cf - . | $codec $( [ $codec = zstd ] && echo '-3 -T0' || echo '-1') -c > '$work/tar.$codec'")
+  eval "base_${codec}_t=$t"
+  eval "base_${codec}_size=$(stat -c %s "$work/tar.$codec")"
+  row "baseline tar | $codec" "$t" "$(mbps "$t")" ""
+done
+
+t_fsv=$(secs sh -c "find '$TREE' -type f -print0 | xargs -0 -n 2000 fsverity digest --hash-alg=sha256 --block-size=4096")
+row "baseline fsverity digest" "$t_fsv" "$(mbps "$t_fsv")" ""
+t=$(secs sh -c "find '$TREE' -type f -print0 | xargs -0 -n 2000 '$INCFS' digest")
+row "incfs digest" "$t" "$(mbps "$t")" "$(ratio "$t_fsv" "$t")x"
+
+for codec in zstd lz4 none; do
+  t=$(secs "$INCFS" pack "$TREE" "$work/repo-$codec" --key "$work/key.pem" --compression "$codec" -q)
+  stored=$(du -sb "$work/repo-$codec/objects" | cut -f1)
+  base=""
+  [ "$codec" != none ] && base="$(ratio "$(eval echo \$base_${codec}_t)" "$t")x"
+  row "pack --compression $codec" "$t" "$(mbps "$t")" "$base"
+  eval "stored_$codec=$stored"
+done
+
+echo
+printf '%-34s %12s %12s\n' "stored / original" "incfs" "tar|codec"
+for codec in zstd lz4; do
+  printf '%-34s %12s %12s\n' "$codec" "$(ratio "$(eval echo \$stored_$codec)" "$bytes")" "$(ratio "$(eval echo \$base_${codec}_size)" "$bytes")"
+done
+printf '%-34s %12s\n' "none (zero blocks dropped, + meta)" "$(ratio "$stored_none" "$bytes")"
+
+echo
+t=$(secs "$INCFS" verify "$work/repo-zstd" --trust "$work/key.pub.pem" -q)
+row "verify zstd repo, directory" "$t" "$(mbps "$t")" "$(ratio "$t_fsv" "$t")x"
+"$INCFS" serve "$work/repo-zstd" --listen 127.0.0.1:0 > "$work/serve.out" 2>/dev/null &
+srv=$!
+for _ in $(seq 100); do grep -q http "$work/serve.out" 2>/dev/null && break; sleep 0.05; done
+url=$(sed -n 's/.* at \(http[^ ]*\)/\1/p' "$work/serve.out")
+t=$(secs "$INCFS" verify "$url" --trust "$work/key.pub.pem" -q)
+row "verify zstd repo, incfs serve" "$t" "$(mbps "$t")" "$(ratio "$t_fsv" "$t")x"
+t=$(secs "$INCFS" extract "$url" "$work/extracted" --trust "$work/key.pub.pem" -q)
+row "extract zstd repo, incfs serve" "$t" "$(mbps "$t")" ""
