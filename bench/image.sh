@@ -17,7 +17,7 @@ srv=
 cleanup() { [ -n "$srv" ] && kill "$srv" 2>/dev/null; rm -rf "$work"; }
 trap cleanup EXIT
 
-bytes=$(find "$TREE" -type f -printf '%s\n' | awk '{s+=$1} END {printf "%d", s}')
+bytes=$(find "$TREE" -type f -printf '%s\n' | awk '{s+=$1} END {printf "%.0f", s}')
 files=$(find "$TREE" -type f | wc -l)
 echo "tree: $TREE, $files files, $(awk -v b="$bytes" 'BEGIN {printf "%.1f", b/1e6}') MB; $(nproc) cores"
 tar -C "$TREE" -cf - . >/dev/null 2>&1 || true
