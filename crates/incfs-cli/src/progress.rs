@@ -11,6 +11,8 @@ use indicatif::{HumanBytes, ProgressBar, ProgressStyle};
 pub struct Reporter {
     what: &'static str,
     bar: Option<ProgressBar>,
+    /// Files done and total, for the bar's message.
+    files: Mutex<(u64, u64)>,
     plain: Option<Mutex<Plain>>,
 }
 
@@ -29,6 +31,7 @@ impl Reporter {
             return Reporter {
                 what,
                 bar: None,
+                files: Mutex::new((0, 0)),
                 plain: None,
             };
         }
@@ -45,6 +48,7 @@ impl Reporter {
             Reporter {
                 what,
                 bar: Some(bar),
+                files: Mutex::new((0, 0)),
                 plain: None,
             }
         } else {
@@ -60,6 +64,7 @@ impl Reporter {
             Reporter {
                 what,
                 bar: None,
+                files: Mutex::new((0, 0)),
                 plain: Some(Mutex::new(plain)),
             }
         }
@@ -68,6 +73,7 @@ impl Reporter {
     fn start(&self, files: u64, bytes: u64) {
         if let Some(b) = &self.bar {
             b.set_length(bytes);
+            self.files.lock().unwrap().1 = files;
         }
         if let Some(p) = &self.plain {
             let mut p = p.lock().unwrap();
@@ -116,16 +122,16 @@ impl incfs_pack::Progress for Reporter {
     }
     fn file(&self, path: &Path) {
         if let Some(b) = &self.bar {
-            let name = path
-                .file_name()
-                .map(|n| n.to_string_lossy().into_owned())
-                .unwrap_or_default();
-            b.set_message(
-                name.chars()
-                    .filter(|c| !c.is_control())
-                    .take(40)
-                    .collect::<String>(),
-            );
+            let mut files = self.files.lock().unwrap();
+            files.0 += 1;
+            let name = path.file_name().map(|n| n.to_string_lossy().into_owned());
+            let name: String = name
+                .unwrap_or_default()
+                .chars()
+                .filter(|c| !c.is_control())
+                .take(40)
+                .collect();
+            b.set_message(format!("{}/{} files {name}", files.0, files.1));
         }
         if let Some(p) = &self.plain {
             p.lock().unwrap().files += 1;
