@@ -3,6 +3,7 @@
 mod demo;
 mod digest;
 mod keys;
+mod mount;
 mod progress;
 mod publish;
 mod read;
@@ -133,6 +134,49 @@ enum Command {
         #[arg(long, default_value = "127.0.0.1:8080")]
         listen: std::net::SocketAddr,
     },
+    /// Mount an image: every file is visible at once, blocks are fetched on first read, verified
+    /// against the file's Merkle tree, kept in the local cache and never fetched again.
+    ///
+    /// Returns once the mount is ready (the daemon keeps running in the background) unless
+    /// --foreground. Unmount with `incfs unmount MNT`, `umount MNT` or `fusermount3 -u MNT`.
+    Mount {
+        /// Repository: http(s):// URL, s3://bucket/prefix (settings from AWS_* variables) or a
+        /// local directory.
+        source: String,
+        mountpoint: PathBuf,
+        /// A mirror of the same repository, tried when the others fail (repeatable).
+        #[arg(long = "source", value_name = "SOURCE")]
+        mirrors: Vec<String>,
+        /// Trusted publisher public key (PEM); repeat for several.
+        #[arg(long, required = true)]
+        trust: Vec<PathBuf>,
+        /// Cache directory [default: $XDG_CACHE_HOME/incfs, /var/cache/incfs as root,
+        /// ~/.cache/incfs otherwise].
+        #[arg(long)]
+        cache: Option<PathBuf>,
+        /// A read whose data cannot be fetched within this time fails with ETIME
+        /// ("Timer expired"). Written like 500ms, 3s, 2m.
+        #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+        read_timeout: std::time::Duration,
+        /// Stay in the foreground (logs on stderr) instead of returning once mounted.
+        #[arg(long)]
+        foreground: bool,
+        /// FUSE request threads.
+        #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=64))]
+        threads: u32,
+    },
+    /// Unmount an incfs mount (the daemon then exits).
+    Unmount { mountpoint: PathBuf },
+    /// Show a mount's state: image, sources, blocks present, bytes fetched and stored, read and
+    /// fetch counters. With PATH, that file's present block ranges.
+    Status {
+        mountpoint: PathBuf,
+        /// A path inside the image (relative to the mountpoint, or under it).
+        path: Option<PathBuf>,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
     /// Run the whole job end to end on a built-in sample tree: make a key, pack, serve on
     /// 127.0.0.1, verify and extract over HTTP, and compare with the original.
     Demo {
@@ -223,6 +267,34 @@ fn main() {
         Command::Serve { repo_dir, listen } => {
             runtime().and_then(|rt| rt.block_on(serve::run(&repo_dir, listen)))
         }
+        Command::Mount {
+            source,
+            mountpoint,
+            mirrors,
+            trust,
+            cache,
+            read_timeout,
+            foreground,
+            threads,
+        } => {
+            let mut sources = vec![source];
+            sources.extend(mirrors);
+            mount::mount(
+                sources,
+                &mountpoint,
+                &trust,
+                cache,
+                read_timeout,
+                foreground,
+                threads as usize,
+            )
+        }
+        Command::Unmount { mountpoint } => mount::unmount(&mountpoint),
+        Command::Status {
+            mountpoint,
+            path,
+            json,
+        } => mount::status(&mountpoint, path.as_deref(), json),
         Command::Demo { dir } => runtime().and_then(|rt| rt.block_on(demo::run(dir))),
     };
     match result {

@@ -76,6 +76,7 @@ CREATE TABLE IF NOT EXISTS presence (file BLOB NOT NULL, chunk INTEGER NOT NULL,
     PRIMARY KEY (file, chunk)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS images (key_id BLOB NOT NULL, name TEXT NOT NULL, version INTEGER NOT NULL,
     manifest BLOB NOT NULL, PRIMARY KEY (key_id, name)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS sources (source TEXT PRIMARY KEY, key_id BLOB NOT NULL, name TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS totals (id INTEGER PRIMARY KEY CHECK (id = 1), blocks INTEGER NOT NULL,
     block_bytes INTEGER NOT NULL);
 INSERT OR IGNORE INTO totals VALUES (1, 0, 0);
@@ -364,6 +365,40 @@ impl Store {
     }
 }
 
+impl Store {
+    /// Remember which image `source` serves, so that it can be mounted from the cache alone.
+    pub fn remember_source(
+        &self,
+        source: &str,
+        key_id: &Hash,
+        name: &str,
+    ) -> Result<(), StoreError> {
+        self.with(|c| {
+            c.execute(
+                "INSERT OR REPLACE INTO sources (source, key_id, name) VALUES (?1, ?2, ?3)",
+                params![source, &key_id[..], name],
+            )
+            .map(|_| ())
+        })
+    }
+
+    /// The newest accepted manifest of the image `source` served when last reached.
+    pub fn manifest_for_source(
+        &self,
+        source: &str,
+    ) -> Result<Option<AcceptedManifest>, StoreError> {
+        self.with(|c| {
+            c.query_row(
+                "SELECT i.version, i.manifest FROM sources s JOIN images i ON i.key_id = s.key_id AND i.name = s.name
+                 WHERE s.source = ?1",
+                [source],
+                |r| Ok(AcceptedManifest { version: r.get::<_, i64>(0)? as u64, bytes: r.get(1)? }),
+            )
+            .optional()
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -428,5 +463,11 @@ mod tests {
         let s = Store::open(dir.path()).unwrap();
         assert_eq!(s.accepted(&h, "img").unwrap().unwrap().version, 3);
         assert_eq!(s.get_meta(&h, 10, 0).unwrap(), Some(b"meta".to_vec()));
+        assert_eq!(s.manifest_for_source("http://x").unwrap(), None);
+        s.remember_source("http://x", &h, "img").unwrap();
+        assert_eq!(
+            s.manifest_for_source("http://x").unwrap().unwrap().bytes,
+            b"m3"
+        );
     }
 }

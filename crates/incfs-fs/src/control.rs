@@ -1,0 +1,228 @@
+//! The control socket of a mount: `incfs status` asks the daemon over a Unix socket.
+//!
+//! The socket lives at `/run/incfs/<first 32 hex digits of SHA-256(mountpoint)>.sock` (or under
+//! `$XDG_RUNTIME_DIR/incfs/` when `/run` is not writable), so a client finds it from the
+//! mountpoint alone. Protocol: one JSON request per line, one JSON reply per line:
+//! `{"cmd":"status"}` and `{"cmd":"file","path":"dir/name"}`.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use incfs_format::manifest::{InodeKind, Manifest};
+use incfs_store::file_key;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+
+use crate::reader::Reader;
+use crate::stats::Stats;
+
+/// Where the control socket of `mountpoint` (canonical) lives.
+pub fn socket_path(mountpoint: &Path) -> PathBuf {
+    let id = hex::encode(&Sha256::digest(mountpoint.as_os_str().as_encoded_bytes())[..16]);
+    let run = Path::new("/run/incfs");
+    let dir = if std::fs::create_dir_all(run).is_ok() {
+        run.to_path_buf()
+    } else {
+        std::env::var_os("XDG_RUNTIME_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(std::env::temp_dir)
+            .join("incfs")
+    };
+    dir.join(format!("{id}.sock"))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(tag = "cmd", rename_all = "snake_case")]
+enum Request {
+    Status,
+    File { path: String },
+}
+
+/// A mount's state, as `incfs status --json` prints it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Status {
+    pub image: String,
+    pub version: u64,
+    pub mountpoint: String,
+    pub sources: Vec<String>,
+    pub cache: String,
+    pub files: u64,
+    pub blocks_total: u64,
+    pub blocks_present: u64,
+    pub complete: bool,
+    pub bytes_fetched: u64,
+    pub bytes_stored: u64,
+    pub reads_served: u64,
+    pub reads_waited: u64,
+    pub reads_failed_timeout: u64,
+    pub reads_failed_verification: u64,
+    pub reads_failed_source: u64,
+    pub reads_failed_other: u64,
+    pub fetch_requests: u64,
+    pub fetch_failures: u64,
+    pub blocks_fetched: u64,
+    pub blocks_bad: u64,
+    pub fetch_latency_mean_ms: f64,
+    pub fetch_latency_p99_ms: f64,
+}
+
+/// One file's local state, for `incfs status MNT PATH`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct FileStatus {
+    pub path: String,
+    pub size: u64,
+    pub blocks_total: u64,
+    pub blocks_present: u64,
+    /// Present block ranges, `[start, end)`.
+    pub present: Vec<(u64, u64)>,
+}
+
+pub struct Control {
+    pub manifest: Arc<Manifest>,
+    pub reader: Arc<Reader>,
+    pub mountpoint: PathBuf,
+    pub cache: PathBuf,
+    /// Distinct file contents: (key, blocks).
+    pub contents: Vec<([u8; 40], u64)>,
+}
+
+impl Control {
+    pub fn status(&self) -> Status {
+        let s = &self.reader.stats;
+        let blocks_total = self.contents.iter().map(|(_, b)| b).sum();
+        let blocks_present = self
+            .contents
+            .iter()
+            .map(|(k, b)| self.reader.presence.count(k).min(*b))
+            .sum();
+        let (mean, p99) = s.latency_ms();
+        Status {
+            image: self.manifest.name.clone(),
+            version: self.manifest.version,
+            mountpoint: self.mountpoint.display().to_string(),
+            sources: self
+                .reader
+                .mirrors()
+                .sources()
+                .iter()
+                .map(|s| s.name().to_string())
+                .collect(),
+            cache: self.cache.display().to_string(),
+            files: self.contents.len() as u64,
+            blocks_total,
+            blocks_present,
+            complete: blocks_present == blocks_total,
+            bytes_fetched: Stats::get(&s.bytes_fetched),
+            bytes_stored: self
+                .reader
+                .store()
+                .totals()
+                .map(|t| t.block_bytes)
+                .unwrap_or(0),
+            reads_served: Stats::get(&s.reads_served),
+            reads_waited: Stats::get(&s.reads_waited),
+            reads_failed_timeout: Stats::get(&s.reads_failed_timeout),
+            reads_failed_verification: Stats::get(&s.reads_failed_verification),
+            reads_failed_source: Stats::get(&s.reads_failed_source),
+            reads_failed_other: Stats::get(&s.reads_failed_other),
+            fetch_requests: Stats::get(&s.fetch_requests),
+            fetch_failures: Stats::get(&s.fetch_failures),
+            blocks_fetched: Stats::get(&s.blocks_fetched),
+            blocks_bad: Stats::get(&s.blocks_bad),
+            fetch_latency_mean_ms: mean,
+            fetch_latency_p99_ms: p99,
+        }
+    }
+
+    fn file_status(&self, path: &str) -> Result<FileStatus, String> {
+        let mut ino = 0u32;
+        for part in path.split('/').filter(|p| !p.is_empty() && *p != ".") {
+            ino = self
+                .manifest
+                .lookup(ino, part.as_bytes())
+                .ok_or_else(|| format!("{path}: not in the image"))?;
+        }
+        let InodeKind::File(f) = &self.manifest.inodes[ino as usize].kind else {
+            return Err(format!("{path}: not a regular file"));
+        };
+        let key = file_key(&f.root_hash, f.size);
+        let blocks_total = incfs_verity::block_count(f.size);
+        let present: Vec<(u64, u64)> = self
+            .reader
+            .presence
+            .ranges(&key, blocks_total)
+            .into_iter()
+            .map(|r| (r.start, r.end))
+            .collect();
+        Ok(FileStatus {
+            path: path.to_string(),
+            size: f.size,
+            blocks_total,
+            blocks_present: present.iter().map(|(a, b)| b - a).sum(),
+            present,
+        })
+    }
+
+    fn answer(&self, line: &str) -> String {
+        let reply = match serde_json::from_str::<Request>(line) {
+            Ok(Request::Status) => serde_json::to_value(self.status()).map_err(|e| e.to_string()),
+            Ok(Request::File { path }) => self
+                .file_status(&path)
+                .and_then(|f| serde_json::to_value(f).map_err(|e| e.to_string())),
+            Err(e) => Err(format!("bad request: {e}")),
+        };
+        match reply {
+            Ok(v) => serde_json::json!({ "ok": v }).to_string(),
+            Err(e) => serde_json::json!({ "error": e }).to_string(),
+        }
+    }
+
+    /// Serve the socket until the task is dropped.
+    pub async fn serve(self: Arc<Self>, listener: tokio::net::UnixListener) {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            let me = self.clone();
+            tokio::spawn(async move {
+                let (r, mut w) = stream.into_split();
+                let mut lines = BufReader::new(r).lines();
+                while let Ok(Some(line)) = lines.next_line().await {
+                    let mut reply = me.answer(&line);
+                    reply.push('\n');
+                    if w.write_all(reply.as_bytes()).await.is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    }
+}
+
+/// Ask the daemon of `mountpoint` one request; returns the `ok` value.
+pub fn ask(mountpoint: &Path, request: &serde_json::Value) -> Result<serde_json::Value, String> {
+    use std::io::{BufRead, Write};
+    let path = socket_path(mountpoint);
+    let mut s = std::os::unix::net::UnixStream::connect(&path).map_err(|e| {
+        format!(
+            "{} is not an incfs mount served by a running daemon ({}: {e})",
+            mountpoint.display(),
+            path.display()
+        )
+    })?;
+    s.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .ok();
+    writeln!(s, "{request}").map_err(|e| e.to_string())?;
+    let mut line = String::new();
+    std::io::BufReader::new(s)
+        .read_line(&mut line)
+        .map_err(|e| e.to_string())?;
+    let v: serde_json::Value =
+        serde_json::from_str(&line).map_err(|e| format!("bad reply from the daemon: {e}"))?;
+    match (v.get("ok"), v.get("error")) {
+        (Some(ok), _) => Ok(ok.clone()),
+        (_, Some(e)) => Err(e.as_str().unwrap_or("error").to_string()),
+        _ => Err("bad reply from the daemon".into()),
+    }
+}

@@ -1,0 +1,281 @@
+//! Mounting: verify the manifest (or fall back to the cached one when every source is
+//! unreachable), refuse rollbacks, mount FUSE, serve the control socket, unmount on SIGTERM or
+//! SIGINT, and return when the filesystem is unmounted by any means.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use fuser::{Config, MountOption, Session, SessionACL};
+use incfs_fetch::{Image, ImageError, Source, SourceError, SourceOptions};
+use incfs_format::manifest::InodeKind;
+use incfs_format::{layout, Manifest};
+use incfs_sign::TrustedKeys;
+use incfs_store::{file_key, Store};
+
+use crate::control::{socket_path, Control};
+use crate::fuse::IncFs;
+use crate::mirrors::Mirrors;
+use crate::reader::Reader;
+use crate::stats::Stats;
+
+/// Everything `incfs mount` was asked.
+#[derive(Debug, Clone)]
+pub struct MountOptions {
+    /// Repository locations; the first is the primary, the rest mirrors.
+    pub sources: Vec<String>,
+    pub mountpoint: PathBuf,
+    pub trust: TrustedKeys,
+    pub cache: PathBuf,
+    /// Bound on a read that waits for the network.
+    pub read_timeout: Duration,
+    /// FUSE request threads.
+    pub threads: usize,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum MountError {
+    #[error("{0}")]
+    Source(#[from] incfs_fetch::SourceError),
+    #[error("{0}")]
+    Image(#[from] ImageError),
+    #[error("{0}")]
+    Store(#[from] incfs_store::StoreError),
+    #[error(
+        "{source_name} offers {name} version {offered}, older than version {accepted} already accepted by this cache; \
+         refusing the rollback"
+    )]
+    Rollback {
+        source_name: String,
+        name: String,
+        offered: u64,
+        accepted: u64,
+    },
+    #[error("no source could be reached ({0}) and the cache {1} holds no copy of this image to mount offline")]
+    Offline(String, String),
+    #[error("mountpoint {}: {reason}", path.display())]
+    Mountpoint { path: PathBuf, reason: String },
+    #[error("mounting at {}: {error}", path.display())]
+    Fuse {
+        path: PathBuf,
+        error: std::io::Error,
+    },
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Get the manifest: from the first source that answers, checked against the trusted keys and
+/// the cache's rollback record; from the cache if no source can be reached at all.
+async fn open_image(
+    opts: &MountOptions,
+    sources: &[Source],
+    store: &Store,
+) -> Result<Manifest, MountError> {
+    let mut unreachable = Vec::new();
+    for source in sources {
+        let bytes = match source.get(layout::LATEST_MANIFEST).await {
+            Ok(b) => b,
+            Err(e @ SourceError::NotFound { .. }) => return Err(e.into()),
+            Err(e) => {
+                tracing::warn!("{e}");
+                unreachable.push(e.to_string());
+                continue;
+            }
+        };
+        let image = Image::from_manifest_bytes(source.clone(), bytes.clone(), &opts.trust)?;
+        let m = image.manifest();
+        let key_id = *image.signer().id();
+        if let Some(acc) = store.accepted(&key_id, &m.name)? {
+            if acc.version > m.version {
+                return Err(MountError::Rollback {
+                    source_name: source.name().to_string(),
+                    name: m.name.clone(),
+                    offered: m.version,
+                    accepted: acc.version,
+                });
+            }
+        }
+        store.accept(&key_id, &m.name, m.version, &bytes)?;
+        for s in sources {
+            store.remember_source(s.name(), &key_id, &m.name)?;
+        }
+        return Ok((**m).clone());
+    }
+    // Offline: the newest manifest this cache accepted for this source, verified again.
+    let primary = &sources[0];
+    let Some(acc) = store.manifest_for_source(primary.name())? else {
+        return Err(MountError::Offline(
+            unreachable.join("; "),
+            opts.cache.display().to_string(),
+        ));
+    };
+    let image = Image::from_manifest_bytes(primary.clone(), acc.bytes.into(), &opts.trust)?;
+    tracing::warn!(
+        "no source reachable: mounting version {} from the cache",
+        image.manifest().version
+    );
+    Ok((**image.manifest()).clone())
+}
+
+/// Mount and serve until unmounted. `on_ready` runs once the mount is usable.
+pub fn mount(opts: MountOptions, on_ready: impl FnOnce()) -> Result<(), MountError> {
+    let mountpoint =
+        std::fs::canonicalize(&opts.mountpoint).map_err(|e| MountError::Mountpoint {
+            path: opts.mountpoint.clone(),
+            reason: e.to_string(),
+        })?;
+    if !mountpoint.is_dir() {
+        return Err(MountError::Mountpoint {
+            path: mountpoint,
+            reason: "not a directory".into(),
+        });
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let store = Arc::new(Store::open(&opts.cache)?);
+    let source_opts = SourceOptions {
+        request_timeout: opts.read_timeout,
+        retries: 2,
+        ..Default::default()
+    };
+    let sources = opts
+        .sources
+        .iter()
+        .map(|s| Source::parse(s, &source_opts))
+        .collect::<Result<Vec<_>, _>>()?;
+    let manifest = Arc::new(rt.block_on(open_image(&opts, &sources, &store))?);
+
+    let mut contents: Vec<([u8; 40], u64)> = manifest
+        .inodes
+        .iter()
+        .filter_map(|i| match &i.kind {
+            InodeKind::File(f) if f.size > 0 => Some((
+                file_key(&f.root_hash, f.size),
+                incfs_verity::block_count(f.size),
+            )),
+            _ => None,
+        })
+        .collect();
+    contents.sort_unstable();
+    contents.dedup();
+
+    let stats = Arc::new(Stats::default());
+    let reader = Arc::new(Reader::new(
+        manifest.clone(),
+        store.clone(),
+        Arc::new(Mirrors::new(sources)),
+        stats,
+    ));
+    reader
+        .presence
+        .load(&store, contents.iter().map(|(k, _)| *k))?;
+
+    let root = nix_is_root();
+    let mut mount_options = vec![
+        MountOption::RO,
+        MountOption::FSName(format!("incfs:{}", manifest.name)),
+        MountOption::Subtype("incfs".into()),
+        MountOption::DefaultPermissions,
+        MountOption::NoDev,
+        MountOption::NoAtime,
+    ];
+    if root {
+        // If the daemon dies, fusermount3 unmounts, so the mountpoint never stays dead.
+        mount_options.push(MountOption::AutoUnmount);
+    }
+    let mut config = Config::default();
+    config.mount_options = mount_options;
+    config.acl = if root {
+        SessionACL::All
+    } else {
+        SessionACL::Owner
+    };
+    config.n_threads = Some(opts.threads.max(1));
+    config.clone_fd = true;
+
+    let fs = IncFs::new(
+        manifest.clone(),
+        reader.clone(),
+        rt.handle().clone(),
+        opts.read_timeout,
+    );
+    let mut session = Session::new(fs, &mountpoint, &config).map_err(|error| MountError::Fuse {
+        path: mountpoint.clone(),
+        error,
+    })?;
+    let mut unmounter = session.unmount_callable();
+
+    let sock = socket_path(&mountpoint);
+    let _ = std::fs::remove_file(&sock);
+    let control = Arc::new(Control {
+        manifest,
+        reader,
+        mountpoint: mountpoint.clone(),
+        cache: opts.cache.clone(),
+        contents,
+    });
+    let listener = {
+        let _guard = rt.enter();
+        tokio::net::UnixListener::bind(&sock)
+    };
+    match listener {
+        Ok(l) => {
+            rt.spawn(control.serve(l));
+        }
+        Err(e) => tracing::warn!(
+            "no control socket at {}: {e}; incfs status will not work",
+            sock.display()
+        ),
+    }
+    rt.spawn(async move {
+        use tokio::signal::unix::{signal, SignalKind};
+        let (Ok(mut term), Ok(mut int)) = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) else {
+            return;
+        };
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        tracing::info!("signal received: unmounting");
+        if let Err(e) = unmounter.unmount() {
+            tracing::error!("unmount failed: {e}");
+        }
+    });
+
+    tracing::info!("mounted at {}", mountpoint.display());
+    on_ready();
+    let result = session.run();
+    let _ = std::fs::remove_file(&sock);
+    rt.shutdown_timeout(Duration::from_secs(2));
+    result.map_err(|error| MountError::Fuse {
+        path: mountpoint,
+        error,
+    })
+}
+
+fn nix_is_root() -> bool {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// Unmount `mountpoint` (as `fusermount3 -u`, falling back to `umount`).
+pub fn unmount(mountpoint: &Path) -> Result<(), String> {
+    let run =
+        |cmd: &str, args: &[&std::ffi::OsStr]| std::process::Command::new(cmd).args(args).output();
+    let mp = mountpoint.as_os_str();
+    match run("fusermount3", &["-u".as_ref(), mp]) {
+        Ok(o) if o.status.success() => return Ok(()),
+        Ok(o) => tracing::debug!("fusermount3: {}", String::from_utf8_lossy(&o.stderr)),
+        Err(e) => tracing::debug!("fusermount3: {e}"),
+    }
+    match run("umount", &[mp]) {
+        Ok(o) if o.status.success() => Ok(()),
+        Ok(o) => Err(String::from_utf8_lossy(&o.stderr).trim().to_string()),
+        Err(e) => Err(e.to_string()),
+    }
+}

@@ -1,0 +1,584 @@
+//! The FUSE face of a mount: attributes and directories straight from the signed manifest (no
+//! network, ever), reads through the [`Reader`], and `EROFS` for every change.
+
+use std::collections::HashMap;
+use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use fuser::{
+    AccessFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation,
+    INodeNo, KernelConfig, LockOwner, OpenAccMode, OpenFlags, ReplyAttr, ReplyCreate, ReplyData,
+    ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite,
+    ReplyXattr, Request, TimeOrNow, WriteFlags,
+};
+use incfs_format::manifest::{display_path, Inode, InodeKind, Manifest};
+use incfs_store::file_key;
+
+use crate::reader::{FileRef, Local, ReadFailure, Reader};
+use crate::stats::{FailCause, Stats};
+
+/// The image never changes under a mount, so the kernel may cache names and attributes long.
+const TTL: Duration = Duration::from_secs(24 * 3600);
+/// Readahead window bounds, in blocks: it doubles on sequential reads, resets on random ones.
+const READAHEAD_START: u64 = 16;
+const READAHEAD_MAX: u64 = 512;
+
+/// errno for a read whose data could not be had in time (as kernel incfs: "timer expired").
+pub const ETIME: i32 = libc::ETIME;
+
+struct Readahead {
+    next_block: u64,
+    window: u64,
+}
+
+pub struct IncFs {
+    manifest: Arc<Manifest>,
+    reader: Arc<Reader>,
+    rt: tokio::runtime::Handle,
+    read_timeout: Duration,
+    nlinks: Vec<u32>,
+    /// Parent of each directory inode (the root is its own parent).
+    parents: Vec<u32>,
+    labels: Vec<Arc<str>>,
+    handles: Mutex<HashMap<u64, Readahead>>,
+    next_handle: AtomicU64,
+}
+
+fn ts(sec: i64, nsec: u32) -> SystemTime {
+    if sec >= 0 {
+        UNIX_EPOCH + Duration::new(sec as u64, nsec)
+    } else {
+        UNIX_EPOCH - Duration::from_secs(sec.unsigned_abs()) + Duration::from_nanos(nsec as u64)
+    }
+}
+
+impl IncFs {
+    pub fn new(
+        manifest: Arc<Manifest>,
+        reader: Arc<Reader>,
+        rt: tokio::runtime::Handle,
+        read_timeout: Duration,
+    ) -> Self {
+        let nlinks = manifest.link_counts();
+        let mut labels: Vec<Arc<str>> = vec![Arc::from(""); manifest.inodes.len()];
+        for (path, ino) in manifest.walk() {
+            if labels[ino as usize].is_empty() {
+                labels[ino as usize] = Arc::from(display_path(&path));
+            }
+        }
+        let mut parents = vec![0u32; manifest.inodes.len()];
+        for d in &manifest.dirents {
+            parents[d.inode as usize] = d.parent;
+        }
+        IncFs {
+            manifest,
+            reader,
+            rt,
+            read_timeout,
+            nlinks,
+            parents,
+            labels,
+            handles: Mutex::new(HashMap::new()),
+            next_handle: AtomicU64::new(1),
+        }
+    }
+
+    fn inode(&self, ino: INodeNo) -> Option<(u32, &Inode)> {
+        let idx = ino.0.checked_sub(1)?;
+        let i = u32::try_from(idx).ok()?;
+        self.manifest.inodes.get(idx as usize).map(|n| (i, n))
+    }
+
+    fn attr(&self, idx: u32) -> FileAttr {
+        let node = &self.manifest.inodes[idx as usize];
+        let (kind, size, rdev) = match &node.kind {
+            InodeKind::File(f) => (FileType::RegularFile, f.size, 0),
+            InodeKind::Dir => (FileType::Directory, 4096, 0),
+            InodeKind::Symlink(t) => (FileType::Symlink, t.len() as u64, 0),
+            InodeKind::Fifo => (FileType::NamedPipe, 0, 0),
+            InodeKind::CharDev { major, minor } => (
+                FileType::CharDevice,
+                0,
+                libc::makedev(*major, *minor) as u32,
+            ),
+            InodeKind::BlockDev { major, minor } => (
+                FileType::BlockDevice,
+                0,
+                libc::makedev(*major, *minor) as u32,
+            ),
+        };
+        let mtime = ts(node.meta.mtime_sec, node.meta.mtime_nsec);
+        FileAttr {
+            ino: INodeNo(idx as u64 + 1),
+            size,
+            // What the file occupies once complete: its 4 KiB blocks, in 512-byte units.
+            blocks: size.div_ceil(4096) * 8,
+            atime: mtime,
+            mtime,
+            ctime: mtime,
+            crtime: mtime,
+            kind,
+            perm: node.meta.mode,
+            nlink: self.nlinks[idx as usize],
+            uid: node.meta.uid,
+            gid: node.meta.gid,
+            rdev,
+            blksize: 4096,
+            flags: 0,
+        }
+    }
+
+    fn file(&self, idx: u32) -> Option<FileRef> {
+        match &self.manifest.inodes[idx as usize].kind {
+            InodeKind::File(f) => Some(FileRef {
+                data: *f,
+                key: file_key(&f.root_hash, f.size),
+                label: self.labels[idx as usize].clone(),
+            }),
+            _ => None,
+        }
+    }
+
+    fn errno_for(&self, e: &ReadFailure) -> Errno {
+        self.reader.stats.failed(e.cause);
+        tracing::warn!("read failed ({:?}): {}", e.cause, e.message);
+        match e.cause {
+            FailCause::Timeout => Errno::from_i32(ETIME),
+            _ => Errno::EIO,
+        }
+    }
+
+    fn kind_of(&self, idx: u32) -> FileType {
+        self.attr(idx).kind
+    }
+}
+
+impl Filesystem for IncFs {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        let _ = config.set_max_readahead(1 << 20);
+        let _ = config.set_max_background(64);
+        Ok(())
+    }
+
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        let Some((p, _)) = self.inode(parent) else {
+            return reply.error(Errno::ENOENT);
+        };
+        match self.manifest.lookup(p, name.as_bytes()) {
+            Some(i) => reply.entry(&TTL, &self.attr(i), Generation(0)),
+            None => reply.error(Errno::ENOENT),
+        }
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        match self.inode(ino) {
+            Some((i, _)) => reply.attr(&TTL, &self.attr(i)),
+            None => reply.error(Errno::ENOENT),
+        }
+    }
+
+    fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        match self.inode(ino) {
+            Some((
+                _,
+                Inode {
+                    kind: InodeKind::Symlink(t),
+                    ..
+                },
+            )) => reply.data(t),
+            Some(_) => reply.error(Errno::EINVAL),
+            None => reply.error(Errno::ENOENT),
+        }
+    }
+
+    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        let Some((i, _)) = self.inode(ino) else {
+            return reply.error(Errno::ENOENT);
+        };
+        if flags.acc_mode() != OpenAccMode::O_RDONLY {
+            return reply.error(Errno::EROFS);
+        }
+        if self.file(i).is_none() {
+            return reply.error(Errno::EINVAL);
+        }
+        let fh = self.next_handle.fetch_add(1, Ordering::Relaxed);
+        self.handles.lock().unwrap().insert(
+            fh,
+            Readahead {
+                next_block: 0,
+                window: READAHEAD_START,
+            },
+        );
+        reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE);
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        let Some(f) = self.inode(ino).and_then(|(i, _)| self.file(i)) else {
+            return reply.error(Errno::ENOENT);
+        };
+        let first_block = offset / 4096;
+        let next_block = (offset + size as u64).div_ceil(4096);
+        let readahead = {
+            let mut h = self.handles.lock().unwrap();
+            let ra = h.entry(fh.0).or_insert(Readahead {
+                next_block: 0,
+                window: READAHEAD_START,
+            });
+            let sequential = first_block == ra.next_block || first_block + 1 == ra.next_block;
+            ra.window = if sequential {
+                (ra.window * 2).clamp(READAHEAD_START, READAHEAD_MAX)
+            } else {
+                0
+            };
+            ra.next_block = next_block;
+            ra.window
+        };
+        let result = match self.reader.read_local(&f, offset, size) {
+            Ok(data) => Ok(data),
+            Err(Local::Fail(e)) => Err(e),
+            Err(Local::Need(_)) => {
+                Stats::add(&self.reader.stats.reads_waited, 1);
+                let reader = self.reader.clone();
+                let timeout = self.read_timeout;
+                let f2 = f.clone();
+                self.rt.block_on(async move {
+                    match tokio::time::timeout(timeout, reader.read(&f2, offset, size, readahead))
+                        .await
+                    {
+                        Ok(r) => r,
+                        Err(_) => Err(ReadFailure {
+                            cause: FailCause::Timeout,
+                            message: format!("{}: data not available within {timeout:?}", f2.label),
+                        }),
+                    }
+                })
+            }
+        };
+        match result {
+            Ok(data) => {
+                Stats::add(&self.reader.stats.reads_served, 1);
+                reply.data(&data)
+            }
+            Err(e) => reply.error(self.errno_for(&e)),
+        }
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        _lock: Option<LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        self.handles.lock().unwrap().remove(&fh.0);
+        reply.ok();
+    }
+
+    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        match self.inode(ino) {
+            Some((
+                _,
+                Inode {
+                    kind: InodeKind::Dir,
+                    ..
+                },
+            )) => reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE),
+            Some(_) => reply.error(Errno::ENOTDIR),
+            None => reply.error(Errno::ENOENT),
+        }
+    }
+
+    fn readdir(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
+        let Some((d, _)) = self.inode(ino) else {
+            return reply.error(Errno::ENOENT);
+        };
+        let parent = self.parent_of(d);
+        let children = self.manifest.children(d);
+        // Offsets: 1 is ".", 2 is "..", 3.. are the entries; each names the next position.
+        for pos in offset as usize..children.len() + 2 {
+            let full = match pos {
+                0 => reply.add(INodeNo(d as u64 + 1), 1, FileType::Directory, "."),
+                1 => reply.add(INodeNo(parent as u64 + 1), 2, FileType::Directory, ".."),
+                _ => {
+                    let c = &children[pos - 2];
+                    reply.add(
+                        INodeNo(c.inode as u64 + 1),
+                        pos as u64 + 1,
+                        self.kind_of(c.inode),
+                        OsStr::from_bytes(&c.name),
+                    )
+                }
+            };
+            if full {
+                break;
+            }
+        }
+        reply.ok();
+    }
+
+    fn readdirplus(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectoryPlus,
+    ) {
+        let Some((d, _)) = self.inode(ino) else {
+            return reply.error(Errno::ENOENT);
+        };
+        let parent = self.parent_of(d);
+        let children = self.manifest.children(d);
+        for pos in offset as usize..children.len() + 2 {
+            let full = match pos {
+                0 => reply.add(
+                    INodeNo(d as u64 + 1),
+                    1,
+                    ".",
+                    &TTL,
+                    &self.attr(d),
+                    Generation(0),
+                ),
+                1 => reply.add(
+                    INodeNo(parent as u64 + 1),
+                    2,
+                    "..",
+                    &TTL,
+                    &self.attr(parent),
+                    Generation(0),
+                ),
+                _ => {
+                    let c = &children[pos - 2];
+                    reply.add(
+                        INodeNo(c.inode as u64 + 1),
+                        pos as u64 + 1,
+                        OsStr::from_bytes(&c.name),
+                        &TTL,
+                        &self.attr(c.inode),
+                        Generation(0),
+                    )
+                }
+            };
+            if full {
+                break;
+            }
+        }
+        reply.ok();
+    }
+
+    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        let blocks: u64 = self
+            .manifest
+            .inodes
+            .iter()
+            .map(|i| {
+                if let InodeKind::File(f) = &i.kind {
+                    incfs_verity::block_count(f.size)
+                } else {
+                    0
+                }
+            })
+            .sum();
+        reply.statfs(
+            blocks,
+            0,
+            0,
+            self.manifest.inodes.len() as u64,
+            0,
+            4096,
+            255,
+            4096,
+        );
+    }
+
+    fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        let Some((_, node)) = self.inode(ino) else {
+            return reply.error(Errno::ENOENT);
+        };
+        match node.xattrs.iter().find(|x| x.name == name.as_bytes()) {
+            None => reply.error(Errno::NO_XATTR),
+            Some(x) if size == 0 => reply.size(x.value.len() as u32),
+            Some(x) if (size as usize) < x.value.len() => reply.error(Errno::ERANGE),
+            Some(x) => reply.data(&x.value),
+        }
+    }
+
+    fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        let Some((_, node)) = self.inode(ino) else {
+            return reply.error(Errno::ENOENT);
+        };
+        let mut list = Vec::new();
+        for x in &node.xattrs {
+            list.extend_from_slice(&x.name);
+            list.push(0);
+        }
+        if size == 0 {
+            reply.size(list.len() as u32)
+        } else if (size as usize) < list.len() {
+            reply.error(Errno::ERANGE)
+        } else {
+            reply.data(&list)
+        }
+    }
+
+    fn access(&self, _req: &Request, ino: INodeNo, mask: AccessFlags, reply: ReplyEmpty) {
+        if self.inode(ino).is_none() {
+            reply.error(Errno::ENOENT)
+        } else if mask.contains(AccessFlags::W_OK) {
+            reply.error(Errno::EROFS)
+        } else {
+            reply.ok()
+        }
+    }
+
+    // Everything below would change the image: refused, as the mount is read-only.
+
+    fn setattr(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _mode: Option<u32>,
+        _uid: Option<u32>,
+        _gid: Option<u32>,
+        _size: Option<u64>,
+        _atime: Option<TimeOrNow>,
+        _mtime: Option<TimeOrNow>,
+        _ctime: Option<SystemTime>,
+        _fh: Option<FileHandle>,
+        _crtime: Option<SystemTime>,
+        _chgtime: Option<SystemTime>,
+        _bkuptime: Option<SystemTime>,
+        _flags: Option<fuser::BsdFileFlags>,
+        reply: ReplyAttr,
+    ) {
+        reply.error(Errno::EROFS)
+    }
+
+    fn mknod(
+        &self,
+        _req: &Request,
+        _p: INodeNo,
+        _n: &OsStr,
+        _m: u32,
+        _u: u32,
+        _r: u32,
+        reply: ReplyEntry,
+    ) {
+        reply.error(Errno::EROFS)
+    }
+
+    fn mkdir(&self, _req: &Request, _p: INodeNo, _n: &OsStr, _m: u32, _u: u32, reply: ReplyEntry) {
+        reply.error(Errno::EROFS)
+    }
+
+    fn unlink(&self, _req: &Request, _p: INodeNo, _n: &OsStr, reply: ReplyEmpty) {
+        reply.error(Errno::EROFS)
+    }
+
+    fn rmdir(&self, _req: &Request, _p: INodeNo, _n: &OsStr, reply: ReplyEmpty) {
+        reply.error(Errno::EROFS)
+    }
+
+    fn symlink(
+        &self,
+        _req: &Request,
+        _p: INodeNo,
+        _n: &OsStr,
+        _t: &std::path::Path,
+        reply: ReplyEntry,
+    ) {
+        reply.error(Errno::EROFS)
+    }
+
+    fn rename(
+        &self,
+        _req: &Request,
+        _p: INodeNo,
+        _n: &OsStr,
+        _np: INodeNo,
+        _nn: &OsStr,
+        _f: fuser::RenameFlags,
+        reply: ReplyEmpty,
+    ) {
+        reply.error(Errno::EROFS)
+    }
+
+    fn link(&self, _req: &Request, _i: INodeNo, _np: INodeNo, _nn: &OsStr, reply: ReplyEntry) {
+        reply.error(Errno::EROFS)
+    }
+
+    fn write(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _offset: u64,
+        _data: &[u8],
+        _wf: WriteFlags,
+        _flags: OpenFlags,
+        _lock: Option<LockOwner>,
+        reply: ReplyWrite,
+    ) {
+        reply.error(Errno::EROFS)
+    }
+
+    fn create(
+        &self,
+        _req: &Request,
+        _p: INodeNo,
+        _n: &OsStr,
+        _m: u32,
+        _u: u32,
+        _f: i32,
+        reply: ReplyCreate,
+    ) {
+        reply.error(Errno::EROFS)
+    }
+
+    fn setxattr(
+        &self,
+        _req: &Request,
+        _i: INodeNo,
+        _n: &OsStr,
+        _v: &[u8],
+        _f: i32,
+        _p: u32,
+        reply: ReplyEmpty,
+    ) {
+        reply.error(Errno::EROFS)
+    }
+
+    fn removexattr(&self, _req: &Request, _i: INodeNo, _n: &OsStr, reply: ReplyEmpty) {
+        reply.error(Errno::EROFS)
+    }
+}
+
+impl IncFs {
+    /// Parent directory of directory `d` (the root is its own parent).
+    fn parent_of(&self, d: u32) -> u32 {
+        self.parents[d as usize]
+    }
+}

@@ -1,0 +1,19 @@
+//! The incfs mount: a lazy, verified, read-only FUSE filesystem over an incfs image.
+//!
+//! - [`daemon`]: mounting, manifest checks (signature, rollback, offline fallback), signals.
+//! - [`fuse`]: the FUSE operations; metadata from the manifest, reads through the reader.
+//! - [`reader`]: the data path: local store first, else fetch, verify, store.
+//! - [`mirrors`]: several sources with backoff.
+//! - [`presence`]: which blocks of each file are local, for status.
+//! - [`control`]: the control socket behind `incfs status`.
+//! - [`stats`]: read, fetch and failure counters.
+
+pub mod control;
+pub mod daemon;
+pub mod fuse;
+pub mod mirrors;
+pub mod presence;
+pub mod reader;
+pub mod stats;
+
+pub use daemon::{mount, unmount, MountError, MountOptions};

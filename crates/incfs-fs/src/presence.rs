@@ -1,0 +1,129 @@
+//! Which blocks of each file content are present locally, for status and completion.
+//!
+//! Kept per content ([`FileKey`]: root hash and size), so hard links and identical files share
+//! it, as bitmaps in chunks of 4096 blocks. The read path never consults it (it asks the store by
+//! leaf hash); it is updated when blocks are stored or found, and persisted with them.
+
+use std::collections::{BTreeMap, HashMap};
+use std::ops::Range;
+use std::sync::Mutex;
+
+use incfs_store::{FileKey, Store, StoreError, PRESENCE_CHUNK_BITS};
+
+#[derive(Default)]
+struct FilePresence {
+    chunks: BTreeMap<u64, Vec<u8>>,
+    count: u64,
+}
+
+#[derive(Default)]
+pub struct Presence {
+    files: Mutex<HashMap<FileKey, FilePresence>>,
+}
+
+fn bit(chunks: &BTreeMap<u64, Vec<u8>>, i: u64) -> bool {
+    let (c, b) = (i / PRESENCE_CHUNK_BITS, i % PRESENCE_CHUNK_BITS);
+    chunks.get(&c).is_some_and(|bits| {
+        bits.get((b / 8) as usize)
+            .is_some_and(|byte| byte & (1 << (b % 8)) != 0)
+    })
+}
+
+impl Presence {
+    /// Load the persisted bitmaps of `keys` (each once).
+    pub fn load(
+        &self,
+        store: &Store,
+        keys: impl IntoIterator<Item = FileKey>,
+    ) -> Result<(), StoreError> {
+        let mut files = self.files.lock().unwrap();
+        for key in keys {
+            if files.contains_key(&key) {
+                continue;
+            }
+            let mut p = FilePresence::default();
+            for (c, bits) in store.presence(&key)? {
+                p.count += bits.iter().map(|b| b.count_ones() as u64).sum::<u64>();
+                p.chunks.insert(c, bits);
+            }
+            files.insert(key, p);
+        }
+        Ok(())
+    }
+
+    pub fn is_present(&self, key: &FileKey, block: u64) -> bool {
+        self.files
+            .lock()
+            .unwrap()
+            .get(key)
+            .is_some_and(|p| bit(&p.chunks, block))
+    }
+
+    /// Mark blocks present; returns the chunks that changed, to persist.
+    pub fn mark(
+        &self,
+        key: &FileKey,
+        blocks: impl IntoIterator<Item = u64>,
+    ) -> Vec<(FileKey, u64, Vec<u8>)> {
+        let mut files = self.files.lock().unwrap();
+        let p = files.entry(*key).or_default();
+        let mut changed = std::collections::BTreeSet::new();
+        for i in blocks {
+            let (c, b) = (i / PRESENCE_CHUNK_BITS, i % PRESENCE_CHUNK_BITS);
+            let bits = p
+                .chunks
+                .entry(c)
+                .or_insert_with(|| vec![0u8; (PRESENCE_CHUNK_BITS / 8) as usize]);
+            let byte = &mut bits[(b / 8) as usize];
+            if *byte & (1 << (b % 8)) == 0 {
+                *byte |= 1 << (b % 8);
+                p.count += 1;
+                changed.insert(c);
+            }
+        }
+        changed
+            .into_iter()
+            .map(|c| (*key, c, p.chunks[&c].clone()))
+            .collect()
+    }
+
+    /// Blocks present of one content.
+    pub fn count(&self, key: &FileKey) -> u64 {
+        self.files.lock().unwrap().get(key).map_or(0, |p| p.count)
+    }
+
+    /// Present blocks of a content with `blocks` blocks, as sorted ranges.
+    pub fn ranges(&self, key: &FileKey, blocks: u64) -> Vec<Range<u64>> {
+        let files = self.files.lock().unwrap();
+        let Some(p) = files.get(key) else {
+            return Vec::new();
+        };
+        let mut out: Vec<Range<u64>> = Vec::new();
+        for i in 0..blocks {
+            if bit(&p.chunks, i) {
+                match out.last_mut() {
+                    Some(r) if r.end == i => r.end = i + 1,
+                    _ => out.push(i..i + 1),
+                }
+            }
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn marks_count_and_ranges() {
+        let p = Presence::default();
+        let k = [7u8; 40];
+        let changed = p.mark(&k, [0, 1, 2, 5, 5000]);
+        assert_eq!(changed.len(), 2, "two chunks touched");
+        assert!(p.mark(&k, [1]).is_empty(), "already present");
+        assert_eq!(p.count(&k), 5);
+        assert!(p.is_present(&k, 5000) && !p.is_present(&k, 3));
+        assert_eq!(p.ranges(&k, 6000), vec![0..3, 5..6, 5000..5001]);
+    }
+}

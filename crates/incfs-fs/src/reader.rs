@@ -1,0 +1,603 @@
+//! The read path: FUSE read -> leaf hash (verified tree) -> local store, or fetch, verify, store.
+//!
+//! [`Reader::read_local`] is synchronous and never touches the network or the async runtime: it
+//! serves a read entirely from memory and the store, or says what is missing ([`Need`]). The
+//! asynchronous [`Reader::read`] fetches what is missing (metadata pieces, then blocks with
+//! readahead, coalesced into ranged GETs and shared between concurrent readers) and tries again.
+//! Every block, wherever it comes from, is hashed and compared with its leaf in the file's
+//! Merkle tree before a byte of it is returned or stored; every hash block is checked against its
+//! parent, up to the signed root.
+
+use std::collections::HashMap;
+use std::ops::Range;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use futures::future::{BoxFuture, FutureExt, Shared};
+use incfs_fetch::image::verify_block;
+use incfs_format::block_map::{BlockRecord, FileMetaLayout, BLOCK_RECORD_SIZE};
+use incfs_format::manifest::{FileData, Manifest};
+use incfs_format::{layout, Codec, Hash, BLOCK_SIZE};
+use incfs_store::{FileKey, NewBlock, Store};
+use incfs_verity::{check_hash_block, hash_data_block, Geometry, HASHES_PER_BLOCK, HASH_SIZE};
+use quick_cache::sync::Cache;
+
+use crate::mirrors::Mirrors;
+use crate::presence::Presence;
+use crate::stats::{FailCause, Stats};
+
+/// Metadata regions are fetched and cached in pieces of this size.
+pub const META_CHUNK: u64 = 64 << 10;
+/// Largest ranged GET for a run of blocks.
+const MAX_RUN_BYTES: u64 = 4 << 20;
+
+/// A file as the reader sees it.
+#[derive(Debug, Clone)]
+pub struct FileRef {
+    pub data: FileData,
+    pub key: FileKey,
+    /// Path, for log messages.
+    pub label: Arc<str>,
+}
+
+/// What a local read lacked.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Need {
+    /// A piece of the file's metadata region.
+    Meta { chunk: u64 },
+    /// Data blocks (block indices, ascending).
+    Blocks(Vec<u64>),
+}
+
+/// Why a read cannot be answered.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReadFailure {
+    pub cause: FailCause,
+    pub message: String,
+}
+
+#[derive(Debug)]
+pub enum Local {
+    Need(Need),
+    Fail(ReadFailure),
+}
+
+fn fail(cause: FailCause, message: impl Into<String>) -> Local {
+    Local::Fail(ReadFailure {
+        cause,
+        message: message.into(),
+    })
+}
+
+/// Outcome of one ranged GET of a run of blocks: the leaves that could not be had, and why.
+#[derive(Debug, Default)]
+struct RunOutcome {
+    failed: HashMap<Hash, ReadFailure>,
+}
+
+type SharedRun = Shared<BoxFuture<'static, Arc<RunOutcome>>>;
+
+pub struct Reader {
+    manifest: Arc<Manifest>,
+    store: Arc<Store>,
+    mirrors: Arc<Mirrors>,
+    pub stats: Arc<Stats>,
+    pub presence: Presence,
+    /// Verified hash blocks: (content, level, index) -> hashes.
+    hashes: Cache<(FileKey, u8, u64), Arc<Vec<Hash>>>,
+    /// Metadata pieces: (object, region offset, chunk) -> bytes (unverified).
+    meta: Cache<(u32, u64, u64), Arc<Vec<u8>>>,
+    inflight: Mutex<HashMap<Hash, SharedRun>>,
+    zero_hash: Hash,
+}
+
+impl Reader {
+    pub fn new(
+        manifest: Arc<Manifest>,
+        store: Arc<Store>,
+        mirrors: Arc<Mirrors>,
+        stats: Arc<Stats>,
+    ) -> Self {
+        Reader {
+            manifest,
+            store,
+            mirrors,
+            stats,
+            presence: Presence::default(),
+            hashes: Cache::new(16 << 10),
+            meta: Cache::new(1024),
+            inflight: Mutex::new(HashMap::new()),
+            zero_hash: hash_data_block(&[]),
+        }
+    }
+
+    pub fn store(&self) -> &Arc<Store> {
+        &self.store
+    }
+
+    pub fn mirrors(&self) -> &Arc<Mirrors> {
+        &self.mirrors
+    }
+
+    fn region(&self, f: &FileRef) -> (u32, u64, u64) {
+        let m = f.data.meta.expect("non-empty files have a metadata region");
+        // validate() guaranteed the region fits in its object.
+        (
+            m.object,
+            m.offset,
+            FileMetaLayout::new(f.data.size).len().unwrap(),
+        )
+    }
+
+    fn meta_chunk_local(&self, f: &FileRef, chunk: u64) -> Result<Option<Arc<Vec<u8>>>, Local> {
+        let (object, offset, _) = self.region(f);
+        if let Some(c) = self.meta.get(&(object, offset, chunk)) {
+            return Ok(Some(c));
+        }
+        let digest = &self.manifest.objects[object as usize].digest;
+        match self.store.get_meta(digest, offset, chunk) {
+            Ok(Some(bytes)) => {
+                let c = Arc::new(bytes);
+                self.meta.insert((object, offset, chunk), c.clone());
+                Ok(Some(c))
+            }
+            Ok(None) => Ok(None),
+            Err(e) => Err(fail(FailCause::Other, e.to_string())),
+        }
+    }
+
+    /// Bytes `range` of the file's metadata region, from memory or the store.
+    fn meta_local(&self, f: &FileRef, range: Range<u64>) -> Result<Vec<u8>, Local> {
+        let mut out = Vec::with_capacity((range.end - range.start) as usize);
+        if range.is_empty() {
+            return Ok(out);
+        }
+        for chunk in range.start / META_CHUNK..=(range.end - 1) / META_CHUNK {
+            let Some(bytes) = self.meta_chunk_local(f, chunk)? else {
+                return Err(Local::Need(Need::Meta { chunk }));
+            };
+            let base = chunk * META_CHUNK;
+            let from = range.start.max(base) - base;
+            let to = range.end.min(base + bytes.len() as u64) - base;
+            if from > to || to > bytes.len() as u64 {
+                return Err(fail(FailCause::Other, "cached metadata piece is too short"));
+            }
+            out.extend_from_slice(&bytes[from as usize..to as usize]);
+        }
+        Ok(out)
+    }
+
+    /// Forget a cached metadata piece that produced a hash mismatch, so it is fetched again.
+    fn drop_meta(&self, f: &FileRef, range: Range<u64>) {
+        let (object, offset, _) = self.region(f);
+        let digest = self.manifest.objects[object as usize].digest;
+        for chunk in range.start / META_CHUNK..=(range.end.max(1) - 1) / META_CHUNK {
+            self.meta.remove(&(object, offset, chunk));
+            let _ = self.store.remove_meta(&digest, offset, chunk);
+        }
+    }
+
+    /// Hash block `index` of `level`, checked up to the root.
+    fn hash_block(
+        &self,
+        f: &FileRef,
+        geo: &Geometry,
+        level: usize,
+        index: u64,
+    ) -> Result<Arc<Vec<Hash>>, Local> {
+        let key = (f.key, level as u8, index);
+        if let Some(h) = self.hashes.get(&key) {
+            return Ok(h);
+        }
+        let range = geo.hash_block_range(level, index);
+        let bytes = self.meta_local(f, range.clone())?;
+        let hashes: Vec<Hash> = bytes
+            .chunks_exact(HASH_SIZE)
+            .map(|c| c.try_into().unwrap())
+            .collect();
+        let expected = if level + 1 == geo.levels().len() {
+            f.data.root_hash
+        } else {
+            let parent = self.hash_block(f, geo, level + 1, index / HASHES_PER_BLOCK as u64)?;
+            parent[(index % HASHES_PER_BLOCK as u64) as usize]
+        };
+        if !check_hash_block(&hashes, &expected) {
+            self.drop_meta(f, range);
+            Stats::add(&self.stats.blocks_bad, 1);
+            tracing::error!(
+                "{}: Merkle tree level {level} block {index} failed verification",
+                f.label
+            );
+            return Err(fail(
+                FailCause::Verification,
+                format!("{}: hash block failed verification", f.label),
+            ));
+        }
+        let h = Arc::new(hashes);
+        self.hashes.insert(key, h.clone());
+        Ok(h)
+    }
+
+    /// The verified leaf hash of data block `i`.
+    fn leaf(&self, f: &FileRef, geo: &Geometry, i: u64) -> Result<Hash, Local> {
+        if geo.data_blocks() == 1 {
+            return Ok(f.data.root_hash);
+        }
+        let hb = self.hash_block(f, geo, 0, i / HASHES_PER_BLOCK as u64)?;
+        Ok(hb[(i % HASHES_PER_BLOCK as u64) as usize])
+    }
+
+    fn record(&self, f: &FileRef, i: u64) -> Result<BlockRecord, Local> {
+        let layout = FileMetaLayout::new(f.data.size);
+        let at = layout.record_offset(i);
+        let bytes = self.meta_local(f, at..at + BLOCK_RECORD_SIZE as u64)?;
+        let r = BlockRecord::decode(bytes.as_slice().try_into().unwrap()).map_err(|e| {
+            fail(
+                FailCause::Verification,
+                format!("{}: block {i}: bad block record: {e}", f.label),
+            )
+        })?;
+        if r.codec != Codec::Zero {
+            let size = self.manifest.objects.get(r.object as usize).map(|o| o.size);
+            if size.is_none_or(|s| r.range().end > s) {
+                return Err(fail(
+                    FailCause::Verification,
+                    format!("{}: block {i}: record points outside the image", f.label),
+                ));
+            }
+        }
+        Ok(r)
+    }
+
+    /// A stored block, decoded and verified; a damaged one is removed and reported absent.
+    fn stored_block(&self, leaf: &Hash) -> Result<Option<Box<[u8; BLOCK_SIZE]>>, Local> {
+        let Some((codec, data)) = self
+            .store
+            .get_block(leaf)
+            .map_err(|e| fail(FailCause::Other, e.to_string()))?
+        else {
+            return Ok(None);
+        };
+        let rec = BlockRecord {
+            object: 0,
+            codec,
+            len: data.len() as u16,
+            offset: 0,
+        };
+        match verify_block(&rec, &data, leaf) {
+            Ok(b) => Ok(Some(b)),
+            Err(e) => {
+                tracing::error!(
+                    "local store block {} is damaged ({e}); dropping it",
+                    hex::encode(leaf)
+                );
+                Stats::add(&self.stats.blocks_bad, 1);
+                let _ = self.store.remove_block(leaf);
+                Ok(None)
+            }
+        }
+    }
+
+    /// Serve bytes `offset..offset+size` of `f` from local data only.
+    pub fn read_local(&self, f: &FileRef, offset: u64, size: u32) -> Result<Vec<u8>, Local> {
+        let end = (offset + size as u64).min(f.data.size);
+        if offset >= end {
+            return Ok(Vec::new());
+        }
+        let geo = Geometry::new(f.data.size);
+        let bs = BLOCK_SIZE as u64;
+        let mut out = Vec::with_capacity((end - offset) as usize);
+        let mut missing = Vec::new();
+        let mut found = Vec::new();
+        for i in offset / bs..=(end - 1) / bs {
+            let leaf = self.leaf(f, &geo, i)?;
+            let from = offset.max(i * bs) - i * bs;
+            let to = end.min((i + 1) * bs) - i * bs;
+            if leaf == self.zero_hash {
+                out.resize(out.len() + (to - from) as usize, 0);
+                found.push(i);
+                continue;
+            }
+            match self.stored_block(&leaf)? {
+                Some(block) if missing.is_empty() => {
+                    out.extend_from_slice(&block[from as usize..to as usize]);
+                    found.push(i);
+                }
+                Some(_) => found.push(i),
+                None => missing.push(i),
+            }
+        }
+        if found.iter().any(|&i| !self.presence.is_present(&f.key, i)) {
+            self.persist_presence(&f.key, found);
+        }
+        if missing.is_empty() {
+            Ok(out)
+        } else {
+            Err(Local::Need(Need::Blocks(missing)))
+        }
+    }
+
+    fn persist_presence(&self, key: &FileKey, blocks: Vec<u64>) {
+        let changed = self.presence.mark(key, blocks);
+        if !changed.is_empty() {
+            if let Err(e) = self.store.put_blocks(&[], &changed) {
+                tracing::warn!("cannot record block presence: {e}");
+            }
+        }
+    }
+
+    /// Serve a read, fetching whatever is missing. `readahead` more blocks after the last
+    /// missing one are fetched along, if absent.
+    pub async fn read(
+        self: &Arc<Self>,
+        f: &FileRef,
+        offset: u64,
+        size: u32,
+        readahead: u64,
+    ) -> Result<Vec<u8>, ReadFailure> {
+        // Each round fetches something or fails, so a handful of rounds always suffices
+        // (metadata levels, then blocks); the bound only guards against a logic error.
+        for _ in 0..32 {
+            match self.read_local(f, offset, size) {
+                Ok(v) => return Ok(v),
+                Err(Local::Fail(e)) => return Err(e),
+                Err(Local::Need(Need::Meta { chunk })) => self.fetch_meta(f, chunk).await?,
+                Err(Local::Need(Need::Blocks(list))) => {
+                    self.fetch_blocks(f, &list, readahead).await?
+                }
+            }
+        }
+        Err(ReadFailure {
+            cause: FailCause::Other,
+            message: format!("{}: read made no progress", f.label),
+        })
+    }
+
+    async fn fetch_meta(&self, f: &FileRef, chunk: u64) -> Result<(), ReadFailure> {
+        let (object, offset, len) = self.region(f);
+        let digest = self.manifest.objects[object as usize].digest;
+        let start = offset + chunk * META_CHUNK;
+        let end = offset + len.min((chunk + 1) * META_CHUNK);
+        let t = Instant::now();
+        let (bytes, _) = self
+            .mirrors
+            .get_range(&layout::object(&digest), start..end)
+            .await
+            .map_err(|e| {
+                Stats::add(&self.stats.fetch_failures, 1);
+                ReadFailure {
+                    cause: FailCause::Source,
+                    message: e.to_string(),
+                }
+            })?;
+        self.stats.fetched(bytes.len() as u64, t.elapsed());
+        if let Err(e) = self.store.put_meta(&digest, offset, chunk, &bytes) {
+            tracing::warn!("cannot cache metadata: {e}");
+        }
+        self.meta
+            .insert((object, offset, chunk), Arc::new(bytes.to_vec()));
+        Ok(())
+    }
+
+    /// Leaf and record of each block of `blocks` that is neither zero nor stored yet.
+    fn plan(&self, f: &FileRef, blocks: &[u64]) -> Result<Vec<(u64, Hash, BlockRecord)>, Local> {
+        let geo = Geometry::new(f.data.size);
+        let mut out = Vec::new();
+        let mut present = Vec::new();
+        for &i in blocks {
+            let leaf = self.leaf(f, &geo, i)?;
+            if leaf == self.zero_hash
+                || self
+                    .store
+                    .has_block(&leaf)
+                    .map_err(|e| fail(FailCause::Other, e.to_string()))?
+            {
+                present.push(i);
+                continue;
+            }
+            out.push((i, leaf, self.record(f, i)?));
+        }
+        if !present.is_empty() {
+            self.persist_presence(&f.key, present);
+        }
+        Ok(out)
+    }
+
+    async fn fetch_blocks(
+        self: &Arc<Self>,
+        f: &FileRef,
+        needed: &[u64],
+        readahead: u64,
+    ) -> Result<(), ReadFailure> {
+        let blocks_total = incfs_verity::block_count(f.data.size);
+        let last = *needed.last().unwrap();
+        let mut wanted: Vec<u64> = needed.to_vec();
+        wanted.extend(last + 1..(last + 1 + readahead).min(blocks_total));
+        let plan = loop {
+            match self.plan(f, &wanted) {
+                Ok(p) => break p,
+                Err(Local::Fail(e)) => return Err(e),
+                Err(Local::Need(Need::Meta { chunk })) => self.fetch_meta(f, chunk).await?,
+                Err(Local::Need(Need::Blocks(_))) => unreachable!("planning needs no blocks"),
+            }
+        };
+        let needed_leaves: Vec<Hash> = plan
+            .iter()
+            .filter(|(i, _, _)| needed.contains(i))
+            .map(|(_, h, _)| *h)
+            .collect();
+        let mut waits = Vec::new();
+        {
+            let mut inflight = self.inflight.lock().unwrap();
+            let mut todo = Vec::new();
+            for item in plan {
+                match inflight.get(&item.1) {
+                    Some(s) => waits.push(s.clone()),
+                    None if todo
+                        .iter()
+                        .any(|(_, h, _): &(u64, Hash, BlockRecord)| *h == item.1) => {}
+                    None => todo.push(item),
+                }
+            }
+            for run in group_runs(&todo) {
+                let items: Vec<_> = todo[run].to_vec();
+                let me = self.clone();
+                let file = f.clone();
+                let leaves: Vec<Hash> = items.iter().map(|(_, h, _)| *h).collect();
+                let handle = tokio::spawn(async move { me.fetch_run(file, items).await });
+                let shared = async move {
+                    handle
+                        .await
+                        .unwrap_or_else(|_| Arc::new(RunOutcome::default()))
+                }
+                .boxed()
+                .shared();
+                for h in leaves {
+                    inflight.insert(h, shared.clone());
+                }
+                waits.push(shared);
+            }
+        }
+        let outcomes = futures::future::join_all(waits).await;
+        for leaf in &needed_leaves {
+            if let Some(e) = outcomes.iter().find_map(|o| o.failed.get(leaf)) {
+                return Err(e.clone());
+            }
+        }
+        Ok(())
+    }
+
+    /// One ranged GET for blocks lying back to back in one object; verify, store, report.
+    async fn fetch_run(
+        self: Arc<Self>,
+        f: FileRef,
+        items: Vec<(u64, Hash, BlockRecord)>,
+    ) -> Arc<RunOutcome> {
+        let first = items[0].2;
+        let end = items.last().unwrap().2.range().end;
+        let key = layout::object(&self.manifest.objects[first.object as usize].digest);
+        let t = Instant::now();
+        let mut outcome = RunOutcome::default();
+        match self.mirrors.get_range(&key, first.offset..end).await {
+            Err(e) => {
+                Stats::add(&self.stats.fetch_failures, 1);
+                let failure = ReadFailure {
+                    cause: FailCause::Source,
+                    message: e.to_string(),
+                };
+                for (_, h, _) in &items {
+                    outcome.failed.insert(*h, failure.clone());
+                }
+            }
+            Ok((bytes, mirror)) => {
+                self.stats.fetched(bytes.len() as u64, t.elapsed());
+                let mut good = Vec::new();
+                for (i, leaf, r) in &items {
+                    let stored = &bytes[(r.offset - first.offset) as usize
+                        ..(r.range().end - first.offset) as usize];
+                    match verify_block(r, stored, leaf) {
+                        Ok(_) => good.push((
+                            *i,
+                            NewBlock {
+                                hash: *leaf,
+                                codec: r.codec,
+                                data: stored,
+                            },
+                        )),
+                        Err(e) => {
+                            Stats::add(&self.stats.blocks_bad, 1);
+                            tracing::error!(
+                                "{}: block {i} from {} failed verification ({e}); not stored",
+                                f.label,
+                                self.mirrors.sources()[mirror].name()
+                            );
+                            self.mirrors.penalize(mirror);
+                            outcome.failed.insert(
+                                *leaf,
+                                ReadFailure {
+                                    cause: FailCause::Verification,
+                                    message: format!("{}: block {i}: {e}", f.label),
+                                },
+                            );
+                        }
+                    }
+                }
+                let changed = self.presence.mark(&f.key, good.iter().map(|(i, _)| *i));
+                let blocks: Vec<NewBlock<'_>> = good.into_iter().map(|(_, b)| b).collect();
+                match self.store.put_blocks(&blocks, &changed) {
+                    Ok(()) => Stats::add(&self.stats.blocks_fetched, blocks.len() as u64),
+                    Err(e) => {
+                        tracing::error!("cannot store blocks: {e}");
+                        for b in &blocks {
+                            outcome.failed.insert(
+                                b.hash,
+                                ReadFailure {
+                                    cause: FailCause::Other,
+                                    message: e.to_string(),
+                                },
+                            );
+                        }
+                    }
+                }
+            }
+        }
+        let mut inflight = self.inflight.lock().unwrap();
+        for (_, h, _) in &items {
+            inflight.remove(h);
+        }
+        Arc::new(outcome)
+    }
+}
+
+/// Split blocks (in file order) into runs one ranged GET can serve: stored back to back in one
+/// object, at most [`MAX_RUN_BYTES`] long.
+fn group_runs(items: &[(u64, Hash, BlockRecord)]) -> Vec<Range<usize>> {
+    let mut runs: Vec<Range<usize>> = Vec::new();
+    for (k, (_, _, r)) in items.iter().enumerate() {
+        if let Some(run) = runs.last_mut() {
+            let prev = &items[run.end - 1].2;
+            let start = &items[run.start].2;
+            if prev.object == r.object
+                && prev.range().end == r.offset
+                && r.range().end - start.offset <= MAX_RUN_BYTES
+            {
+                run.end = k + 1;
+                continue;
+            }
+        }
+        runs.push(k..k + 1);
+    }
+    runs
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn item(i: u64, object: u32, offset: u64, len: u16) -> (u64, Hash, BlockRecord) {
+        (
+            i,
+            [i as u8; 32],
+            BlockRecord {
+                object,
+                codec: Codec::Lz4,
+                len,
+                offset,
+            },
+        )
+    }
+
+    #[test]
+    fn runs_join_only_adjacent_bytes() {
+        let items = vec![
+            item(0, 0, 0, 10),
+            item(1, 0, 10, 5),
+            item(2, 0, 100, 5),
+            item(3, 1, 105, 5),
+            item(9, 1, 110, 1),
+        ];
+        assert_eq!(group_runs(&items), vec![0..2, 2..3, 3..5]);
+        let big: Vec<_> = (0..2000).map(|i| item(i, 0, i * 4096, 4096)).collect();
+        assert_eq!(group_runs(&big).len(), 2);
+    }
+}
