@@ -28,9 +28,7 @@ fn make_sample(root: &Path) -> Result<()> {
     fs::create_dir_all(root.join("docs/guide"))?;
     fs::create_dir_all(root.join("bin"))?;
     fs::create_dir_all(root.join("empty-dir"))?;
-    let text: String = (0..2000)
-        .map(|i| format!("line {i}: incfs serves verified blocks on demand\n"))
-        .collect();
+    let text: String = (0..2000).map(|i| format!("line {i}: incfs serves verified blocks on demand\n")).collect();
     fs::write(root.join("docs/README.txt"), &text)?;
     fs::write(root.join("docs/guide/copy-of-README.txt"), &text)?;
     fs::write(root.join("bin/tool"), noise(1, 5 << 20))?;
@@ -43,10 +41,7 @@ fn make_sample(root: &Path) -> Result<()> {
     fs::hard_link(root.join("bin/tool"), root.join("bin/tool-hardlink"))?;
     symlink("docs/README.txt", root.join("readme-link"))?;
     symlink("../../outside/the/tree", root.join("escaping-link"))?;
-    fs::write(
-        root.join("name with\nnewline"),
-        b"hostile names are data too\n",
-    )?;
+    fs::write(root.join("name with\nnewline"), b"hostile names are data too\n")?;
     Ok(())
 }
 
@@ -71,9 +66,7 @@ fn compare(a: &Path, b: &Path) -> Result<u64> {
             bail!("{} differs in target", rel.display());
         }
         if ma.is_dir() {
-            let mut names: Vec<_> = fs::read_dir(&pa)?
-                .map(|e| e.map(|e| e.file_name()))
-                .collect::<Result<_, _>>()?;
+            let mut names: Vec<_> = fs::read_dir(&pa)?.map(|e| e.map(|e| e.file_name())).collect::<Result<_, _>>()?;
             if names.len() != fs::read_dir(&pb)?.count() {
                 bail!("{} has a different number of entries", rel.display());
             }
@@ -109,11 +102,7 @@ pub async fn run(dir: Option<PathBuf>) -> Result<i32> {
     let key = SigningKey::generate(KeyAlgorithm::Ed25519)?;
     fs::write(work.join("publisher.pub.pem"), key.public_key().to_pem())?;
 
-    println!(
-        "3. pack             incfs pack {} {} --key publisher.pem",
-        sample.display(),
-        repo.display()
-    );
+    println!("3. pack             incfs pack {} {} --key publisher.pem", sample.display(), repo.display());
     let s = incfs_pack::pack(&sample, &repo, &key, &PackOptions::default(), &NoProgress)?;
     println!(
         "                     {} files, {} in, {} stored, {} saved by dedup, {} of holes not stored",
@@ -126,20 +115,12 @@ pub async fn run(dir: Option<PathBuf>) -> Result<i32> {
 
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let url = format!("http://{}", listener.local_addr()?);
-    println!(
-        "4. serve            incfs serve {} -> {url}/",
-        repo.display()
-    );
+    println!("4. serve            incfs serve {} -> {url}/", repo.display());
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let stats = Arc::new(incfs_serve::ServeStats::default());
-    let server = tokio::spawn(incfs_serve::serve(
-        listener,
-        repo.clone(),
-        stats.clone(),
-        async {
-            let _ = stopped.await;
-        },
-    ));
+    let server = tokio::spawn(incfs_serve::serve(listener, repo.clone(), stats.clone(), async {
+        let _ = stopped.await;
+    }));
 
     let trust = TrustedKeys::new(vec![key.public_key()]);
     let image = Image::open(Source::parse(&url, &SourceOptions::default())?, &trust).await?;
@@ -156,10 +137,7 @@ pub async fn run(dir: Option<PathBuf>) -> Result<i32> {
         report.files, report.blocks
     );
 
-    println!(
-        "6. extract          incfs extract {url} {} --trust publisher.pub.pem",
-        copy.display()
-    );
+    println!("6. extract          incfs extract {url} {} --trust publisher.pub.pem", copy.display());
     incfs_fetch::extract::extract(&image, &copy, &()).await?;
     let _ = stop.send(());
     server.await??;

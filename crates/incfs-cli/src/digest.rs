@@ -16,10 +16,7 @@ pub fn file_digest(path: &Path, buf: &mut [u8]) -> Result<Hash> {
     loop {
         let mut n = 0;
         while n < buf.len() {
-            match f
-                .read(&mut buf[n..])
-                .with_context(|| format!("cannot read {}", path.display()))?
-            {
+            match f.read(&mut buf[n..]).with_context(|| format!("cannot read {}", path.display()))? {
                 0 => break,
                 k => n += k,
             }
@@ -39,11 +36,7 @@ pub fn file_digest(path: &Path, buf: &mut [u8]) -> Result<Hash> {
 pub fn run(files: &[std::path::PathBuf]) -> Result<i32> {
     let mut buf = vec![0u8; 4 << 20];
     for f in files {
-        println!(
-            "{} {}",
-            format_digest(&file_digest(f, &mut buf)?),
-            f.display()
-        );
+        println!("{} {}", format_digest(&file_digest(f, &mut buf)?), f.display());
     }
     Ok(0)
 }

@@ -24,17 +24,12 @@ fn write_new(path: &Path, bytes: &[u8], mode: u32, force: bool) -> Result<()> {
     }
     let mut f = o.open(path).with_context(|| {
         if path.exists() && !force {
-            format!(
-                "{} already exists (use --force to replace it)",
-                path.display()
-            )
+            format!("{} already exists (use --force to replace it)", path.display())
         } else {
             format!("cannot create {}", path.display())
         }
     })?;
-    f.write_all(bytes)
-        .and_then(|_| f.sync_all())
-        .with_context(|| format!("writing {}", path.display()))
+    f.write_all(bytes).and_then(|_| f.sync_all()).with_context(|| format!("writing {}", path.display()))
 }
 
 pub fn keygen(alg: KeyAlgorithm, out: &Path, force: bool) -> Result<i32> {
@@ -44,17 +39,13 @@ pub fn keygen(alg: KeyAlgorithm, out: &Path, force: bool) -> Result<i32> {
     write_new(&private, key.to_pem().as_bytes(), 0o600, force)?;
     write_new(&public, key.public_key().to_pem().as_bytes(), 0o644, force)?;
     println!("private key: {} (keep it secret)", private.display());
-    println!(
-        "public key:  {} (give it to clients: --trust)",
-        public.display()
-    );
+    println!("public key:  {} (give it to clients: --trust)", public.display());
     println!("key id:      {}", key.public_key().id_hex());
     Ok(0)
 }
 
 pub fn load_signing_key(path: &Path) -> Result<SigningKey> {
-    let pem = std::fs::read_to_string(path)
-        .with_context(|| format!("cannot read key {}", path.display()))?;
+    let pem = std::fs::read_to_string(path).with_context(|| format!("cannot read key {}", path.display()))?;
     SigningKey::from_pem(&pem).with_context(|| format!("{}", path.display()))
 }
 
@@ -65,8 +56,7 @@ pub fn load_trusted(paths: &[PathBuf]) -> Result<TrustedKeys> {
     let keys = paths
         .iter()
         .map(|p| {
-            let pem = std::fs::read_to_string(p)
-                .with_context(|| format!("cannot read key {}", p.display()))?;
+            let pem = std::fs::read_to_string(p).with_context(|| format!("cannot read key {}", p.display()))?;
             PublicKey::from_pem(&pem).with_context(|| format!("{}", p.display()))
         })
         .collect::<Result<Vec<_>>>()?;

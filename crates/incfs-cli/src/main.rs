@@ -203,20 +203,14 @@ fn init_logging(verbose: u8) {
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    Ok(tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?)
+    Ok(tokio::runtime::Builder::new_multi_thread().enable_all().build()?)
 }
 
 fn main() {
     let cli = Cli::parse();
     init_logging(cli.verbose);
     let result = match cli.command {
-        Command::Keygen {
-            algorithm,
-            out,
-            force,
-        } => keys::keygen(
+        Command::Keygen { algorithm, out, force } => keys::keygen(
             match algorithm {
                 Algorithm::Ed25519 => incfs_sign::KeyAlgorithm::Ed25519,
                 Algorithm::EcdsaP256 => incfs_sign::KeyAlgorithm::EcdsaP256,
@@ -226,75 +220,29 @@ fn main() {
             force,
         ),
         Command::Digest { files } => digest::run(&files),
-        Command::Pack {
-            src_dir,
-            repo_dir,
-            key,
-            name,
-            version,
-            compression,
-            zstd_level,
-            object_mib,
-            quiet,
-        } => {
+        Command::Pack { src_dir, repo_dir, key, name, version, compression, zstd_level, object_mib, quiet } => {
             let compression = match compression {
                 CompressionArg::Lz4 => incfs_format::Compression::Lz4,
                 CompressionArg::Zstd => incfs_format::Compression::Zstd { level: zstd_level },
                 CompressionArg::None => incfs_format::Compression::None,
             };
-            let opts = incfs_pack::PackOptions {
-                name,
-                version,
-                compression,
-                object_size: object_mib << 20,
-            };
+            let opts = incfs_pack::PackOptions { name, version, compression, object_size: object_mib << 20 };
             publish::pack(&src_dir, &repo_dir, &key, &opts, quiet)
         }
-        Command::Verify {
-            repo,
-            trust,
-            version,
-            quiet,
-        } => runtime().and_then(|rt| rt.block_on(read::verify(&repo, &trust, version, quiet))),
-        Command::Extract {
-            repo,
-            dest,
-            trust,
-            version,
-            quiet,
-        } => runtime()
-            .and_then(|rt| rt.block_on(read::extract(&repo, &dest, &trust, version, quiet))),
-        Command::Serve { repo_dir, listen } => {
-            runtime().and_then(|rt| rt.block_on(serve::run(&repo_dir, listen)))
+        Command::Verify { repo, trust, version, quiet } => {
+            runtime().and_then(|rt| rt.block_on(read::verify(&repo, &trust, version, quiet)))
         }
-        Command::Mount {
-            source,
-            mountpoint,
-            mirrors,
-            trust,
-            cache,
-            read_timeout,
-            foreground,
-            threads,
-        } => {
+        Command::Extract { repo, dest, trust, version, quiet } => {
+            runtime().and_then(|rt| rt.block_on(read::extract(&repo, &dest, &trust, version, quiet)))
+        }
+        Command::Serve { repo_dir, listen } => runtime().and_then(|rt| rt.block_on(serve::run(&repo_dir, listen))),
+        Command::Mount { source, mountpoint, mirrors, trust, cache, read_timeout, foreground, threads } => {
             let mut sources = vec![source];
             sources.extend(mirrors);
-            mount::mount(
-                sources,
-                &mountpoint,
-                &trust,
-                cache,
-                read_timeout,
-                foreground,
-                threads as usize,
-            )
+            mount::mount(sources, &mountpoint, &trust, cache, read_timeout, foreground, threads as usize)
         }
         Command::Unmount { mountpoint } => mount::unmount(&mountpoint),
-        Command::Status {
-            mountpoint,
-            path,
-            json,
-        } => mount::status(&mountpoint, path.as_deref(), json),
+        Command::Status { mountpoint, path, json } => mount::status(&mountpoint, path.as_deref(), json),
         Command::Demo { dir } => runtime().and_then(|rt| rt.block_on(demo::run(dir))),
     };
     match result {

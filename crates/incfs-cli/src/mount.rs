@@ -23,10 +23,7 @@ pub fn default_cache() -> PathBuf {
     if unsafe { libc::geteuid() } == 0 {
         return PathBuf::from("/var/cache/incfs");
     }
-    std::env::var_os("HOME")
-        .map(PathBuf::from)
-        .unwrap_or_else(std::env::temp_dir)
-        .join(".cache/incfs")
+    std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(std::env::temp_dir).join(".cache/incfs")
 }
 
 pub fn mount(
@@ -80,8 +77,7 @@ pub fn mount(
 /// Run this same command again with --foreground, detached, and wait until it reports the
 /// mount ready (or fails). Its log goes to CACHE/daemon.log.
 fn spawn_daemon(mountpoint: &Path, cache: &Path) -> Result<i32> {
-    std::fs::create_dir_all(cache)
-        .with_context(|| format!("cannot create cache directory {}", cache.display()))?;
+    std::fs::create_dir_all(cache).with_context(|| format!("cannot create cache directory {}", cache.display()))?;
     let log_path = cache.join("daemon.log");
     let log = std::fs::OpenOptions::new()
         .create(true)
@@ -103,12 +99,7 @@ fn spawn_daemon(mountpoint: &Path, cache: &Path) -> Result<i32> {
     BufReader::new(child.stdout.take().unwrap()).read_line(&mut line)?;
     match line.trim() {
         "ready" => {
-            println!(
-                "mounted at {} (daemon pid {}, log {})",
-                mountpoint.display(),
-                child.id(),
-                log_path.display()
-            );
+            println!("mounted at {} (daemon pid {}, log {})", mountpoint.display(), child.id(), log_path.display());
             Ok(0)
         }
         l if l.starts_with("error: ") => {
@@ -118,10 +109,7 @@ fn spawn_daemon(mountpoint: &Path, cache: &Path) -> Result<i32> {
         }
         _ => {
             let status = child.wait()?;
-            bail!(
-                "the mount daemon exited ({status}) before the mount was ready; see {}",
-                log_path.display()
-            )
+            bail!("the mount daemon exited ({status}) before the mount was ready; see {}", log_path.display())
         }
     }
 }
@@ -133,17 +121,12 @@ pub fn unmount(mountpoint: &Path) -> Result<i32> {
 }
 
 pub fn status(mountpoint: &Path, path: Option<&Path>, json: bool) -> Result<i32> {
-    let mp =
-        std::fs::canonicalize(mountpoint).with_context(|| format!("{}", mountpoint.display()))?;
+    let mp = std::fs::canonicalize(mountpoint).with_context(|| format!("{}", mountpoint.display()))?;
     let request = match path {
         None => serde_json::json!({ "cmd": "status" }),
         Some(p) => {
             // Accept both a path under the mountpoint and one relative to it.
-            let abs = if p.is_absolute() {
-                p.to_path_buf()
-            } else {
-                std::env::current_dir()?.join(p)
-            };
+            let abs = if p.is_absolute() { p.to_path_buf() } else { std::env::current_dir()?.join(p) };
             let rel = match abs.strip_prefix(&mp) {
                 Ok(r) => r.to_path_buf(),
                 Err(_) => p.to_path_buf(),
@@ -158,45 +141,18 @@ pub fn status(mountpoint: &Path, path: Option<&Path>, json: bool) -> Result<i32>
     }
     if path.is_some() {
         let f: FileStatus = serde_json::from_value(v)?;
-        let ranges: Vec<String> = f
-            .present
-            .iter()
-            .map(|(a, b)| {
-                if b - a == 1 {
-                    format!("{a}")
-                } else {
-                    format!("{a}-{}", b - 1)
-                }
-            })
-            .collect();
-        println!(
-            "{}: {} bytes, {}/{} blocks present",
-            f.path, f.size, f.blocks_present, f.blocks_total
-        );
-        println!(
-            "present blocks: {}",
-            if ranges.is_empty() {
-                "none".to_string()
-            } else {
-                ranges.join(", ")
-            }
-        );
+        let ranges: Vec<String> =
+            f.present.iter().map(|(a, b)| if b - a == 1 { format!("{a}") } else { format!("{a}-{}", b - 1) }).collect();
+        println!("{}: {} bytes, {}/{} blocks present", f.path, f.size, f.blocks_present, f.blocks_total);
+        println!("present blocks: {}", if ranges.is_empty() { "none".to_string() } else { ranges.join(", ") });
         return Ok(0);
     }
     let s: Status = serde_json::from_value(v)?;
-    let pct = if s.blocks_total > 0 {
-        100.0 * s.blocks_present as f64 / s.blocks_total as f64
-    } else {
-        100.0
-    };
+    let pct = if s.blocks_total > 0 { 100.0 * s.blocks_present as f64 / s.blocks_total as f64 } else { 100.0 };
     println!("image:     {} version {}", s.image, s.version);
     println!("mounted:   {}", s.mountpoint);
     println!("sources:   {}", s.sources.join(", "));
-    println!(
-        "cache:     {} ({} stored)",
-        s.cache,
-        HumanBytes(s.bytes_stored)
-    );
+    println!("cache:     {} ({} stored)", s.cache, HumanBytes(s.bytes_stored));
     println!(
         "blocks:    {}/{} present ({pct:.1}%){}",
         s.blocks_present,
@@ -209,21 +165,11 @@ pub fn status(mountpoint: &Path, path: Option<&Path>, json: bool) -> Result<i32>
         s.fetch_requests,
         s.fetch_failures
     );
-    println!(
-        "latency:   mean {:.1} ms, p99 {:.1} ms",
-        s.fetch_latency_mean_ms, s.fetch_latency_p99_ms
-    );
-    println!(
-        "reads:     {} served, {} waited for the network",
-        s.reads_served, s.reads_waited
-    );
+    println!("latency:   mean {:.1} ms, p99 {:.1} ms", s.fetch_latency_mean_ms, s.fetch_latency_p99_ms);
+    println!("reads:     {} served, {} waited for the network", s.reads_served, s.reads_waited);
     println!(
         "failures:  {} timeout, {} verification, {} source, {} other ({} bad blocks rejected)",
-        s.reads_failed_timeout,
-        s.reads_failed_verification,
-        s.reads_failed_source,
-        s.reads_failed_other,
-        s.blocks_bad
+        s.reads_failed_timeout, s.reads_failed_verification, s.reads_failed_source, s.reads_failed_other, s.blocks_bad
     );
     Ok(0)
 }

@@ -28,12 +28,7 @@ struct Plain {
 impl Reporter {
     pub fn new(what: &'static str, quiet: bool) -> Self {
         if quiet {
-            return Reporter {
-                what,
-                bar: None,
-                files: Mutex::new((0, 0)),
-                plain: None,
-            };
+            return Reporter { what, bar: None, files: Mutex::new((0, 0)), plain: None };
         }
         if std::io::stderr().is_terminal() {
             let bar = ProgressBar::new(0);
@@ -45,28 +40,11 @@ impl Reporter {
                 .progress_chars("=> "),
             );
             bar.set_prefix(what);
-            Reporter {
-                what,
-                bar: Some(bar),
-                files: Mutex::new((0, 0)),
-                plain: None,
-            }
+            Reporter { what, bar: Some(bar), files: Mutex::new((0, 0)), plain: None }
         } else {
             let now = Instant::now();
-            let plain = Plain {
-                total: 0,
-                done: 0,
-                files: 0,
-                total_files: 0,
-                started: now,
-                last: now,
-            };
-            Reporter {
-                what,
-                bar: None,
-                files: Mutex::new((0, 0)),
-                plain: Some(Mutex::new(plain)),
-            }
+            let plain = Plain { total: 0, done: 0, files: 0, total_files: 0, started: now, last: now };
+            Reporter { what, bar: None, files: Mutex::new((0, 0)), plain: Some(Mutex::new(plain)) }
         }
     }
 
@@ -92,11 +70,8 @@ impl Reporter {
             if p.last.elapsed() >= Duration::from_secs(5) {
                 p.last = Instant::now();
                 let secs = p.started.elapsed().as_secs_f64().max(1e-3);
-                let files = if p.total_files > 0 {
-                    format!(", {}/{} files", p.files, p.total_files)
-                } else {
-                    String::new()
-                };
+                let files =
+                    if p.total_files > 0 { format!(", {}/{} files", p.files, p.total_files) } else { String::new() };
                 eprintln!(
                     "{}: {} of {} ({:.0}%){files}, {}/s",
                     self.what,
@@ -125,12 +100,7 @@ impl incfs_pack::Progress for Reporter {
             let mut files = self.files.lock().unwrap();
             files.0 += 1;
             let name = path.file_name().map(|n| n.to_string_lossy().into_owned());
-            let name: String = name
-                .unwrap_or_default()
-                .chars()
-                .filter(|c| !c.is_control())
-                .take(40)
-                .collect();
+            let name: String = name.unwrap_or_default().chars().filter(|c| !c.is_control()).take(40).collect();
             b.set_message(format!("{}/{} files {name}", files.0, files.1));
         }
         if let Some(p) = &self.plain {

@@ -18,18 +18,8 @@ pub fn pack(src: &Path, repo: &Path, key: &Path, opts: &PackOptions, quiet: bool
     reporter.finish();
     let s = result.with_context(|| format!("packing {} into {}", src.display(), repo.display()))?;
     let secs = started.elapsed().as_secs_f64().max(1e-3);
-    let ratio = if s.new_block_bytes > 0 {
-        s.new_block_stored as f64 / s.new_block_bytes as f64
-    } else {
-        1.0
-    };
-    println!(
-        "packed {} version {} into {} with key {}",
-        s.name,
-        s.version,
-        repo.display(),
-        key.public_key().id_hex()
-    );
+    let ratio = if s.new_block_bytes > 0 { s.new_block_stored as f64 / s.new_block_bytes as f64 } else { 1.0 };
+    println!("packed {} version {} into {} with key {}", s.name, s.version, repo.display(), key.public_key().id_hex());
     println!(
         "  entries: {} files, {} directories, {} symlinks, {} special, {} extra hard links{}",
         s.files,
@@ -37,11 +27,7 @@ pub fn pack(src: &Path, repo: &Path, key: &Path, opts: &PackOptions, quiet: bool
         s.symlinks,
         s.specials,
         s.hard_links,
-        if s.skipped > 0 {
-            format!(", {} skipped (sockets)", s.skipped)
-        } else {
-            String::new()
-        }
+        if s.skipped > 0 { format!(", {} skipped (sockets)", s.skipped) } else { String::new() }
     );
     println!(
         "  bytes in: {} in {:.1}s ({}/s)",

@@ -19,12 +19,7 @@ pub async fn open(repo: &str, trust: &[PathBuf], version: Option<u64>) -> Result
     })
 }
 
-pub async fn verify(
-    repo: &str,
-    trust: &[PathBuf],
-    version: Option<u64>,
-    quiet: bool,
-) -> Result<i32> {
+pub async fn verify(repo: &str, trust: &[PathBuf], version: Option<u64>, quiet: bool) -> Result<i32> {
     let started = Instant::now();
     let image = match open(repo, trust, version).await {
         Ok(i) => i,
@@ -63,13 +58,7 @@ pub async fn verify(
     }
 }
 
-pub async fn extract(
-    repo: &str,
-    dest: &Path,
-    trust: &[PathBuf],
-    version: Option<u64>,
-    quiet: bool,
-) -> Result<i32> {
+pub async fn extract(repo: &str, dest: &Path, trust: &[PathBuf], version: Option<u64>, quiet: bool) -> Result<i32> {
     let started = Instant::now();
     let image = open(repo, trust, version).await?;
     let reporter = Reporter::new("extracting", quiet);

@@ -11,25 +11,14 @@ use incfs_serve::ServeStats;
 
 pub async fn run(repo: &Path, listen: SocketAddr) -> Result<i32> {
     if !repo.join(incfs_format::layout::LATEST_MANIFEST).is_file() {
-        bail!(
-            "{} is not an incfs repository (no manifest); create one with incfs pack",
-            repo.display()
-        );
+        bail!("{} is not an incfs repository (no manifest); create one with incfs pack", repo.display());
     }
-    let listener = tokio::net::TcpListener::bind(listen)
-        .await
-        .with_context(|| format!("cannot listen on {listen}"))?;
+    let listener = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("cannot listen on {listen}"))?;
     let addr = listener.local_addr()?;
     println!("serving {} at http://{addr}/", repo.display());
     std::io::stdout().flush()?;
     let stats = Arc::new(ServeStats::default());
-    incfs_serve::serve(
-        listener,
-        repo.canonicalize()?,
-        stats.clone(),
-        shutdown_signal(),
-    )
-    .await?;
+    incfs_serve::serve(listener, repo.canonicalize()?, stats.clone(), shutdown_signal()).await?;
     eprintln!(
         "served {} requests, {} body bytes",
         stats.requests.load(Ordering::Relaxed),

@@ -61,9 +61,5 @@ fn digests_match_fsverity_for_220_files() {
 fn digest_of_missing_file_is_a_clear_error() {
     let out = incfs(&["digest", "/nonexistent/incfs-file"]);
     assert!(!out.status.success());
-    assert!(
-        text(&out.stderr).contains("cannot open /nonexistent/incfs-file"),
-        "{}",
-        text(&out.stderr)
-    );
+    assert!(text(&out.stderr).contains("cannot open /nonexistent/incfs-file"), "{}", text(&out.stderr));
 }

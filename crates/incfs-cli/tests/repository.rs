@@ -6,6 +6,7 @@ mod common;
 use std::fs;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{symlink, MetadataExt, PermissionsExt};
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -24,11 +25,7 @@ fn hostile_tree(root: &Path) {
         &[b'x'; 255],
     ];
     for (i, n) in odd_names.iter().enumerate() {
-        fs::write(
-            root.join(std::ffi::OsStr::from_bytes(n)),
-            format!("odd name {i}\n"),
-        )
-        .unwrap();
+        fs::write(root.join(std::ffi::OsStr::from_bytes(n)), format!("odd name {i}\n")).unwrap();
     }
     let mut deep = root.to_path_buf();
     for _ in 0..100 {
@@ -47,10 +44,7 @@ fn hostile_tree(root: &Path) {
     symlink("../../outside/tree", root.join("escaping-link")).unwrap();
     symlink("no/such/target", root.join("dangling-link")).unwrap();
     run("mkfifo", &[root.join("fifo").to_str().unwrap()]);
-    run(
-        "mknod",
-        &[root.join("null-dev").to_str().unwrap(), "c", "1", "3"],
-    );
+    run("mknod", &[root.join("null-dev").to_str().unwrap(), "c", "1", "3"]);
     let _ = std::os::unix::net::UnixListener::bind(root.join("socket")).unwrap();
     fs::write(root.join("setuid"), "#!/bin/sh\n").unwrap();
     fs::set_permissions(root.join("setuid"), fs::Permissions::from_mode(0o4755)).unwrap();
@@ -62,65 +56,8 @@ fn hostile_tree(root: &Path) {
     filetime::set_symlink_file_times(root.join("abs-link"), t, t).unwrap();
 }
 
-/// Every entry under `root` (not following symlinks) with what must survive a round trip.
-fn describe(root: &Path) -> Vec<String> {
-    let mut out = Vec::new();
-    let mut first_by_ino = std::collections::HashMap::new();
-    let mut stack = vec![PathBuf::new()];
-    while let Some(rel) = stack.pop() {
-        let p = root.join(&rel);
-        let md = fs::symlink_metadata(&p).unwrap();
-        let ft = md.file_type();
-        let mut line = format!(
-            "{:?} mode={:o} uid={} gid={} mtime={}.{:09}",
-            rel,
-            md.mode(),
-            md.uid(),
-            md.gid(),
-            md.mtime(),
-            md.mtime_nsec()
-        );
-        if ft.is_file() {
-            let content = fs::read(&p).unwrap();
-            line += &format!(
-                " size={} sum={:x}",
-                md.len(),
-                content
-                    .iter()
-                    .fold(0u64, |a, &b| a.wrapping_mul(31).wrapping_add(b as u64))
-            );
-            let first = first_by_ino.entry(md.ino()).or_insert_with(|| rel.clone());
-            line += &format!(" links={} same-as={:?}", md.nlink(), first);
-        } else if ft.is_symlink() {
-            line += &format!(" -> {:?}", fs::read_link(&p).unwrap());
-        } else if ft.is_dir() {
-            // Sockets are not published; everything else must be there.
-            let mut names: Vec<_> = fs::read_dir(&p)
-                .unwrap()
-                .map(|e| e.unwrap())
-                .filter(|e| !std::os::unix::fs::FileTypeExt::is_socket(&e.file_type().unwrap()))
-                .map(|e| e.file_name())
-                .collect();
-            names.sort();
-            stack.extend(names.into_iter().rev().map(|n| rel.join(n)));
-        } else {
-            line += &format!(" rdev={}", md.rdev());
-        }
-        if !ft.is_symlink() {
-            for name in xattr::list(&p).unwrap() {
-                line += &format!(" xattr {:?}={:?}", name, xattr::get(&p, &name).unwrap());
-            }
-        }
-        out.push(line);
-    }
-    out
-}
-
 fn repo_bytes(repo: &Path) -> Vec<(PathBuf, Vec<u8>)> {
-    read_tree(repo)
-        .into_iter()
-        .filter(|(p, _)| !p.to_string_lossy().starts_with('.'))
-        .collect()
+    read_tree(repo).into_iter().filter(|(p, _)| !p.to_string_lossy().starts_with('.')).collect()
 }
 
 #[test]
@@ -132,41 +69,19 @@ fn hostile_tree_round_trips_exactly() {
     let (private, public) = ed25519_key(dir.path());
     let repo = dir.path().join("repo");
     let out = Command::new(incfs_bin())
-        .args([
-            "pack",
-            src.to_str().unwrap(),
-            repo.to_str().unwrap(),
-            "--key",
-            private.to_str().unwrap(),
-            "-q",
-        ])
+        .args(["pack", src.to_str().unwrap(), repo.to_str().unwrap(), "--key", private.to_str().unwrap(), "-q"])
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", text(&out.stderr));
-    assert!(
-        text(&out.stderr).contains("skipping socket"),
-        "{}",
-        text(&out.stderr)
-    );
-    assert!(
-        text(&out.stdout).contains("1 skipped (sockets)"),
-        "{}",
-        text(&out.stdout)
-    );
+    assert!(text(&out.stderr).contains("skipping socket"), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).contains("1 skipped (sockets)"), "{}", text(&out.stdout));
     // Holes cost no data: the repository holds the 300 kB of real data, the 8 MiB sparse file's
     // tree and block map (~100 kB) and two copies of the manifest.
     let stored: u64 = repo_bytes(&repo).iter().map(|(_, b)| b.len() as u64).sum();
     assert!(stored < 450_000, "stored {stored} bytes");
 
     let copy = dir.path().join("copy");
-    incfs_ok(&[
-        "extract",
-        repo.to_str().unwrap(),
-        copy.to_str().unwrap(),
-        "--trust",
-        public.to_str().unwrap(),
-        "-q",
-    ]);
+    incfs_ok(&["extract", repo.to_str().unwrap(), copy.to_str().unwrap(), "--trust", public.to_str().unwrap(), "-q"]);
     let (a, b) = (describe(&src), describe(&copy));
     assert_eq!(a.len(), b.len());
     for (x, y) in a.iter().zip(&b) {
@@ -184,14 +99,8 @@ fn same_tree_same_key_gives_identical_repository() {
     hostile_tree(&src);
     for (name, args) in [
         ("ed", &["-algorithm", "ed25519"][..]),
-        (
-            "ec",
-            &["-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256"][..],
-        ),
-        (
-            "rsa",
-            &["-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048"][..],
-        ),
+        ("ec", &["-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256"][..]),
+        ("rsa", &["-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048"][..]),
     ] {
         let (private, _) = openssl_key(dir.path(), name, args);
         let a = dir.path().join(format!("{name}-a"));
@@ -199,18 +108,8 @@ fn same_tree_same_key_gives_identical_repository() {
         for compression in ["zstd", "lz4"] {
             let _ = fs::remove_dir_all(&a);
             let _ = fs::remove_dir_all(&b);
-            pack(
-                &src,
-                &a,
-                &private,
-                &["--compression", compression, "--object-mib", "1"],
-            );
-            pack(
-                &src,
-                &b,
-                &private,
-                &["--compression", compression, "--object-mib", "1"],
-            );
+            pack(&src, &a, &private, &["--compression", compression, "--object-mib", "1"]);
+            pack(&src, &b, &private, &["--compression", compression, "--object-mib", "1"]);
             let (ra, rb) = (repo_bytes(&a), repo_bytes(&b));
             assert!(ra.len() >= 3);
             assert!(ra == rb, "{name}/{compression}: repositories differ");
@@ -225,11 +124,7 @@ fn unreadable_file_is_a_clear_error_naming_it() {
     fs::create_dir_all(src.join("sub")).unwrap();
     fs::write(src.join("sub/ok.txt"), "fine").unwrap();
     fs::write(src.join("sub/secret.bin"), "no peeking").unwrap();
-    fs::set_permissions(
-        src.join("sub/secret.bin"),
-        fs::Permissions::from_mode(0o000),
-    )
-    .unwrap();
+    fs::set_permissions(src.join("sub/secret.bin"), fs::Permissions::from_mode(0o000)).unwrap();
     let (private, _) = ed25519_key(dir.path());
     fs::set_permissions(&private, fs::Permissions::from_mode(0o644)).unwrap();
     fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
@@ -238,13 +133,7 @@ fn unreadable_file_is_a_clear_error_naming_it() {
     fs::set_permissions(&repo, fs::Permissions::from_mode(0o777)).unwrap();
     // Root reads everything: run the pack as nobody.
     let out = Command::new("setpriv")
-        .args([
-            "--reuid=65534",
-            "--regid=65534",
-            "--clear-groups",
-            incfs_bin(),
-            "pack",
-        ])
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", incfs_bin(), "pack"])
         .args([&src, &repo])
         .args(["--key", private.to_str().unwrap(), "-q"])
         .output()
@@ -252,28 +141,18 @@ fn unreadable_file_is_a_clear_error_naming_it() {
     assert!(!out.status.success());
     let err = text(&out.stderr);
     assert!(err.contains("sub/secret.bin: Permission denied"), "{err}");
-    assert!(
-        !repo.join("manifest").exists(),
-        "a failed pack must not publish"
-    );
+    assert!(!repo.join("manifest").exists(), "a failed pack must not publish");
 }
 
 fn object_bytes(repo: &Path) -> u64 {
-    fs::read_dir(repo.join("objects"))
-        .unwrap()
-        .map(|e| e.unwrap().metadata().unwrap().len())
-        .sum()
+    fs::read_dir(repo.join("objects")).unwrap().map(|e| e.unwrap().metadata().unwrap().len()).sum()
 }
 
 #[test]
 fn duplicates_and_new_versions_store_only_new_blocks() {
     let dir = tempdir();
     let (private, public) = ed25519_key(dir.path());
-    let (repo, v1, v2) = (
-        dir.path().join("repo"),
-        dir.path().join("v1"),
-        dir.path().join("v2"),
-    );
+    let (repo, v1, v2) = (dir.path().join("repo"), dir.path().join("v1"), dir.path().join("v2"));
     fs::create_dir(&v1).unwrap();
     let a = random_bytes(9, 1 << 20);
     fs::write(v1.join("a.bin"), &a).unwrap();
@@ -281,10 +160,7 @@ fn duplicates_and_new_versions_store_only_new_blocks() {
     fs::write(v1.join("c.txt"), "removed in v2\n").unwrap();
     let out = pack(&v1, &repo, &private, &[]);
     let after_v1 = object_bytes(&repo);
-    assert!(
-        after_v1 < (1 << 20) + 64 * 1024,
-        "duplicate stored twice: {after_v1} bytes\n{out}"
-    );
+    assert!(after_v1 < (1 << 20) + 64 * 1024, "duplicate stored twice: {after_v1} bytes\n{out}");
     assert!(out.contains("1.00 MiB by deduplication"), "{out}");
 
     // v2: one block of a.bin changed, c.txt removed, new.txt added.
@@ -299,22 +175,11 @@ fn duplicates_and_new_versions_store_only_new_blocks() {
     let growth = object_bytes(&repo) - after_v1;
     // One 4 KiB block, a.bin's new tree and block map (~12 KiB), new.txt: nothing else.
     assert!(growth < 24 * 1024, "v2 stored {growth} new bytes\n{out}");
-    assert_eq!(
-        fs::read(repo.join("manifest")).unwrap(),
-        fs::read(repo.join("versions/2.manifest")).unwrap()
-    );
+    assert_eq!(fs::read(repo.join("manifest")).unwrap(), fs::read(repo.join("versions/2.manifest")).unwrap());
 
     let pubkey = public.to_str().unwrap();
     for (version, tree) in [("1", &v1), ("2", &v2)] {
-        let out = incfs(&[
-            "verify",
-            repo.to_str().unwrap(),
-            "--trust",
-            pubkey,
-            "--version",
-            version,
-            "-q",
-        ]);
+        let out = incfs(&["verify", repo.to_str().unwrap(), "--trust", pubkey, "--version", version, "-q"]);
         assert!(out.status.success(), "{}", text(&out.stderr));
         let copy = dir.path().join(format!("copy{version}"));
         incfs_ok(&[
@@ -349,13 +214,7 @@ fn duplicates_and_new_versions_store_only_new_blocks() {
 }
 
 fn python_stdlib() -> PathBuf {
-    let out = run(
-        "python3",
-        &[
-            "-c",
-            "import sysconfig; print(sysconfig.get_paths()['stdlib'])",
-        ],
-    );
+    let out = run("python3", &["-c", "import sysconfig; print(sysconfig.get_paths()['stdlib'])"]);
     PathBuf::from(out.trim())
 }
 
@@ -380,24 +239,9 @@ fn python_stdlib_round_trips_through_incfs_serve_and_nginx() {
     let nginx = Nginx::start(&repo);
     for (name, url) in [("incfs-serve", &serve.url), ("nginx", &nginx.url)] {
         let copy = dir.path().join(format!("copy-{name}"));
-        incfs_ok(&[
-            "extract",
-            url,
-            copy.to_str().unwrap(),
-            "--trust",
-            public.to_str().unwrap(),
-            "-q",
-        ]);
-        let diff = Command::new("diff")
-            .args(["-r", "--no-dereference"])
-            .args([&src, &copy])
-            .output()
-            .unwrap();
-        assert!(
-            diff.status.success(),
-            "{name}: diff -r found differences:\n{}",
-            text(&diff.stdout)
-        );
+        incfs_ok(&["extract", url, copy.to_str().unwrap(), "--trust", public.to_str().unwrap(), "-q"]);
+        let diff = Command::new("diff").args(["-r", "--no-dereference"]).args([&src, &copy]).output().unwrap();
+        assert!(diff.status.success(), "{name}: diff -r found differences:\n{}", text(&diff.stdout));
         let out = incfs(&["verify", url, "--trust", public.to_str().unwrap(), "-q"]);
         assert!(out.status.success(), "{name}: {}", text(&out.stderr));
     }

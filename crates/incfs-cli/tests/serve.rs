@@ -8,11 +8,7 @@ use std::fs;
 use common::*;
 
 fn curl(args: &[&str]) -> (String, String) {
-    let out = std::process::Command::new("curl")
-        .args(["-sS", "--max-time", "10"])
-        .args(args)
-        .output()
-        .expect("curl");
+    let out = std::process::Command::new("curl").args(["-sS", "--max-time", "10"]).args(args).output().expect("curl");
     (text(&out.stdout), text(&out.stderr))
 }
 
@@ -42,27 +38,13 @@ fn ranges_head_etag_keepalive_and_confinement() {
     assert!(h.contains(&format!("content-length: {len}")), "{h}");
     assert!(h.contains("accept-ranges: bytes"), "{h}");
 
-    let body = std::process::Command::new("curl")
-        .args(["-sS", "-r", "10-19", &url])
-        .output()
-        .unwrap()
-        .stdout;
+    let body = std::process::Command::new("curl").args(["-sS", "-r", "10-19", &url]).output().unwrap().stdout;
     assert_eq!(body, manifest[10..20]);
     let h = status_and_headers(&url, &["-r", "10-19"]);
     assert!(h.starts_with("http/1.1 206"), "{h}");
-    assert!(
-        h.contains(&format!("content-range: bytes 10-19/{len}")),
-        "{h}"
-    );
+    assert!(h.contains(&format!("content-range: bytes 10-19/{len}")), "{h}");
     let h = status_and_headers(&url, &["-r", "-5"]);
-    assert!(
-        h.contains(&format!(
-            "content-range: bytes {}-{}/{len}",
-            len - 5,
-            len - 1
-        )),
-        "{h}"
-    );
+    assert!(h.contains(&format!("content-range: bytes {}-{}/{len}", len - 5, len - 1)), "{h}");
 
     let h = status_and_headers(&url, &["-r", &format!("{len}-")]);
     assert!(h.starts_with("http/1.1 416"), "{h}");
@@ -70,19 +52,11 @@ fn ranges_head_etag_keepalive_and_confinement() {
 
     let (out, _) = curl(&["-I", &url]);
     assert!(
-        out.starts_with("HTTP/1.1 200")
-            && out
-                .to_ascii_lowercase()
-                .contains(&format!("content-length: {len}")),
+        out.starts_with("HTTP/1.1 200") && out.to_ascii_lowercase().contains(&format!("content-length: {len}")),
         "{out}"
     );
 
-    let etag = h
-        .lines()
-        .find_map(|l| l.strip_prefix("etag: "))
-        .expect("an ETag header")
-        .trim()
-        .to_string();
+    let etag = h.lines().find_map(|l| l.strip_prefix("etag: ")).expect("an ETag header").trim().to_string();
     let h = status_and_headers(&url, &["-H", &format!("If-None-Match: {etag}")]);
     assert!(h.starts_with("http/1.1 304"), "{h}");
 
@@ -90,13 +64,7 @@ fn ranges_head_etag_keepalive_and_confinement() {
     let (_, err) = curl(&["-v", "-o", "/dev/null", "-o", "/dev/null", &url, &url]);
     assert!(err.contains("Re-using existing connection"), "{err}");
 
-    for bad in [
-        "/.lock",
-        "/../../etc/passwd",
-        "/objects/..",
-        "/nothing-here",
-        "/objects",
-    ] {
+    for bad in ["/.lock", "/../../etc/passwd", "/objects/..", "/nothing-here", "/objects"] {
         let h = status_and_headers(&format!("{}{bad}", server.url), &["--path-as-is"]);
         assert!(h.starts_with("http/1.1 404"), "{bad}: {h}");
     }

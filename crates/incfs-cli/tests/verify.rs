@@ -19,25 +19,13 @@ fn sample_tree(dir: &Path) -> PathBuf {
 }
 
 fn verify(repo: &Path, public: &Path) -> (bool, String) {
-    let out = incfs(&[
-        "verify",
-        repo.to_str().unwrap(),
-        "--trust",
-        public.to_str().unwrap(),
-        "-q",
-    ]);
-    (
-        out.status.success(),
-        format!("{}{}", text(&out.stdout), text(&out.stderr)),
-    )
+    let out = incfs(&["verify", repo.to_str().unwrap(), "--trust", public.to_str().unwrap(), "-q"]);
+    (out.status.success(), format!("{}{}", text(&out.stdout), text(&out.stderr)))
 }
 
 /// The only object of a fresh single-object repository.
 fn only_object(repo: &Path) -> PathBuf {
-    let objects: Vec<_> = fs::read_dir(repo.join("objects"))
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .collect();
+    let objects: Vec<_> = fs::read_dir(repo.join("objects")).unwrap().map(|e| e.unwrap().path()).collect();
     assert_eq!(objects.len(), 1, "{objects:?}");
     objects[0].clone()
 }
@@ -58,18 +46,9 @@ fn openssl_keys_of_every_algorithm_pack_and_verify() {
     let src = sample_tree(dir.path());
     let algorithms: [(&str, &[&str]); 4] = [
         ("ed25519", &["-algorithm", "ed25519"]),
-        (
-            "p256",
-            &["-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256"],
-        ),
-        (
-            "rsa2048",
-            &["-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048"],
-        ),
-        (
-            "rsa4096",
-            &["-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:4096"],
-        ),
+        ("p256", &["-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256"]),
+        ("rsa2048", &["-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048"]),
+        ("rsa4096", &["-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:4096"]),
     ];
     for (name, args) in algorithms {
         let (private, public) = openssl_key(dir.path(), name, args);
@@ -81,32 +60,17 @@ fn openssl_keys_of_every_algorithm_pack_and_verify() {
 
         // openssl checks the signature on its own, from the documented layout.
         let manifest = fs::read(repo.join("manifest")).unwrap();
-        assert_eq!(
-            manifest,
-            fs::read(repo.join("versions/1.manifest")).unwrap()
-        );
+        assert_eq!(manifest, fs::read(repo.join("versions/1.manifest")).unwrap());
         let (signed, sig) = split_manifest(&manifest);
         let signed_path = dir.path().join("signed.bin");
         let sig_path = dir.path().join("sig.bin");
         fs::write(&signed_path, signed).unwrap();
         fs::write(&sig_path, sig).unwrap();
-        let (s, g, p) = (
-            signed_path.to_str().unwrap(),
-            sig_path.to_str().unwrap(),
-            public.to_str().unwrap(),
-        );
+        let (s, g, p) = (signed_path.to_str().unwrap(), sig_path.to_str().unwrap(), public.to_str().unwrap());
         if name == "ed25519" {
-            run(
-                "openssl",
-                &[
-                    "pkeyutl", "-verify", "-pubin", "-inkey", p, "-rawin", "-in", s, "-sigfile", g,
-                ],
-            );
+            run("openssl", &["pkeyutl", "-verify", "-pubin", "-inkey", p, "-rawin", "-in", s, "-sigfile", g]);
         } else {
-            run(
-                "openssl",
-                &["dgst", "-sha256", "-verify", p, "-signature", g, s],
-            );
+            run("openssl", &["dgst", "-sha256", "-verify", p, "-signature", g, s]);
         }
     }
 }
@@ -117,39 +81,18 @@ fn keygen_keys_are_read_by_openssl_and_used_by_pack() {
     let src = sample_tree(dir.path());
     for alg in ["ed25519", "ecdsa-p256", "rsa-3072"] {
         let base = dir.path().join(alg);
-        incfs_ok(&[
-            "keygen",
-            "--algorithm",
-            alg,
-            "--out",
-            base.to_str().unwrap(),
-        ]);
+        incfs_ok(&["keygen", "--algorithm", alg, "--out", base.to_str().unwrap()]);
         let private = dir.path().join(format!("{alg}.pem"));
         let public = dir.path().join(format!("{alg}.pub.pem"));
         use std::os::unix::fs::PermissionsExt;
-        assert_eq!(
-            fs::metadata(&private).unwrap().permissions().mode() & 0o777,
-            0o600
-        );
-        run(
-            "openssl",
-            &["pkey", "-in", private.to_str().unwrap(), "-noout"],
-        );
-        run(
-            "openssl",
-            &["pkey", "-pubin", "-in", public.to_str().unwrap(), "-noout"],
-        );
+        assert_eq!(fs::metadata(&private).unwrap().permissions().mode() & 0o777, 0o600);
+        run("openssl", &["pkey", "-in", private.to_str().unwrap(), "-noout"]);
+        run("openssl", &["pkey", "-pubin", "-in", public.to_str().unwrap(), "-noout"]);
         let repo = dir.path().join(format!("repo-{alg}"));
         pack(&src, &repo, &private, &[]);
         assert!(verify(&repo, &public).0);
         // Refuses to overwrite a key.
-        let again = incfs(&[
-            "keygen",
-            "--algorithm",
-            alg,
-            "--out",
-            base.to_str().unwrap(),
-        ]);
+        let again = incfs(&["keygen", "--algorithm", alg, "--out", base.to_str().unwrap()]);
         assert!(!again.status.success() && text(&again.stderr).contains("already exists"));
     }
 }
@@ -199,14 +142,8 @@ fn flipped_data_byte_names_file_and_block() {
         fs::write(&p, b).unwrap();
     });
     assert!(!ok);
-    assert!(
-        out.contains("random.bin: block 3: content does not match"),
-        "{out}"
-    );
-    assert!(
-        !out.contains("block 2:") && !out.contains("block 4:"),
-        "{out}"
-    );
+    assert!(out.contains("random.bin: block 3: content does not match"), "{out}");
+    assert!(!out.contains("block 2:") && !out.contains("block 4:"), "{out}");
 }
 
 #[test]
@@ -219,14 +156,8 @@ fn swapped_blocks_are_both_reported() {
         fs::write(&p, b).unwrap();
     });
     assert!(!ok);
-    assert!(
-        out.contains("random.bin: block 5: content does not match"),
-        "{out}"
-    );
-    assert!(
-        out.contains("random.bin: block 6: content does not match"),
-        "{out}"
-    );
+    assert!(out.contains("random.bin: block 5: content does not match"), "{out}");
+    assert!(out.contains("random.bin: block 6: content does not match"), "{out}");
 }
 
 #[test]
@@ -248,10 +179,7 @@ fn removed_object_is_reported_as_missing() {
     let (ok, out) = damaged(|repo, _| fs::remove_file(only_object(repo)).unwrap());
     assert!(!ok);
     assert!(out.contains(" is missing"), "{out}");
-    assert!(
-        out.contains("random.bin: metadata:") && out.contains("does not exist"),
-        "{out}"
-    );
+    assert!(out.contains("random.bin: metadata:") && out.contains("does not exist"), "{out}");
 }
 
 #[test]
@@ -260,51 +188,13 @@ fn bad_keys_give_clear_errors() {
     let src = sample_tree(dir.path());
     let (_, public) = ed25519_key(dir.path());
     let repo = dir.path().join("repo");
-    let out = incfs(&[
-        "pack",
-        src.to_str().unwrap(),
-        repo.to_str().unwrap(),
-        "--key",
-        public.to_str().unwrap(),
-    ]);
+    let out = incfs(&["pack", src.to_str().unwrap(), repo.to_str().unwrap(), "--key", public.to_str().unwrap()]);
     assert!(!out.status.success());
-    assert!(
-        text(&out.stderr).contains("signing needs the private key"),
-        "{}",
-        text(&out.stderr)
-    );
-    let (p384, _) = openssl_key(
-        dir.path(),
-        "p384",
-        &["-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-384"],
-    );
-    let out = incfs(&[
-        "pack",
-        src.to_str().unwrap(),
-        repo.to_str().unwrap(),
-        "--key",
-        p384.to_str().unwrap(),
-    ]);
-    assert!(
-        text(&out.stderr).contains("not supported"),
-        "{}",
-        text(&out.stderr)
-    );
-    let (rsa1024, _) = openssl_key(
-        dir.path(),
-        "rsa1024",
-        &["-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:1024"],
-    );
-    let out = incfs(&[
-        "pack",
-        src.to_str().unwrap(),
-        repo.to_str().unwrap(),
-        "--key",
-        rsa1024.to_str().unwrap(),
-    ]);
-    assert!(
-        text(&out.stderr).contains("1024 bits"),
-        "{}",
-        text(&out.stderr)
-    );
+    assert!(text(&out.stderr).contains("signing needs the private key"), "{}", text(&out.stderr));
+    let (p384, _) = openssl_key(dir.path(), "p384", &["-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-384"]);
+    let out = incfs(&["pack", src.to_str().unwrap(), repo.to_str().unwrap(), "--key", p384.to_str().unwrap()]);
+    assert!(text(&out.stderr).contains("not supported"), "{}", text(&out.stderr));
+    let (rsa1024, _) = openssl_key(dir.path(), "rsa1024", &["-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:1024"]);
+    let out = incfs(&["pack", src.to_str().unwrap(), repo.to_str().unwrap(), "--key", rsa1024.to_str().unwrap()]);
+    assert!(text(&out.stderr).contains("1024 bits"), "{}", text(&out.stderr));
 }

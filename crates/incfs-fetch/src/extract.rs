@@ -26,10 +26,7 @@ const BATCH_BLOCKS: u64 = 1024;
 #[derive(Debug, thiserror::Error)]
 pub enum ExtractError {
     #[error("{}: {source}", path.display())]
-    Io {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Io { path: PathBuf, source: std::io::Error },
     #[error("{} is not empty; extract into a new or empty directory", .0.display())]
     NotEmpty(PathBuf),
     #[error("{path}: {message}")]
@@ -53,10 +50,7 @@ pub trait ExtractProgress: Sync {
 impl ExtractProgress for () {}
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> ExtractError + '_ {
-    move |source| ExtractError::Io {
-        path: path.to_path_buf(),
-        source,
-    }
+    move |source| ExtractError::Io { path: path.to_path_buf(), source }
 }
 
 fn join(dest: &Path, rel: &[u8]) -> PathBuf {
@@ -79,9 +73,7 @@ pub async fn extract(
                 return Err(ExtractError::NotEmpty(dest.to_path_buf()));
             }
         }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            fs::create_dir_all(dest).map_err(io(dest))?
-        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => fs::create_dir_all(dest).map_err(io(dest))?,
         Err(e) => return Err(io(dest)(e)),
     }
     let m = image.manifest();
@@ -122,32 +114,22 @@ pub async fn extract(
                 std::os::unix::fs::symlink(OsStr::from_bytes(target), &path).map_err(io(&path))?
             }
             InodeKind::Fifo => mknod(&path, libc::S_IFIFO, 0)?,
-            InodeKind::CharDev { major, minor } => {
-                mknod(&path, libc::S_IFCHR, libc::makedev(*major, *minor))?
-            }
-            InodeKind::BlockDev { major, minor } => {
-                mknod(&path, libc::S_IFBLK, libc::makedev(*major, *minor))?
-            }
+            InodeKind::CharDev { major, minor } => mknod(&path, libc::S_IFCHR, libc::makedev(*major, *minor))?,
+            InodeKind::BlockDev { major, minor } => mknod(&path, libc::S_IFBLK, libc::makedev(*major, *minor))?,
             InodeKind::File(_) | InodeKind::Dir => {}
         }
     }
     // Metadata: non-directories, then directories deepest first.
     let is_dir = |i: &u32| matches!(m.inodes[*i as usize].kind, InodeKind::Dir);
-    for (rel, inode) in entries
-        .iter()
-        .filter(|(_, i)| !is_dir(i))
-        .chain(entries.iter().rev().filter(|(_, i)| is_dir(i)))
+    for (rel, inode) in
+        entries.iter().filter(|(_, i)| !is_dir(i)).chain(entries.iter().rev().filter(|(_, i)| is_dir(i)))
     {
         let path = join(dest, rel);
         if first_path[inode] == path {
             apply_metadata(&path, &m.inodes[*inode as usize])?;
         }
     }
-    Ok(ExtractSummary {
-        entries: entries.len() as u64,
-        files: files.len() as u64,
-        bytes: total,
-    })
+    Ok(ExtractSummary { entries: entries.len() as u64, files: files.len() as u64, bytes: total })
 }
 
 fn mknod(path: &Path, kind: libc::mode_t, dev: libc::dev_t) -> Result<(), ExtractError> {
@@ -167,14 +149,8 @@ async fn write_file(
     progress: &dyn ExtractProgress,
 ) -> Result<(), ExtractError> {
     let out = File::create(path).map_err(io(path))?;
-    let data_err = |message: String| ExtractError::Data {
-        path: display_path(rel),
-        message,
-    };
-    let meta = image
-        .file_meta(f)
-        .await
-        .map_err(|e| data_err(e.to_string()))?;
+    let data_err = |message: String| ExtractError::Data { path: display_path(rel), message };
+    let meta = image.file_meta(f).await.map_err(|e| data_err(e.to_string()))?;
     let n = meta.records.len() as u64;
     let mut start = 0;
     while start < n {
@@ -185,8 +161,7 @@ async fn write_file(
             // Holes stay holes: zero blocks are not written.
             if meta.records[i as usize].codec != Codec::Zero {
                 let len = (f.size - i * 4096).min(4096) as usize;
-                out.write_all_at(&block[..len], i * 4096)
-                    .map_err(io(path))?;
+                out.write_all_at(&block[..len], i * 4096).map_err(io(path))?;
             }
         }
         progress.advance(((end - start) * 4096).min(f.size - start * 4096));
@@ -200,12 +175,10 @@ fn apply_metadata(path: &Path, inode: &Inode) -> Result<(), ExtractError> {
     let symlink = matches!(inode.kind, InodeKind::Symlink(_));
     // SAFETY: geteuid has no preconditions and cannot fail.
     if unsafe { libc::geteuid() } == 0 {
-        std::os::unix::fs::lchown(path, Some(inode.meta.uid), Some(inode.meta.gid))
-            .map_err(io(path))?;
+        std::os::unix::fs::lchown(path, Some(inode.meta.uid), Some(inode.meta.gid)).map_err(io(path))?;
     }
     if !symlink {
-        fs::set_permissions(path, fs::Permissions::from_mode(inode.meta.mode.into()))
-            .map_err(io(path))?;
+        fs::set_permissions(path, fs::Permissions::from_mode(inode.meta.mode.into())).map_err(io(path))?;
     }
     for x in &inode.xattrs {
         if let Err(e) = xattr::set(path, OsStr::from_bytes(&x.name), &x.value) {

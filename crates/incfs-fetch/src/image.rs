@@ -30,15 +30,9 @@ pub enum ImageError {
     #[error(transparent)]
     Source(#[from] SourceError),
     #[error("{source_name}: the manifest is malformed: {error}")]
-    Manifest {
-        source_name: String,
-        error: wire::WireError,
-    },
+    Manifest { source_name: String, error: wire::WireError },
     #[error("{source_name}: {error}")]
-    Signature {
-        source_name: String,
-        error: SignatureError,
-    },
+    Signature { source_name: String, error: SignatureError },
 }
 
 /// Why a file's metadata region was rejected.
@@ -93,41 +87,22 @@ impl Image {
     }
 
     /// Open version `version` published at `source`.
-    pub async fn open_version(
-        source: Source,
-        version: u64,
-        trust: &TrustedKeys,
-    ) -> Result<Image, ImageError> {
+    pub async fn open_version(source: Source, version: u64, trust: &TrustedKeys) -> Result<Image, ImageError> {
         let bytes = source.get(&layout::version_manifest(version)).await?;
         Self::from_manifest_bytes(source, bytes, trust)
     }
 
     /// Accept manifest bytes (however obtained) after checking signature and structure.
-    pub fn from_manifest_bytes(
-        source: Source,
-        bytes: Bytes,
-        trust: &TrustedKeys,
-    ) -> Result<Image, ImageError> {
+    pub fn from_manifest_bytes(source: Source, bytes: Bytes, trust: &TrustedKeys) -> Result<Image, ImageError> {
         let source_name = source.name().to_string();
-        let env = wire::open_envelope(&bytes).map_err(|error| ImageError::Manifest {
-            source_name: source_name.clone(),
-            error,
-        })?;
+        let env = wire::open_envelope(&bytes)
+            .map_err(|error| ImageError::Manifest { source_name: source_name.clone(), error })?;
         let signer = trust
             .verify(&env)
-            .map_err(|error| ImageError::Signature {
-                source_name: source_name.clone(),
-                error,
-            })?
+            .map_err(|error| ImageError::Signature { source_name: source_name.clone(), error })?
             .clone();
-        let manifest = wire::decode_body(env.body)
-            .map_err(|error| ImageError::Manifest { source_name, error })?;
-        Ok(Image {
-            source,
-            manifest: Arc::new(manifest),
-            manifest_bytes: bytes,
-            signer,
-        })
+        let manifest = wire::decode_body(env.body).map_err(|error| ImageError::Manifest { source_name, error })?;
+        Ok(Image { source, manifest: Arc::new(manifest), manifest_bytes: bytes, signer })
     }
 
     pub fn manifest(&self) -> &Arc<Manifest> {
@@ -155,33 +130,20 @@ impl Image {
     /// Fetch and check a file's metadata region.
     pub async fn file_meta(&self, file: &FileData) -> Result<FileMeta, MetaError> {
         let Some(meta) = file.meta else {
-            return Ok(FileMeta {
-                tree: MerkleTree::from_leaves(0, Vec::new()),
-                records: Vec::new(),
-            });
+            return Ok(FileMeta { tree: MerkleTree::from_leaves(0, Vec::new()), records: Vec::new() });
         };
         let layout = FileMetaLayout::new(file.size);
         // validate() guaranteed the region lies inside the object, so this cannot overflow.
         let len = layout.len().unwrap();
-        let bytes = self
-            .source
-            .get_range(
-                &self.object_key(meta.object),
-                meta.offset..meta.offset + len,
-            )
-            .await?;
+        let bytes = self.source.get_range(&self.object_key(meta.object), meta.offset..meta.offset + len).await?;
         let (tree, map) = bytes.split_at(layout.map_offset() as usize);
         let tree = MerkleTree::from_compact(file.size, tree, &file.root_hash)?;
         let records = map
             .chunks_exact(BLOCK_RECORD_SIZE)
             .enumerate()
             .map(|(i, c)| {
-                let bad = |reason: String| MetaError::Record {
-                    block: i as u64,
-                    reason,
-                };
-                let r =
-                    BlockRecord::decode(c.try_into().unwrap()).map_err(|e| bad(e.to_string()))?;
+                let bad = |reason: String| MetaError::Record { block: i as u64, reason };
+                let r = BlockRecord::decode(c.try_into().unwrap()).map_err(|e| bad(e.to_string()))?;
                 if r.codec != Codec::Zero {
                     let obj = self
                         .manifest
@@ -189,11 +151,7 @@ impl Image {
                         .get(r.object as usize)
                         .ok_or_else(|| bad("names a missing object".into()))?;
                     if r.range().end > obj.size {
-                        return Err(bad(format!(
-                            "bytes {:?} lie outside object {}",
-                            r.range(),
-                            r.object
-                        )));
+                        return Err(bad(format!("bytes {:?} lie outside object {}", r.range(), r.object)));
                     }
                 }
                 Ok(r)
@@ -211,19 +169,12 @@ impl Image {
         blocks: Range<u64>,
     ) -> Vec<Result<Box<[u8; BLOCK_SIZE]>, BlockFault>> {
         let runs = coalesce(&meta.records, blocks);
-        let results: Vec<Vec<_>> = stream::iter(runs)
-            .map(|run| self.read_run(meta, run))
-            .buffered(READ_CONCURRENCY)
-            .collect()
-            .await;
+        let results: Vec<Vec<_>> =
+            stream::iter(runs).map(|run| self.read_run(meta, run)).buffered(READ_CONCURRENCY).collect().await;
         results.into_iter().flatten().collect()
     }
 
-    async fn read_run(
-        &self,
-        meta: &FileMeta,
-        run: Range<u64>,
-    ) -> Vec<Result<Box<[u8; BLOCK_SIZE]>, BlockFault>> {
+    async fn read_run(&self, meta: &FileMeta, run: Range<u64>) -> Vec<Result<Box<[u8; BLOCK_SIZE]>, BlockFault>> {
         let records = &meta.records[run.start as usize..run.end as usize];
         let first = records[0];
         let fetched: Result<Option<Bytes>, BlockFault> = if first.codec == Codec::Zero {
@@ -244,10 +195,7 @@ impl Image {
                 let stored: &[u8] = match &fetched {
                     Err(e) => return Err(e.clone()),
                     Ok(None) => &[],
-                    Ok(Some(b)) => {
-                        &b[(r.offset - first.offset) as usize
-                            ..(r.range().end - first.offset) as usize]
-                    }
+                    Ok(Some(b)) => &b[(r.offset - first.offset) as usize..(r.range().end - first.offset) as usize],
                 };
                 verify_block(r, stored, leaf)
             })
@@ -256,11 +204,7 @@ impl Image {
 }
 
 /// Decode stored bytes and check them against their leaf hash.
-pub fn verify_block(
-    r: &BlockRecord,
-    stored: &[u8],
-    leaf: &Hash,
-) -> Result<Box<[u8; BLOCK_SIZE]>, BlockFault> {
+pub fn verify_block(r: &BlockRecord, stored: &[u8], leaf: &Hash) -> Result<Box<[u8; BLOCK_SIZE]>, BlockFault> {
     let mut block = Box::new([0u8; BLOCK_SIZE]);
     decode_block(r.codec, stored, &mut block).map_err(|e| BlockFault::Decode(e.to_string()))?;
     if &hash_data_block(&block[..]) != leaf {
@@ -299,12 +243,7 @@ mod tests {
     use super::*;
 
     fn rec(object: u32, offset: u64, len: u16) -> BlockRecord {
-        BlockRecord {
-            object,
-            codec: Codec::Lz4,
-            len,
-            offset,
-        }
+        BlockRecord { object, codec: Codec::Lz4, len, offset }
     }
 
     #[test]
@@ -327,8 +266,6 @@ mod tests {
         let records: Vec<_> = (0..5000).map(|i| rec(0, i * 4096, 4096)).collect();
         let runs = coalesce(&records, 0..5000);
         assert_eq!(runs.len(), 3);
-        assert!(runs
-            .iter()
-            .all(|r| (r.end - r.start) * 4096 <= MAX_RUN_BYTES));
+        assert!(runs.iter().all(|r| (r.end - r.start) * 4096 <= MAX_RUN_BYTES));
     }
 }

@@ -15,19 +15,9 @@ pub enum SourceError {
     #[error("{source_name}: {key} does not exist")]
     NotFound { source_name: String, key: String },
     #[error("{source_name}: {key}: asked for bytes {start}..{end}, got {got}")]
-    ShortRead {
-        source_name: String,
-        key: String,
-        start: u64,
-        end: u64,
-        got: usize,
-    },
+    ShortRead { source_name: String, key: String, start: u64, end: u64, got: usize },
     #[error("{source_name}: {key}: {message}")]
-    Other {
-        source_name: String,
-        key: String,
-        message: String,
-    },
+    Other { source_name: String, key: String, message: String },
     #[error("cannot use {spec:?} as a source: {reason}")]
     Spec { spec: String, reason: String },
 }
@@ -44,11 +34,7 @@ pub struct SourceOptions {
 
 impl Default for SourceOptions {
     fn default() -> Self {
-        SourceOptions {
-            connect_timeout: Duration::from_secs(5),
-            request_timeout: Duration::from_secs(30),
-            retries: 3,
-        }
+        SourceOptions { connect_timeout: Duration::from_secs(5), request_timeout: Duration::from_secs(30), retries: 3 }
     }
 }
 
@@ -66,19 +52,13 @@ impl Source {
     /// S3 settings (endpoint, region, credentials) come from the usual `AWS_*` variables
     /// (`AWS_ENDPOINT_URL`, `AWS_REGION`, `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, ...).
     pub fn parse(spec: &str, opts: &SourceOptions) -> Result<Source, SourceError> {
-        let err = |reason: String| SourceError::Spec {
-            spec: spec.to_string(),
-            reason,
-        };
+        let err = |reason: String| SourceError::Spec { spec: spec.to_string(), reason };
         let client = ClientOptions::new()
             .with_allow_http(true)
             .with_connect_timeout(opts.connect_timeout)
             .with_timeout(opts.request_timeout);
-        let retry = RetryConfig {
-            max_retries: opts.retries,
-            retry_timeout: opts.request_timeout,
-            ..Default::default()
-        };
+        let retry =
+            RetryConfig { max_retries: opts.retries, retry_timeout: opts.request_timeout, ..Default::default() };
         if spec.starts_with("http://") || spec.starts_with("https://") {
             let url = format!("{}/", spec.trim_end_matches('/'));
             let store = object_store::http::HttpBuilder::new()
@@ -87,11 +67,7 @@ impl Source {
                 .with_retry(retry)
                 .build()
                 .map_err(|e| err(e.to_string()))?;
-            Ok(Source {
-                store: Arc::new(store),
-                prefix: String::new(),
-                name: spec.to_string(),
-            })
+            Ok(Source { store: Arc::new(store), prefix: String::new(), name: spec.to_string() })
         } else if let Some(rest) = spec.strip_prefix("s3://") {
             let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
             if bucket.is_empty() {
@@ -101,35 +77,20 @@ impl Source {
                 .with_bucket_name(bucket)
                 .with_client_options(client)
                 .with_retry(retry);
-            if let Ok(endpoint) =
-                std::env::var("AWS_ENDPOINT_URL_S3").or_else(|_| std::env::var("AWS_ENDPOINT_URL"))
-            {
-                b = b
-                    .with_endpoint(endpoint)
-                    .with_virtual_hosted_style_request(false);
+            if let Ok(endpoint) = std::env::var("AWS_ENDPOINT_URL_S3").or_else(|_| std::env::var("AWS_ENDPOINT_URL")) {
+                b = b.with_endpoint(endpoint).with_virtual_hosted_style_request(false);
             }
             let store = b.build().map_err(|e| err(e.to_string()))?;
-            Ok(Source {
-                store: Arc::new(store),
-                prefix: prefix.trim_matches('/').to_string(),
-                name: spec.to_string(),
-            })
+            Ok(Source { store: Arc::new(store), prefix: prefix.trim_matches('/').to_string(), name: spec.to_string() })
         } else if spec.contains("://") {
-            Err(err(
-                "unsupported scheme; use http://, https://, s3:// or a local directory".into(),
-            ))
+            Err(err("unsupported scheme; use http://, https://, s3:// or a local directory".into()))
         } else {
             let path = std::fs::canonicalize(spec).map_err(|e| err(e.to_string()))?;
             if !path.is_dir() {
                 return Err(err("not a directory".into()));
             }
-            let store = object_store::local::LocalFileSystem::new_with_prefix(&path)
-                .map_err(|e| err(e.to_string()))?;
-            Ok(Source {
-                store: Arc::new(store),
-                prefix: String::new(),
-                name: path.display().to_string(),
-            })
+            let store = object_store::local::LocalFileSystem::new_with_prefix(&path).map_err(|e| err(e.to_string()))?;
+            Ok(Source { store: Arc::new(store), prefix: String::new(), name: path.display().to_string() })
         }
     }
 
@@ -148,35 +109,22 @@ impl Source {
 
     fn map_err(&self, key: &str, e: object_store::Error) -> SourceError {
         match e {
-            object_store::Error::NotFound { .. } => SourceError::NotFound {
-                source_name: self.name.clone(),
-                key: key.to_string(),
-            },
-            e => SourceError::Other {
-                source_name: self.name.clone(),
-                key: key.to_string(),
-                message: e.to_string(),
-            },
+            object_store::Error::NotFound { .. } => {
+                SourceError::NotFound { source_name: self.name.clone(), key: key.to_string() }
+            }
+            e => SourceError::Other { source_name: self.name.clone(), key: key.to_string(), message: e.to_string() },
         }
     }
 
     /// The whole of `key`.
     pub async fn get(&self, key: &str) -> Result<Bytes, SourceError> {
-        let r = self
-            .store
-            .get(&self.path(key))
-            .await
-            .map_err(|e| self.map_err(key, e))?;
+        let r = self.store.get(&self.path(key)).await.map_err(|e| self.map_err(key, e))?;
         r.bytes().await.map_err(|e| self.map_err(key, e))
     }
 
     /// Bytes `range` of `key`; anything but exactly that many bytes is an error.
     pub async fn get_range(&self, key: &str, range: Range<u64>) -> Result<Bytes, SourceError> {
-        let b = self
-            .store
-            .get_range(&self.path(key), range.clone())
-            .await
-            .map_err(|e| self.map_err(key, e))?;
+        let b = self.store.get_range(&self.path(key), range.clone()).await.map_err(|e| self.map_err(key, e))?;
         if b.len() as u64 != range.end - range.start {
             return Err(SourceError::ShortRead {
                 source_name: self.name.clone(),
@@ -191,11 +139,6 @@ impl Source {
 
     /// Size of `key`.
     pub async fn size(&self, key: &str) -> Result<u64, SourceError> {
-        Ok(self
-            .store
-            .head(&self.path(key))
-            .await
-            .map_err(|e| self.map_err(key, e))?
-            .size)
+        Ok(self.store.head(&self.path(key)).await.map_err(|e| self.map_err(key, e))?.size)
     }
 }

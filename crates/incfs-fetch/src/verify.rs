@@ -38,14 +38,7 @@ impl std::fmt::Display for Problem {
             Some(b) if b.end - b.start == 1 => {
                 write!(f, "{}: block {}: {}", self.subject, b.start, self.message)
             }
-            Some(b) => write!(
-                f,
-                "{}: blocks {}-{}: {}",
-                self.subject,
-                b.start,
-                b.end - 1,
-                self.message
-            ),
+            Some(b) => write!(f, "{}: blocks {}-{}: {}", self.subject, b.start, b.end - 1, self.message),
             None => write!(f, "{}: {}", self.subject, self.message),
         }
     }
@@ -81,10 +74,9 @@ pub async fn verify_image(image: &Image, progress: &dyn VerifyProgress) -> Verif
             let key = layout::object(&o.digest);
             match image.source().size(&key).await {
                 Ok(size) if size == o.size => None,
-                Ok(size) => Some(format!(
-                    "{key} is {size} bytes but the manifest says {} (truncated or replaced)",
-                    o.size
-                )),
+                Ok(size) => {
+                    Some(format!("{key} is {size} bytes but the manifest says {} (truncated or replaced)", o.size))
+                }
                 Err(SourceError::NotFound { .. }) => Some(format!("{key} is missing")),
                 Err(e) => Some(e.to_string()),
             }
@@ -94,11 +86,7 @@ pub async fn verify_image(image: &Image, progress: &dyn VerifyProgress) -> Verif
         .await;
     for (i, p) in sizes.into_iter().enumerate() {
         if let Some(message) = p {
-            problems.lock().unwrap().push(Problem {
-                subject: format!("object {i}"),
-                blocks: None,
-                message,
-            });
+            problems.lock().unwrap().push(Problem { subject: format!("object {i}"), blocks: None, message });
         }
     }
 
@@ -124,37 +112,24 @@ pub async fn verify_image(image: &Image, progress: &dyn VerifyProgress) -> Verif
                 let found = verify_file(image, f, progress).await;
                 blocks.fetch_add(incfs_verity::block_count(f.size), Ordering::Relaxed);
                 let subject = display_path(path);
-                problems
-                    .lock()
-                    .unwrap()
-                    .extend(found.into_iter().map(|(blocks, message)| Problem {
-                        subject: subject.clone(),
-                        blocks,
-                        message,
-                    }));
+                problems.lock().unwrap().extend(found.into_iter().map(|(blocks, message)| Problem {
+                    subject: subject.clone(),
+                    blocks,
+                    message,
+                }));
             }
         })
         .await;
 
     let mut problems = problems.into_inner().unwrap();
     problems.sort_by(|a, b| {
-        (&a.subject, a.blocks.as_ref().map(|r| r.start))
-            .cmp(&(&b.subject, b.blocks.as_ref().map(|r| r.start)))
+        (&a.subject, a.blocks.as_ref().map(|r| r.start)).cmp(&(&b.subject, b.blocks.as_ref().map(|r| r.start)))
     });
-    VerifyReport {
-        problems,
-        files: files.len() as u64,
-        blocks: blocks.into_inner(),
-        bytes: total,
-    }
+    VerifyReport { problems, files: files.len() as u64, blocks: blocks.into_inner(), bytes: total }
 }
 
 /// Problems of one file, consecutive blocks with the same fault merged into one range.
-async fn verify_file(
-    image: &Image,
-    f: &FileData,
-    progress: &dyn VerifyProgress,
-) -> Vec<(Option<Range<u64>>, String)> {
+async fn verify_file(image: &Image, f: &FileData, progress: &dyn VerifyProgress) -> Vec<(Option<Range<u64>>, String)> {
     let meta = match image.file_meta(f).await {
         Ok(m) => m,
         Err(e) => {
@@ -171,12 +146,9 @@ async fn verify_file(
             if let Err(fault) = r {
                 let rec = &meta.records[i as usize];
                 let message = match fault {
-                    BlockFault::Mismatch if rec.codec != Codec::Zero => format!(
-                        "{fault} (object {} bytes {}..{})",
-                        rec.object,
-                        rec.offset,
-                        rec.range().end
-                    ),
+                    BlockFault::Mismatch if rec.codec != Codec::Zero => {
+                        format!("{fault} (object {} bytes {}..{})", rec.object, rec.offset, rec.range().end)
+                    }
                     _ => fault.to_string(),
                 };
                 match out.last_mut() {

@@ -38,12 +38,7 @@ pub enum RecordError {
 }
 
 impl BlockRecord {
-    pub const ZERO: BlockRecord = BlockRecord {
-        object: 0,
-        codec: Codec::Zero,
-        len: 0,
-        offset: 0,
-    };
+    pub const ZERO: BlockRecord = BlockRecord { object: 0, codec: Codec::Zero, len: 0, offset: 0 };
 
     /// Encode as 16 little-endian bytes: object u32, codec u8, reserved u8, len u16, offset u64.
     pub fn encode(&self) -> [u8; BLOCK_RECORD_SIZE] {
@@ -94,9 +89,7 @@ pub struct FileMetaLayout {
 
 impl FileMetaLayout {
     pub fn new(size: u64) -> Self {
-        FileMetaLayout {
-            geometry: Geometry::new(size),
-        }
+        FileMetaLayout { geometry: Geometry::new(size) }
     }
 
     /// Offset of the block map (right after the tree).
@@ -111,10 +104,7 @@ impl FileMetaLayout {
 
     /// Total length of the metadata region, or `None` if it would not fit in a u64.
     pub fn len(&self) -> Option<u64> {
-        self.geometry
-            .data_blocks()
-            .checked_mul(BLOCK_RECORD_SIZE as u64)?
-            .checked_add(self.geometry.compact_len())
+        self.geometry.data_blocks().checked_mul(BLOCK_RECORD_SIZE as u64)?.checked_add(self.geometry.compact_len())
     }
 
     pub fn is_empty(&self) -> bool {
@@ -128,17 +118,9 @@ mod tests {
 
     #[test]
     fn records_round_trip_and_reject_nonsense() {
-        let r = BlockRecord {
-            object: 7,
-            codec: Codec::Lz4,
-            len: 1234,
-            offset: 1 << 40,
-        };
+        let r = BlockRecord { object: 7, codec: Codec::Lz4, len: 1234, offset: 1 << 40 };
         assert_eq!(BlockRecord::decode(&r.encode()), Ok(r));
-        assert_eq!(
-            BlockRecord::decode(&BlockRecord::ZERO.encode()),
-            Ok(BlockRecord::ZERO)
-        );
+        assert_eq!(BlockRecord::decode(&BlockRecord::ZERO.encode()), Ok(BlockRecord::ZERO));
         let mut b = r.encode();
         b[4] = 9;
         assert_eq!(BlockRecord::decode(&b), Err(RecordError::Codec(9)));
@@ -146,27 +128,11 @@ mod tests {
         b[5] = 1;
         assert_eq!(BlockRecord::decode(&b), Err(RecordError::Reserved(1)));
         let big = BlockRecord { len: 4097, ..r };
-        assert_eq!(
-            BlockRecord::decode(&big.encode()),
-            Err(RecordError::Length(4097))
-        );
-        let empty_raw = BlockRecord {
-            codec: Codec::Raw,
-            len: 0,
-            ..r
-        };
-        assert_eq!(
-            BlockRecord::decode(&empty_raw.encode()),
-            Err(RecordError::Length(0))
-        );
-        let zero_somewhere = BlockRecord {
-            offset: 5,
-            ..BlockRecord::ZERO
-        };
-        assert_eq!(
-            BlockRecord::decode(&zero_somewhere.encode()),
-            Err(RecordError::ZeroLocation)
-        );
+        assert_eq!(BlockRecord::decode(&big.encode()), Err(RecordError::Length(4097)));
+        let empty_raw = BlockRecord { codec: Codec::Raw, len: 0, ..r };
+        assert_eq!(BlockRecord::decode(&empty_raw.encode()), Err(RecordError::Length(0)));
+        let zero_somewhere = BlockRecord { offset: 5, ..BlockRecord::ZERO };
+        assert_eq!(BlockRecord::decode(&zero_somewhere.encode()), Err(RecordError::ZeroLocation));
     }
 
     #[test]

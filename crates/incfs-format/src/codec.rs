@@ -92,10 +92,7 @@ pub fn encode_block(block: &[u8], compression: Compression) -> EncodedBlock {
     assert!(block.len() <= BLOCK_SIZE);
     let payload = trim_trailing_zeros(block);
     if payload.is_empty() {
-        return EncodedBlock {
-            codec: Codec::Zero,
-            bytes: Vec::new(),
-        };
+        return EncodedBlock { codec: Codec::Zero, bytes: Vec::new() };
     }
     let compressed = match compression {
         Compression::None => None,
@@ -111,10 +108,7 @@ pub fn encode_block(block: &[u8], compression: Compression) -> EncodedBlock {
     };
     match compressed {
         Some((codec, bytes)) if bytes.len() < payload.len() => EncodedBlock { codec, bytes },
-        _ => EncodedBlock {
-            codec: Codec::Raw,
-            bytes: payload.to_vec(),
-        },
+        _ => EncodedBlock { codec: Codec::Raw, bytes: payload.to_vec() },
     }
 }
 
@@ -122,11 +116,7 @@ pub fn encode_block(block: &[u8], compression: Compression) -> EncodedBlock {
 ///
 /// The output can never exceed one block, whatever the input claims: both decompressors are
 /// given a 4096-byte buffer and fail rather than grow it.
-pub fn decode_block(
-    codec: Codec,
-    stored: &[u8],
-    out: &mut [u8; BLOCK_SIZE],
-) -> Result<(), DecodeError> {
+pub fn decode_block(codec: Codec, stored: &[u8], out: &mut [u8; BLOCK_SIZE]) -> Result<(), DecodeError> {
     if stored.len() > BLOCK_SIZE {
         return Err(DecodeError::TooLong(stored.len()));
     }
@@ -141,30 +131,20 @@ pub fn decode_block(
             out[..stored.len()].copy_from_slice(stored);
             stored.len()
         }
-        Codec::Lz4 => lz4_flex::block::decompress_into(stored, &mut out[..]).map_err(|e| {
-            DecodeError::Corrupt {
-                codec: "lz4",
-                reason: e.to_string(),
-            }
-        })?,
+        Codec::Lz4 => lz4_flex::block::decompress_into(stored, &mut out[..])
+            .map_err(|e| DecodeError::Corrupt { codec: "lz4", reason: e.to_string() })?,
         Codec::Zstd => ZSTD_DECODER.with(|cell| {
             let mut cell = cell.borrow_mut();
             if cell.is_none() {
-                *cell =
-                    Some(
-                        zstd::bulk::Decompressor::new().map_err(|e| DecodeError::Corrupt {
-                            codec: "zstd",
-                            reason: e.to_string(),
-                        })?,
-                    );
+                *cell = Some(
+                    zstd::bulk::Decompressor::new()
+                        .map_err(|e| DecodeError::Corrupt { codec: "zstd", reason: e.to_string() })?,
+                );
             }
             cell.as_mut()
                 .unwrap()
                 .decompress_to_buffer(stored, &mut out[..])
-                .map_err(|e| DecodeError::Corrupt {
-                    codec: "zstd",
-                    reason: e.to_string(),
-                })
+                .map_err(|e| DecodeError::Corrupt { codec: "zstd", reason: e.to_string() })
         })?,
     };
     out[n..].fill(0);
@@ -186,11 +166,7 @@ mod tests {
 
     #[test]
     fn zero_blocks_store_nothing() {
-        for c in [
-            Compression::None,
-            Compression::Lz4,
-            Compression::Zstd { level: 3 },
-        ] {
+        for c in [Compression::None, Compression::Lz4, Compression::Zstd { level: 3 }] {
             let e = round_trip(&[0u8; BLOCK_SIZE], c);
             assert_eq!((e.codec, e.bytes.len()), (Codec::Zero, 0));
             assert_eq!(round_trip(&[], c).codec, Codec::Zero);
@@ -201,10 +177,7 @@ mod tests {
     fn compressible_blocks_shrink_and_random_ones_stay_raw() {
         let text: Vec<u8> = b"incfs ".iter().cycle().take(BLOCK_SIZE).copied().collect();
         assert_eq!(round_trip(&text, Compression::Lz4).codec, Codec::Lz4);
-        assert_eq!(
-            round_trip(&text, Compression::Zstd { level: 3 }).codec,
-            Codec::Zstd
-        );
+        assert_eq!(round_trip(&text, Compression::Zstd { level: 3 }).codec, Codec::Zstd);
         assert_eq!(round_trip(&text, Compression::None).codec, Codec::Raw);
         let mut x = 0x12345678u32;
         let mut random: Vec<u8> = (0..BLOCK_SIZE)
@@ -218,10 +191,7 @@ mod tests {
         random[BLOCK_SIZE - 1] = 1;
         let e = round_trip(&random, Compression::Zstd { level: 3 });
         assert_eq!((e.codec, e.bytes.len()), (Codec::Raw, BLOCK_SIZE));
-        assert_eq!(
-            round_trip(b"short tail", Compression::Lz4).bytes,
-            b"short tail"
-        );
+        assert_eq!(round_trip(b"short tail", Compression::Lz4).bytes, b"short tail");
     }
 
     #[test]
@@ -234,13 +204,7 @@ mod tests {
         assert!(decode_block(Codec::Zstd, &big, &mut out).is_err());
         assert!(decode_block(Codec::Zstd, b"not zstd", &mut out).is_err());
         assert!(decode_block(Codec::Lz4, &[0xff; 20], &mut out).is_err());
-        assert_eq!(
-            decode_block(Codec::Zero, b"x", &mut out),
-            Err(DecodeError::ZeroWithBytes(1))
-        );
-        assert_eq!(
-            decode_block(Codec::Raw, &[1; 4097], &mut out),
-            Err(DecodeError::TooLong(4097))
-        );
+        assert_eq!(decode_block(Codec::Zero, b"x", &mut out), Err(DecodeError::ZeroWithBytes(1)));
+        assert_eq!(decode_block(Codec::Raw, &[1; 4097], &mut out), Err(DecodeError::TooLong(4097)));
     }
 }

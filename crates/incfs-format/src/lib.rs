@@ -19,10 +19,7 @@ pub mod wire;
 
 pub use block_map::{BlockRecord, FileMetaLayout, BLOCK_RECORD_SIZE};
 pub use codec::{Codec, Compression};
-pub use manifest::{
-    Dirent, FileData, Inode, InodeKind, Manifest, ManifestError, MetaRef, Metadata, ObjectRef,
-    Xattr,
-};
+pub use manifest::{Dirent, FileData, Inode, InodeKind, Manifest, ManifestError, MetaRef, Metadata, ObjectRef, Xattr};
 pub use wire::{Envelope, SignatureAlgorithm, WireError};
 
 pub use incfs_verity::{Hash, BLOCK_SIZE};

@@ -124,9 +124,7 @@ pub struct Dirent {
 /// A structural rule a manifest broke.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ManifestError {
-    #[error(
-        "image name {0:?} is invalid: use 1-255 bytes of UTF-8 without '/' or control characters"
-    )]
+    #[error("image name {0:?} is invalid: use 1-255 bytes of UTF-8 without '/' or control characters")]
     ImageName(String),
     #[error("version must be at least 1")]
     Version,
@@ -155,9 +153,7 @@ pub fn is_valid_name(name: &[u8]) -> bool {
 
 /// Whether `name` may be an image name.
 pub fn is_valid_image_name(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= MAX_IMAGE_NAME_LEN
-        && !name.chars().any(|c| c == '/' || c.is_control())
+    !name.is_empty() && name.len() <= MAX_IMAGE_NAME_LEN && !name.chars().any(|c| c == '/' || c.is_control())
 }
 
 impl Manifest {
@@ -177,27 +173,17 @@ impl Manifest {
             return Err(ManifestError::Root);
         }
         for (i, inode) in self.inodes.iter().enumerate() {
-            self.validate_inode(inode)
-                .map_err(|what| ManifestError::Inode {
-                    inode: i as u32,
-                    what,
-                })?;
+            self.validate_inode(inode).map_err(|what| ManifestError::Inode { inode: i as u32, what })?;
         }
         self.validate_tree()
     }
 
     fn validate_inode(&self, inode: &Inode) -> Result<(), String> {
         if inode.meta.mode & !0o7777 != 0 {
-            return Err(format!(
-                "mode {:o} has bits outside 0o7777",
-                inode.meta.mode
-            ));
+            return Err(format!("mode {:o} has bits outside 0o7777", inode.meta.mode));
         }
         if inode.meta.mtime_nsec >= 1_000_000_000 {
-            return Err(format!(
-                "mtime nanoseconds {} out of range",
-                inode.meta.mtime_nsec
-            ));
+            return Err(format!("mtime nanoseconds {} out of range", inode.meta.mtime_nsec));
         }
         for (j, x) in inode.xattrs.iter().enumerate() {
             if x.name.is_empty() || x.name.len() > MAX_NAME_LEN || x.name.contains(&0) {
@@ -232,16 +218,11 @@ impl Manifest {
             (0, _) => Err("an empty file must have no metadata and a zero root hash".into()),
             (_, None) => Err("a non-empty file needs a metadata region".into()),
             (size, Some(m)) => {
-                let obj = self.objects.get(m.object as usize).ok_or_else(|| {
-                    format!(
-                        "metadata names object {} of {}",
-                        m.object,
-                        self.objects.len()
-                    )
-                })?;
-                let len = FileMetaLayout::new(size)
-                    .len()
-                    .ok_or("metadata length overflows")?;
+                let obj = self
+                    .objects
+                    .get(m.object as usize)
+                    .ok_or_else(|| format!("metadata names object {} of {}", m.object, self.objects.len()))?;
+                let len = FileMetaLayout::new(size).len().ok_or("metadata length overflows")?;
                 match m.offset.checked_add(len) {
                     Some(end) if end <= obj.size => Ok(()),
                     _ => Err(format!(
@@ -259,21 +240,12 @@ impl Manifest {
         let n = self.inodes.len();
         let mut links = vec![0u32; n];
         for (index, d) in self.dirents.iter().enumerate() {
-            let bad = |what: &str| ManifestError::Dirent {
-                index,
-                what: what.to_string(),
-            };
+            let bad = |what: &str| ManifestError::Dirent { index, what: what.to_string() };
             if !is_valid_name(&d.name) {
-                return Err(bad(&format!(
-                    "name {:?} is not a valid file name",
-                    String::from_utf8_lossy(&d.name)
-                )));
+                return Err(bad(&format!("name {:?} is not a valid file name", String::from_utf8_lossy(&d.name))));
             }
             match self.inodes.get(d.parent as usize) {
-                Some(Inode {
-                    kind: InodeKind::Dir,
-                    ..
-                }) => {}
+                Some(Inode { kind: InodeKind::Dir, .. }) => {}
                 _ => return Err(bad("parent is not a directory")),
             }
             if d.inode == 0 || d.inode as usize >= n {
@@ -286,9 +258,7 @@ impl Manifest {
                 }
             }
             links[d.inode as usize] = links[d.inode as usize].saturating_add(1);
-            if links[d.inode as usize] > 1
-                && matches!(self.inodes[d.inode as usize].kind, InodeKind::Dir)
-            {
+            if links[d.inode as usize] > 1 && matches!(self.inodes[d.inode as usize].kind, InodeKind::Dir) {
                 return Err(bad("a directory can have only one name"));
             }
         }
@@ -322,24 +292,13 @@ impl Manifest {
     /// Look up `name` in directory `dir`.
     pub fn lookup(&self, dir: u32, name: &[u8]) -> Option<u32> {
         let c = self.children(dir);
-        c.binary_search_by(|d| d.name.as_slice().cmp(name))
-            .ok()
-            .map(|i| c[i].inode)
+        c.binary_search_by(|d| d.name.as_slice().cmp(name)).ok().map(|i| c[i].inode)
     }
 
     /// Number of names of each inode (a directory counts `.` and its subdirectories' `..`).
     pub fn link_counts(&self) -> Vec<u32> {
-        let mut links: Vec<u32> = self
-            .inodes
-            .iter()
-            .map(|i| {
-                if matches!(i.kind, InodeKind::Dir) {
-                    1
-                } else {
-                    0
-                }
-            })
-            .collect();
+        let mut links: Vec<u32> =
+            self.inodes.iter().map(|i| if matches!(i.kind, InodeKind::Dir) { 1 } else { 0 }).collect();
         links[0] += 1; // the root's own ".." (it is its own parent)
         for d in &self.dirents {
             links[d.inode as usize] += 1;
@@ -379,98 +338,39 @@ pub(crate) mod tests {
     use super::*;
 
     pub fn sample() -> Manifest {
-        let meta = Metadata {
-            mode: 0o755,
-            uid: 1,
-            gid: 2,
-            mtime_sec: 1_700_000_000,
-            mtime_nsec: 5,
-        };
+        let meta = Metadata { mode: 0o755, uid: 1, gid: 2, mtime_sec: 1_700_000_000, mtime_nsec: 5 };
         let file = |size: u64| Inode {
             meta,
-            xattrs: vec![Xattr {
-                name: b"user.k".to_vec(),
-                value: b"v".to_vec(),
-            }],
+            xattrs: vec![Xattr { name: b"user.k".to_vec(), value: b"v".to_vec() }],
             kind: InodeKind::File(FileData {
                 size,
                 root_hash: [size as u8; 32],
-                meta: Some(MetaRef {
-                    object: 0,
-                    offset: 0,
-                }),
+                meta: Some(MetaRef { object: 0, offset: 0 }),
             }),
         };
         Manifest {
             name: "sample".into(),
             version: 3,
-            objects: vec![ObjectRef {
-                digest: [9; 32],
-                size: 1 << 20,
-            }],
+            objects: vec![ObjectRef { digest: [9; 32], size: 1 << 20 }],
             inodes: vec![
-                Inode {
-                    meta,
-                    xattrs: vec![],
-                    kind: InodeKind::Dir,
-                },
+                Inode { meta, xattrs: vec![], kind: InodeKind::Dir },
                 file(10),
+                Inode { meta, xattrs: vec![], kind: InodeKind::Dir },
+                Inode { meta, xattrs: vec![], kind: InodeKind::Symlink(b"../../etc/passwd".to_vec()) },
+                Inode { meta, xattrs: vec![], kind: InodeKind::CharDev { major: 1, minor: 3 } },
                 Inode {
                     meta,
                     xattrs: vec![],
-                    kind: InodeKind::Dir,
-                },
-                Inode {
-                    meta,
-                    xattrs: vec![],
-                    kind: InodeKind::Symlink(b"../../etc/passwd".to_vec()),
-                },
-                Inode {
-                    meta,
-                    xattrs: vec![],
-                    kind: InodeKind::CharDev { major: 1, minor: 3 },
-                },
-                Inode {
-                    meta,
-                    xattrs: vec![],
-                    kind: InodeKind::File(FileData {
-                        size: 0,
-                        root_hash: [0; 32],
-                        meta: None,
-                    }),
+                    kind: InodeKind::File(FileData { size: 0, root_hash: [0; 32], meta: None }),
                 },
             ],
             dirents: vec![
-                Dirent {
-                    parent: 0,
-                    inode: 1,
-                    name: b"a\nb".to_vec(),
-                },
-                Dirent {
-                    parent: 0,
-                    inode: 2,
-                    name: b"dir".to_vec(),
-                },
-                Dirent {
-                    parent: 0,
-                    inode: 5,
-                    name: b"empty".to_vec(),
-                },
-                Dirent {
-                    parent: 2,
-                    inode: 1,
-                    name: b"hardlink".to_vec(),
-                },
-                Dirent {
-                    parent: 2,
-                    inode: 4,
-                    name: b"null".to_vec(),
-                },
-                Dirent {
-                    parent: 2,
-                    inode: 3,
-                    name: vec![0xff, 0xfe],
-                },
+                Dirent { parent: 0, inode: 1, name: b"a\nb".to_vec() },
+                Dirent { parent: 0, inode: 2, name: b"dir".to_vec() },
+                Dirent { parent: 0, inode: 5, name: b"empty".to_vec() },
+                Dirent { parent: 2, inode: 1, name: b"hardlink".to_vec() },
+                Dirent { parent: 2, inode: 4, name: b"null".to_vec() },
+                Dirent { parent: 2, inode: 3, name: vec![0xff, 0xfe] },
             ],
         }
     }
@@ -484,15 +384,7 @@ pub(crate) mod tests {
         assert_eq!(m.lookup(2, b"missing"), None);
         assert_eq!(m.link_counts(), vec![3, 2, 2, 1, 1, 1]);
         let paths: Vec<Vec<u8>> = m.walk().into_iter().map(|(p, _)| p).collect();
-        assert_eq!(
-            paths[..4],
-            [
-                b"".to_vec(),
-                b"a\nb".to_vec(),
-                b"dir".to_vec(),
-                b"empty".to_vec()
-            ]
-        );
+        assert_eq!(paths[..4], [b"".to_vec(), b"a\nb".to_vec(), b"dir".to_vec(), b"empty".to_vec()]);
         assert_eq!(paths.len(), 7);
     }
 
@@ -500,17 +392,11 @@ pub(crate) mod tests {
     fn structural_errors_are_caught() {
         let mut m = sample();
         m.dirents[0].name = b"..".to_vec();
-        assert!(matches!(
-            m.validate(),
-            Err(ManifestError::Dirent { index: 0, .. })
-        ));
+        assert!(matches!(m.validate(), Err(ManifestError::Dirent { index: 0, .. })));
 
         let mut m = sample();
         m.dirents[1].name = b"x/y".to_vec();
-        assert!(matches!(
-            m.validate(),
-            Err(ManifestError::Dirent { index: 1, .. })
-        ));
+        assert!(matches!(m.validate(), Err(ManifestError::Dirent { index: 1, .. })));
 
         let mut m = sample();
         m.dirents.swap(0, 1);
@@ -523,30 +409,20 @@ pub(crate) mod tests {
         // A directory that is its own parent is unreachable from the root.
         let mut m = sample();
         m.dirents[1].parent = 2;
-        m.dirents
-            .sort_by(|a, b| (a.parent, &a.name).cmp(&(b.parent, &b.name)));
+        m.dirents.sort_by(|a, b| (a.parent, &a.name).cmp(&(b.parent, &b.name)));
         assert!(matches!(m.validate(), Err(ManifestError::Unreachable(_))));
 
         let mut m = sample();
         if let InodeKind::File(f) = &mut m.inodes[1].kind {
-            f.meta = Some(MetaRef {
-                object: 0,
-                offset: (1 << 20) - 10,
-            });
+            f.meta = Some(MetaRef { object: 0, offset: (1 << 20) - 10 });
         }
-        assert!(matches!(
-            m.validate(),
-            Err(ManifestError::Inode { inode: 1, .. })
-        ));
+        assert!(matches!(m.validate(), Err(ManifestError::Inode { inode: 1, .. })));
 
         let mut m = sample();
         if let InodeKind::File(f) = &mut m.inodes[1].kind {
             f.size = u64::MAX;
         }
-        assert!(matches!(
-            m.validate(),
-            Err(ManifestError::Inode { inode: 1, .. })
-        ));
+        assert!(matches!(m.validate(), Err(ManifestError::Inode { inode: 1, .. })));
 
         let mut m = sample();
         m.name = "a/b".into();
@@ -580,9 +456,6 @@ pub fn display_path(path: &[u8]) -> String {
 mod display_tests {
     #[test]
     fn hostile_paths_print_on_one_line() {
-        assert_eq!(
-            super::display_path(b"a\nb\\c\xffd/\xc3\xa9"),
-            "a\\x0ab\\x5cc\\xffd/\u{e9}"
-        );
+        assert_eq!(super::display_path(b"a\nb\\c\xffd/\xc3\xa9"), "a\\x0ab\\x5cc\\xffd/\u{e9}");
     }
 }

@@ -13,8 +13,7 @@
 use incfs_verity::{Hash, HASH_SIZE};
 
 use crate::manifest::{
-    Dirent, FileData, Inode, InodeKind, Manifest, ManifestError, MetaRef, Metadata, ObjectRef,
-    Xattr,
+    Dirent, FileData, Inode, InodeKind, Manifest, ManifestError, MetaRef, Metadata, ObjectRef, Xattr,
 };
 
 pub const MAGIC: &[u8; 8] = b"INCFSMAN";
@@ -59,9 +58,7 @@ impl SignatureAlgorithm {
 pub enum WireError {
     #[error("not an incfs manifest (bad magic)")]
     Magic,
-    #[error(
-        "manifest format {0} is not supported by this incfs (it reads format 1); upgrade incfs"
-    )]
+    #[error("manifest format {0} is not supported by this incfs (it reads format 1); upgrade incfs")]
     FormatVersion(u16),
     #[error("manifest is truncated: {0}")]
     Truncated(&'static str),
@@ -104,12 +101,7 @@ pub fn encode_signed_part(manifest: &Manifest) -> Vec<u8> {
 }
 
 /// Append the signature trailer to the signed part, giving the manifest file.
-pub fn seal(
-    mut signed: Vec<u8>,
-    algorithm: SignatureAlgorithm,
-    key_id: &Hash,
-    signature: &[u8],
-) -> Vec<u8> {
+pub fn seal(mut signed: Vec<u8>, algorithm: SignatureAlgorithm, key_id: &Hash, signature: &[u8]) -> Vec<u8> {
     assert!(signature.len() <= u16::MAX as usize);
     signed.push(algorithm as u8);
     signed.extend_from_slice(key_id);
@@ -142,52 +134,33 @@ pub fn open_envelope(bytes: &[u8]) -> Result<Envelope<'_>, WireError> {
     let sig_len = r.u16("signature")? as usize;
     let signature = r.take(sig_len, "signature")?;
     r.finish()?;
-    Ok(Envelope {
-        signed,
-        body,
-        algorithm,
-        key_id,
-        signature,
-    })
+    Ok(Envelope { signed, body, algorithm, key_id, signature })
 }
 
 /// Decode and validate a manifest body (from [`Envelope::body`]).
 pub fn decode_body(body: &[u8]) -> Result<Manifest, WireError> {
     let mut r = Reader(body);
     let name_len = r.u16("image name")? as usize;
-    let name = String::from_utf8(r.take(name_len, "image name")?.to_vec())
-        .map_err(|_| WireError::NameEncoding)?;
+    let name = String::from_utf8(r.take(name_len, "image name")?.to_vec()).map_err(|_| WireError::NameEncoding)?;
     let version = r.u64("version")?;
     let log_block_size = r.u8("block size")?;
     if log_block_size != incfs_verity::LOG_BLOCK_SIZE {
-        return Err(WireError::Field {
-            field: "log_block_size",
-            value: log_block_size.into(),
-        });
+        return Err(WireError::Field { field: "log_block_size", value: log_block_size.into() });
     }
     let hash_alg = r.u8("hash algorithm")?;
     if hash_alg != 1 {
-        return Err(WireError::Field {
-            field: "hash_algorithm",
-            value: hash_alg.into(),
-        });
+        return Err(WireError::Field { field: "hash_algorithm", value: hash_alg.into() });
     }
     let flags = r.u16("flags")?;
     if flags != 0 {
-        return Err(WireError::Field {
-            field: "flags",
-            value: flags.into(),
-        });
+        return Err(WireError::Field { field: "flags", value: flags.into() });
     }
 
     let n = r.count(40, "objects")?;
     let mut objects = Vec::with_capacity(n);
     for _ in 0..n {
         let digest = r.take(HASH_SIZE, "objects")?.try_into().unwrap();
-        objects.push(ObjectRef {
-            digest,
-            size: r.u64("objects")?,
-        });
+        objects.push(ObjectRef { digest, size: r.u64("objects")? });
     }
 
     let n = r.count(INODE_MIN_LEN, "inodes")?;
@@ -202,21 +175,11 @@ pub fn decode_body(body: &[u8]) -> Result<Manifest, WireError> {
         let parent = r.u32("directory entries")?;
         let inode = r.u32("directory entries")?;
         let len = r.u16("directory entries")? as usize;
-        dirents.push(Dirent {
-            parent,
-            inode,
-            name: r.take(len, "directory entries")?.to_vec(),
-        });
+        dirents.push(Dirent { parent, inode, name: r.take(len, "directory entries")?.to_vec() });
     }
     r.finish()?;
 
-    let m = Manifest {
-        name,
-        version,
-        objects,
-        inodes,
-        dirents,
-    };
+    let m = Manifest { name, version, objects, inodes, dirents };
     m.validate()?;
     Ok(m)
 }
@@ -251,16 +214,9 @@ fn decode_inode(r: &mut Reader<'_>) -> Result<Inode, WireError> {
             let offset = r.u64("file")?;
             let meta = (object != NO_OBJECT).then_some(MetaRef { object, offset });
             if meta.is_none() && offset != 0 {
-                return Err(WireError::Field {
-                    field: "meta_offset",
-                    value: offset,
-                });
+                return Err(WireError::Field { field: "meta_offset", value: offset });
             }
-            InodeKind::File(FileData {
-                size,
-                root_hash,
-                meta,
-            })
+            InodeKind::File(FileData { size, root_hash, meta })
         }
         2 => InodeKind::Dir,
         3 => {
@@ -268,20 +224,9 @@ fn decode_inode(r: &mut Reader<'_>) -> Result<Inode, WireError> {
             InodeKind::Symlink(r.take(len, "symlink")?.to_vec())
         }
         4 => InodeKind::Fifo,
-        5 => InodeKind::CharDev {
-            major: r.u32("device")?,
-            minor: r.u32("device")?,
-        },
-        6 => InodeKind::BlockDev {
-            major: r.u32("device")?,
-            minor: r.u32("device")?,
-        },
-        k => {
-            return Err(WireError::Field {
-                field: "inode kind",
-                value: k.into(),
-            })
-        }
+        5 => InodeKind::CharDev { major: r.u32("device")?, minor: r.u32("device")? },
+        6 => InodeKind::BlockDev { major: r.u32("device")?, minor: r.u32("device")? },
+        k => return Err(WireError::Field { field: "inode kind", value: k.into() }),
     };
     Ok(Inode { meta, xattrs, kind })
 }
@@ -317,10 +262,7 @@ fn encode_body(m: &Manifest, w: &mut Writer) {
             InodeKind::File(f) => {
                 w.u64(f.size);
                 w.bytes(&f.root_hash);
-                let m = f.meta.unwrap_or(MetaRef {
-                    object: NO_OBJECT,
-                    offset: 0,
-                });
+                let m = f.meta.unwrap_or(MetaRef { object: NO_OBJECT, offset: 0 });
                 w.u32(m.object);
                 w.u64(m.offset);
             }
@@ -413,12 +355,7 @@ mod tests {
     fn manifest_round_trips_through_envelope() {
         let m = sample();
         let signed = encode_signed_part(&m);
-        let file = seal(
-            signed.clone(),
-            SignatureAlgorithm::Ed25519,
-            &[7; 32],
-            &[1; 64],
-        );
+        let file = seal(signed.clone(), SignatureAlgorithm::Ed25519, &[7; 32], &[1; 64]);
         let env = open_envelope(&file).unwrap();
         assert_eq!(env.signed, &signed[..]);
         assert_eq!(env.algorithm, SignatureAlgorithm::Ed25519);
@@ -430,17 +367,9 @@ mod tests {
     #[test]
     fn every_truncation_and_extension_is_an_error() {
         let m = sample();
-        let file = seal(
-            encode_signed_part(&m),
-            SignatureAlgorithm::Ed25519,
-            &[7; 32],
-            &[1; 64],
-        );
+        let file = seal(encode_signed_part(&m), SignatureAlgorithm::Ed25519, &[7; 32], &[1; 64]);
         for len in 0..file.len() {
-            assert!(
-                open_envelope(&file[..len]).is_err(),
-                "prefix of {len} bytes accepted"
-            );
+            assert!(open_envelope(&file[..len]).is_err(), "prefix of {len} bytes accepted");
         }
         let mut longer = file.clone();
         longer.push(0);
@@ -478,12 +407,7 @@ mod tests {
 
     #[test]
     fn wrong_magic_and_format() {
-        let file = seal(
-            encode_signed_part(&sample()),
-            SignatureAlgorithm::Ed25519,
-            &[7; 32],
-            &[1; 64],
-        );
+        let file = seal(encode_signed_part(&sample()), SignatureAlgorithm::Ed25519, &[7; 32], &[1; 64]);
         let mut bad = file.clone();
         bad[0] = b'X';
         assert_eq!(open_envelope(&bad), Err(WireError::Magic));

@@ -24,10 +24,7 @@ pub fn socket_path(mountpoint: &Path) -> PathBuf {
     let dir = if std::fs::create_dir_all(run).is_ok() {
         run.to_path_buf()
     } else {
-        std::env::var_os("XDG_RUNTIME_DIR")
-            .map(PathBuf::from)
-            .unwrap_or_else(std::env::temp_dir)
-            .join("incfs")
+        std::env::var_os("XDG_RUNTIME_DIR").map(PathBuf::from).unwrap_or_else(std::env::temp_dir).join("incfs")
     };
     dir.join(format!("{id}.sock"))
 }
@@ -91,35 +88,20 @@ impl Control {
     pub fn status(&self) -> Status {
         let s = &self.reader.stats;
         let blocks_total = self.contents.iter().map(|(_, b)| b).sum();
-        let blocks_present = self
-            .contents
-            .iter()
-            .map(|(k, b)| self.reader.presence.count(k).min(*b))
-            .sum();
+        let blocks_present = self.contents.iter().map(|(k, b)| self.reader.presence.count(k).min(*b)).sum();
         let (mean, p99) = s.latency_ms();
         Status {
             image: self.manifest.name.clone(),
             version: self.manifest.version,
             mountpoint: self.mountpoint.display().to_string(),
-            sources: self
-                .reader
-                .mirrors()
-                .sources()
-                .iter()
-                .map(|s| s.name().to_string())
-                .collect(),
+            sources: self.reader.mirrors().sources().iter().map(|s| s.name().to_string()).collect(),
             cache: self.cache.display().to_string(),
             files: self.contents.len() as u64,
             blocks_total,
             blocks_present,
             complete: blocks_present == blocks_total,
             bytes_fetched: Stats::get(&s.bytes_fetched),
-            bytes_stored: self
-                .reader
-                .store()
-                .totals()
-                .map(|t| t.block_bytes)
-                .unwrap_or(0),
+            bytes_stored: self.reader.store().totals().map(|t| t.block_bytes).unwrap_or(0),
             reads_served: Stats::get(&s.reads_served),
             reads_waited: Stats::get(&s.reads_waited),
             reads_failed_timeout: Stats::get(&s.reads_failed_timeout),
@@ -138,23 +120,15 @@ impl Control {
     fn file_status(&self, path: &str) -> Result<FileStatus, String> {
         let mut ino = 0u32;
         for part in path.split('/').filter(|p| !p.is_empty() && *p != ".") {
-            ino = self
-                .manifest
-                .lookup(ino, part.as_bytes())
-                .ok_or_else(|| format!("{path}: not in the image"))?;
+            ino = self.manifest.lookup(ino, part.as_bytes()).ok_or_else(|| format!("{path}: not in the image"))?;
         }
         let InodeKind::File(f) = &self.manifest.inodes[ino as usize].kind else {
             return Err(format!("{path}: not a regular file"));
         };
         let key = file_key(&f.root_hash, f.size);
         let blocks_total = incfs_verity::block_count(f.size);
-        let present: Vec<(u64, u64)> = self
-            .reader
-            .presence
-            .ranges(&key, blocks_total)
-            .into_iter()
-            .map(|r| (r.start, r.end))
-            .collect();
+        let present: Vec<(u64, u64)> =
+            self.reader.presence.ranges(&key, blocks_total).into_iter().map(|r| (r.start, r.end)).collect();
         Ok(FileStatus {
             path: path.to_string(),
             size: f.size,
@@ -167,9 +141,9 @@ impl Control {
     fn answer(&self, line: &str) -> String {
         let reply = match serde_json::from_str::<Request>(line) {
             Ok(Request::Status) => serde_json::to_value(self.status()).map_err(|e| e.to_string()),
-            Ok(Request::File { path }) => self
-                .file_status(&path)
-                .and_then(|f| serde_json::to_value(f).map_err(|e| e.to_string())),
+            Ok(Request::File { path }) => {
+                self.file_status(&path).and_then(|f| serde_json::to_value(f).map_err(|e| e.to_string()))
+            }
             Err(e) => Err(format!("bad request: {e}")),
         };
         match reply {
@@ -205,21 +179,13 @@ pub fn ask(mountpoint: &Path, request: &serde_json::Value) -> Result<serde_json:
     use std::io::{BufRead, Write};
     let path = socket_path(mountpoint);
     let mut s = std::os::unix::net::UnixStream::connect(&path).map_err(|e| {
-        format!(
-            "{} is not an incfs mount served by a running daemon ({}: {e})",
-            mountpoint.display(),
-            path.display()
-        )
+        format!("{} is not an incfs mount served by a running daemon ({}: {e})", mountpoint.display(), path.display())
     })?;
-    s.set_read_timeout(Some(std::time::Duration::from_secs(10)))
-        .ok();
+    s.set_read_timeout(Some(std::time::Duration::from_secs(10))).ok();
     writeln!(s, "{request}").map_err(|e| e.to_string())?;
     let mut line = String::new();
-    std::io::BufReader::new(s)
-        .read_line(&mut line)
-        .map_err(|e| e.to_string())?;
-    let v: serde_json::Value =
-        serde_json::from_str(&line).map_err(|e| format!("bad reply from the daemon: {e}"))?;
+    std::io::BufReader::new(s).read_line(&mut line).map_err(|e| e.to_string())?;
+    let v: serde_json::Value = serde_json::from_str(&line).map_err(|e| format!("bad reply from the daemon: {e}"))?;
     match (v.get("ok"), v.get("error")) {
         (Some(ok), _) => Ok(ok.clone()),
         (_, Some(e)) => Err(e.as_str().unwrap_or("error").to_string()),

@@ -45,32 +45,20 @@ pub enum MountError {
         "{source_name} offers {name} version {offered}, older than version {accepted} already accepted by this cache; \
          refusing the rollback"
     )]
-    Rollback {
-        source_name: String,
-        name: String,
-        offered: u64,
-        accepted: u64,
-    },
+    Rollback { source_name: String, name: String, offered: u64, accepted: u64 },
     #[error("no source could be reached ({0}) and the cache {1} holds no copy of this image to mount offline")]
     Offline(String, String),
     #[error("mountpoint {}: {reason}", path.display())]
     Mountpoint { path: PathBuf, reason: String },
     #[error("mounting at {}: {error}", path.display())]
-    Fuse {
-        path: PathBuf,
-        error: std::io::Error,
-    },
+    Fuse { path: PathBuf, error: std::io::Error },
     #[error("{0}")]
     Io(#[from] std::io::Error),
 }
 
 /// Get the manifest: from the first source that answers, checked against the trusted keys and
 /// the cache's rollback record; from the cache if no source can be reached at all.
-async fn open_image(
-    opts: &MountOptions,
-    sources: &[Source],
-    store: &Store,
-) -> Result<Manifest, MountError> {
+async fn open_image(opts: &MountOptions, sources: &[Source], store: &Store) -> Result<Manifest, MountError> {
     let mut unreachable = Vec::new();
     for source in sources {
         let bytes = match source.get(layout::LATEST_MANIFEST).await {
@@ -104,57 +92,39 @@ async fn open_image(
     // Offline: the newest manifest this cache accepted for this source, verified again.
     let primary = &sources[0];
     let Some(acc) = store.manifest_for_source(primary.name())? else {
-        return Err(MountError::Offline(
-            unreachable.join("; "),
-            opts.cache.display().to_string(),
-        ));
+        return Err(MountError::Offline(unreachable.join("; "), opts.cache.display().to_string()));
     };
     let image = Image::from_manifest_bytes(primary.clone(), acc.bytes.into(), &opts.trust)?;
-    tracing::warn!(
-        "no source reachable: mounting version {} from the cache",
-        image.manifest().version
-    );
+    tracing::warn!("no source reachable: mounting version {} from the cache", image.manifest().version);
     Ok((**image.manifest()).clone())
 }
 
 /// Mount and serve until unmounted. `on_ready` runs once the mount is usable.
 pub fn mount(opts: MountOptions, on_ready: impl FnOnce()) -> Result<(), MountError> {
-    let mountpoint =
-        std::fs::canonicalize(&opts.mountpoint).map_err(|e| MountError::Mountpoint {
-            path: opts.mountpoint.clone(),
-            reason: e.to_string(),
-        })?;
+    let mountpoint = std::fs::canonicalize(&opts.mountpoint)
+        .map_err(|e| MountError::Mountpoint { path: opts.mountpoint.clone(), reason: e.to_string() })?;
     if !mountpoint.is_dir() {
-        return Err(MountError::Mountpoint {
-            path: mountpoint,
-            reason: "not a directory".into(),
-        });
+        return Err(MountError::Mountpoint { path: mountpoint, reason: "not a directory".into() });
     }
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()?;
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     let store = Arc::new(Store::open(&opts.cache)?);
+    // Requests may outlive the read that started them (the block is still worth having), but
+    // not by much; the read itself is bounded by read_timeout.
     let source_opts = SourceOptions {
-        request_timeout: opts.read_timeout,
+        request_timeout: opts.read_timeout * 2 + Duration::from_secs(1),
+        connect_timeout: Duration::from_secs(5),
         retries: 2,
-        ..Default::default()
     };
-    let sources = opts
-        .sources
-        .iter()
-        .map(|s| Source::parse(s, &source_opts))
-        .collect::<Result<Vec<_>, _>>()?;
+    let sources = opts.sources.iter().map(|s| Source::parse(s, &source_opts)).collect::<Result<Vec<_>, _>>()?;
     let manifest = Arc::new(rt.block_on(open_image(&opts, &sources, &store))?);
 
     let mut contents: Vec<([u8; 40], u64)> = manifest
         .inodes
         .iter()
         .filter_map(|i| match &i.kind {
-            InodeKind::File(f) if f.size > 0 => Some((
-                file_key(&f.root_hash, f.size),
-                incfs_verity::block_count(f.size),
-            )),
+            InodeKind::File(f) if f.size > 0 => {
+                Some((file_key(&f.root_hash, f.size), incfs_verity::block_count(f.size)))
+            }
             _ => None,
         })
         .collect();
@@ -162,15 +132,8 @@ pub fn mount(opts: MountOptions, on_ready: impl FnOnce()) -> Result<(), MountErr
     contents.dedup();
 
     let stats = Arc::new(Stats::default());
-    let reader = Arc::new(Reader::new(
-        manifest.clone(),
-        store.clone(),
-        Arc::new(Mirrors::new(sources)),
-        stats,
-    ));
-    reader
-        .presence
-        .load(&store, contents.iter().map(|(k, _)| *k))?;
+    let reader = Arc::new(Reader::new(manifest.clone(), store.clone(), Arc::new(Mirrors::new(sources)), stats));
+    reader.presence.load(&store, contents.iter().map(|(k, _)| *k))?;
 
     let root = nix_is_root();
     let mut mount_options = vec![
@@ -187,35 +150,19 @@ pub fn mount(opts: MountOptions, on_ready: impl FnOnce()) -> Result<(), MountErr
     }
     let mut config = Config::default();
     config.mount_options = mount_options;
-    config.acl = if root {
-        SessionACL::All
-    } else {
-        SessionACL::Owner
-    };
+    config.acl = if root { SessionACL::All } else { SessionACL::Owner };
     config.n_threads = Some(opts.threads.max(1));
     config.clone_fd = true;
 
-    let fs = IncFs::new(
-        manifest.clone(),
-        reader.clone(),
-        rt.handle().clone(),
-        opts.read_timeout,
-    );
-    let mut session = Session::new(fs, &mountpoint, &config).map_err(|error| MountError::Fuse {
-        path: mountpoint.clone(),
-        error,
-    })?;
+    let fs = IncFs::new(manifest.clone(), reader.clone(), rt.handle().clone(), opts.read_timeout);
+    let mut session =
+        Session::new(fs, &mountpoint, &config).map_err(|error| MountError::Fuse { path: mountpoint.clone(), error })?;
     let mut unmounter = session.unmount_callable();
 
     let sock = socket_path(&mountpoint);
     let _ = std::fs::remove_file(&sock);
-    let control = Arc::new(Control {
-        manifest,
-        reader,
-        mountpoint: mountpoint.clone(),
-        cache: opts.cache.clone(),
-        contents,
-    });
+    let control =
+        Arc::new(Control { manifest, reader, mountpoint: mountpoint.clone(), cache: opts.cache.clone(), contents });
     let listener = {
         let _guard = rt.enter();
         tokio::net::UnixListener::bind(&sock)
@@ -224,17 +171,11 @@ pub fn mount(opts: MountOptions, on_ready: impl FnOnce()) -> Result<(), MountErr
         Ok(l) => {
             rt.spawn(control.serve(l));
         }
-        Err(e) => tracing::warn!(
-            "no control socket at {}: {e}; incfs status will not work",
-            sock.display()
-        ),
+        Err(e) => tracing::warn!("no control socket at {}: {e}; incfs status will not work", sock.display()),
     }
     rt.spawn(async move {
         use tokio::signal::unix::{signal, SignalKind};
-        let (Ok(mut term), Ok(mut int)) = (
-            signal(SignalKind::terminate()),
-            signal(SignalKind::interrupt()),
-        ) else {
+        let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
             return;
         };
         tokio::select! {
@@ -252,10 +193,7 @@ pub fn mount(opts: MountOptions, on_ready: impl FnOnce()) -> Result<(), MountErr
     let result = session.run();
     let _ = std::fs::remove_file(&sock);
     rt.shutdown_timeout(Duration::from_secs(2));
-    result.map_err(|error| MountError::Fuse {
-        path: mountpoint,
-        error,
-    })
+    result.map_err(|error| MountError::Fuse { path: mountpoint, error })
 }
 
 fn nix_is_root() -> bool {
@@ -265,8 +203,7 @@ fn nix_is_root() -> bool {
 
 /// Unmount `mountpoint` (as `fusermount3 -u`, falling back to `umount`).
 pub fn unmount(mountpoint: &Path) -> Result<(), String> {
-    let run =
-        |cmd: &str, args: &[&std::ffi::OsStr]| std::process::Command::new(cmd).args(args).output();
+    let run = |cmd: &str, args: &[&std::ffi::OsStr]| std::process::Command::new(cmd).args(args).output();
     let mp = mountpoint.as_os_str();
     match run("fusermount3", &["-u".as_ref(), mp]) {
         Ok(o) if o.status.success() => return Ok(()),

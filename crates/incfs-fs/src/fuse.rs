@@ -6,13 +6,12 @@ use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use fuser::{
-    AccessFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation,
-    INodeNo, KernelConfig, LockOwner, OpenAccMode, OpenFlags, ReplyAttr, ReplyCreate, ReplyData,
-    ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite,
-    ReplyXattr, Request, TimeOrNow, WriteFlags,
+    AccessFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, KernelConfig,
+    LockOwner, OpenAccMode, OpenFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus,
+    ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 use incfs_format::manifest::{display_path, Inode, InodeKind, Manifest};
 use incfs_store::file_key;
@@ -99,16 +98,8 @@ impl IncFs {
             InodeKind::Dir => (FileType::Directory, 4096, 0),
             InodeKind::Symlink(t) => (FileType::Symlink, t.len() as u64, 0),
             InodeKind::Fifo => (FileType::NamedPipe, 0, 0),
-            InodeKind::CharDev { major, minor } => (
-                FileType::CharDevice,
-                0,
-                libc::makedev(*major, *minor) as u32,
-            ),
-            InodeKind::BlockDev { major, minor } => (
-                FileType::BlockDevice,
-                0,
-                libc::makedev(*major, *minor) as u32,
-            ),
+            InodeKind::CharDev { major, minor } => (FileType::CharDevice, 0, libc::makedev(*major, *minor) as u32),
+            InodeKind::BlockDev { major, minor } => (FileType::BlockDevice, 0, libc::makedev(*major, *minor) as u32),
         };
         let mtime = ts(node.meta.mtime_sec, node.meta.mtime_nsec);
         FileAttr {
@@ -182,13 +173,7 @@ impl Filesystem for IncFs {
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
         match self.inode(ino) {
-            Some((
-                _,
-                Inode {
-                    kind: InodeKind::Symlink(t),
-                    ..
-                },
-            )) => reply.data(t),
+            Some((_, Inode { kind: InodeKind::Symlink(t), .. })) => reply.data(t),
             Some(_) => reply.error(Errno::EINVAL),
             None => reply.error(Errno::ENOENT),
         }
@@ -205,13 +190,7 @@ impl Filesystem for IncFs {
             return reply.error(Errno::EINVAL);
         }
         let fh = self.next_handle.fetch_add(1, Ordering::Relaxed);
-        self.handles.lock().unwrap().insert(
-            fh,
-            Readahead {
-                next_block: 0,
-                window: READAHEAD_START,
-            },
-        );
+        self.handles.lock().unwrap().insert(fh, Readahead { next_block: 0, window: READAHEAD_START });
         reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE);
     }
 
@@ -233,16 +212,9 @@ impl Filesystem for IncFs {
         let next_block = (offset + size as u64).div_ceil(4096);
         let readahead = {
             let mut h = self.handles.lock().unwrap();
-            let ra = h.entry(fh.0).or_insert(Readahead {
-                next_block: 0,
-                window: READAHEAD_START,
-            });
+            let ra = h.entry(fh.0).or_insert(Readahead { next_block: 0, window: READAHEAD_START });
             let sequential = first_block == ra.next_block || first_block + 1 == ra.next_block;
-            ra.window = if sequential {
-                (ra.window * 2).clamp(READAHEAD_START, READAHEAD_MAX)
-            } else {
-                0
-            };
+            ra.window = if sequential { (ra.window * 2).clamp(READAHEAD_START, READAHEAD_MAX) } else { 0 };
             ra.next_block = next_block;
             ra.window
         };
@@ -252,19 +224,9 @@ impl Filesystem for IncFs {
             Err(Local::Need(_)) => {
                 Stats::add(&self.reader.stats.reads_waited, 1);
                 let reader = self.reader.clone();
-                let timeout = self.read_timeout;
+                let deadline = Instant::now() + self.read_timeout;
                 let f2 = f.clone();
-                self.rt.block_on(async move {
-                    match tokio::time::timeout(timeout, reader.read(&f2, offset, size, readahead))
-                        .await
-                    {
-                        Ok(r) => r,
-                        Err(_) => Err(ReadFailure {
-                            cause: FailCause::Timeout,
-                            message: format!("{}: data not available within {timeout:?}", f2.label),
-                        }),
-                    }
-                })
+                self.rt.block_on(async move { reader.read(&f2, offset, size, readahead, deadline).await })
             }
         };
         match result {
@@ -274,6 +236,10 @@ impl Filesystem for IncFs {
             }
             Err(e) => reply.error(self.errno_for(&e)),
         }
+    }
+
+    fn flush(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _lock: LockOwner, reply: ReplyEmpty) {
+        reply.ok();
     }
 
     fn release(
@@ -292,26 +258,13 @@ impl Filesystem for IncFs {
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         match self.inode(ino) {
-            Some((
-                _,
-                Inode {
-                    kind: InodeKind::Dir,
-                    ..
-                },
-            )) => reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE),
+            Some((_, Inode { kind: InodeKind::Dir, .. })) => reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE),
             Some(_) => reply.error(Errno::ENOTDIR),
             None => reply.error(Errno::ENOENT),
         }
     }
 
-    fn readdir(
-        &self,
-        _req: &Request,
-        ino: INodeNo,
-        _fh: FileHandle,
-        offset: u64,
-        mut reply: ReplyDirectory,
-    ) {
+    fn readdir(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
         let Some((d, _)) = self.inode(ino) else {
             return reply.error(Errno::ENOENT);
         };
@@ -339,14 +292,7 @@ impl Filesystem for IncFs {
         reply.ok();
     }
 
-    fn readdirplus(
-        &self,
-        _req: &Request,
-        ino: INodeNo,
-        _fh: FileHandle,
-        offset: u64,
-        mut reply: ReplyDirectoryPlus,
-    ) {
+    fn readdirplus(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, mut reply: ReplyDirectoryPlus) {
         let Some((d, _)) = self.inode(ino) else {
             return reply.error(Errno::ENOENT);
         };
@@ -354,22 +300,8 @@ impl Filesystem for IncFs {
         let children = self.manifest.children(d);
         for pos in offset as usize..children.len() + 2 {
             let full = match pos {
-                0 => reply.add(
-                    INodeNo(d as u64 + 1),
-                    1,
-                    ".",
-                    &TTL,
-                    &self.attr(d),
-                    Generation(0),
-                ),
-                1 => reply.add(
-                    INodeNo(parent as u64 + 1),
-                    2,
-                    "..",
-                    &TTL,
-                    &self.attr(parent),
-                    Generation(0),
-                ),
+                0 => reply.add(INodeNo(d as u64 + 1), 1, ".", &TTL, &self.attr(d), Generation(0)),
+                1 => reply.add(INodeNo(parent as u64 + 1), 2, "..", &TTL, &self.attr(parent), Generation(0)),
                 _ => {
                     let c = &children[pos - 2];
                     reply.add(
@@ -394,24 +326,9 @@ impl Filesystem for IncFs {
             .manifest
             .inodes
             .iter()
-            .map(|i| {
-                if let InodeKind::File(f) = &i.kind {
-                    incfs_verity::block_count(f.size)
-                } else {
-                    0
-                }
-            })
+            .map(|i| if let InodeKind::File(f) = &i.kind { incfs_verity::block_count(f.size) } else { 0 })
             .sum();
-        reply.statfs(
-            blocks,
-            0,
-            0,
-            self.manifest.inodes.len() as u64,
-            0,
-            4096,
-            255,
-            4096,
-        );
+        reply.statfs(blocks, 0, 0, self.manifest.inodes.len() as u64, 0, 4096, 255, 4096);
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
@@ -477,16 +394,7 @@ impl Filesystem for IncFs {
         reply.error(Errno::EROFS)
     }
 
-    fn mknod(
-        &self,
-        _req: &Request,
-        _p: INodeNo,
-        _n: &OsStr,
-        _m: u32,
-        _u: u32,
-        _r: u32,
-        reply: ReplyEntry,
-    ) {
+    fn mknod(&self, _req: &Request, _p: INodeNo, _n: &OsStr, _m: u32, _u: u32, _r: u32, reply: ReplyEntry) {
         reply.error(Errno::EROFS)
     }
 
@@ -502,14 +410,7 @@ impl Filesystem for IncFs {
         reply.error(Errno::EROFS)
     }
 
-    fn symlink(
-        &self,
-        _req: &Request,
-        _p: INodeNo,
-        _n: &OsStr,
-        _t: &std::path::Path,
-        reply: ReplyEntry,
-    ) {
+    fn symlink(&self, _req: &Request, _p: INodeNo, _n: &OsStr, _t: &std::path::Path, reply: ReplyEntry) {
         reply.error(Errno::EROFS)
     }
 
@@ -545,29 +446,11 @@ impl Filesystem for IncFs {
         reply.error(Errno::EROFS)
     }
 
-    fn create(
-        &self,
-        _req: &Request,
-        _p: INodeNo,
-        _n: &OsStr,
-        _m: u32,
-        _u: u32,
-        _f: i32,
-        reply: ReplyCreate,
-    ) {
+    fn create(&self, _req: &Request, _p: INodeNo, _n: &OsStr, _m: u32, _u: u32, _f: i32, reply: ReplyCreate) {
         reply.error(Errno::EROFS)
     }
 
-    fn setxattr(
-        &self,
-        _req: &Request,
-        _i: INodeNo,
-        _n: &OsStr,
-        _v: &[u8],
-        _f: i32,
-        _p: u32,
-        reply: ReplyEmpty,
-    ) {
+    fn setxattr(&self, _req: &Request, _i: INodeNo, _n: &OsStr, _v: &[u8], _f: i32, _p: u32, reply: ReplyEmpty) {
         reply.error(Errno::EROFS)
     }
 

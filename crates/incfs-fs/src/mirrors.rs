@@ -27,17 +27,8 @@ pub struct Mirrors {
 
 impl Mirrors {
     pub fn new(sources: Vec<Source>) -> Self {
-        let health = sources
-            .iter()
-            .map(|_| Health {
-                failures: 0,
-                retry_at: None,
-            })
-            .collect();
-        Mirrors {
-            sources,
-            health: Mutex::new(health),
-        }
+        let health = sources.iter().map(|_| Health { failures: 0, retry_at: None }).collect();
+        Mirrors { sources, health: Mutex::new(health) }
     }
 
     pub fn sources(&self) -> &[Source] {
@@ -61,31 +52,18 @@ impl Mirrors {
         let mut h = self.health.lock().unwrap();
         let e = &mut h[i];
         e.failures = e.failures.saturating_add(1);
-        let backoff = FIRST_BACKOFF
-            .saturating_mul(1 << e.failures.min(6).saturating_sub(1))
-            .min(MAX_BACKOFF);
+        let backoff = FIRST_BACKOFF.saturating_mul(1 << e.failures.min(6).saturating_sub(1)).min(MAX_BACKOFF);
         e.retry_at = Some(Instant::now() + backoff);
-        tracing::warn!(
-            "source {} put in backoff for {:?}",
-            self.sources[i].name(),
-            backoff
-        );
+        tracing::warn!("source {} put in backoff for {:?}", self.sources[i].name(), backoff);
     }
 
     fn succeeded(&self, i: usize) {
         let mut h = self.health.lock().unwrap();
-        h[i] = Health {
-            failures: 0,
-            retry_at: None,
-        };
+        h[i] = Health { failures: 0, retry_at: None };
     }
 
     /// Bytes `range` of `key` from the first mirror that has them; also returns which mirror.
-    pub async fn get_range(
-        &self,
-        key: &str,
-        range: Range<u64>,
-    ) -> Result<(Bytes, usize), SourceError> {
+    pub async fn get_range(&self, key: &str, range: Range<u64>) -> Result<(Bytes, usize), SourceError> {
         let mut last = None;
         for i in self.order() {
             match self.sources[i].get_range(key, range.clone()).await {

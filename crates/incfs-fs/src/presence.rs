@@ -23,19 +23,12 @@ pub struct Presence {
 
 fn bit(chunks: &BTreeMap<u64, Vec<u8>>, i: u64) -> bool {
     let (c, b) = (i / PRESENCE_CHUNK_BITS, i % PRESENCE_CHUNK_BITS);
-    chunks.get(&c).is_some_and(|bits| {
-        bits.get((b / 8) as usize)
-            .is_some_and(|byte| byte & (1 << (b % 8)) != 0)
-    })
+    chunks.get(&c).is_some_and(|bits| bits.get((b / 8) as usize).is_some_and(|byte| byte & (1 << (b % 8)) != 0))
 }
 
 impl Presence {
     /// Load the persisted bitmaps of `keys` (each once).
-    pub fn load(
-        &self,
-        store: &Store,
-        keys: impl IntoIterator<Item = FileKey>,
-    ) -> Result<(), StoreError> {
+    pub fn load(&self, store: &Store, keys: impl IntoIterator<Item = FileKey>) -> Result<(), StoreError> {
         let mut files = self.files.lock().unwrap();
         for key in keys {
             if files.contains_key(&key) {
@@ -52,28 +45,38 @@ impl Presence {
     }
 
     pub fn is_present(&self, key: &FileKey, block: u64) -> bool {
-        self.files
-            .lock()
-            .unwrap()
-            .get(key)
-            .is_some_and(|p| bit(&p.chunks, block))
+        self.files.lock().unwrap().get(key).is_some_and(|p| bit(&p.chunks, block))
+    }
+
+    /// The chunks that marking `blocks` would change, as they would be afterwards, without
+    /// changing anything: persist these first, then [`Presence::mark`], so memory never claims
+    /// more than the store holds.
+    pub fn staged(&self, key: &FileKey, blocks: impl IntoIterator<Item = u64>) -> Vec<(FileKey, u64, Vec<u8>)> {
+        let files = self.files.lock().unwrap();
+        let empty = BTreeMap::new();
+        let current = files.get(key).map_or(&empty, |p| &p.chunks);
+        let mut changed: BTreeMap<u64, Vec<u8>> = BTreeMap::new();
+        for i in blocks {
+            if bit(current, i) {
+                continue;
+            }
+            let (c, b) = (i / PRESENCE_CHUNK_BITS, i % PRESENCE_CHUNK_BITS);
+            let bits = changed.entry(c).or_insert_with(|| {
+                current.get(&c).cloned().unwrap_or_else(|| vec![0u8; (PRESENCE_CHUNK_BITS / 8) as usize])
+            });
+            bits[(b / 8) as usize] |= 1 << (b % 8);
+        }
+        changed.into_iter().map(|(c, bits)| (*key, c, bits)).collect()
     }
 
     /// Mark blocks present; returns the chunks that changed, to persist.
-    pub fn mark(
-        &self,
-        key: &FileKey,
-        blocks: impl IntoIterator<Item = u64>,
-    ) -> Vec<(FileKey, u64, Vec<u8>)> {
+    pub fn mark(&self, key: &FileKey, blocks: impl IntoIterator<Item = u64>) -> Vec<(FileKey, u64, Vec<u8>)> {
         let mut files = self.files.lock().unwrap();
         let p = files.entry(*key).or_default();
         let mut changed = std::collections::BTreeSet::new();
         for i in blocks {
             let (c, b) = (i / PRESENCE_CHUNK_BITS, i % PRESENCE_CHUNK_BITS);
-            let bits = p
-                .chunks
-                .entry(c)
-                .or_insert_with(|| vec![0u8; (PRESENCE_CHUNK_BITS / 8) as usize]);
+            let bits = p.chunks.entry(c).or_insert_with(|| vec![0u8; (PRESENCE_CHUNK_BITS / 8) as usize]);
             let byte = &mut bits[(b / 8) as usize];
             if *byte & (1 << (b % 8)) == 0 {
                 *byte |= 1 << (b % 8);
@@ -81,10 +84,7 @@ impl Presence {
                 changed.insert(c);
             }
         }
-        changed
-            .into_iter()
-            .map(|c| (*key, c, p.chunks[&c].clone()))
-            .collect()
+        changed.into_iter().map(|c| (*key, c, p.chunks[&c].clone())).collect()
     }
 
     /// Blocks present of one content.
@@ -125,5 +125,9 @@ mod tests {
         assert_eq!(p.count(&k), 5);
         assert!(p.is_present(&k, 5000) && !p.is_present(&k, 3));
         assert_eq!(p.ranges(&k, 6000), vec![0..3, 5..6, 5000..5001]);
+        let staged = p.staged(&k, [3, 5]);
+        assert_eq!(staged.len(), 1);
+        assert_eq!(staged[0].2[0], 0b0010_1111, "existing bits kept, new bit added");
+        assert!(!p.is_present(&k, 3), "staging changes nothing");
     }
 }

@@ -11,7 +11,7 @@
 use std::collections::HashMap;
 use std::ops::Range;
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use futures::future::{BoxFuture, FutureExt, Shared};
 use incfs_fetch::image::verify_block;
@@ -30,6 +30,10 @@ use crate::stats::{FailCause, Stats};
 pub const META_CHUNK: u64 = 64 << 10;
 /// Largest ranged GET for a run of blocks.
 const MAX_RUN_BYTES: u64 = 4 << 20;
+/// After a read of a file fails for want of data, further reads of that file that need the
+/// network fail at once for this long. The kernel retries a failed readahead with a synchronous
+/// read right away; without this, one `read(2)` would wait out the timeout twice.
+const FAILURE_MEMORY: Duration = Duration::from_secs(1);
 
 /// A file as the reader sees it.
 #[derive(Debug, Clone)]
@@ -63,10 +67,7 @@ pub enum Local {
 }
 
 fn fail(cause: FailCause, message: impl Into<String>) -> Local {
-    Local::Fail(ReadFailure {
-        cause,
-        message: message.into(),
-    })
+    Local::Fail(ReadFailure { cause, message: message.into() })
 }
 
 /// Outcome of one ranged GET of a run of blocks: the leaves that could not be had, and why.
@@ -88,16 +89,13 @@ pub struct Reader {
     /// Metadata pieces: (object, region offset, chunk) -> bytes (unverified).
     meta: Cache<(u32, u64, u64), Arc<Vec<u8>>>,
     inflight: Mutex<HashMap<Hash, SharedRun>>,
+    recent_failures: Mutex<HashMap<FileKey, (Instant, ReadFailure)>>,
+    persist: Mutex<()>,
     zero_hash: Hash,
 }
 
 impl Reader {
-    pub fn new(
-        manifest: Arc<Manifest>,
-        store: Arc<Store>,
-        mirrors: Arc<Mirrors>,
-        stats: Arc<Stats>,
-    ) -> Self {
+    pub fn new(manifest: Arc<Manifest>, store: Arc<Store>, mirrors: Arc<Mirrors>, stats: Arc<Stats>) -> Self {
         Reader {
             manifest,
             store,
@@ -107,6 +105,8 @@ impl Reader {
             hashes: Cache::new(16 << 10),
             meta: Cache::new(1024),
             inflight: Mutex::new(HashMap::new()),
+            recent_failures: Mutex::new(HashMap::new()),
+            persist: Mutex::new(()),
             zero_hash: hash_data_block(&[]),
         }
     }
@@ -122,11 +122,7 @@ impl Reader {
     fn region(&self, f: &FileRef) -> (u32, u64, u64) {
         let m = f.data.meta.expect("non-empty files have a metadata region");
         // validate() guaranteed the region fits in its object.
-        (
-            m.object,
-            m.offset,
-            FileMetaLayout::new(f.data.size).len().unwrap(),
-        )
+        (m.object, m.offset, FileMetaLayout::new(f.data.size).len().unwrap())
     }
 
     fn meta_chunk_local(&self, f: &FileRef, chunk: u64) -> Result<Option<Arc<Vec<u8>>>, Local> {
@@ -178,23 +174,14 @@ impl Reader {
     }
 
     /// Hash block `index` of `level`, checked up to the root.
-    fn hash_block(
-        &self,
-        f: &FileRef,
-        geo: &Geometry,
-        level: usize,
-        index: u64,
-    ) -> Result<Arc<Vec<Hash>>, Local> {
+    fn hash_block(&self, f: &FileRef, geo: &Geometry, level: usize, index: u64) -> Result<Arc<Vec<Hash>>, Local> {
         let key = (f.key, level as u8, index);
         if let Some(h) = self.hashes.get(&key) {
             return Ok(h);
         }
         let range = geo.hash_block_range(level, index);
         let bytes = self.meta_local(f, range.clone())?;
-        let hashes: Vec<Hash> = bytes
-            .chunks_exact(HASH_SIZE)
-            .map(|c| c.try_into().unwrap())
-            .collect();
+        let hashes: Vec<Hash> = bytes.chunks_exact(HASH_SIZE).map(|c| c.try_into().unwrap()).collect();
         let expected = if level + 1 == geo.levels().len() {
             f.data.root_hash
         } else {
@@ -204,14 +191,8 @@ impl Reader {
         if !check_hash_block(&hashes, &expected) {
             self.drop_meta(f, range);
             Stats::add(&self.stats.blocks_bad, 1);
-            tracing::error!(
-                "{}: Merkle tree level {level} block {index} failed verification",
-                f.label
-            );
-            return Err(fail(
-                FailCause::Verification,
-                format!("{}: hash block failed verification", f.label),
-            ));
+            tracing::error!("{}: Merkle tree level {level} block {index} failed verification", f.label);
+            return Err(fail(FailCause::Verification, format!("{}: hash block failed verification", f.label)));
         }
         let h = Arc::new(hashes);
         self.hashes.insert(key, h.clone());
@@ -231,12 +212,8 @@ impl Reader {
         let layout = FileMetaLayout::new(f.data.size);
         let at = layout.record_offset(i);
         let bytes = self.meta_local(f, at..at + BLOCK_RECORD_SIZE as u64)?;
-        let r = BlockRecord::decode(bytes.as_slice().try_into().unwrap()).map_err(|e| {
-            fail(
-                FailCause::Verification,
-                format!("{}: block {i}: bad block record: {e}", f.label),
-            )
-        })?;
+        let r = BlockRecord::decode(bytes.as_slice().try_into().unwrap())
+            .map_err(|e| fail(FailCause::Verification, format!("{}: block {i}: bad block record: {e}", f.label)))?;
         if r.codec != Codec::Zero {
             let size = self.manifest.objects.get(r.object as usize).map(|o| o.size);
             if size.is_none_or(|s| r.range().end > s) {
@@ -251,26 +228,14 @@ impl Reader {
 
     /// A stored block, decoded and verified; a damaged one is removed and reported absent.
     fn stored_block(&self, leaf: &Hash) -> Result<Option<Box<[u8; BLOCK_SIZE]>>, Local> {
-        let Some((codec, data)) = self
-            .store
-            .get_block(leaf)
-            .map_err(|e| fail(FailCause::Other, e.to_string()))?
-        else {
+        let Some((codec, data)) = self.store.get_block(leaf).map_err(|e| fail(FailCause::Other, e.to_string()))? else {
             return Ok(None);
         };
-        let rec = BlockRecord {
-            object: 0,
-            codec,
-            len: data.len() as u16,
-            offset: 0,
-        };
+        let rec = BlockRecord { object: 0, codec, len: data.len() as u16, offset: 0 };
         match verify_block(&rec, &data, leaf) {
             Ok(b) => Ok(Some(b)),
             Err(e) => {
-                tracing::error!(
-                    "local store block {} is damaged ({e}); dropping it",
-                    hex::encode(leaf)
-                );
+                tracing::error!("local store block {} is damaged ({e}); dropping it", hex::encode(leaf));
                 Stats::add(&self.stats.blocks_bad, 1);
                 let _ = self.store.remove_block(leaf);
                 Ok(None)
@@ -318,17 +283,63 @@ impl Reader {
     }
 
     fn persist_presence(&self, key: &FileKey, blocks: Vec<u64>) {
-        let changed = self.presence.mark(key, blocks);
-        if !changed.is_empty() {
-            if let Err(e) = self.store.put_blocks(&[], &changed) {
-                tracing::warn!("cannot record block presence: {e}");
-            }
+        if let Err(e) = self.store_blocks(key, &[], blocks) {
+            tracing::warn!("cannot record block presence: {e}");
         }
     }
 
-    /// Serve a read, fetching whatever is missing. `readahead` more blocks after the last
-    /// missing one are fetched along, if absent.
+    /// Store verified blocks and mark `present` blocks of `key`, in one transaction. Writers are
+    /// serialized so that each persists presence bits that include all earlier writers' bits.
+    fn store_blocks(&self, key: &FileKey, blocks: &[NewBlock<'_>], present: Vec<u64>) -> Result<(), incfs_store::StoreError> {
+        let _writer = self.persist.lock().unwrap();
+        let changed = self.presence.staged(key, present.iter().copied());
+        if blocks.is_empty() && changed.is_empty() {
+            return Ok(());
+        }
+        self.store.put_blocks(blocks, &changed)?;
+        self.presence.mark(key, present);
+        Ok(())
+    }
+
+    /// Serve a read, fetching whatever is missing, failing with [`FailCause::Timeout`] at
+    /// `deadline`. `readahead` more blocks after the last missing one are fetched along.
     pub async fn read(
+        self: &Arc<Self>,
+        f: &FileRef,
+        offset: u64,
+        size: u32,
+        readahead: u64,
+        deadline: Instant,
+    ) -> Result<Vec<u8>, ReadFailure> {
+        if let Some((at, e)) = self.recent_failures.lock().unwrap().get(&f.key) {
+            if at.elapsed() < FAILURE_MEMORY {
+                return Err(e.clone());
+            }
+        }
+        let timeout = deadline.saturating_duration_since(Instant::now());
+        let result =
+            match tokio::time::timeout_at(deadline.into(), self.read_fetching(f, offset, size, readahead)).await {
+                Ok(r) => r,
+                Err(_) => Err(ReadFailure {
+                    cause: FailCause::Timeout,
+                    message: format!("{}: data not available within {timeout:?}", f.label),
+                }),
+            };
+        // Only waits are remembered: a verification failure costs no waiting, and the next
+        // attempt should go to the network at once (to another mirror, or a repaired one).
+        let mut recent = self.recent_failures.lock().unwrap();
+        match &result {
+            Err(e) if matches!(e.cause, FailCause::Timeout | FailCause::Source) => {
+                recent.insert(f.key, (Instant::now(), e.clone()));
+            }
+            _ => {
+                recent.remove(&f.key);
+            }
+        }
+        result
+    }
+
+    async fn read_fetching(
         self: &Arc<Self>,
         f: &FileRef,
         offset: u64,
@@ -342,15 +353,10 @@ impl Reader {
                 Ok(v) => return Ok(v),
                 Err(Local::Fail(e)) => return Err(e),
                 Err(Local::Need(Need::Meta { chunk })) => self.fetch_meta(f, chunk).await?,
-                Err(Local::Need(Need::Blocks(list))) => {
-                    self.fetch_blocks(f, &list, readahead).await?
-                }
+                Err(Local::Need(Need::Blocks(list))) => self.fetch_blocks(f, &list, readahead).await?,
             }
         }
-        Err(ReadFailure {
-            cause: FailCause::Other,
-            message: format!("{}: read made no progress", f.label),
-        })
+        Err(ReadFailure { cause: FailCause::Other, message: format!("{}: read made no progress", f.label) })
     }
 
     async fn fetch_meta(&self, f: &FileRef, chunk: u64) -> Result<(), ReadFailure> {
@@ -359,23 +365,15 @@ impl Reader {
         let start = offset + chunk * META_CHUNK;
         let end = offset + len.min((chunk + 1) * META_CHUNK);
         let t = Instant::now();
-        let (bytes, _) = self
-            .mirrors
-            .get_range(&layout::object(&digest), start..end)
-            .await
-            .map_err(|e| {
-                Stats::add(&self.stats.fetch_failures, 1);
-                ReadFailure {
-                    cause: FailCause::Source,
-                    message: e.to_string(),
-                }
-            })?;
+        let (bytes, _) = self.mirrors.get_range(&layout::object(&digest), start..end).await.map_err(|e| {
+            Stats::add(&self.stats.fetch_failures, 1);
+            ReadFailure { cause: FailCause::Source, message: e.to_string() }
+        })?;
         self.stats.fetched(bytes.len() as u64, t.elapsed());
         if let Err(e) = self.store.put_meta(&digest, offset, chunk, &bytes) {
             tracing::warn!("cannot cache metadata: {e}");
         }
-        self.meta
-            .insert((object, offset, chunk), Arc::new(bytes.to_vec()));
+        self.meta.insert((object, offset, chunk), Arc::new(bytes.to_vec()));
         Ok(())
     }
 
@@ -387,10 +385,7 @@ impl Reader {
         for &i in blocks {
             let leaf = self.leaf(f, &geo, i)?;
             if leaf == self.zero_hash
-                || self
-                    .store
-                    .has_block(&leaf)
-                    .map_err(|e| fail(FailCause::Other, e.to_string()))?
+                || self.store.has_block(&leaf).map_err(|e| fail(FailCause::Other, e.to_string()))?
             {
                 present.push(i);
                 continue;
@@ -403,12 +398,7 @@ impl Reader {
         Ok(out)
     }
 
-    async fn fetch_blocks(
-        self: &Arc<Self>,
-        f: &FileRef,
-        needed: &[u64],
-        readahead: u64,
-    ) -> Result<(), ReadFailure> {
+    async fn fetch_blocks(self: &Arc<Self>, f: &FileRef, needed: &[u64], readahead: u64) -> Result<(), ReadFailure> {
         let blocks_total = incfs_verity::block_count(f.data.size);
         let last = *needed.last().unwrap();
         let mut wanted: Vec<u64> = needed.to_vec();
@@ -421,11 +411,7 @@ impl Reader {
                 Err(Local::Need(Need::Blocks(_))) => unreachable!("planning needs no blocks"),
             }
         };
-        let needed_leaves: Vec<Hash> = plan
-            .iter()
-            .filter(|(i, _, _)| needed.contains(i))
-            .map(|(_, h, _)| *h)
-            .collect();
+        let needed_leaves: Vec<Hash> = plan.iter().filter(|(i, _, _)| needed.contains(i)).map(|(_, h, _)| *h).collect();
         let mut waits = Vec::new();
         {
             let mut inflight = self.inflight.lock().unwrap();
@@ -433,9 +419,10 @@ impl Reader {
             for item in plan {
                 match inflight.get(&item.1) {
                     Some(s) => waits.push(s.clone()),
-                    None if todo
-                        .iter()
-                        .any(|(_, h, _): &(u64, Hash, BlockRecord)| *h == item.1) => {}
+                    None if todo.iter().any(|(_, h, _): &(u64, Hash, BlockRecord)| *h == item.1) => {}
+                    // Checked again under the lock: a run stores its blocks before it leaves
+                    // `inflight`, so a block is always either stored or in flight here.
+                    None if self.store.has_block(&item.1).unwrap_or(false) => {}
                     None => todo.push(item),
                 }
             }
@@ -445,13 +432,8 @@ impl Reader {
                 let file = f.clone();
                 let leaves: Vec<Hash> = items.iter().map(|(_, h, _)| *h).collect();
                 let handle = tokio::spawn(async move { me.fetch_run(file, items).await });
-                let shared = async move {
-                    handle
-                        .await
-                        .unwrap_or_else(|_| Arc::new(RunOutcome::default()))
-                }
-                .boxed()
-                .shared();
+                let shared =
+                    async move { handle.await.unwrap_or_else(|_| Arc::new(RunOutcome::default())) }.boxed().shared();
                 for h in leaves {
                     inflight.insert(h, shared.clone());
                 }
@@ -468,11 +450,7 @@ impl Reader {
     }
 
     /// One ranged GET for blocks lying back to back in one object; verify, store, report.
-    async fn fetch_run(
-        self: Arc<Self>,
-        f: FileRef,
-        items: Vec<(u64, Hash, BlockRecord)>,
-    ) -> Arc<RunOutcome> {
+    async fn fetch_run(self: Arc<Self>, f: FileRef, items: Vec<(u64, Hash, BlockRecord)>) -> Arc<RunOutcome> {
         let first = items[0].2;
         let end = items.last().unwrap().2.range().end;
         let key = layout::object(&self.manifest.objects[first.object as usize].digest);
@@ -481,10 +459,7 @@ impl Reader {
         match self.mirrors.get_range(&key, first.offset..end).await {
             Err(e) => {
                 Stats::add(&self.stats.fetch_failures, 1);
-                let failure = ReadFailure {
-                    cause: FailCause::Source,
-                    message: e.to_string(),
-                };
+                let failure = ReadFailure { cause: FailCause::Source, message: e.to_string() };
                 for (_, h, _) in &items {
                     outcome.failed.insert(*h, failure.clone());
                 }
@@ -493,17 +468,9 @@ impl Reader {
                 self.stats.fetched(bytes.len() as u64, t.elapsed());
                 let mut good = Vec::new();
                 for (i, leaf, r) in &items {
-                    let stored = &bytes[(r.offset - first.offset) as usize
-                        ..(r.range().end - first.offset) as usize];
+                    let stored = &bytes[(r.offset - first.offset) as usize..(r.range().end - first.offset) as usize];
                     match verify_block(r, stored, leaf) {
-                        Ok(_) => good.push((
-                            *i,
-                            NewBlock {
-                                hash: *leaf,
-                                codec: r.codec,
-                                data: stored,
-                            },
-                        )),
+                        Ok(_) => good.push((*i, NewBlock { hash: *leaf, codec: r.codec, data: stored })),
                         Err(e) => {
                             Stats::add(&self.stats.blocks_bad, 1);
                             tracing::error!(
@@ -522,20 +489,16 @@ impl Reader {
                         }
                     }
                 }
-                let changed = self.presence.mark(&f.key, good.iter().map(|(i, _)| *i));
+                let present: Vec<u64> = good.iter().map(|(i, _)| *i).collect();
                 let blocks: Vec<NewBlock<'_>> = good.into_iter().map(|(_, b)| b).collect();
-                match self.store.put_blocks(&blocks, &changed) {
+                match self.store_blocks(&f.key, &blocks, present) {
                     Ok(()) => Stats::add(&self.stats.blocks_fetched, blocks.len() as u64),
                     Err(e) => {
                         tracing::error!("cannot store blocks: {e}");
                         for b in &blocks {
-                            outcome.failed.insert(
-                                b.hash,
-                                ReadFailure {
-                                    cause: FailCause::Other,
-                                    message: e.to_string(),
-                                },
-                            );
+                            outcome
+                                .failed
+                                .insert(b.hash, ReadFailure { cause: FailCause::Other, message: e.to_string() });
                         }
                     }
                 }
@@ -557,9 +520,7 @@ fn group_runs(items: &[(u64, Hash, BlockRecord)]) -> Vec<Range<usize>> {
         if let Some(run) = runs.last_mut() {
             let prev = &items[run.end - 1].2;
             let start = &items[run.start].2;
-            if prev.object == r.object
-                && prev.range().end == r.offset
-                && r.range().end - start.offset <= MAX_RUN_BYTES
+            if prev.object == r.object && prev.range().end == r.offset && r.range().end - start.offset <= MAX_RUN_BYTES
             {
                 run.end = k + 1;
                 continue;
@@ -575,27 +536,13 @@ mod tests {
     use super::*;
 
     fn item(i: u64, object: u32, offset: u64, len: u16) -> (u64, Hash, BlockRecord) {
-        (
-            i,
-            [i as u8; 32],
-            BlockRecord {
-                object,
-                codec: Codec::Lz4,
-                len,
-                offset,
-            },
-        )
+        (i, [i as u8; 32], BlockRecord { object, codec: Codec::Lz4, len, offset })
     }
 
     #[test]
     fn runs_join_only_adjacent_bytes() {
-        let items = vec![
-            item(0, 0, 0, 10),
-            item(1, 0, 10, 5),
-            item(2, 0, 100, 5),
-            item(3, 1, 105, 5),
-            item(9, 1, 110, 1),
-        ];
+        let items =
+            vec![item(0, 0, 0, 10), item(1, 0, 10, 5), item(2, 0, 100, 5), item(3, 1, 105, 5), item(9, 1, 110, 1)];
         assert_eq!(group_runs(&items), vec![0..2, 2..3, 3..5]);
         let big: Vec<_> = (0..2000).map(|i| item(i, 0, i * 4096, 4096)).collect();
         assert_eq!(group_runs(&big).len(), 2);

@@ -45,10 +45,7 @@ pub(crate) struct DedupIndex {
 
 /// The repository's newest version, if any, and the reuse index over all its versions.
 pub(crate) fn load(repo: &Path) -> Result<(Option<Manifest>, DedupIndex), PackError> {
-    let mut index = DedupIndex {
-        repo: repo.to_path_buf(),
-        ..Default::default()
-    };
+    let mut index = DedupIndex { repo: repo.to_path_buf(), ..Default::default() };
     let dir = repo.join(layout::VERSIONS_DIR);
     let mut versions: Vec<u64> = match fs::read_dir(&dir) {
         Ok(rd) => rd
@@ -69,11 +66,7 @@ pub(crate) fn load(repo: &Path) -> Result<(Option<Manifest>, DedupIndex), PackEr
         let env = wire::open_envelope(&bytes).map_err(|e| format!("{}: {e}", path.display()))?;
         let m = wire::decode_body(env.body).map_err(|e| format!("{}: {e}", path.display()))?;
         if m.version != v {
-            return Err(format!(
-                "{} says it is version {}",
-                path.display(),
-                m.version
-            ));
+            return Err(format!("{} says it is version {}", path.display(), m.version));
         }
         Ok(m)
     };
@@ -113,9 +106,7 @@ pub(crate) fn load(repo: &Path) -> Result<(Option<Manifest>, DedupIndex), PackEr
 impl DedupIndex {
     fn object_file(&mut self, object: u32) -> std::io::Result<&File> {
         if !self.open.contains_key(&object) {
-            let path = self
-                .repo
-                .join(layout::object(&self.old_table[object as usize].digest));
+            let path = self.repo.join(layout::object(&self.old_table[object as usize].digest));
             self.open.insert(object, File::open(path)?);
         }
         Ok(&self.open[&object])
@@ -129,13 +120,7 @@ impl DedupIndex {
         Ok(buf)
     }
 
-    fn learn_file(
-        &mut self,
-        m: &Manifest,
-        size: u64,
-        root: &Hash,
-        meta: MetaRef,
-    ) -> Result<(), String> {
+    fn learn_file(&mut self, m: &Manifest, size: u64, root: &Hash, meta: MetaRef) -> Result<(), String> {
         let layout = FileMetaLayout::new(size);
         let len = layout.len().ok_or("metadata too large")? as usize;
         let bytes = self.read_old(meta.object, meta.offset, len)?;
@@ -144,10 +129,7 @@ impl DedupIndex {
         let mut records = Vec::with_capacity(map.len() / BLOCK_RECORD_SIZE);
         for chunk in map.chunks_exact(BLOCK_RECORD_SIZE) {
             let r = BlockRecord::decode(chunk.try_into().unwrap()).map_err(|e| e.to_string())?;
-            let obj = m
-                .objects
-                .get(r.object as usize)
-                .ok_or("block record names a missing object")?;
+            let obj = m.objects.get(r.object as usize).ok_or("block record names a missing object")?;
             if r.range().end > obj.size {
                 return Err("block record lies outside its object".into());
             }
@@ -158,9 +140,7 @@ impl DedupIndex {
                 self.blocks.entry(*leaf).or_insert(*r);
             }
         }
-        self.files
-            .entry((*root, size))
-            .or_insert((meta, records_digest(&records)));
+        self.files.entry((*root, size)).or_insert((meta, records_digest(&records)));
         Ok(())
     }
 
@@ -198,10 +178,7 @@ impl DedupIndex {
 
     /// An existing metadata region for a file with this root hash, size and block records.
     pub fn file(&self, root: &Hash, size: u64, records: &Hash) -> Option<MetaRef> {
-        self.files
-            .get(&(*root, size))
-            .filter(|(_, r)| r == records)
-            .map(|(m, _)| *m)
+        self.files.get(&(*root, size)).filter(|(_, r)| r == records).map(|(m, _)| *m)
     }
 
     pub fn insert_file(&mut self, root: Hash, size: u64, meta: MetaRef, records: Hash) {

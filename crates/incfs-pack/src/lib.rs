@@ -34,10 +34,7 @@ const CHUNK: usize = 4 << 20;
 #[derive(Debug, thiserror::Error)]
 pub enum PackError {
     #[error("{}: {source}", path.display())]
-    Io {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Io { path: PathBuf, source: std::io::Error },
     #[error("{} is not a directory; pack takes the directory to publish", .0.display())]
     NotADirectory(PathBuf),
     #[error("{}: {what} is not supported", path.display())]
@@ -76,9 +73,7 @@ impl Default for PackOptions {
         PackOptions {
             name: None,
             version: None,
-            compression: Compression::Zstd {
-                level: Compression::DEFAULT_ZSTD_LEVEL,
-            },
+            compression: Compression::Zstd { level: Compression::DEFAULT_ZSTD_LEVEL },
             object_size: DEFAULT_OBJECT_SIZE,
         }
     }
@@ -126,19 +121,11 @@ pub struct NoProgress;
 impl Progress for NoProgress {}
 
 pub(crate) fn sync_dir(dir: &Path) -> Result<(), PackError> {
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(|source| PackError::Io {
-            path: dir.to_path_buf(),
-            source,
-        })
+    File::open(dir).and_then(|d| d.sync_all()).map_err(|source| PackError::Io { path: dir.to_path_buf(), source })
 }
 
 fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), PackError> {
-    let io = |source| PackError::Io {
-        path: path.to_path_buf(),
-        source,
-    };
+    let io = |source| PackError::Io { path: path.to_path_buf(), source };
     let tmp = path.with_file_name(format!("{}{}", objects::TMP_PREFIX, std::process::id()));
     let mut f = File::create(&tmp).map_err(io)?;
     f.write_all(bytes).and_then(|_| f.sync_all()).map_err(io)?;
@@ -148,17 +135,8 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), PackError> {
 
 /// Remove files left by an interrupted pack (never referenced by any manifest).
 fn clean_leftovers(dir: &Path) -> Result<(), PackError> {
-    for e in fs::read_dir(dir)
-        .map_err(|source| PackError::Io {
-            path: dir.to_path_buf(),
-            source,
-        })?
-        .flatten()
-    {
-        if e.file_name()
-            .to_string_lossy()
-            .starts_with(objects::TMP_PREFIX)
-        {
+    for e in fs::read_dir(dir).map_err(|source| PackError::Io { path: dir.to_path_buf(), source })?.flatten() {
+        if e.file_name().to_string_lossy().starts_with(objects::TMP_PREFIX) {
             let _ = fs::remove_file(e.path());
         }
     }
@@ -182,8 +160,7 @@ pub fn pack(
     }
     let lock_path = repo.join(".lock");
     let lock = File::create(&lock_path).map_err(io(&lock_path))?;
-    lock.try_lock()
-        .map_err(|_| PackError::Locked(repo.to_path_buf()))?;
+    lock.try_lock().map_err(|_| PackError::Locked(repo.to_path_buf()))?;
     for d in [layout::OBJECTS_DIR, layout::VERSIONS_DIR] {
         clean_leftovers(&repo.join(d))?;
     }
@@ -193,10 +170,7 @@ pub fn pack(
     let latest = previous.as_ref().map_or(0, |m| m.version);
     let version = opts.version.unwrap_or(latest + 1);
     if version <= latest || version == 0 {
-        return Err(PackError::VersionNotNewer {
-            requested: version,
-            latest,
-        });
+        return Err(PackError::VersionNotNewer { requested: version, latest });
     }
     let name = match (&opts.name, &previous) {
         (Some(n), _) => n.clone(),
@@ -241,11 +215,7 @@ pub fn pack(
             incfs_format::InodeKind::Symlink(_) => packer.summary.symlinks += 1,
             _ => packer.summary.specials += 1,
         }
-        inodes.push(Inode {
-            meta: s.meta,
-            xattrs: s.xattrs,
-            kind,
-        });
+        inodes.push(Inode { meta: s.meta, xattrs: s.xattrs, kind });
     }
     packer.summary.hard_links = scanned.dirents.len() as u64 + 1 - inodes.len() as u64;
     let mut summary = packer.summary;
@@ -253,16 +223,8 @@ pub fn pack(
     let (objects, written) = packer.objects.finish()?;
     summary.objects_written = written;
 
-    let manifest = Manifest {
-        name,
-        version,
-        objects,
-        inodes,
-        dirents: scanned.dirents,
-    };
-    manifest
-        .validate()
-        .map_err(|e| PackError::Internal(e.to_string()))?;
+    let manifest = Manifest { name, version, objects, inodes, dirents: scanned.dirents };
+    manifest.validate().map_err(|e| PackError::Internal(e.to_string()))?;
     let signed = wire::encode_signed_part(&manifest);
     let signature = key.sign(&signed);
     let file = wire::seal(signed, key.algorithm(), key.public_key().id(), &signature);
@@ -305,16 +267,8 @@ fn read_full(f: &mut File, buf: &mut [u8]) -> std::io::Result<usize> {
 }
 
 impl Packer {
-    fn pack_file(
-        &mut self,
-        path: &Path,
-        size: u64,
-        progress: &dyn Progress,
-    ) -> Result<FileData, PackError> {
-        let io = |source| PackError::Io {
-            path: path.to_path_buf(),
-            source,
-        };
+    fn pack_file(&mut self, path: &Path, size: u64, progress: &dyn Progress) -> Result<FileData, PackError> {
+        let io = |source| PackError::Io { path: path.to_path_buf(), source };
         let mut f = File::open(path).map_err(io)?;
         if f.metadata().map_err(io)?.len() != size {
             return Err(PackError::Changed(path.to_path_buf()));
@@ -358,25 +312,14 @@ impl Packer {
             let compression = self.compression;
             let encoded: Vec<EncodedBlock> = fresh
                 .par_iter()
-                .map(|&i| {
-                    encode_block(
-                        &chunk[i * BLOCK_SIZE..(i * BLOCK_SIZE + BLOCK_SIZE).min(n)],
-                        compression,
-                    )
-                })
+                .map(|&i| encode_block(&chunk[i * BLOCK_SIZE..(i * BLOCK_SIZE + BLOCK_SIZE).min(n)], compression))
                 .collect();
             let mut written: Vec<BlockRecord> = Vec::with_capacity(encoded.len());
             for (i, e) in encoded.iter().enumerate() {
                 let (object, offset) = self.objects.append(&e.bytes)?;
-                let r = BlockRecord {
-                    object,
-                    codec: e.codec,
-                    len: e.bytes.len() as u16,
-                    offset,
-                };
+                let r = BlockRecord { object, codec: e.codec, len: e.bytes.len() as u16, offset };
                 self.dedup.insert_block(hashes[fresh[i]], r);
-                self.summary.new_block_bytes +=
-                    chunk[fresh[i] * BLOCK_SIZE..].len().min(BLOCK_SIZE) as u64;
+                self.summary.new_block_bytes += chunk[fresh[i] * BLOCK_SIZE..].len().min(BLOCK_SIZE) as u64;
                 self.summary.new_block_stored += e.bytes.len() as u64;
                 written.push(r);
             }
@@ -395,11 +338,7 @@ impl Packer {
         }
         self.summary.bytes_in += size;
         if size == 0 {
-            return Ok(FileData {
-                size,
-                root_hash: [0; 32],
-                meta: None,
-            });
+            return Ok(FileData { size, root_hash: [0; 32], meta: None });
         }
         let tree = MerkleTree::from_leaves(size, leaves);
         let digest = dedup::records_digest(&records);
@@ -416,10 +355,6 @@ impl Packer {
                 m
             }
         };
-        Ok(FileData {
-            size,
-            root_hash: *tree.root(),
-            meta: Some(meta),
-        })
+        Ok(FileData { size, root_hash: *tree.root(), meta: Some(meta) })
     }
 }

@@ -57,24 +57,14 @@ impl ObjectWriter {
     /// Append `bytes` contiguously to an object; returns (object index, offset). Starts a new
     /// object first if the current one has reached the target size.
     pub fn append(&mut self, bytes: &[u8]) -> Result<(u32, u64), PackError> {
-        if self
-            .current
-            .as_ref()
-            .is_some_and(|o| o.len >= self.target_size)
-        {
+        if self.current.as_ref().is_some_and(|o| o.len >= self.target_size) {
             self.finish_current()?;
         }
         if self.current.is_none() {
             let index = u32::try_from(self.table.len()).map_err(|_| PackError::TooManyObjects)?;
-            let tmp = self
-                .repo
-                .join(layout::OBJECTS_DIR)
-                .join(format!("{TMP_PREFIX}{}-{index}", std::process::id()));
+            let tmp = self.repo.join(layout::OBJECTS_DIR).join(format!("{TMP_PREFIX}{}-{index}", std::process::id()));
             let file = File::create(&tmp).map_err(self.io(&tmp))?;
-            self.table.push(ObjectRef {
-                digest: [0; 32],
-                size: 0,
-            });
+            self.table.push(ObjectRef { digest: [0; 32], size: 0 });
             self.current = Some(OpenObject {
                 index,
                 tmp,
@@ -85,10 +75,7 @@ impl ObjectWriter {
         }
         let o = self.current.as_mut().unwrap();
         let at = o.len;
-        o.file.write_all(bytes).map_err(|source| PackError::Io {
-            path: o.tmp.clone(),
-            source,
-        })?;
+        o.file.write_all(bytes).map_err(|source| PackError::Io { path: o.tmp.clone(), source })?;
         o.hasher.update(bytes);
         o.len += bytes.len() as u64;
         self.bytes_written += bytes.len() as u64;
@@ -99,20 +86,14 @@ impl ObjectWriter {
         let Some(o) = self.current.take() else {
             return Ok(());
         };
-        let file = o.file.into_inner().map_err(|e| PackError::Io {
-            path: o.tmp.clone(),
-            source: e.into_error(),
-        })?;
+        let file = o.file.into_inner().map_err(|e| PackError::Io { path: o.tmp.clone(), source: e.into_error() })?;
         file.sync_all().map_err(self.io(&o.tmp))?;
         let digest: Hash = o.hasher.finalize().into();
         let dest = self.repo.join(layout::object(&digest));
         // Same name means same bytes: if it already exists (an interrupted earlier pack of the
         // same tree wrote it), keeping either copy is correct.
         fs::rename(&o.tmp, &dest).map_err(self.io(&dest))?;
-        self.table[o.index as usize] = ObjectRef {
-            digest,
-            size: o.len,
-        };
+        self.table[o.index as usize] = ObjectRef { digest, size: o.len };
         self.objects_written += 1;
         Ok(())
     }

@@ -13,9 +13,7 @@ use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
-use incfs_format::manifest::{
-    Dirent, InodeKind, Metadata, Xattr, MAX_SYMLINK_LEN, MAX_XATTR_VALUE_LEN,
-};
+use incfs_format::manifest::{Dirent, InodeKind, Metadata, Xattr, MAX_SYMLINK_LEN, MAX_XATTR_VALUE_LEN};
 
 use crate::PackError;
 
@@ -40,10 +38,7 @@ pub(crate) struct Scan {
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> PackError + '_ {
-    move |source| PackError::Io {
-        path: path.to_path_buf(),
-        source,
-    }
+    move |source| PackError::Io { path: path.to_path_buf(), source }
 }
 
 fn metadata_of(md: &fs::Metadata) -> Metadata {
@@ -75,10 +70,7 @@ fn xattrs_of(path: &Path) -> Result<Vec<Xattr>, PackError> {
                 what: "an extended attribute larger than Linux allows".into(),
             });
         }
-        out.push(Xattr {
-            name: name.into_vec(),
-            value,
-        });
+        out.push(Xattr { name: name.into_vec(), value });
     }
     out.sort_by(|a, b| a.name.cmp(&b.name));
     Ok(out)
@@ -89,13 +81,7 @@ pub(crate) fn scan(root: &Path) -> Result<Scan, PackError> {
     if !md.is_dir() {
         return Err(PackError::NotADirectory(root.to_path_buf()));
     }
-    let mut s = Scan {
-        inodes: Vec::new(),
-        dirents: Vec::new(),
-        skipped: Vec::new(),
-        file_bytes: 0,
-        file_count: 0,
-    };
+    let mut s = Scan { inodes: Vec::new(), dirents: Vec::new(), skipped: Vec::new(), file_bytes: 0, file_count: 0 };
     s.inodes.push(ScannedInode {
         meta: metadata_of(&md),
         xattrs: xattrs_of(root)?,
@@ -117,37 +103,25 @@ pub(crate) fn scan(root: &Path) -> Result<Scan, PackError> {
             let md = fs::symlink_metadata(&path).map_err(io_err(&path))?;
             let ft = md.file_type();
             if ft.is_socket() {
-                tracing::warn!(
-                    "skipping socket {}: sockets cannot be published",
-                    path.display()
-                );
+                tracing::warn!("skipping socket {}: sockets cannot be published", path.display());
                 s.skipped.push(path);
                 continue;
             }
             let key = (md.dev(), md.ino());
-            let existing = (!ft.is_dir() && md.nlink() > 1)
-                .then(|| hard_links.get(&key).copied())
-                .flatten();
+            let existing = (!ft.is_dir() && md.nlink() > 1).then(|| hard_links.get(&key).copied()).flatten();
             let inode = match existing {
                 Some(i) => i,
                 None => {
-                    let index =
-                        u32::try_from(s.inodes.len()).map_err(|_| PackError::TooManyInodes)?;
+                    let index = u32::try_from(s.inodes.len()).map_err(|_| PackError::TooManyInodes)?;
                     let kind = if ft.is_file() {
                         s.file_bytes += md.len();
                         s.file_count += 1;
-                        ScannedKind::File {
-                            path: path.clone(),
-                            size: md.len(),
-                        }
+                        ScannedKind::File { path: path.clone(), size: md.len() }
                     } else if ft.is_dir() {
                         subdirs.push((path.clone(), index));
                         ScannedKind::Other(InodeKind::Dir)
                     } else if ft.is_symlink() {
-                        let target = fs::read_link(&path)
-                            .map_err(io_err(&path))?
-                            .into_os_string()
-                            .into_vec();
+                        let target = fs::read_link(&path).map_err(io_err(&path))?.into_os_string().into_vec();
                         if target.len() > MAX_SYMLINK_LEN {
                             return Err(PackError::Unsupported {
                                 path,
@@ -168,23 +142,14 @@ pub(crate) fn scan(root: &Path) -> Result<Scan, PackError> {
                     if md.nlink() > 1 && !ft.is_dir() {
                         hard_links.insert(key, index);
                     }
-                    s.inodes.push(ScannedInode {
-                        meta: metadata_of(&md),
-                        xattrs: xattrs_of(&path)?,
-                        kind,
-                    });
+                    s.inodes.push(ScannedInode { meta: metadata_of(&md), xattrs: xattrs_of(&path)?, kind });
                     index
                 }
             };
-            s.dirents.push(Dirent {
-                parent: dir_inode,
-                inode,
-                name: name.into_vec(),
-            });
+            s.dirents.push(Dirent { parent: dir_inode, inode, name: name.into_vec() });
         }
         stack.extend(subdirs.into_iter().rev());
     }
-    s.dirents
-        .sort_by(|a, b| (a.parent, &a.name).cmp(&(b.parent, &b.name)));
+    s.dirents.sort_by(|a, b| (a.parent, &a.name).cmp(&(b.parent, &b.name)));
     Ok(s)
 }

@@ -40,10 +40,7 @@ struct AppState {
 
 /// Build the router serving `root`.
 pub fn router(root: PathBuf, stats: Arc<ServeStats>) -> Router {
-    Router::new().fallback(handle).with_state(AppState {
-        root: Arc::new(root),
-        stats,
-    })
+    Router::new().fallback(handle).with_state(AppState { root: Arc::new(root), stats })
 }
 
 /// Serve `root` on `listener` until `shutdown` completes.
@@ -58,12 +55,9 @@ pub async fn serve(
             tracing::warn!("cannot set TCP_NODELAY: {e}");
         }
     });
-    axum::serve(
-        listener,
-        router(root, stats).into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .with_graceful_shutdown(shutdown)
-    .await
+    axum::serve(listener, router(root, stats).into_make_service_with_connect_info::<SocketAddr>())
+        .with_graceful_shutdown(shutdown)
+        .await
 }
 
 /// The file a request path names, if it is a servable name.
@@ -71,10 +65,7 @@ fn resolve(root: &Path, uri_path: &str) -> Option<PathBuf> {
     let mut path = root.to_path_buf();
     let mut any = false;
     for seg in uri_path.split('/').filter(|s| !s.is_empty()) {
-        let ok = !seg.starts_with('.')
-            && seg
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
+        let ok = !seg.starts_with('.') && seg.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
         if !ok {
             return None;
         }
@@ -98,10 +89,7 @@ enum RangeRequest {
 /// the one rule that matters here is easy and a crate we tried rejects suffix ranges longer than
 /// the file, which the RFC says must return the whole file.
 fn parse_range(value: Option<&HeaderValue>, len: u64) -> RangeRequest {
-    let Some(spec) = value
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.trim().strip_prefix("bytes="))
-    else {
+    let Some(spec) = value.and_then(|v| v.to_str().ok()).and_then(|v| v.trim().strip_prefix("bytes=")) else {
         return RangeRequest::Whole;
     };
     if spec.contains(',') {
@@ -139,10 +127,7 @@ fn parse_range(value: Option<&HeaderValue>, len: u64) -> RangeRequest {
 }
 
 fn status(code: StatusCode) -> Response<Body> {
-    Response::builder()
-        .status(code)
-        .body(Body::empty())
-        .unwrap()
+    Response::builder().status(code).body(Body::empty()).unwrap()
 }
 
 async fn handle(State(state): State<AppState>, req: Request<Body>) -> Response<Body> {
@@ -150,8 +135,7 @@ async fn handle(State(state): State<AppState>, req: Request<Body>) -> Response<B
     let head = req.method() == Method::HEAD;
     if req.method() != Method::GET && !head {
         let mut r = status(StatusCode::METHOD_NOT_ALLOWED);
-        r.headers_mut()
-            .insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
+        r.headers_mut().insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
         return r;
     }
     let Some(path) = resolve(&state.root, req.uri().path()) else {
@@ -167,38 +151,18 @@ async fn handle(State(state): State<AppState>, req: Request<Body>) -> Response<B
         _ => return status(StatusCode::NOT_FOUND),
     };
     let len = md.len();
-    let etag = format!(
-        "\"{:x}-{:x}-{:x}\"",
-        md.ino(),
-        len,
-        md.mtime() as u64 * 1_000_000_000 + md.mtime_nsec() as u64
-    );
+    let etag = format!("\"{:x}-{:x}-{:x}\"", md.ino(), len, md.mtime() as u64 * 1_000_000_000 + md.mtime_nsec() as u64);
     let response = respond(req.headers(), file, len, &etag, head).await;
-    if let Some(l) = response
-        .headers()
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
-    {
+    if let Some(l) = response.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok()) {
         if !head {
             state.stats.body_bytes.fetch_add(l, Ordering::Relaxed);
         }
     }
-    tracing::debug!(
-        "{} {} -> {}",
-        req.method(),
-        req.uri().path(),
-        response.status()
-    );
+    tracing::debug!("{} {} -> {}", req.method(), req.uri().path(), response.status());
     response
 }
 
-async fn respond(
-    headers: &HeaderMap,
-    mut file: tokio::fs::File,
-    len: u64,
-    etag: &str,
-    head: bool,
-) -> Response<Body> {
+async fn respond(headers: &HeaderMap, mut file: tokio::fs::File, len: u64, etag: &str, head: bool) -> Response<Body> {
     let builder = Response::builder()
         .header(header::ETAG, etag)
         .header(header::ACCEPT_RANGES, "bytes")
@@ -208,20 +172,11 @@ async fn respond(
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.split(',').any(|t| t.trim() == etag || t.trim() == "*"))
     {
-        return builder
-            .status(StatusCode::NOT_MODIFIED)
-            .body(Body::empty())
-            .unwrap();
+        return builder.status(StatusCode::NOT_MODIFIED).body(Body::empty()).unwrap();
     }
     // A range applies only if If-Range (when present) still names this version of the file.
-    let if_range_ok = headers
-        .get(header::IF_RANGE)
-        .is_none_or(|v| v.to_str().ok() == Some(etag));
-    let range = if if_range_ok {
-        parse_range(headers.get(header::RANGE), len)
-    } else {
-        RangeRequest::Whole
-    };
+    let if_range_ok = headers.get(header::IF_RANGE).is_none_or(|v| v.to_str().ok() == Some(etag));
+    let range = if if_range_ok { parse_range(headers.get(header::RANGE), len) } else { RangeRequest::Whole };
     let (code, start, count, builder) = match range {
         RangeRequest::Whole => (StatusCode::OK, 0, len, builder),
         RangeRequest::Part(s, e) => (
@@ -239,9 +194,7 @@ async fn respond(
                 .unwrap();
         }
     };
-    let builder = builder
-        .status(code)
-        .header(header::CONTENT_LENGTH, count.to_string());
+    let builder = builder.status(code).header(header::CONTENT_LENGTH, count.to_string());
     if head {
         return builder.body(Body::empty()).unwrap();
     }
@@ -281,14 +234,8 @@ mod tests {
     #[test]
     fn only_plain_names_resolve() {
         let root = Path::new("/srv");
-        assert_eq!(
-            resolve(root, "/objects/ab12"),
-            Some(PathBuf::from("/srv/objects/ab12"))
-        );
-        assert_eq!(
-            resolve(root, "/manifest"),
-            Some(PathBuf::from("/srv/manifest"))
-        );
+        assert_eq!(resolve(root, "/objects/ab12"), Some(PathBuf::from("/srv/objects/ab12")));
+        assert_eq!(resolve(root, "/manifest"), Some(PathBuf::from("/srv/manifest")));
         assert_eq!(resolve(root, "/../etc/passwd"), None);
         assert_eq!(resolve(root, "/.lock"), None);
         assert_eq!(resolve(root, "/objects/%2e%2e"), None);

@@ -41,9 +41,7 @@ pub enum KeyError {
     Label(String),
     #[error("this is a public key; signing needs the private key (the NAME.pem from incfs keygen, not NAME.pub.pem)")]
     PublicNotPrivate,
-    #[error(
-        "the private key is encrypted; decrypt it first: openssl pkey -in KEY.pem -out PLAIN.pem"
-    )]
+    #[error("the private key is encrypted; decrypt it first: openssl pkey -in KEY.pem -out PLAIN.pem")]
     Encrypted,
     #[error("key algorithm {0} is not supported; use Ed25519, ECDSA P-256 or RSA 2048-4096")]
     Algorithm(String),
@@ -61,11 +59,7 @@ pub enum SignatureError {
     #[error("manifest is signed by key {signer}, which is not among the trusted keys ({trusted}); pass the publisher's public key with --trust")]
     UnknownKey { signer: String, trusted: String },
     #[error("manifest signature uses {found} but the trusted key {key} is an {expected} key")]
-    AlgorithmMismatch {
-        found: &'static str,
-        expected: &'static str,
-        key: String,
-    },
+    AlgorithmMismatch { found: &'static str, expected: &'static str, key: String },
     #[error("manifest signature is invalid: the manifest was altered or signed by another key")]
     Invalid,
 }
@@ -105,12 +99,7 @@ pub struct PublicKey {
 
 impl std::fmt::Debug for PublicKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "PublicKey({} {})",
-            self.algorithm().name(),
-            self.id_hex()
-        )
+        write!(f, "PublicKey({} {})", self.algorithm().name(), self.id_hex())
     }
 }
 
@@ -119,8 +108,7 @@ fn malformed(what: &'static str) -> impl Fn(String) -> KeyError {
 }
 
 fn split_pem(pem: &str) -> Result<(String, Vec<u8>), KeyError> {
-    let (label, der) =
-        pem_rfc7468::decode_vec(pem.trim().as_bytes()).map_err(|e| KeyError::Pem(e.to_string()))?;
+    let (label, der) = pem_rfc7468::decode_vec(pem.trim().as_bytes()).map_err(|e| KeyError::Pem(e.to_string()))?;
     Ok((label.to_string(), der))
 }
 
@@ -139,13 +127,10 @@ impl SigningKey {
     /// Generate a new key.
     pub fn generate(alg: KeyAlgorithm) -> Result<Self, KeyError> {
         Ok(SigningKey(match alg {
-            KeyAlgorithm::Ed25519 => {
-                Secret::Ed25519(ed25519_dalek::SigningKey::generate(&mut OsRng))
-            }
+            KeyAlgorithm::Ed25519 => Secret::Ed25519(ed25519_dalek::SigningKey::generate(&mut OsRng)),
             KeyAlgorithm::EcdsaP256 => Secret::P256(p256::ecdsa::SigningKey::random(&mut OsRng)),
             KeyAlgorithm::Rsa3072 => Secret::Rsa(Box::new(
-                rsa::RsaPrivateKey::new(&mut OsRng, 3072)
-                    .map_err(|e| KeyError::Generate(e.to_string()))?,
+                rsa::RsaPrivateKey::new(&mut OsRng, 3072).map_err(|e| KeyError::Generate(e.to_string()))?,
             )),
         }))
     }
@@ -157,13 +142,11 @@ impl SigningKey {
             "PRIVATE KEY" => Self::from_pkcs8_der(&der),
             "ENCRYPTED PRIVATE KEY" => Err(KeyError::Encrypted),
             "EC PRIVATE KEY" => {
-                let sk = p256::SecretKey::from_sec1_der(&der)
-                    .map_err(|e| malformed("EC P-256")(e.to_string()))?;
+                let sk = p256::SecretKey::from_sec1_der(&der).map_err(|e| malformed("EC P-256")(e.to_string()))?;
                 Ok(SigningKey(Secret::P256(sk.into())))
             }
             "RSA PRIVATE KEY" => {
-                let k = rsa::RsaPrivateKey::from_pkcs1_der(&der)
-                    .map_err(|e| malformed("RSA")(e.to_string()))?;
+                let k = rsa::RsaPrivateKey::from_pkcs1_der(&der).map_err(|e| malformed("RSA")(e.to_string()))?;
                 check_rsa_bits(k.size() * 8)?;
                 Ok(SigningKey(Secret::Rsa(Box::new(k))))
             }
@@ -174,19 +157,14 @@ impl SigningKey {
 
     fn from_pkcs8_der(der_bytes: &[u8]) -> Result<Self, KeyError> {
         use der::Decode;
-        let info = rsa::pkcs8::PrivateKeyInfo::from_der(der_bytes)
-            .map_err(|e| malformed("PKCS#8")(e.to_string()))?;
+        let info = rsa::pkcs8::PrivateKeyInfo::from_der(der_bytes).map_err(|e| malformed("PKCS#8")(e.to_string()))?;
         let oid = info.algorithm.oid.to_string();
         match oid.as_str() {
             OID_ED25519 => ed25519_dalek::SigningKey::from_pkcs8_der(der_bytes)
                 .map(|k| SigningKey(Secret::Ed25519(k)))
                 .map_err(|e| malformed("Ed25519")(e.to_string())),
             OID_EC => {
-                let curve = info
-                    .algorithm
-                    .parameters_oid()
-                    .map(|o| o.to_string())
-                    .unwrap_or_default();
+                let curve = info.algorithm.parameters_oid().map(|o| o.to_string()).unwrap_or_default();
                 if curve != OID_P256 {
                     return Err(KeyError::Algorithm(format!("EC on curve {curve}")));
                 }
@@ -195,8 +173,7 @@ impl SigningKey {
                     .map_err(|e| malformed("EC P-256")(e.to_string()))
             }
             OID_RSA => {
-                let k = rsa::RsaPrivateKey::from_pkcs8_der(der_bytes)
-                    .map_err(|e| malformed("RSA")(e.to_string()))?;
+                let k = rsa::RsaPrivateKey::from_pkcs8_der(der_bytes).map_err(|e| malformed("RSA")(e.to_string()))?;
                 check_rsa_bits(k.size() * 8)?;
                 Ok(SigningKey(Secret::Rsa(Box::new(k))))
             }
@@ -209,11 +186,9 @@ impl SigningKey {
         let le = rsa::pkcs8::LineEnding::LF;
         let pem = match &self.0 {
             // PKCS#8 v1 (no embedded public key), the form openssl writes and reads.
-            Secret::Ed25519(k) => ed25519_dalek::pkcs8::KeypairBytes {
-                secret_key: k.to_bytes(),
-                public_key: None,
+            Secret::Ed25519(k) => {
+                ed25519_dalek::pkcs8::KeypairBytes { secret_key: k.to_bytes(), public_key: None }.to_pkcs8_pem(le)
             }
-            .to_pkcs8_pem(le),
             Secret::P256(k) => p256::SecretKey::from(k).to_pkcs8_pem(le),
             Secret::Rsa(k) => rsa::pkcs8::EncodePrivateKey::to_pkcs8_pem(k.as_ref(), le),
         };
@@ -277,11 +252,7 @@ impl PublicKey {
                             .map_err(|e| malformed("Ed25519")(e.to_string()))?,
                     ),
                     OID_EC => {
-                        let curve = info
-                            .algorithm
-                            .parameters_oid()
-                            .map(|o| o.to_string())
-                            .unwrap_or_default();
+                        let curve = info.algorithm.parameters_oid().map(|o| o.to_string()).unwrap_or_default();
                         if curve != OID_P256 {
                             return Err(KeyError::Algorithm(format!("EC on curve {curve}")));
                         }
@@ -301,8 +272,7 @@ impl PublicKey {
                 Ok(PublicKey::new(key))
             }
             "RSA PUBLIC KEY" => {
-                let k = rsa::RsaPublicKey::from_pkcs1_der(&der_bytes)
-                    .map_err(|e| malformed("RSA")(e.to_string()))?;
+                let k = rsa::RsaPublicKey::from_pkcs1_der(&der_bytes).map_err(|e| malformed("RSA")(e.to_string()))?;
                 check_rsa_bits(k.size() * 8)?;
                 Ok(PublicKey::new(Public::Rsa(Box::new(k))))
             }
@@ -345,15 +315,11 @@ impl PublicKey {
             Public::Ed25519(k) => ed25519_dalek::Signature::from_slice(signature)
                 .map(|s| k.verify_strict(message, &s).is_ok())
                 .unwrap_or(false),
-            Public::P256(k) => p256::ecdsa::Signature::from_der(signature)
-                .map(|s| k.verify(message, &s).is_ok())
-                .unwrap_or(false),
+            Public::P256(k) => {
+                p256::ecdsa::Signature::from_der(signature).map(|s| k.verify(message, &s).is_ok()).unwrap_or(false)
+            }
             Public::Rsa(k) => rsa::pkcs1v15::Signature::try_from(signature)
-                .map(|s| {
-                    rsa::pkcs1v15::VerifyingKey::<Sha256>::new(k.as_ref().clone())
-                        .verify(message, &s)
-                        .is_ok()
-                })
+                .map(|s| rsa::pkcs1v15::VerifyingKey::<Sha256>::new(k.as_ref().clone()).verify(message, &s).is_ok())
                 .unwrap_or(false),
         };
         if ok {
@@ -380,16 +346,9 @@ impl TrustedKeys {
     /// Check a manifest's signature: the signer must be trusted, use its key's scheme, and the
     /// signature must cover the header and body exactly. Returns the key that signed.
     pub fn verify(&self, env: &Envelope<'_>) -> Result<&PublicKey, SignatureError> {
-        let key = self.0.iter().find(|k| k.id == env.key_id).ok_or_else(|| {
-            SignatureError::UnknownKey {
-                signer: hex::encode(env.key_id),
-                trusted: self
-                    .0
-                    .iter()
-                    .map(|k| k.id_hex())
-                    .collect::<Vec<_>>()
-                    .join(", "),
-            }
+        let key = self.0.iter().find(|k| k.id == env.key_id).ok_or_else(|| SignatureError::UnknownKey {
+            signer: hex::encode(env.key_id),
+            trusted: self.0.iter().map(|k| k.id_hex()).collect::<Vec<_>>().join(", "),
         })?;
         if key.algorithm() != env.algorithm {
             return Err(SignatureError::AlgorithmMismatch {
@@ -409,20 +368,12 @@ mod tests {
 
     #[test]
     fn every_algorithm_signs_deterministically_and_round_trips_pem() {
-        for alg in [
-            KeyAlgorithm::Ed25519,
-            KeyAlgorithm::EcdsaP256,
-            KeyAlgorithm::Rsa3072,
-        ] {
+        for alg in [KeyAlgorithm::Ed25519, KeyAlgorithm::EcdsaP256, KeyAlgorithm::Rsa3072] {
             let sk = SigningKey::generate(alg).unwrap();
             let again = SigningKey::from_pem(&sk.to_pem()).unwrap();
             let pk = PublicKey::from_pem(&sk.public_key().to_pem()).unwrap();
             assert_eq!(pk, sk.public_key());
-            assert_eq!(
-                PublicKey::from_pem(&sk.to_pem()).unwrap(),
-                pk,
-                "private PEM gives its public half"
-            );
+            assert_eq!(PublicKey::from_pem(&sk.to_pem()).unwrap(), pk, "private PEM gives its public half");
             let s1 = sk.sign(b"message");
             assert_eq!(s1, again.sign(b"message"), "{alg:?} must be deterministic");
             pk.verify(b"message", &s1).unwrap();
@@ -436,22 +387,10 @@ mod tests {
 
     #[test]
     fn non_keys_are_rejected_with_reasons() {
-        assert!(matches!(
-            SigningKey::from_pem("hello"),
-            Err(KeyError::Pem(_))
-        ));
+        assert!(matches!(SigningKey::from_pem("hello"), Err(KeyError::Pem(_))));
         let cert = "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n";
-        assert!(matches!(
-            SigningKey::from_pem(cert),
-            Err(KeyError::Label(_))
-        ));
-        let pk = SigningKey::generate(KeyAlgorithm::Ed25519)
-            .unwrap()
-            .public_key()
-            .to_pem();
-        assert!(matches!(
-            SigningKey::from_pem(&pk),
-            Err(KeyError::PublicNotPrivate)
-        ));
+        assert!(matches!(SigningKey::from_pem(cert), Err(KeyError::Label(_))));
+        let pk = SigningKey::generate(KeyAlgorithm::Ed25519).unwrap().public_key().to_pem();
+        assert!(matches!(SigningKey::from_pem(&pk), Err(KeyError::PublicNotPrivate)));
     }
 }

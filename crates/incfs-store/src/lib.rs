@@ -26,15 +26,9 @@ pub const PRESENCE_CHUNK_BITS: u64 = 4096;
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("cache database {}: {source}", path.display())]
-    Db {
-        path: PathBuf,
-        source: rusqlite::Error,
-    },
+    Db { path: PathBuf, source: rusqlite::Error },
     #[error("cannot create cache directory {}: {source}", path.display())]
-    Dir {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Dir { path: PathBuf, source: std::io::Error },
     #[error("cache database {} holds a bad value: {what}", path.display())]
     Corrupt { path: PathBuf, what: String },
 }
@@ -92,15 +86,9 @@ pub struct NewBlock<'a> {
 impl Store {
     /// Open (creating if needed) the store in `dir`.
     pub fn open(dir: &Path) -> Result<Store, StoreError> {
-        std::fs::create_dir_all(dir).map_err(|source| StoreError::Dir {
-            path: dir.to_path_buf(),
-            source,
-        })?;
+        std::fs::create_dir_all(dir).map_err(|source| StoreError::Dir { path: dir.to_path_buf(), source })?;
         let path = dir.join("store.db");
-        let store = Store {
-            path: path.clone(),
-            pool: Mutex::new(Vec::new()),
-        };
+        let store = Store { path: path.clone(), pool: Mutex::new(Vec::new()) };
         let conn = store.connect()?;
         conn.execute_batch(SCHEMA).map_err(|e| store.err(e))?;
         store.pool.lock().unwrap().push(conn);
@@ -108,28 +96,19 @@ impl Store {
     }
 
     fn err(&self, source: rusqlite::Error) -> StoreError {
-        StoreError::Db {
-            path: self.path.clone(),
-            source,
-        }
+        StoreError::Db { path: self.path.clone(), source }
     }
 
     fn connect(&self) -> Result<Connection, StoreError> {
         let conn = Connection::open(&self.path).map_err(|e| self.err(e))?;
-        conn.busy_timeout(Duration::from_secs(10))
+        conn.busy_timeout(Duration::from_secs(10)).map_err(|e| self.err(e))?;
+        conn.execute_batch("PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL; PRAGMA cache_size=-8192;")
             .map_err(|e| self.err(e))?;
-        conn.execute_batch(
-            "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL; PRAGMA cache_size=-8192;",
-        )
-        .map_err(|e| self.err(e))?;
         Ok(conn)
     }
 
     /// Run `f` with a pooled connection.
-    fn with<T>(
-        &self,
-        f: impl FnOnce(&mut Connection) -> rusqlite::Result<T>,
-    ) -> Result<T, StoreError> {
+    fn with<T>(&self, f: impl FnOnce(&mut Connection) -> rusqlite::Result<T>) -> Result<T, StoreError> {
         let conn = self.pool.lock().unwrap().pop();
         let mut conn = match conn {
             Some(c) => c,
@@ -151,62 +130,46 @@ impl Store {
     pub fn get_block(&self, hash: &Hash) -> Result<Option<(Codec, Vec<u8>)>, StoreError> {
         let row = self.with(|c| {
             c.prepare_cached("SELECT codec, data FROM blocks WHERE hash = ?1")?
-                .query_row([&hash[..]], |r| {
-                    Ok((r.get::<_, u8>(0)?, r.get::<_, Vec<u8>>(1)?))
-                })
+                .query_row([&hash[..]], |r| Ok((r.get::<_, u8>(0)?, r.get::<_, Vec<u8>>(1)?)))
                 .optional()
         })?;
         match row {
             None => Ok(None),
             Some((c, data)) => match Codec::from_u8(c) {
                 Some(codec) => Ok(Some((codec, data))),
-                None => Err(StoreError::Corrupt {
-                    path: self.path.clone(),
-                    what: format!("codec {c}"),
-                }),
+                None => Err(StoreError::Corrupt { path: self.path.clone(), what: format!("codec {c}") }),
             },
         }
     }
 
     pub fn has_block(&self, hash: &Hash) -> Result<bool, StoreError> {
         self.with(|c| {
-            c.prepare_cached("SELECT 1 FROM blocks WHERE hash = ?1")?
-                .query_row([&hash[..]], |_| Ok(()))
-                .optional()
+            c.prepare_cached("SELECT 1 FROM blocks WHERE hash = ?1")?.query_row([&hash[..]], |_| Ok(())).optional()
         })
         .map(|r| r.is_some())
     }
 
     /// Store verified blocks and mark their presence, in one transaction.
-    pub fn put_blocks(
-        &self,
-        blocks: &[NewBlock<'_>],
-        presence: &[(FileKey, u64, Vec<u8>)],
-    ) -> Result<(), StoreError> {
+    pub fn put_blocks(&self, blocks: &[NewBlock<'_>], presence: &[(FileKey, u64, Vec<u8>)]) -> Result<(), StoreError> {
         self.with(|c| {
             let tx = c.transaction()?;
             let (mut n, mut bytes) = (0i64, 0i64);
             {
-                let mut ins = tx.prepare_cached(
-                    "INSERT OR IGNORE INTO blocks (hash, codec, data) VALUES (?1, ?2, ?3)",
-                )?;
+                let mut ins =
+                    tx.prepare_cached("INSERT OR IGNORE INTO blocks (hash, codec, data) VALUES (?1, ?2, ?3)")?;
                 for b in blocks {
                     if ins.execute(params![&b.hash[..], b.codec as u8, b.data])? == 1 {
                         n += 1;
                         bytes += b.data.len() as i64;
                     }
                 }
-                let mut pres = tx.prepare_cached(
-                    "INSERT OR REPLACE INTO presence (file, chunk, bits) VALUES (?1, ?2, ?3)",
-                )?;
+                let mut pres =
+                    tx.prepare_cached("INSERT OR REPLACE INTO presence (file, chunk, bits) VALUES (?1, ?2, ?3)")?;
                 for (file, chunk, bits) in presence {
                     pres.execute(params![&file[..], *chunk as i64, bits])?;
                 }
             }
-            tx.execute(
-                "UPDATE totals SET blocks = blocks + ?1, block_bytes = block_bytes + ?2",
-                params![n, bytes],
-            )?;
+            tx.execute("UPDATE totals SET blocks = blocks + ?1, block_bytes = block_bytes + ?2", params![n, bytes])?;
             tx.commit()
         })
     }
@@ -216,18 +179,11 @@ impl Store {
         self.with(|c| {
             let tx = c.transaction()?;
             let len: Option<i64> = tx
-                .query_row(
-                    "SELECT length(data) FROM blocks WHERE hash = ?1",
-                    [&hash[..]],
-                    |r| r.get(0),
-                )
+                .query_row("SELECT length(data) FROM blocks WHERE hash = ?1", [&hash[..]], |r| r.get(0))
                 .optional()?;
             if let Some(len) = len {
                 tx.execute("DELETE FROM blocks WHERE hash = ?1", [&hash[..]])?;
-                tx.execute(
-                    "UPDATE totals SET blocks = blocks - 1, block_bytes = block_bytes - ?1",
-                    [len],
-                )?;
+                tx.execute("UPDATE totals SET blocks = blocks - 1, block_bytes = block_bytes - ?1", [len])?;
             }
             tx.commit()
         })
@@ -235,16 +191,9 @@ impl Store {
 
     pub fn totals(&self) -> Result<StoreTotals, StoreError> {
         self.with(|c| {
-            c.query_row(
-                "SELECT blocks, block_bytes FROM totals WHERE id = 1",
-                [],
-                |r| {
-                    Ok(StoreTotals {
-                        blocks: r.get::<_, i64>(0)? as u64,
-                        block_bytes: r.get::<_, i64>(1)? as u64,
-                    })
-                },
-            )
+            c.query_row("SELECT blocks, block_bytes FROM totals WHERE id = 1", [], |r| {
+                Ok(StoreTotals { blocks: r.get::<_, i64>(0)? as u64, block_bytes: r.get::<_, i64>(1)? as u64 })
+            })
         })
     }
 
@@ -253,44 +202,25 @@ impl Store {
     pub fn presence(&self, file: &FileKey) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
         self.with(|c| {
             let mut st = c.prepare_cached("SELECT chunk, bits FROM presence WHERE file = ?1")?;
-            let rows = st.query_map([&file[..]], |r| {
-                Ok((r.get::<_, i64>(0)? as u64, r.get::<_, Vec<u8>>(1)?))
-            })?;
+            let rows = st.query_map([&file[..]], |r| Ok((r.get::<_, i64>(0)? as u64, r.get::<_, Vec<u8>>(1)?)))?;
             rows.collect()
         })
     }
 
     /// A cached piece of a file metadata region (unverified bytes).
-    pub fn get_meta(
-        &self,
-        object: &Hash,
-        region: u64,
-        chunk: u64,
-    ) -> Result<Option<Vec<u8>>, StoreError> {
+    pub fn get_meta(&self, object: &Hash, region: u64, chunk: u64) -> Result<Option<Vec<u8>>, StoreError> {
         self.with(|c| {
-            c.prepare_cached(
-                "SELECT data FROM meta WHERE object = ?1 AND region = ?2 AND chunk = ?3",
-            )?
-            .query_row(params![&object[..], region as i64, chunk as i64], |r| {
-                r.get(0)
-            })
-            .optional()
+            c.prepare_cached("SELECT data FROM meta WHERE object = ?1 AND region = ?2 AND chunk = ?3")?
+                .query_row(params![&object[..], region as i64, chunk as i64], |r| r.get(0))
+                .optional()
         })
     }
 
-    pub fn put_meta(
-        &self,
-        object: &Hash,
-        region: u64,
-        chunk: u64,
-        data: &[u8],
-    ) -> Result<(), StoreError> {
+    pub fn put_meta(&self, object: &Hash, region: u64, chunk: u64, data: &[u8]) -> Result<(), StoreError> {
         self.with(|c| {
-            c.prepare_cached(
-                "INSERT OR REPLACE INTO meta (object, region, chunk, data) VALUES (?1, ?2, ?3, ?4)",
-            )?
-            .execute(params![&object[..], region as i64, chunk as i64, data])
-            .map(|_| ())
+            c.prepare_cached("INSERT OR REPLACE INTO meta (object, region, chunk, data) VALUES (?1, ?2, ?3, ?4)")?
+                .execute(params![&object[..], region as i64, chunk as i64, data])
+                .map(|_| ())
         })
     }
 
@@ -305,21 +235,12 @@ impl Store {
     }
 
     /// The newest manifest accepted for (`key_id`, `name`).
-    pub fn accepted(
-        &self,
-        key_id: &Hash,
-        name: &str,
-    ) -> Result<Option<AcceptedManifest>, StoreError> {
+    pub fn accepted(&self, key_id: &Hash, name: &str) -> Result<Option<AcceptedManifest>, StoreError> {
         self.with(|c| {
             c.query_row(
                 "SELECT version, manifest FROM images WHERE key_id = ?1 AND name = ?2",
                 params![&key_id[..], name],
-                |r| {
-                    Ok(AcceptedManifest {
-                        version: r.get::<_, i64>(0)? as u64,
-                        bytes: r.get(1)?,
-                    })
-                },
+                |r| Ok(AcceptedManifest { version: r.get::<_, i64>(0)? as u64, bytes: r.get(1)? }),
             )
             .optional()
         })
@@ -329,28 +250,22 @@ impl Store {
     pub fn all_accepted(&self) -> Result<Vec<AcceptedManifest>, StoreError> {
         self.with(|c| {
             let mut st = c.prepare("SELECT version, manifest FROM images ORDER BY version DESC")?;
-            let rows = st.query_map([], |r| {
-                Ok(AcceptedManifest {
-                    version: r.get::<_, i64>(0)? as u64,
-                    bytes: r.get(1)?,
-                })
-            })?;
+            let rows =
+                st.query_map([], |r| Ok(AcceptedManifest { version: r.get::<_, i64>(0)? as u64, bytes: r.get(1)? }))?;
             rows.collect()
         })
     }
 
     /// Record `manifest` as accepted, unless a newer version already is (returns false then).
-    pub fn accept(
-        &self,
-        key_id: &Hash,
-        name: &str,
-        version: u64,
-        manifest: &[u8],
-    ) -> Result<bool, StoreError> {
+    pub fn accept(&self, key_id: &Hash, name: &str, version: u64, manifest: &[u8]) -> Result<bool, StoreError> {
         self.with(|c| {
             let tx = c.transaction()?;
             let current: Option<i64> = tx
-                .query_row("SELECT version FROM images WHERE key_id = ?1 AND name = ?2", params![&key_id[..], name], |r| r.get(0))
+                .query_row(
+                    "SELECT version FROM images WHERE key_id = ?1 AND name = ?2",
+                    params![&key_id[..], name],
+                    |r| r.get(0),
+                )
                 .optional()?;
             if current.is_some_and(|v| v as u64 > version) {
                 return Ok(false);
@@ -367,12 +282,7 @@ impl Store {
 
 impl Store {
     /// Remember which image `source` serves, so that it can be mounted from the cache alone.
-    pub fn remember_source(
-        &self,
-        source: &str,
-        key_id: &Hash,
-        name: &str,
-    ) -> Result<(), StoreError> {
+    pub fn remember_source(&self, source: &str, key_id: &Hash, name: &str) -> Result<(), StoreError> {
         self.with(|c| {
             c.execute(
                 "INSERT OR REPLACE INTO sources (source, key_id, name) VALUES (?1, ?2, ?3)",
@@ -383,10 +293,7 @@ impl Store {
     }
 
     /// The newest accepted manifest of the image `source` served when last reached.
-    pub fn manifest_for_source(
-        &self,
-        source: &str,
-    ) -> Result<Option<AcceptedManifest>, StoreError> {
+    pub fn manifest_for_source(&self, source: &str) -> Result<Option<AcceptedManifest>, StoreError> {
         self.with(|c| {
             c.query_row(
                 "SELECT i.version, i.manifest FROM sources s JOIN images i ON i.key_id = s.key_id AND i.name = s.name
@@ -410,35 +317,10 @@ mod tests {
         let h = [1u8; 32];
         assert_eq!(s.get_block(&h).unwrap(), None);
         let key = file_key(&[2; 32], 5000);
-        s.put_blocks(
-            &[NewBlock {
-                hash: h,
-                codec: Codec::Lz4,
-                data: b"abc",
-            }],
-            &[(key, 0, vec![0b11])],
-        )
-        .unwrap();
-        s.put_blocks(
-            &[NewBlock {
-                hash: h,
-                codec: Codec::Lz4,
-                data: b"abc",
-            }],
-            &[],
-        )
-        .unwrap();
-        assert_eq!(
-            s.get_block(&h).unwrap(),
-            Some((Codec::Lz4, b"abc".to_vec()))
-        );
-        assert_eq!(
-            s.totals().unwrap(),
-            StoreTotals {
-                blocks: 1,
-                block_bytes: 3
-            }
-        );
+        s.put_blocks(&[NewBlock { hash: h, codec: Codec::Lz4, data: b"abc" }], &[(key, 0, vec![0b11])]).unwrap();
+        s.put_blocks(&[NewBlock { hash: h, codec: Codec::Lz4, data: b"abc" }], &[]).unwrap();
+        assert_eq!(s.get_block(&h).unwrap(), Some((Codec::Lz4, b"abc".to_vec())));
+        assert_eq!(s.totals().unwrap(), StoreTotals { blocks: 1, block_bytes: 3 });
         assert_eq!(s.presence(&key).unwrap(), vec![(0, vec![0b11])]);
         s.remove_block(&h).unwrap();
         assert!(!s.has_block(&h).unwrap());
@@ -451,13 +333,7 @@ mod tests {
         assert!(s.accept(&h, "img", 2, b"m2").unwrap());
         assert!(!s.accept(&h, "img", 1, b"m1").unwrap(), "rollback refused");
         assert!(s.accept(&h, "img", 3, b"m3").unwrap());
-        assert_eq!(
-            s.accepted(&h, "img").unwrap(),
-            Some(AcceptedManifest {
-                version: 3,
-                bytes: b"m3".to_vec()
-            })
-        );
+        assert_eq!(s.accepted(&h, "img").unwrap(), Some(AcceptedManifest { version: 3, bytes: b"m3".to_vec() }));
         drop(s);
         // Everything survives reopening.
         let s = Store::open(dir.path()).unwrap();
@@ -465,9 +341,6 @@ mod tests {
         assert_eq!(s.get_meta(&h, 10, 0).unwrap(), Some(b"meta".to_vec()));
         assert_eq!(s.manifest_for_source("http://x").unwrap(), None);
         s.remember_source("http://x", &h, "img").unwrap();
-        assert_eq!(
-            s.manifest_for_source("http://x").unwrap().unwrap().bytes,
-            b"m3"
-        );
+        assert_eq!(s.manifest_for_source("http://x").unwrap().unwrap().bytes, b"m3");
     }
 }

@@ -27,11 +27,7 @@ impl Geometry {
                 levels.push(n);
             }
         }
-        Geometry {
-            size,
-            blocks,
-            levels,
-        }
+        Geometry { size, blocks, levels }
     }
 
     /// File size the tree covers.
@@ -103,10 +99,7 @@ mod tests {
         assert_eq!(g.compact_offset(1), 2 * 32);
         assert_eq!(g.compact_offset(0), (2 + 129) * 32);
         assert_eq!(g.compact_len(), (2 + 129 + 16385) * 32);
-        assert_eq!(
-            g.hash_block_range(0, 128),
-            g.compact_offset(0) + 128 * 128 * 32..g.compact_len()
-        );
+        assert_eq!(g.hash_block_range(0, 128), g.compact_offset(0) + 128 * 128 * 32..g.compact_len());
         assert_eq!(g.hash_blocks_in_level(0), 129);
     }
 }

@@ -15,10 +15,7 @@ const PARALLEL_THRESHOLD: usize = 1 << 20;
 /// `data` may be shorter than a block (the last block of a file, or a block stored with its
 /// trailing zeros trimmed): both pad to the same 4096 bytes and so give the same hash.
 pub fn hash_data_block(data: &[u8]) -> Hash {
-    assert!(
-        data.len() <= BLOCK_SIZE,
-        "a data block is at most 4096 bytes"
-    );
+    assert!(data.len() <= BLOCK_SIZE, "a data block is at most 4096 bytes");
     let mut h = Sha256::new();
     h.update(data);
     h.update(&ZEROS[..BLOCK_SIZE - data.len()]);
@@ -27,10 +24,7 @@ pub fn hash_data_block(data: &[u8]) -> Hash {
 
 /// Hash of one hash block holding `hashes` (at most 128), zero-padded to 4096 bytes.
 pub fn hash_hash_block(hashes: &[Hash]) -> Hash {
-    assert!(
-        hashes.len() <= HASHES_PER_BLOCK,
-        "a hash block holds at most 128 hashes"
-    );
+    assert!(hashes.len() <= HASHES_PER_BLOCK, "a hash block holds at most 128 hashes");
     let mut h = Sha256::new();
     for x in hashes {
         h.update(x);
@@ -78,11 +72,7 @@ pub fn format_digest(digest: &Hash) -> String {
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum TreeError {
     #[error("tree is {actual} bytes, a file of {size} bytes needs {expected}")]
-    Length {
-        size: u64,
-        expected: u64,
-        actual: u64,
-    },
+    Length { size: u64, expected: u64, actual: u64 },
     #[error("level {level} hash block {index} does not match its parent")]
     HashBlock { level: usize, index: u64 },
     #[error("top hash block does not match the root hash")]
@@ -111,36 +101,22 @@ impl MerkleTree {
     /// Build the tree of a file of `size` bytes from its data block hashes.
     pub fn from_leaves(size: u64, leaves: Vec<Hash>) -> Self {
         let geometry = Geometry::new(size);
-        assert_eq!(
-            leaves.len() as u64,
-            geometry.data_blocks(),
-            "one leaf per data block"
-        );
+        assert_eq!(leaves.len() as u64, geometry.data_blocks(), "one leaf per data block");
         let mut levels = Vec::with_capacity(geometry.levels().len());
         if !leaves.is_empty() {
             levels.push(leaves);
             while levels.last().unwrap().len() > HASHES_PER_BLOCK {
                 let below = levels.last().unwrap();
                 let above: Vec<Hash> = if below.len() >= PARALLEL_THRESHOLD / HASH_SIZE {
-                    below
-                        .par_chunks(HASHES_PER_BLOCK)
-                        .map(hash_hash_block)
-                        .collect()
+                    below.par_chunks(HASHES_PER_BLOCK).map(hash_hash_block).collect()
                 } else {
-                    below
-                        .chunks(HASHES_PER_BLOCK)
-                        .map(hash_hash_block)
-                        .collect()
+                    below.chunks(HASHES_PER_BLOCK).map(hash_hash_block).collect()
                 };
                 levels.push(above);
             }
         }
         let root = root_of(&levels);
-        MerkleTree {
-            geometry,
-            levels,
-            root,
-        }
+        MerkleTree { geometry, levels, root }
     }
 
     /// Build the tree of `data` (the whole file).
@@ -153,28 +129,17 @@ impl MerkleTree {
     pub fn from_compact(size: u64, compact: &[u8], root: &Hash) -> Result<Self, TreeError> {
         let geometry = Geometry::new(size);
         if compact.len() as u64 != geometry.compact_len() {
-            return Err(TreeError::Length {
-                size,
-                expected: geometry.compact_len(),
-                actual: compact.len() as u64,
-            });
+            return Err(TreeError::Length { size, expected: geometry.compact_len(), actual: compact.len() as u64 });
         }
         if geometry.data_blocks() == 1 {
             // No stored tree: the root hash is the data block's own hash.
-            return Ok(MerkleTree {
-                geometry,
-                levels: vec![vec![*root]],
-                root: *root,
-            });
+            return Ok(MerkleTree { geometry, levels: vec![vec![*root]], root: *root });
         }
         let levels: Vec<Vec<Hash>> = (0..geometry.levels().len())
             .map(|level| {
                 let start = geometry.compact_offset(level) as usize;
                 let n = geometry.levels()[level] as usize;
-                compact[start..start + n * HASH_SIZE]
-                    .chunks_exact(HASH_SIZE)
-                    .map(|c| c.try_into().unwrap())
-                    .collect()
+                compact[start..start + n * HASH_SIZE].chunks_exact(HASH_SIZE).map(|c| c.try_into().unwrap()).collect()
             })
             .collect();
         // Top down, the direction trust flows: a damaged level is named, not its children.
@@ -185,18 +150,11 @@ impl MerkleTree {
             let parents = &levels[level + 1];
             for (index, block) in levels[level].chunks(HASHES_PER_BLOCK).enumerate() {
                 if !check_hash_block(block, &parents[index]) {
-                    return Err(TreeError::HashBlock {
-                        level,
-                        index: index as u64,
-                    });
+                    return Err(TreeError::HashBlock { level, index: index as u64 });
                 }
             }
         }
-        Ok(MerkleTree {
-            geometry,
-            levels,
-            root: *root,
-        })
+        Ok(MerkleTree { geometry, levels, root: *root })
     }
 
     pub fn geometry(&self) -> &Geometry {
@@ -296,9 +254,7 @@ mod tests {
 
     #[test]
     fn compact_round_trip_and_tamper_detection() {
-        let data: Vec<u8> = (0..(200 * BLOCK_SIZE + 17))
-            .map(|i| (i * 7 % 251) as u8)
-            .collect();
+        let data: Vec<u8> = (0..(200 * BLOCK_SIZE + 17)).map(|i| (i * 7 % 251) as u8).collect();
         let t = MerkleTree::from_data(&data);
         assert_eq!(t.geometry().levels(), &[201, 2]);
         let compact = t.to_compact();
@@ -314,10 +270,7 @@ mod tests {
         );
         bad = compact.clone();
         bad[0] ^= 1;
-        assert_eq!(
-            MerkleTree::from_compact(data.len() as u64, &bad, t.root()),
-            Err(TreeError::Root)
-        );
+        assert_eq!(MerkleTree::from_compact(data.len() as u64, &bad, t.root()), Err(TreeError::Root));
         assert!(matches!(
             MerkleTree::from_compact(data.len() as u64, &compact[1..], t.root()),
             Err(TreeError::Length { .. })

@@ -3,8 +3,10 @@
 
 #![allow(dead_code)]
 
+use std::fs;
 use std::io::{BufRead, BufReader};
 use std::net::TcpListener;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -17,21 +19,13 @@ pub fn incfs_bin() -> &'static str {
 
 /// Run `incfs ARGS...` and return its output (never panics on a non-zero exit).
 pub fn incfs(args: &[&str]) -> Output {
-    Command::new(incfs_bin())
-        .args(args)
-        .output()
-        .expect("running incfs")
+    Command::new(incfs_bin()).args(args).output().expect("running incfs")
 }
 
 /// Run `incfs ARGS...`, which must succeed; returns stdout.
 pub fn incfs_ok(args: &[&str]) -> String {
     let out = incfs(args);
-    assert!(
-        out.status.success(),
-        "incfs {args:?} failed:\n{}\n{}",
-        text(&out.stdout),
-        text(&out.stderr)
-    );
+    assert!(out.status.success(), "incfs {args:?} failed:\n{}\n{}", text(&out.stdout), text(&out.stderr));
     text(&out.stdout)
 }
 
@@ -45,11 +39,7 @@ pub fn run(program: &str, args: &[&str]) -> String {
         .args(args)
         .output()
         .unwrap_or_else(|e| panic!("{program} is needed by this test ({e}); .ci/run installs it"));
-    assert!(
-        out.status.success(),
-        "{program} {args:?} failed:\n{}",
-        text(&out.stderr)
-    );
+    assert!(out.status.success(), "{program} {args:?} failed:\n{}", text(&out.stderr));
     text(&out.stdout)
 }
 
@@ -60,10 +50,7 @@ pub fn random_bytes(seed: u64, len: usize) -> Vec<u8> {
 }
 
 pub fn tempdir() -> tempfile::TempDir {
-    tempfile::Builder::new()
-        .prefix("incfs-test-")
-        .tempdir()
-        .unwrap()
+    tempfile::Builder::new().prefix("incfs-test-").tempdir().unwrap()
 }
 
 /// Make an Ed25519 key pair with openssl; returns (private, public) paths.
@@ -74,17 +61,7 @@ pub fn openssl_key(dir: &Path, name: &str, genpkey_args: &[&str]) -> (PathBuf, P
     args.extend_from_slice(genpkey_args);
     args.extend_from_slice(&["-out", private.to_str().unwrap()]);
     run("openssl", &args);
-    run(
-        "openssl",
-        &[
-            "pkey",
-            "-in",
-            private.to_str().unwrap(),
-            "-pubout",
-            "-out",
-            public.to_str().unwrap(),
-        ],
-    );
+    run("openssl", &["pkey", "-in", private.to_str().unwrap(), "-pubout", "-out", public.to_str().unwrap()]);
     (private, public)
 }
 
@@ -94,14 +71,7 @@ pub fn ed25519_key(dir: &Path) -> (PathBuf, PathBuf) {
 
 /// Pack `src` into `repo` with `key`, quietly; extra args appended.
 pub fn pack(src: &Path, repo: &Path, key: &Path, extra: &[&str]) -> String {
-    let mut args = vec![
-        "pack",
-        src.to_str().unwrap(),
-        repo.to_str().unwrap(),
-        "--key",
-        key.to_str().unwrap(),
-        "-q",
-    ];
+    let mut args = vec!["pack", src.to_str().unwrap(), repo.to_str().unwrap(), "--key", key.to_str().unwrap(), "-q"];
     args.extend_from_slice(extra);
     incfs_ok(&args)
 }
@@ -117,10 +87,7 @@ pub fn read_tree(root: &Path) -> Vec<(PathBuf, Vec<u8>)> {
             if ft.is_dir() {
                 stack.push(e.path());
             } else if ft.is_file() {
-                out.push((
-                    e.path().strip_prefix(root).unwrap().to_path_buf(),
-                    std::fs::read(e.path()).unwrap(),
-                ));
+                out.push((e.path().strip_prefix(root).unwrap().to_path_buf(), std::fs::read(e.path()).unwrap()));
             }
         }
     }
@@ -130,11 +97,7 @@ pub fn read_tree(root: &Path) -> Vec<(PathBuf, Vec<u8>)> {
 
 /// A free TCP port on 127.0.0.1 (released for the caller to bind).
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 /// A child process killed (by its PID) and reaped when dropped.
@@ -165,13 +128,8 @@ impl IncfsServer {
         let guard = ChildGuard(child);
         let mut line = String::new();
         BufReader::new(stdout).read_line(&mut line).unwrap();
-        let url = line
-            .split(" at ")
-            .nth(1)
-            .expect("incfs serve prints its URL")
-            .trim()
-            .trim_end_matches('/')
-            .to_string();
+        let url =
+            line.split(" at ").nth(1).expect("incfs serve prints its URL").trim().trim_end_matches('/').to_string();
         IncfsServer { url, child: guard }
     }
 }
@@ -202,12 +160,7 @@ impl Nginx {
         )
         .unwrap();
         let child = Command::new("nginx")
-            .args([
-                "-c",
-                conf.to_str().unwrap(),
-                "-p",
-                dir.path().to_str().unwrap(),
-            ])
+            .args(["-c", conf.to_str().unwrap(), "-p", dir.path().to_str().unwrap()])
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
@@ -222,10 +175,171 @@ impl Nginx {
             );
             std::thread::sleep(Duration::from_millis(20));
         }
-        Nginx {
-            url: format!("http://127.0.0.1:{port}"),
-            dir,
-            child: guard,
+        Nginx { url: format!("http://127.0.0.1:{port}"), dir, child: guard }
+    }
+}
+
+/// Every entry under `root` (not following symlinks) with what must survive a round trip.
+pub fn describe(root: &Path) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut first_by_ino = std::collections::HashMap::new();
+    let mut stack = vec![PathBuf::new()];
+    while let Some(rel) = stack.pop() {
+        let p = root.join(&rel);
+        let md = fs::symlink_metadata(&p).unwrap();
+        let ft = md.file_type();
+        let mut line = format!(
+            "{:?} mode={:o} uid={} gid={} mtime={}.{:09}",
+            rel,
+            md.mode(),
+            md.uid(),
+            md.gid(),
+            md.mtime(),
+            md.mtime_nsec()
+        );
+        if ft.is_file() {
+            let content = fs::read(&p).unwrap();
+            line += &format!(
+                " size={} sum={:x}",
+                md.len(),
+                content.iter().fold(0u64, |a, &b| a.wrapping_mul(31).wrapping_add(b as u64))
+            );
+            let first = first_by_ino.entry(md.ino()).or_insert_with(|| rel.clone());
+            line += &format!(" links={} same-as={:?}", md.nlink(), first);
+        } else if ft.is_symlink() {
+            line += &format!(" -> {:?}", fs::read_link(&p).unwrap());
+        } else if ft.is_dir() {
+            // Sockets are not published; everything else must be there.
+            let mut names: Vec<_> = fs::read_dir(&p)
+                .unwrap()
+                .map(|e| e.unwrap())
+                .filter(|e| !std::os::unix::fs::FileTypeExt::is_socket(&e.file_type().unwrap()))
+                .map(|e| e.file_name())
+                .collect();
+            names.sort();
+            stack.extend(names.into_iter().rev().map(|n| rel.join(n)));
+        } else {
+            line += &format!(" rdev={}", md.rdev());
+        }
+        if !ft.is_symlink() {
+            for name in xattr::list(&p).unwrap() {
+                line += &format!(" xattr {:?}={:?}", name, xattr::get(&p, &name).unwrap());
+            }
+        }
+        out.push(line);
+    }
+    out
+}
+
+impl IncfsServer {
+    /// `incfs serve` on a given port (to stop and restart a server at the same address).
+    pub fn start_on(repo: &Path, port: u16) -> Self {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let mut child = Command::new(incfs_bin())
+                .args(["serve", repo.to_str().unwrap(), "--listen", &format!("127.0.0.1:{port}")])
+                .stdout(Stdio::piped())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("starting incfs serve");
+            let stdout = child.stdout.take().unwrap();
+            let guard = ChildGuard(child);
+            let mut line = String::new();
+            BufReader::new(stdout).read_line(&mut line).unwrap();
+            if line.contains(" at ") {
+                return IncfsServer { url: format!("http://127.0.0.1:{port}"), child: guard };
+            }
+            assert!(Instant::now() < deadline, "cannot listen on port {port} again");
+            std::thread::sleep(Duration::from_millis(50));
         }
     }
+}
+
+/// An incfs mount, unmounted (and its daemon gone) when dropped, even if the test failed.
+pub struct Mount {
+    pub dir: PathBuf,
+    pub pid: u32,
+    pub cache: PathBuf,
+}
+
+impl Mount {
+    /// `incfs mount SOURCE DIR --trust TRUST --cache CACHE EXTRA...`, which must succeed.
+    pub fn start(source: &str, dir: &Path, trust: &Path, cache: &Path, extra: &[&str]) -> Mount {
+        fs::create_dir_all(dir).unwrap();
+        let mut args = vec!["mount", source, dir.to_str().unwrap(), "--trust", trust.to_str().unwrap()];
+        args.extend(["--cache", cache.to_str().unwrap()]);
+        args.extend_from_slice(extra);
+        let out = incfs_ok(&args);
+        let pid = out
+            .split("daemon pid ")
+            .nth(1)
+            .and_then(|s| s.split(|c: char| !c.is_ascii_digit()).next())
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| panic!("incfs mount did not print the daemon pid: {out}"));
+        Mount { dir: fs::canonicalize(dir).unwrap(), pid, cache: cache.to_path_buf() }
+    }
+
+    /// The daemon's log, for failure messages.
+    pub fn log(&self) -> String {
+        fs::read_to_string(self.cache.join("daemon.log")).unwrap_or_default()
+    }
+
+    pub fn path(&self, rel: &str) -> PathBuf {
+        self.dir.join(rel)
+    }
+
+    /// `incfs status --json`.
+    pub fn status(&self) -> serde_json::Value {
+        let out = incfs_ok(&["status", self.dir.to_str().unwrap(), "--json"]);
+        serde_json::from_str(&out).unwrap()
+    }
+
+    pub fn stat(&self, key: &str) -> u64 {
+        self.status()[key].as_u64().unwrap_or_else(|| panic!("status has no {key}"))
+    }
+
+    /// Present block ranges of one file.
+    pub fn present(&self, rel: &str) -> Vec<(u64, u64)> {
+        let out = incfs_ok(&["status", self.dir.to_str().unwrap(), rel, "--json"]);
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        serde_json::from_value(v["present"].clone()).unwrap()
+    }
+
+    pub fn daemon_alive(&self) -> bool {
+        Path::new(&format!("/proc/{}", self.pid)).exists()
+            && !fs::read_to_string(format!("/proc/{}/stat", self.pid)).unwrap_or_default().contains(") Z ")
+    }
+
+    /// Wait (bounded) until the mount is gone and the daemon has exited.
+    pub fn wait_gone(&self) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while is_mounted(&self.dir) || self.daemon_alive() {
+            assert!(Instant::now() < deadline, "mount {} did not go away", self.dir.display());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        if is_mounted(&self.dir) {
+            let _ = Command::new(incfs_bin()).args(["unmount", self.dir.to_str().unwrap()]).output();
+        }
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while self.daemon_alive() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        if self.daemon_alive() {
+            // SAFETY: kill(2) on the daemon this test started; no memory is involved.
+            unsafe { libc::kill(self.pid as i32, libc::SIGKILL) };
+        }
+        if is_mounted(&self.dir) {
+            let _ = Command::new("umount").args(["-l", self.dir.to_str().unwrap()]).output();
+        }
+    }
+}
+
+pub fn is_mounted(dir: &Path) -> bool {
+    let dir = dir.to_string_lossy().replace(' ', "\\040").replace('\n', "\\012");
+    fs::read_to_string("/proc/self/mounts").unwrap_or_default().lines().any(|l| l.split(' ').nth(1) == Some(&dir))
 }

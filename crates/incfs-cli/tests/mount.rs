@@ -1,0 +1,391 @@
+//! The lazy mount against real parts: FUSE through the kernel, `incfs serve` and nginx on
+//! 127.0.0.1, ordinary tools (`diff -r`, `cat`, python) reading through the mount.
+
+mod common;
+
+use std::fs;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::{Arc, Barrier};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+/// A packed repository with its key, in a temporary directory.
+struct Published {
+    dir: tempfile::TempDir,
+    src: PathBuf,
+    repo: PathBuf,
+    public: PathBuf,
+}
+
+impl Published {
+    fn new(fill: impl FnOnce(&Path), extra: &[&str]) -> Self {
+        let dir = tempdir();
+        let src = dir.path().join("src");
+        fs::create_dir(&src).unwrap();
+        fill(&src);
+        let (private, public) = ed25519_key(dir.path());
+        let repo = dir.path().join("repo");
+        pack(&src, &repo, &private, extra);
+        Published { src, repo, public, dir }
+    }
+
+    fn mount(&self, source: &str, name: &str, extra: &[&str]) -> Mount {
+        let cache = self.dir.path().join(format!("cache-{name}"));
+        Mount::start(source, &self.dir.path().join(format!("mnt-{name}")), &self.public, &cache, extra)
+    }
+}
+
+fn python_stdlib_copy(dest: &Path) {
+    fs::create_dir_all(dest).unwrap();
+    let stdlib = run("python3", &["-c", "import sysconfig; print(sysconfig.get_paths()['stdlib'])"]);
+    let tar = format!(
+        "tar -C '{}' --exclude=./site-packages --exclude=./test -cf - . | tar -C '{}' -xf -",
+        stdlib.trim(),
+        dest.display()
+    );
+    run("sh", &["-c", &tar]);
+}
+
+/// Mixed data: random, compressible, sparse, many small files, links.
+fn mixed_data(dest: &Path, scale_mib: usize) {
+    fs::create_dir_all(dest.join("small")).unwrap();
+    fs::write(dest.join("random.bin"), random_bytes(1, scale_mib << 19)).unwrap();
+    let text: String = (0..(scale_mib << 14)).map(|i| format!("row {i}, a line of compressible text\n")).collect();
+    fs::write(dest.join("text.csv"), text).unwrap();
+    let sparse = fs::File::create(dest.join("sparse.img")).unwrap();
+    sparse.set_len((scale_mib as u64) << 19).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&sparse, b"middle", (scale_mib as u64) << 18).unwrap();
+    for i in 0..300 {
+        fs::write(dest.join(format!("small/f{i:03}")), random_bytes(100 + i, (i as usize * 97) % 20000)).unwrap();
+    }
+    fs::hard_link(dest.join("random.bin"), dest.join("random-link.bin")).unwrap();
+    std::os::unix::fs::symlink("text.csv", dest.join("text-link")).unwrap();
+}
+
+#[test]
+fn real_tree_mounts_identical_through_incfs_serve_and_nginx() {
+    let p = Published::new(
+        |src| {
+            python_stdlib_copy(&src.join("stdlib"));
+            mixed_data(&src.join("data"), 160);
+        },
+        &[],
+    );
+    let serve = IncfsServer::start(&p.repo);
+    let nginx = Nginx::start(&p.repo);
+    for (name, url) in [("serve", serve.url.clone()), ("nginx", nginx.url.clone())] {
+        let m = p.mount(&url, name, &[]);
+        assert_eq!(m.stat("blocks_present"), 0, "{name}: nothing is fetched at mount");
+        let diff = Command::new("diff").args(["-r", "--no-dereference"]).args([&p.src, &m.dir]).output().unwrap();
+        assert!(diff.status.success(), "{name}: diff -r:\n{}{}", text(&diff.stdout), text(&diff.stderr));
+        let (a, b) = (describe(&p.src), describe(&m.dir));
+        assert_eq!(a.len(), b.len());
+        for (x, y) in a.iter().zip(&b) {
+            assert_eq!(x, y, "{name}: stat differs");
+        }
+        let s = m.status();
+        assert_eq!(s["complete"], true, "{name}: {s}");
+        assert_eq!(s["reads_failed_verification"], 0);
+    }
+}
+
+#[test]
+fn one_small_file_costs_about_its_own_blocks() {
+    let p = Published::new(
+        |src| {
+            fs::write(src.join("big.bin"), random_bytes(5, 100 << 20)).unwrap();
+            fs::write(src.join("small.txt"), random_bytes(6, 10 << 10)).unwrap();
+            fs::write(src.join("neighbour.bin"), random_bytes(7, 1 << 20)).unwrap();
+        },
+        &[],
+    );
+    let nginx = Nginx::start(&p.repo);
+    let m = p.mount(&nginx.url, "one", &[]);
+    let manifest_bytes = fs::metadata(p.repo.join("manifest")).unwrap().len();
+    let log = nginx.dir.path().join("access.log");
+    let sent_before = nginx_body_bytes(&log);
+    assert_eq!(fs::read(m.path("small.txt")).unwrap(), fs::read(p.src.join("small.txt")).unwrap());
+    let fetched = m.stat("bytes_fetched");
+    let sent = nginx_body_bytes(&log) - sent_before;
+    // 3 data blocks, its block map (3 x 16 bytes) and tree: nothing of its neighbours.
+    assert!(fetched <= (10 << 10) + 4 * 4096, "fetched {fetched} bytes for a 10 KiB file");
+    assert_eq!(sent, fetched, "the server's count agrees with ours");
+    assert!(sent_before <= manifest_bytes + 100, "mounting fetched only the manifest");
+}
+
+fn nginx_body_bytes(log: &Path) -> u64 {
+    fs::read_to_string(log)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.split('"').nth(2)?.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .sum()
+}
+
+#[test]
+fn python_runs_from_a_mostly_absent_stdlib() {
+    let p = Published::new(|src| python_stdlib_copy(src), &[]);
+    let serve = IncfsServer::start(&p.repo);
+    let m = p.mount(&serve.url, "py", &[]);
+    let dir = m.dir.to_str().unwrap();
+    let script = format!(
+        "import sys; sys.path.insert(0, {dir:?}); import json, email.parser, decimal, csv; \
+         assert json.__file__.startswith({dir:?}), json.__file__; \
+         print(json.dumps({{'ok': decimal.Decimal('1.5') * 2}}, default=str))"
+    );
+    let out = Command::new("python3").args(["-I", "-S", "-c", &script]).output().unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout).trim(), r#"{"ok": "3.0"}"#);
+    let s = m.status();
+    let (present, total) = (s["blocks_present"].as_u64().unwrap(), s["blocks_total"].as_u64().unwrap());
+    assert!(present * 10 < total, "most of the image stays absent: {present}/{total} blocks present");
+}
+
+#[test]
+fn corrupted_block_on_the_server_fails_with_eio_and_is_never_kept() {
+    let victim = random_bytes(11, 64 << 10);
+    let p = Published::new(
+        |src| {
+            fs::write(src.join("victim.bin"), &victim).unwrap();
+            fs::write(src.join("bystander.bin"), random_bytes(12, 64 << 10)).unwrap();
+        },
+        &["--compression", "none"],
+    );
+    // Find victim.bin's first block in the (single) object and flip one byte of it.
+    let object = fs::read_dir(p.repo.join("objects")).unwrap().next().unwrap().unwrap().path();
+    let mut bytes = fs::read(&object).unwrap();
+    let at = bytes.windows(64).position(|w| w == &victim[..64]).unwrap() + 100;
+    bytes[at] ^= 0x01;
+    fs::write(&object, &bytes).unwrap();
+
+    let serve = IncfsServer::start(&p.repo);
+    let m = p.mount(&serve.url, "bad", &[]);
+    let err = fs::read(m.path("victim.bin")).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
+    assert_eq!(fs::read(m.path("bystander.bin")).unwrap(), fs::read(p.src.join("bystander.bin")).unwrap());
+    assert!(m.stat("reads_failed_verification") >= 1);
+    assert!(!m.present("victim.bin").iter().any(|&(a, _)| a == 0), "the bad block was not kept");
+
+    bytes[at] ^= 0x01;
+    fs::write(&object, &bytes).unwrap();
+    // The source is in backoff after serving a bad block; the next read still tries it.
+    assert_eq!(fs::read(m.path("victim.bin")).unwrap(), victim);
+    assert_eq!(m.present("victim.bin"), vec![(0, 16)]);
+}
+
+#[test]
+fn server_down_bounds_reads_and_recovery_needs_no_remount() {
+    let p = Published::new(
+        |src| {
+            fs::write(src.join("present.bin"), random_bytes(21, 256 << 10)).unwrap();
+            fs::write(src.join("absent.bin"), random_bytes(22, 256 << 10)).unwrap();
+            fs::write(src.join("stalled.bin"), random_bytes(23, 256 << 10)).unwrap();
+        },
+        &[],
+    );
+    let port = free_port();
+    let server = IncfsServer::start_on(&p.repo, port);
+    let m = p.mount(&server.url, "down", &["--read-timeout", "2s"]);
+    let present = fs::read(m.path("present.bin")).unwrap();
+    drop(server);
+
+    // Connection refused: fails fast, never past the bound.
+    let t = Instant::now();
+    assert!(fs::read(m.path("absent.bin")).is_err());
+    assert!(t.elapsed() < Duration::from_secs(4), "took {:?}", t.elapsed());
+    // Present data needs no server (the kernel's page cache is dropped first).
+    drop_caches();
+    assert_eq!(fs::read(m.path("present.bin")).unwrap(), present);
+
+    // A server that accepts and never answers: the read fails with ETIME at the bound.
+    let staller = std::net::TcpListener::bind(("127.0.0.1", port)).unwrap();
+    let t = Instant::now();
+    let err = fs::read(m.path("stalled.bin")).unwrap_err();
+    let took = t.elapsed();
+    assert_eq!(err.raw_os_error(), Some(libc::ETIME), "{err}");
+    assert!(took >= Duration::from_millis(1900) && took < Duration::from_secs(4), "took {took:?}");
+    drop(staller);
+    assert!(m.stat("reads_failed_timeout") >= 1);
+
+    let _server = IncfsServer::start_on(&p.repo, port);
+    let back = fs::read(m.path("absent.bin")).unwrap_or_else(|e| panic!("{e}\n{}", m.log()));
+    assert_eq!(back, fs::read(p.src.join("absent.bin")).unwrap());
+    // A file whose read just timed out fails at once for a second (so that the kernel's retry
+    // of a failed readahead does not wait a second time); after that it is fetched again.
+    std::thread::sleep(Duration::from_millis(1100));
+    assert_eq!(fs::read(m.path("stalled.bin")).unwrap(), fs::read(p.src.join("stalled.bin")).unwrap());
+}
+
+fn drop_caches() {
+    let _ = fs::write("/proc/sys/vm/drop_caches", "3");
+}
+
+#[test]
+fn kill_9_mid_read_loses_nothing_fetched() {
+    let data = random_bytes(31, 48 << 20);
+    let p = Published::new(|src| fs::write(src.join("large.bin"), &data).unwrap(), &[]);
+    let serve = IncfsServer::start(&p.repo);
+    let cache = p.dir.path().join("cache-kill");
+    let mnt = p.dir.path().join("mnt-kill");
+    let m = Mount::start(&serve.url, &mnt, &p.public, &cache, &[]);
+    let total_blocks = (48u64 << 20) / 4096;
+
+    // A slow sequential reader; kill the daemon once about a quarter is local.
+    let path = m.path("large.bin");
+    let reader = std::thread::spawn(move || {
+        use std::io::Read;
+        let mut f = fs::File::open(path).unwrap();
+        let mut buf = vec![0u8; 1 << 20];
+        while let Ok(n) = f.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(15));
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while m.stat("blocks_present") < total_blocks / 4 {
+        assert!(Instant::now() < deadline);
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    // SAFETY: kill(2) on the daemon this test started.
+    unsafe { libc::kill(m.pid as i32, libc::SIGKILL) };
+    reader.join().unwrap();
+    m.wait_gone();
+
+    let m2 = Mount::start(&serve.url, &mnt, &p.public, &cache, &[]);
+    let present_before = m2.stat("blocks_present");
+    assert!(present_before >= total_blocks / 4, "{present_before} blocks survived");
+    assert_eq!(fs::read(m2.path("large.bin")).unwrap(), data);
+    let fetched = m2.stat("bytes_fetched");
+    let missing_bytes = (total_blocks - present_before) * 4096;
+    assert!(fetched <= missing_bytes + (1 << 20), "refetched: {fetched} bytes for {missing_bytes} missing");
+    drop(m);
+}
+
+#[test]
+fn concurrent_readers_share_one_fetch_per_block() {
+    let data = random_bytes(41, 8 << 20);
+    let p = Published::new(|src| fs::write(src.join("cold.bin"), &data).unwrap(), &[]);
+    let serve = IncfsServer::start(&p.repo);
+    let m = p.mount(&serve.url, "many", &[]);
+    let barrier = Arc::new(Barrier::new(32));
+    let readers: Vec<_> = (0..32)
+        .map(|_| {
+            let (b, path) = (barrier.clone(), m.path("cold.bin"));
+            std::thread::spawn(move || {
+                b.wait();
+                fs::read(path).unwrap()
+            })
+        })
+        .collect();
+    for r in readers {
+        assert!(r.join().unwrap() == data);
+    }
+    assert_eq!(m.stat("blocks_fetched"), 2048, "each block fetched exactly once");
+}
+
+#[test]
+fn every_change_is_refused_with_erofs() {
+    let p = Published::new(
+        |src| {
+            fs::create_dir(src.join("dir")).unwrap();
+            fs::write(src.join("file"), "content\n").unwrap();
+        },
+        &[],
+    );
+    let serve = IncfsServer::start(&p.repo);
+    let m = p.mount(&serve.url, "ro", &[]);
+    let d = m.dir.to_str().unwrap();
+    for cmd in [
+        format!("touch {d}/new"),
+        format!("touch {d}/file"),
+        format!("echo x > {d}/file"),
+        format!("echo x >> {d}/file"),
+        format!("rm {d}/file"),
+        format!("mkdir {d}/newdir"),
+        format!("rmdir {d}/dir"),
+        format!("chmod 600 {d}/file"),
+        format!("truncate -s 0 {d}/file"),
+        format!("mv {d}/file {d}/moved"),
+        format!("ln -s x {d}/link"),
+        format!("setfattr -n user.x -v 1 {d}/file 2>&1 || python3 -c \"import os; os.setxattr('{d}/file', 'user.x', b'1')\""),
+    ] {
+        let out = Command::new("sh").args(["-c", &cmd]).output().unwrap();
+        assert!(!out.status.success(), "{cmd} succeeded");
+        let err = text(&out.stderr) + &text(&out.stdout);
+        assert!(err.contains("Read-only file system"), "{cmd}: {err}");
+    }
+    assert_eq!(fs::read_to_string(m.path("file")).unwrap(), "content\n");
+    assert!(fs::metadata(m.path("file")).unwrap().mode() & 0o777 == 0o644);
+}
+
+#[test]
+fn bad_manifests_and_rollbacks_are_refused_before_mounting() {
+    let dir = tempdir();
+    let src = dir.path().join("src");
+    fs::create_dir(&src).unwrap();
+    fs::write(src.join("f"), "v1\n").unwrap();
+    let (private, public) = ed25519_key(dir.path());
+    let (_, other_public) = openssl_key(dir.path(), "other", &["-algorithm", "ed25519"]);
+    let repo = dir.path().join("repo");
+    pack(&src, &repo, &private, &[]);
+    fs::write(src.join("f"), "v2\n").unwrap();
+    pack(&src, &repo, &private, &[]);
+    let serve = IncfsServer::start(&repo);
+    let mnt = dir.path().join("mnt");
+    fs::create_dir(&mnt).unwrap();
+    let cache = dir.path().join("cache");
+
+    let try_mount = |source: &str, trust: &Path| {
+        let out = incfs(&[
+            "mount",
+            source,
+            mnt.to_str().unwrap(),
+            "--trust",
+            trust.to_str().unwrap(),
+            "--cache",
+            cache.to_str().unwrap(),
+            "--read-timeout",
+            "2s",
+        ]);
+        assert!(!is_mounted(&mnt), "nothing may be mounted after a refusal");
+        (out.status.success(), text(&out.stderr).trim().to_string())
+    };
+    let (ok, err) = try_mount(&serve.url, &other_public);
+    assert!(!ok && err.contains("not among the trusted keys") && err.lines().count() == 1, "{err}");
+
+    // Version 2 accepted once; a server then offering version 1 is a rollback.
+    {
+        let _m = Mount::start(&serve.url, &mnt, &public, &cache, &[]);
+        assert_eq!(fs::read_to_string(mnt.join("f")).unwrap(), "v2\n");
+    }
+    fs::copy(repo.join("versions/1.manifest"), repo.join("manifest")).unwrap();
+    let (ok, err) = try_mount(&serve.url, &public);
+    assert!(!ok && err.contains("refusing the rollback"), "{err}");
+
+    let mut bad = fs::read(repo.join("versions/2.manifest")).unwrap();
+    bad.truncate(bad.len() - 10);
+    fs::write(repo.join("manifest"), &bad).unwrap();
+    let (ok, err) = try_mount(&serve.url, &public);
+    assert!(!ok && err.contains("malformed"), "{err}");
+
+    let unreachable = format!("http://127.0.0.1:{}", free_port());
+    let fresh = dir.path().join("fresh-cache");
+    let out = incfs(&[
+        "mount",
+        &unreachable,
+        mnt.to_str().unwrap(),
+        "--trust",
+        public.to_str().unwrap(),
+        "--cache",
+        fresh.to_str().unwrap(),
+        "--read-timeout",
+        "2s",
+    ]);
+    let err = text(&out.stderr);
+    assert!(!out.status.success() && err.contains("holds no copy"), "{err}");
+    assert!(!is_mounted(&mnt));
+}
