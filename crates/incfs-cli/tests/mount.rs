@@ -126,7 +126,7 @@ fn nginx_body_bytes(log: &Path) -> u64 {
 
 #[test]
 fn python_runs_from_a_mostly_absent_stdlib() {
-    let p = Published::new(|src| python_stdlib_copy(src), &[]);
+    let p = Published::new(python_stdlib_copy, &[]);
     let serve = IncfsServer::start(&p.repo);
     let m = p.mount(&serve.url, "py", &[]);
     let dir = m.dir.to_str().unwrap();
