@@ -290,7 +290,12 @@ impl Reader {
 
     /// Store verified blocks and mark `present` blocks of `key`, in one transaction. Writers are
     /// serialized so that each persists presence bits that include all earlier writers' bits.
-    fn store_blocks(&self, key: &FileKey, blocks: &[NewBlock<'_>], present: Vec<u64>) -> Result<(), incfs_store::StoreError> {
+    fn store_blocks(
+        &self,
+        key: &FileKey,
+        blocks: &[NewBlock<'_>],
+        present: Vec<u64>,
+    ) -> Result<(), incfs_store::StoreError> {
         let _writer = self.persist.lock().unwrap();
         let changed = self.presence.staged(key, present.iter().copied());
         if blocks.is_empty() && changed.is_empty() {
