@@ -4,6 +4,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/deps.sh
+# Garage, a real S3-compatible store for the S3 tests: built once (about 8 minutes), then reused.
+if ! command -v garage >/dev/null && [ ! -x "${CARGO_HOME:-$HOME/.cargo}/bin/garage" ]; then
+  echo "building garage for the S3 tests (once)..." >&2
+  cargo install garage --locked --quiet
+fi
 started=$(date +%s)
 cargo fmt --all -- --check
 cargo clippy --locked --workspace --all-targets -- -D warnings

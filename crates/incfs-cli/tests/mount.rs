@@ -33,8 +33,12 @@ impl Published {
     }
 
     fn mount(&self, source: &str, name: &str, extra: &[&str]) -> Mount {
+        self.mount_env(source, name, extra, &[])
+    }
+
+    fn mount_env(&self, source: &str, name: &str, extra: &[&str], env: &[(String, String)]) -> Mount {
         let cache = self.dir.path().join(format!("cache-{name}"));
-        Mount::start(source, &self.dir.path().join(format!("mnt-{name}")), &self.public, &cache, extra)
+        Mount::start_with_env(source, &self.dir.path().join(format!("mnt-{name}")), &self.public, &cache, extra, env)
     }
 }
 
@@ -66,7 +70,7 @@ fn mixed_data(dest: &Path, scale_mib: usize) {
 }
 
 #[test]
-fn real_tree_mounts_identical_through_incfs_serve_and_nginx() {
+fn real_tree_mounts_identical_through_incfs_serve_nginx_and_s3() {
     let p = Published::new(
         |src| {
             python_stdlib_copy(&src.join("stdlib"));
@@ -76,8 +80,14 @@ fn real_tree_mounts_identical_through_incfs_serve_and_nginx() {
     );
     let serve = IncfsServer::start(&p.repo);
     let nginx = Nginx::start(&p.repo);
-    for (name, url) in [("serve", serve.url.clone()), ("nginx", nginx.url.clone())] {
-        let m = p.mount(&url, name, &[]);
+    let garage = Garage::start();
+    garage.upload(&p.repo, "images/stdlib");
+    for (name, url, env) in [
+        ("serve", serve.url.clone(), vec![]),
+        ("nginx", nginx.url.clone(), vec![]),
+        ("s3", garage.url("images/stdlib"), garage.env()),
+    ] {
+        let m = p.mount_env(&url, name, &[], &env);
         assert_eq!(m.stat("blocks_present"), 0, "{name}: nothing is fetched at mount");
         let diff = Command::new("diff").args(["-r", "--no-dereference"]).args([&p.src, &m.dir]).output().unwrap();
         assert!(diff.status.success(), "{name}: diff -r:\n{}{}", text(&diff.stdout), text(&diff.stderr));
@@ -114,6 +124,13 @@ fn one_small_file_costs_about_its_own_blocks() {
     assert!(fetched <= (10 << 10) + 4 * 4096, "fetched {fetched} bytes for a 10 KiB file");
     assert_eq!(sent, fetched, "the server's count agrees with ours");
     assert!(sent_before <= manifest_bytes + 100, "mounting fetched only the manifest");
+
+    // The same from an S3-compatible store.
+    let garage = Garage::start();
+    garage.upload(&p.repo, "one");
+    let m = p.mount_env(&garage.url("one"), "one-s3", &[], &garage.env());
+    assert_eq!(fs::read(m.path("small.txt")).unwrap(), fs::read(p.src.join("small.txt")).unwrap());
+    assert_eq!(m.stat("bytes_fetched"), fetched, "S3 costs the same bytes as HTTP");
 }
 
 fn nginx_body_bytes(log: &Path) -> u64 {

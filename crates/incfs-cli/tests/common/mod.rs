@@ -265,11 +265,24 @@ pub struct Mount {
 impl Mount {
     /// `incfs mount SOURCE DIR --trust TRUST --cache CACHE EXTRA...`, which must succeed.
     pub fn start(source: &str, dir: &Path, trust: &Path, cache: &Path, extra: &[&str]) -> Mount {
+        Self::start_with_env(source, dir, trust, cache, extra, &[])
+    }
+
+    pub fn start_with_env(
+        source: &str,
+        dir: &Path,
+        trust: &Path,
+        cache: &Path,
+        extra: &[&str],
+        env: &[(String, String)],
+    ) -> Mount {
         fs::create_dir_all(dir).unwrap();
         let mut args = vec!["mount", source, dir.to_str().unwrap(), "--trust", trust.to_str().unwrap()];
         args.extend(["--cache", cache.to_str().unwrap()]);
         args.extend_from_slice(extra);
-        let out = incfs_ok(&args);
+        let res = Command::new(incfs_bin()).args(&args).envs(env.iter().cloned()).output().expect("running incfs");
+        assert!(res.status.success(), "incfs {args:?} failed:\n{}\n{}", text(&res.stdout), text(&res.stderr));
+        let out = text(&res.stdout);
         let pid = out
             .split("daemon pid ")
             .nth(1)
@@ -342,4 +355,149 @@ impl Drop for Mount {
 pub fn is_mounted(dir: &Path) -> bool {
     let dir = dir.to_string_lossy().replace(' ', "\\040").replace('\n', "\\012");
     fs::read_to_string("/proc/self/mounts").unwrap_or_default().lines().any(|l| l.split(' ').nth(1) == Some(&dir))
+}
+
+/// A single-node Garage (S3-compatible object store) on loopback ports, with one bucket and
+/// one key, stopped by PID when dropped. Needs the `garage` binary (`cargo install garage`;
+/// scripts/test.sh installs it when missing).
+pub struct Garage {
+    pub endpoint: String,
+    pub bucket: String,
+    pub region: String,
+    pub key_id: String,
+    pub secret: String,
+    conf: PathBuf,
+    _dir: tempfile::TempDir,
+    _child: ChildGuard,
+}
+
+fn garage_bin() -> PathBuf {
+    let home = PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cargo/bin/garage");
+    if home.exists() {
+        home
+    } else {
+        PathBuf::from("garage")
+    }
+}
+
+impl Garage {
+    pub fn start() -> Self {
+        let dir = tempdir();
+        let (rpc, s3) = (free_port(), free_port());
+        let secret = random_bytes(std::process::id() as u64, 32).iter().map(|b| format!("{b:02x}")).collect::<String>();
+        let conf = dir.path().join("garage.toml");
+        fs::write(
+            &conf,
+            format!(
+                "metadata_dir = \"{d}/meta\"\ndata_dir = \"{d}/data\"\ndb_engine = \"sqlite\"\nreplication_factor = 1\n\
+                 rpc_bind_addr = \"127.0.0.1:{rpc}\"\nrpc_public_addr = \"127.0.0.1:{rpc}\"\nrpc_secret = \"{secret}\"\n\
+                 [s3_api]\ns3_region = \"garage\"\napi_bind_addr = \"127.0.0.1:{s3}\"\nroot_domain = \".s3.garage.localhost\"\n",
+                d = dir.path().display()
+            ),
+        )
+        .unwrap();
+        let child = Command::new(garage_bin())
+            .args(["-c", conf.to_str().unwrap(), "server"])
+            .stdout(Stdio::null())
+            .stderr(fs::File::create(dir.path().join("server.log")).unwrap())
+            .spawn()
+            .expect("garage is needed by this test (cargo install garage --locked; scripts/test.sh does it)");
+        let child = ChildGuard(child);
+        let g = |args: &[&str]| -> String {
+            let out = Command::new(garage_bin()).args(["-c", conf.to_str().unwrap()]).args(args).output().unwrap();
+            assert!(out.status.success(), "garage {args:?}: {}", text(&out.stderr));
+            text(&out.stdout)
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let node = loop {
+            let out = Command::new(garage_bin()).args(["-c", conf.to_str().unwrap(), "node", "id", "-q"]).output().unwrap();
+            if out.status.success() {
+                break text(&out.stdout).trim().split('@').next().unwrap().to_string();
+            }
+            assert!(Instant::now() < deadline, "garage did not start: {}", text(&out.stderr));
+            std::thread::sleep(Duration::from_millis(100));
+        };
+        g(&["layout", "assign", "-z", "dc1", "-c", "1G", &node]);
+        g(&["layout", "apply", "--version", "1"]);
+        g(&["bucket", "create", "incfs"]);
+        let key = g(&["key", "create", "incfs-key"]);
+        let field = |name: &str| {
+            key.lines()
+                .find_map(|l| l.trim().strip_prefix(name).map(|v| v.trim_start_matches(':').trim().to_string()))
+                .unwrap_or_else(|| panic!("no {name} in: {key}"))
+        };
+        let (key_id, secret_key) = (field("Key ID"), field("Secret key"));
+        g(&["bucket", "allow", "--read", "--write", "--owner", "incfs", "--key", "incfs-key"]);
+        let endpoint = format!("http://127.0.0.1:{s3}");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while std::net::TcpStream::connect(("127.0.0.1", s3)).is_err() {
+            assert!(Instant::now() < deadline, "garage S3 API did not come up");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Garage {
+            endpoint,
+            bucket: "incfs".into(),
+            region: "garage".into(),
+            key_id,
+            secret: secret_key,
+            conf,
+            _dir: dir,
+            _child: child,
+        }
+    }
+
+    /// Upload every file under `local` to `prefix/` in the bucket (signed PUTs with curl).
+    pub fn upload(&self, local: &Path, prefix: &str) {
+        let mut stack = vec![local.to_path_buf()];
+        while let Some(d) = stack.pop() {
+            for e in fs::read_dir(&d).unwrap() {
+                let p = e.unwrap().path();
+                if p.is_dir() {
+                    stack.push(p);
+                    continue;
+                }
+                let rel = p.strip_prefix(local).unwrap().to_str().unwrap().to_string();
+                if rel.starts_with('.') {
+                    continue;
+                }
+                self.put(&p, &format!("{prefix}/{rel}"));
+            }
+        }
+    }
+
+    pub fn put(&self, file: &Path, key: &str) {
+        run(
+            "curl",
+            &[
+                "-sSf",
+                "--aws-sigv4",
+                &format!("aws:amz:{}:s3", self.region),
+                "--user",
+                &format!("{}:{}", self.key_id, self.secret),
+                "-H",
+                "x-amz-content-sha256: UNSIGNED-PAYLOAD",
+                "-T",
+                file.to_str().unwrap(),
+                &format!("{}/{}/{key}", self.endpoint, self.bucket),
+            ],
+        );
+    }
+
+    /// The environment `incfs` reads S3 settings from.
+    pub fn env(&self) -> Vec<(String, String)> {
+        vec![
+            ("AWS_ENDPOINT_URL".into(), self.endpoint.clone()),
+            ("AWS_REGION".into(), self.region.clone()),
+            ("AWS_ACCESS_KEY_ID".into(), self.key_id.clone()),
+            ("AWS_SECRET_ACCESS_KEY".into(), self.secret.clone()),
+        ]
+    }
+
+    pub fn url(&self, prefix: &str) -> String {
+        format!("s3://{}/{prefix}", self.bucket)
+    }
+
+    pub fn config(&self) -> &Path {
+        &self.conf
+    }
 }
