@@ -112,16 +112,7 @@ impl incfs_pack::Progress for Reporter {
     }
 }
 
-impl incfs_fetch::verify::VerifyProgress for Reporter {
-    fn start(&self, bytes: u64) {
-        Reporter::start(self, 0, bytes);
-    }
-    fn advance(&self, bytes: u64) {
-        Reporter::advance(self, bytes);
-    }
-}
-
-impl incfs_fetch::extract::ExtractProgress for Reporter {
+impl incfs_fetch::ByteProgress for Reporter {
     fn start(&self, bytes: u64) {
         Reporter::start(self, 0, bytes);
     }

@@ -19,6 +19,7 @@ use incfs_format::manifest::{display_path, FileData, Inode, InodeKind};
 use incfs_format::Codec;
 
 use crate::image::Image;
+use crate::ByteProgress;
 
 const FILE_CONCURRENCY: usize = 8;
 const BATCH_BLOCKS: u64 = 1024;
@@ -41,14 +42,6 @@ pub struct ExtractSummary {
     pub bytes: u64,
 }
 
-/// Receives progress (bytes of file content written).
-pub trait ExtractProgress: Sync {
-    fn start(&self, _bytes: u64) {}
-    fn advance(&self, _bytes: u64) {}
-}
-
-impl ExtractProgress for () {}
-
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> ExtractError + '_ {
     move |source| ExtractError::Io { path: path.to_path_buf(), source }
 }
@@ -62,11 +55,7 @@ fn join(dest: &Path, rel: &[u8]) -> PathBuf {
 }
 
 /// Extract `image` into `dest`, which must not exist or be empty.
-pub async fn extract(
-    image: &Image,
-    dest: &Path,
-    progress: &dyn ExtractProgress,
-) -> Result<ExtractSummary, ExtractError> {
+pub async fn extract(image: &Image, dest: &Path, progress: &dyn ByteProgress) -> Result<ExtractSummary, ExtractError> {
     match fs::read_dir(dest) {
         Ok(mut rd) => {
             if rd.next().is_some() {
@@ -146,7 +135,7 @@ async fn write_file(
     rel: &[u8],
     path: &Path,
     f: &FileData,
-    progress: &dyn ExtractProgress,
+    progress: &dyn ByteProgress,
 ) -> Result<(), ExtractError> {
     let out = File::create(path).map_err(io(path))?;
     let data_err = |message: String| ExtractError::Data { path: display_path(rel), message };

@@ -222,11 +222,7 @@ pub fn coalesce(records: &[BlockRecord], blocks: Range<u64>) -> Vec<Range<u64>> 
         if let Some(last) = runs.last_mut() {
             let prev = &records[(last.end - 1) as usize];
             let start = &records[last.start as usize];
-            let joins = r.codec != Codec::Zero
-                && prev.codec != Codec::Zero
-                && prev.object == r.object
-                && prev.range().end == r.offset
-                && r.range().end - start.offset <= MAX_RUN_BYTES;
+            let joins = prev.joins_run(r, start, MAX_RUN_BYTES);
             let both_zero = r.codec == Codec::Zero && prev.codec == Codec::Zero;
             if joins || both_zero {
                 last.end = i + 1;

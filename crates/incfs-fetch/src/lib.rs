@@ -12,4 +12,12 @@ pub mod source;
 pub mod verify;
 
 pub use image::{BlockFault, FileMeta, Image, ImageError, MetaError};
+
+/// Receives progress of work measured in bytes of file content (verify, extract).
+pub trait ByteProgress: Sync {
+    fn start(&self, _bytes: u64) {}
+    fn advance(&self, _bytes: u64) {}
+}
+
+impl ByteProgress for () {}
 pub use source::{Source, SourceError, SourceOptions};

@@ -16,6 +16,7 @@ use incfs_format::{layout, Codec};
 
 use crate::image::{BlockFault, Image};
 use crate::source::SourceError;
+use crate::ByteProgress;
 
 /// Files checked at once.
 const FILE_CONCURRENCY: usize = 8;
@@ -54,16 +55,8 @@ pub struct VerifyReport {
     pub bytes: u64,
 }
 
-/// Receives progress (bytes of file content checked).
-pub trait VerifyProgress: Sync {
-    fn start(&self, _bytes: u64) {}
-    fn advance(&self, _bytes: u64) {}
-}
-
-impl VerifyProgress for () {}
-
 /// Check everything in `image`.
-pub async fn verify_image(image: &Image, progress: &dyn VerifyProgress) -> VerifyReport {
+pub async fn verify_image(image: &Image, progress: &dyn ByteProgress) -> VerifyReport {
     let m = image.manifest();
     let problems = Mutex::new(Vec::new());
     let blocks = AtomicU64::new(0);
@@ -129,7 +122,7 @@ pub async fn verify_image(image: &Image, progress: &dyn VerifyProgress) -> Verif
 }
 
 /// Problems of one file, consecutive blocks with the same fault merged into one range.
-async fn verify_file(image: &Image, f: &FileData, progress: &dyn VerifyProgress) -> Vec<(Option<Range<u64>>, String)> {
+async fn verify_file(image: &Image, f: &FileData, progress: &dyn ByteProgress) -> Vec<(Option<Range<u64>>, String)> {
     let meta = match image.file_meta(f).await {
         Ok(m) => m,
         Err(e) => {

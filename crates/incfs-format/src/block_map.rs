@@ -71,6 +71,16 @@ impl BlockRecord {
         }
     }
 
+    /// Whether `next` can join a ranged GET that starts at `first` and last took `self`: both
+    /// stored, in the same object, back to back, and the run no longer than `max_bytes`.
+    pub fn joins_run(&self, next: &BlockRecord, first: &BlockRecord, max_bytes: u64) -> bool {
+        self.codec != Codec::Zero
+            && next.codec != Codec::Zero
+            && self.object == next.object
+            && self.range().end == next.offset
+            && next.range().end - first.offset <= max_bytes
+    }
+
     /// Byte range of the stored bytes within their object.
     pub fn range(&self) -> std::ops::Range<u64> {
         self.offset..self.offset + self.len as u64

@@ -525,8 +525,7 @@ fn group_runs(items: &[(u64, Hash, BlockRecord)]) -> Vec<Range<usize>> {
         if let Some(run) = runs.last_mut() {
             let prev = &items[run.end - 1].2;
             let start = &items[run.start].2;
-            if prev.object == r.object && prev.range().end == r.offset && r.range().end - start.offset <= MAX_RUN_BYTES
-            {
+            if prev.joins_run(r, start, MAX_RUN_BYTES) {
                 run.end = k + 1;
                 continue;
             }

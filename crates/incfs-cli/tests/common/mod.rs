@@ -118,19 +118,34 @@ pub struct IncfsServer {
 
 impl IncfsServer {
     pub fn start(repo: &Path) -> Self {
+        Self::spawn(repo, "127.0.0.1:0").expect("incfs serve prints its URL")
+    }
+
+    /// `incfs serve` on a given port (to stop and restart a server at the same address).
+    pub fn start_on(repo: &Path, port: u16) -> Self {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(s) = Self::spawn(repo, &format!("127.0.0.1:{port}")) {
+                return s;
+            }
+            assert!(Instant::now() < deadline, "cannot listen on port {port} again");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn spawn(repo: &Path, listen: &str) -> Option<Self> {
         let mut child = Command::new(incfs_bin())
-            .args(["serve", repo.to_str().unwrap(), "--listen", "127.0.0.1:0"])
+            .args(["serve", repo.to_str().unwrap(), "--listen", listen])
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
             .expect("starting incfs serve");
         let stdout = child.stdout.take().unwrap();
-        let guard = ChildGuard(child);
+        let child = ChildGuard(child);
         let mut line = String::new();
         BufReader::new(stdout).read_line(&mut line).unwrap();
-        let url =
-            line.split(" at ").nth(1).expect("incfs serve prints its URL").trim().trim_end_matches('/').to_string();
-        IncfsServer { url, child: guard }
+        let url = line.split(" at ").nth(1)?.trim().trim_end_matches('/').to_string();
+        Some(IncfsServer { url, child })
     }
 }
 
@@ -229,30 +244,6 @@ pub fn describe(root: &Path) -> Vec<String> {
         out.push(line);
     }
     out
-}
-
-impl IncfsServer {
-    /// `incfs serve` on a given port (to stop and restart a server at the same address).
-    pub fn start_on(repo: &Path, port: u16) -> Self {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            let mut child = Command::new(incfs_bin())
-                .args(["serve", repo.to_str().unwrap(), "--listen", &format!("127.0.0.1:{port}")])
-                .stdout(Stdio::piped())
-                .stderr(Stdio::null())
-                .spawn()
-                .expect("starting incfs serve");
-            let stdout = child.stdout.take().unwrap();
-            let guard = ChildGuard(child);
-            let mut line = String::new();
-            BufReader::new(stdout).read_line(&mut line).unwrap();
-            if line.contains(" at ") {
-                return IncfsServer { url: format!("http://127.0.0.1:{port}"), child: guard };
-            }
-            assert!(Instant::now() < deadline, "cannot listen on port {port} again");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
 }
 
 /// An incfs mount, unmounted (and its daemon gone) when dropped, even if the test failed.
@@ -410,7 +401,8 @@ impl Garage {
         };
         let deadline = Instant::now() + Duration::from_secs(30);
         let node = loop {
-            let out = Command::new(garage_bin()).args(["-c", conf.to_str().unwrap(), "node", "id", "-q"]).output().unwrap();
+            let out =
+                Command::new(garage_bin()).args(["-c", conf.to_str().unwrap(), "node", "id", "-q"]).output().unwrap();
             if out.status.success() {
                 break text(&out.stdout).trim().split('@').next().unwrap().to_string();
             }
