@@ -406,3 +406,32 @@ fn bad_manifests_and_rollbacks_are_refused_before_mounting() {
     assert!(!out.status.success() && err.contains("holds no copy"), "{err}");
     assert!(!is_mounted(&mnt));
 }
+
+#[test]
+fn mirrors_unmount_paths_and_signals() {
+    let p = Published::new(|src| fs::write(src.join("f.bin"), random_bytes(51, 100_000)).unwrap(), &[]);
+    let serve = IncfsServer::start(&p.repo);
+    let dead = format!("http://127.0.0.1:{}", free_port());
+    let expected = fs::read(p.src.join("f.bin")).unwrap();
+
+    // A dead primary is skipped: the manifest and the data come from the mirror.
+    let m = p.mount(&dead, "mirror", &["--source", &serve.url]);
+    assert_eq!(fs::read(m.path("f.bin")).unwrap(), expected);
+    // umount(8) works, and the daemon exits.
+    run("umount", &[m.dir.to_str().unwrap()]);
+    m.wait_gone();
+
+    // fusermount3 -u works too.
+    let m = p.mount(&serve.url, "fusermount", &[]);
+    run("fusermount3", &["-u", m.dir.to_str().unwrap()]);
+    m.wait_gone();
+
+    // SIGTERM and SIGINT unmount cleanly.
+    for sig in [libc::SIGTERM, libc::SIGINT] {
+        let m = p.mount(&serve.url, &format!("sig{sig}"), &[]);
+        assert_eq!(fs::read(m.path("f.bin")).unwrap(), expected);
+        // SAFETY: kill(2) on the daemon this test started.
+        unsafe { libc::kill(m.pid as i32, sig) };
+        m.wait_gone();
+    }
+}

@@ -155,10 +155,8 @@ pub fn mount(opts: MountOptions, on_ready: impl FnOnce()) -> Result<(), MountErr
     config.clone_fd = true;
 
     let fs = IncFs::new(manifest.clone(), reader.clone(), rt.handle().clone(), opts.read_timeout);
-    let mut session =
+    let session =
         Session::new(fs, &mountpoint, &config).map_err(|error| MountError::Fuse { path: mountpoint.clone(), error })?;
-    let mut unmounter = session.unmount_callable();
-
     let sock = socket_path(&mountpoint);
     let _ = std::fs::remove_file(&sock);
     let control =
@@ -173,6 +171,7 @@ pub fn mount(opts: MountOptions, on_ready: impl FnOnce()) -> Result<(), MountErr
         }
         Err(e) => tracing::warn!("no control socket at {}: {e}; incfs status will not work", sock.display()),
     }
+    let signal_mountpoint = mountpoint.clone();
     rt.spawn(async move {
         use tokio::signal::unix::{signal, SignalKind};
         let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
@@ -182,8 +181,9 @@ pub fn mount(opts: MountOptions, on_ready: impl FnOnce()) -> Result<(), MountErr
             _ = term.recv() => {}
             _ = int.recv() => {}
         }
-        tracing::info!("signal received: unmounting");
-        if let Err(e) = unmounter.unmount() {
+        tracing::warn!("signal received: unmounting {}", signal_mountpoint.display());
+        // The same path as `incfs unmount`: the kernel then ends the session and run() returns.
+        if let Err(e) = unmount(&signal_mountpoint) {
             tracing::error!("unmount failed: {e}");
         }
     });
