@@ -35,11 +35,11 @@ pub struct MountOptions {
 
 #[derive(Debug, thiserror::Error)]
 pub enum MountError {
-    #[error("{0}")]
+    #[error(transparent)]
     Source(#[from] incfs_fetch::SourceError),
-    #[error("{0}")]
+    #[error(transparent)]
     Image(#[from] ImageError),
-    #[error("{0}")]
+    #[error(transparent)]
     Store(#[from] incfs_store::StoreError),
     #[error(
         "{source_name} offers {name} version {offered}, older than version {accepted} already accepted by this cache; \
@@ -52,7 +52,7 @@ pub enum MountError {
     Mountpoint { path: PathBuf, reason: String },
     #[error("mounting at {}: {error}", path.display())]
     Fuse { path: PathBuf, error: std::io::Error },
-    #[error("{0}")]
+    #[error(transparent)]
     Io(#[from] std::io::Error),
 }
 

@@ -196,6 +196,11 @@ impl Nginx {
 
 /// Every entry under `root` (not following symlinks) with what must survive a round trip.
 pub fn describe(root: &Path) -> Vec<String> {
+    describe_with(root, true)
+}
+
+/// [`describe`], optionally without reading file contents (metadata only).
+pub fn describe_with(root: &Path, content: bool) -> Vec<String> {
     let mut out = Vec::new();
     let mut first_by_ino = std::collections::HashMap::new();
     let mut stack = vec![PathBuf::new()];
@@ -213,12 +218,12 @@ pub fn describe(root: &Path) -> Vec<String> {
             md.mtime_nsec()
         );
         if ft.is_file() {
-            let content = fs::read(&p).unwrap();
-            line += &format!(
-                " size={} sum={:x}",
-                md.len(),
-                content.iter().fold(0u64, |a, &b| a.wrapping_mul(31).wrapping_add(b as u64))
-            );
+            line += &format!(" size={}", md.len());
+            if content {
+                let bytes = fs::read(&p).unwrap();
+                let sum = bytes.iter().fold(0u64, |a, &b| a.wrapping_mul(31).wrapping_add(b as u64));
+                line += &format!(" sum={sum:x}");
+            }
             let first = first_by_ino.entry(md.ino()).or_insert_with(|| rel.clone());
             line += &format!(" links={} same-as={:?}", md.nlink(), first);
         } else if ft.is_symlink() {
