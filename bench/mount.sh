@@ -14,9 +14,11 @@ INCFS=$PWD/target/release/incfs
 work=$(mktemp -d /var/tmp/incfs-bench-mount.XXXXXX)
 pids=()
 cleanup() {
-  for m in "$work"/mnt*; do mountpoint -q "$m" 2>/dev/null && "$INCFS" unmount "$m"; done
+  for m in "$work"/mnt-*; do
+    while grep -q " $m fuse" /proc/mounts; do "$INCFS" unmount "$m" || umount -l "$m"; done
+  done
   for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-  rm -rf "$work"
+  rm -rf --one-file-system "$work"
 }
 trap cleanup EXIT
 drop() { sync; echo 3 > /proc/sys/vm/drop_caches; }
@@ -40,19 +42,17 @@ python3 bench/delay_proxy.py "$pport" "$port" 20 &
 pids+=($!)
 sleep 0.5
 
-n=0
-mnt() { # mnt SOURCE -> fresh mount dir with a fresh cache
-  n=$((n + 1)); mkdir -p "$work/mnt$n"
-  "$INCFS" mount "$1" "$work/mnt$n" --trust "$work/key.pub.pem" --cache "$work/cache$n" >/dev/null
-  echo "$work/mnt$n"
+mount_fresh() { # mount_fresh NAME SOURCE: mount at $work/mnt-NAME with a fresh cache
+  mkdir -p "$work/mnt-$1"
+  "$INCFS" mount "$2" "$work/mnt-$1" --trust "$work/key.pub.pem" --cache "$work/cache-$1" >/dev/null
 }
 
 row "measurement" "incfs (s)" "baseline (s)" "ratio"
 # 1. Cold sequential read vs curl of the objects holding the same bytes.
-objs=$(ls "$work/repo/objects")
+curl_all() { for o in "$work"/repo/objects/*; do curl -s -o /dev/null "$url/objects/${o##*/}"; done; }
 drop
-t_curl=$(secs sh -c "for o in $objs; do curl -s -o /dev/null $url/objects/\$o; done")
-m=$(mnt "$url"); drop
+t_curl=$(secs curl_all)
+mount_fresh seq "$url"; m=$work/mnt-seq; drop
 t=$(secs cat "$m/big/file.bin")
 row "cold sequential 1 GiB (vs curl)" "$t" "$t_curl" "$(ratio "$t" "$t_curl")"
 # 2. Warm re-read, page cache kept / dropped, vs local disk.
@@ -81,8 +81,9 @@ row "ls -lR stdlib (vs local)" "$t" "$t_local" "$(ratio "$t" "$t_local")"
 imports="import json, email.parser, http.client, decimal, csv, argparse, logging, unittest, asyncio, xml.dom.minidom"
 workload() { python3 -I -S -c "import sys; sys.path.insert(0, '$1'); $imports; assert json.__file__.startswith('$1')"; }
 drop; t_local=$(secs workload "$work/src/stdlib")
-m0=$(mnt "$url"); drop; t0=$(secs workload "$m0/stdlib")
+mount_fresh py0 "$url"; m0=$work/mnt-py0; drop; t0=$(secs workload "$m0/stdlib")
 row "python imports, fresh mount, 0 ms RTT" "$t0" "$t_local" "$(ratio "$t0" "$t_local")"
-m20=$(mnt "http://127.0.0.1:$pport"); drop; t20=$(secs workload "$m20/stdlib")
+mount_fresh py20 "http://127.0.0.1:$pport"; m20=$work/mnt-py20; drop; t20=$(secs workload "$m20/stdlib")
 row "python imports, fresh mount, 20 ms RTT" "$t20" "$t_local" "$(ratio "$t20" "$t_local")"
+echo "status of the 20 ms mount after the import workload:"
 "$INCFS" status "$m20" | sed -n '5,7p'

@@ -88,6 +88,9 @@ pub struct Reader {
     hashes: Cache<(FileKey, u8, u64), Arc<Vec<Hash>>>,
     /// Metadata pieces: (object, region offset, chunk) -> bytes (unverified).
     meta: Cache<(u32, u64, u64), Arc<Vec<u8>>>,
+    /// Blocks verified recently (fetched or read), decoded: a sequential reader is served from
+    /// here without a store round trip and a second hash.
+    verified: Cache<Hash, Arc<[u8; BLOCK_SIZE]>>,
     inflight: Mutex<HashMap<Hash, SharedRun>>,
     recent_failures: Mutex<HashMap<FileKey, (Instant, ReadFailure)>>,
     persist: Mutex<()>,
@@ -104,6 +107,7 @@ impl Reader {
             presence: Presence::default(),
             hashes: Cache::new(16 << 10),
             meta: Cache::new(1024),
+            verified: Cache::new(16 << 10),
             inflight: Mutex::new(HashMap::new()),
             recent_failures: Mutex::new(HashMap::new()),
             persist: Mutex::new(()),
@@ -227,13 +231,20 @@ impl Reader {
     }
 
     /// A stored block, decoded and verified; a damaged one is removed and reported absent.
-    fn stored_block(&self, leaf: &Hash) -> Result<Option<Box<[u8; BLOCK_SIZE]>>, Local> {
+    fn stored_block(&self, leaf: &Hash) -> Result<Option<Arc<[u8; BLOCK_SIZE]>>, Local> {
+        if let Some(b) = self.verified.get(leaf) {
+            return Ok(Some(b));
+        }
         let Some((codec, data)) = self.store.get_block(leaf).map_err(|e| fail(FailCause::Other, e.to_string()))? else {
             return Ok(None);
         };
         let rec = BlockRecord { object: 0, codec, len: data.len() as u16, offset: 0 };
         match verify_block(&rec, &data, leaf) {
-            Ok(b) => Ok(Some(b)),
+            Ok(b) => {
+                let b: Arc<[u8; BLOCK_SIZE]> = Arc::from(b);
+                self.verified.insert(*leaf, b.clone());
+                Ok(Some(b))
+            }
             Err(e) => {
                 tracing::error!("local store block {} is damaged ({e}); dropping it", hex::encode(leaf));
                 Stats::add(&self.stats.blocks_bad, 1);
@@ -420,29 +431,38 @@ impl Reader {
         let mut waits = Vec::new();
         {
             let mut inflight = self.inflight.lock().unwrap();
-            let mut todo = Vec::new();
+            // Needed blocks and readahead go in separate runs: the read waits only for its own.
+            let (mut now, mut ahead) = (Vec::new(), Vec::new());
             for item in plan {
+                let is_needed = needed.contains(&item.0);
                 match inflight.get(&item.1) {
-                    Some(s) => waits.push(s.clone()),
-                    None if todo.iter().any(|(_, h, _): &(u64, Hash, BlockRecord)| *h == item.1) => {}
+                    Some(s) if is_needed => waits.push(s.clone()),
+                    Some(_) => {}
+                    None if now.iter().chain(&ahead).any(|(_, h, _): &(u64, Hash, BlockRecord)| *h == item.1) => {}
                     // Checked again under the lock: a run stores its blocks before it leaves
                     // `inflight`, so a block is always either stored or in flight here.
                     None if self.store.has_block(&item.1).unwrap_or(false) => {}
-                    None => todo.push(item),
+                    None if is_needed => now.push(item),
+                    None => ahead.push(item),
                 }
             }
-            for run in group_runs(&todo) {
-                let items: Vec<_> = todo[run].to_vec();
-                let me = self.clone();
-                let file = f.clone();
-                let leaves: Vec<Hash> = items.iter().map(|(_, h, _)| *h).collect();
-                let handle = tokio::spawn(async move { me.fetch_run(file, items).await });
-                let shared =
-                    async move { handle.await.unwrap_or_else(|_| Arc::new(RunOutcome::default())) }.boxed().shared();
-                for h in leaves {
-                    inflight.insert(h, shared.clone());
+            for (todo, wait) in [(now, true), (ahead, false)] {
+                for run in group_runs(&todo) {
+                    let items: Vec<_> = todo[run].to_vec();
+                    let me = self.clone();
+                    let file = f.clone();
+                    let leaves: Vec<Hash> = items.iter().map(|(_, h, _)| *h).collect();
+                    let handle = tokio::spawn(async move { me.fetch_run(file, items).await });
+                    let shared = async move { handle.await.unwrap_or_else(|_| Arc::new(RunOutcome::default())) }
+                        .boxed()
+                        .shared();
+                    for h in leaves {
+                        inflight.insert(h, shared.clone());
+                    }
+                    if wait {
+                        waits.push(shared);
+                    }
                 }
-                waits.push(shared);
             }
         }
         let outcomes = futures::future::join_all(waits).await;
@@ -472,10 +492,14 @@ impl Reader {
             Ok((bytes, mirror)) => {
                 self.stats.fetched(bytes.len() as u64, t.elapsed());
                 let mut good = Vec::new();
+                let mut decoded = Vec::new();
                 for (i, leaf, r) in &items {
                     let stored = &bytes[(r.offset - first.offset) as usize..(r.range().end - first.offset) as usize];
                     match verify_block(r, stored, leaf) {
-                        Ok(_) => good.push((*i, NewBlock { hash: *leaf, codec: r.codec, data: stored })),
+                        Ok(block) => {
+                            decoded.push((*leaf, block));
+                            good.push((*i, NewBlock { hash: *leaf, codec: r.codec, data: stored }))
+                        }
                         Err(e) => {
                             Stats::add(&self.stats.blocks_bad, 1);
                             tracing::error!(
@@ -497,7 +521,13 @@ impl Reader {
                 let present: Vec<u64> = good.iter().map(|(i, _)| *i).collect();
                 let blocks: Vec<NewBlock<'_>> = good.into_iter().map(|(_, b)| b).collect();
                 match self.store_blocks(&f.key, &blocks, present) {
-                    Ok(()) => Stats::add(&self.stats.blocks_fetched, blocks.len() as u64),
+                    Ok(()) => {
+                        Stats::add(&self.stats.blocks_fetched, blocks.len() as u64);
+                        // Only once durable: a block served is a block kept, even if killed now.
+                        for (leaf, block) in decoded {
+                            self.verified.insert(leaf, Arc::from(block));
+                        }
+                    }
                     Err(e) => {
                         tracing::error!("cannot store blocks: {e}");
                         for b in &blocks {
