@@ -156,7 +156,7 @@ enum Command {
         cache: Option<PathBuf>,
         /// A read whose data cannot be fetched within this time fails with ETIME
         /// ("Timer expired"). Written like 500ms, 3s, 2m.
-        #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+        #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
         read_timeout: std::time::Duration,
         /// Stay in the foreground (logs on stderr) instead of returning once mounted.
         #[arg(long)]
