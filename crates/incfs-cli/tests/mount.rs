@@ -42,6 +42,9 @@ impl Published {
     }
 }
 
+/// Environment variables for `incfs mount` (S3 settings).
+type Env = Vec<(String, String)>;
+
 /// The same repository behind all three kinds of server: `incfs serve`, nginx, and an
 /// S3-compatible store (Garage).
 struct Servers {
@@ -59,7 +62,7 @@ impl Servers {
     }
 
     /// (name, source, environment) of each server.
-    fn each(&self) -> Vec<(&'static str, String, Vec<(String, String)>)> {
+    fn each(&self) -> Vec<(&'static str, String, Env)> {
         vec![
             ("serve", self.serve.url.clone(), vec![]),
             ("nginx", self.nginx.url.clone(), vec![]),
