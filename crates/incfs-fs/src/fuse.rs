@@ -279,24 +279,8 @@ impl Filesystem for IncFs {
         let Some((d, _)) = self.inode(ino) else {
             return reply.error(Errno::ENOENT);
         };
-        let parent = self.parent_of(d);
-        let children = self.manifest.children(d);
-        // Offsets: 1 is ".", 2 is "..", 3.. are the entries; each names the next position.
-        for pos in offset as usize..children.len() + 2 {
-            let full = match pos {
-                0 => reply.add(INodeNo(d as u64 + 1), 1, FileType::Directory, "."),
-                1 => reply.add(INodeNo(parent as u64 + 1), 2, FileType::Directory, ".."),
-                _ => {
-                    let c = &children[pos - 2];
-                    reply.add(
-                        INodeNo(c.inode as u64 + 1),
-                        pos as u64 + 1,
-                        self.kind_of(c.inode),
-                        OsStr::from_bytes(&c.name),
-                    )
-                }
-            };
-            if full {
+        for (inode, next, name) in self.entries(d, offset) {
+            if reply.add(INodeNo(inode as u64 + 1), next, self.kind_of(inode), OsStr::from_bytes(name)) {
                 break;
             }
         }
@@ -307,25 +291,9 @@ impl Filesystem for IncFs {
         let Some((d, _)) = self.inode(ino) else {
             return reply.error(Errno::ENOENT);
         };
-        let parent = self.parent_of(d);
-        let children = self.manifest.children(d);
-        for pos in offset as usize..children.len() + 2 {
-            let full = match pos {
-                0 => reply.add(INodeNo(d as u64 + 1), 1, ".", &TTL, &self.attr(d), Generation(0)),
-                1 => reply.add(INodeNo(parent as u64 + 1), 2, "..", &TTL, &self.attr(parent), Generation(0)),
-                _ => {
-                    let c = &children[pos - 2];
-                    reply.add(
-                        INodeNo(c.inode as u64 + 1),
-                        pos as u64 + 1,
-                        OsStr::from_bytes(&c.name),
-                        &TTL,
-                        &self.attr(c.inode),
-                        Generation(0),
-                    )
-                }
-            };
-            if full {
+        for (inode, next, name) in self.entries(d, offset) {
+            let attr = self.attr(inode);
+            if reply.add(INodeNo(inode as u64 + 1), next, OsStr::from_bytes(name), &TTL, &attr, Generation(0)) {
                 break;
             }
         }
@@ -471,6 +439,18 @@ impl Filesystem for IncFs {
 }
 
 impl IncFs {
+    /// Entries of directory `d` from position `offset`: (inode, offset of the next entry, name).
+    /// Position 0 is ".", 1 is "..", then the directory's entries in name order.
+    fn entries(&self, d: u32, offset: u64) -> impl Iterator<Item = (u32, u64, &[u8])> + '_ {
+        let children = self.manifest.children(d);
+        let dots = [(d, b".".as_slice()), (self.parent_of(d), b"..".as_slice())];
+        dots.into_iter()
+            .chain(children.iter().map(|c| (c.inode, c.name.as_slice())))
+            .enumerate()
+            .skip(offset as usize)
+            .map(|(pos, (inode, name))| (inode, pos as u64 + 1, name))
+    }
+
     /// Parent directory of directory `d` (the root is its own parent).
     fn parent_of(&self, d: u32) -> u32 {
         self.parents[d as usize]
