@@ -17,12 +17,13 @@ use clap::{Parser, Subcommand, ValueEnum};
 #[command(
     name = "incfs",
     version,
-    about = "Incremental FS: publish a file tree as a signed, block-addressed image; fetch and verify it block by block",
+    about = "Incremental FS: publish a file tree as a signed, block-addressed image; mount it and fetch verified blocks on demand",
     long_about = "Incremental FS: publish a file tree once as a signed image of 4 KiB blocks on any static \
 HTTP server, S3-compatible store or directory; read it back with every block checked against the \
 file's fs-verity Merkle tree.\n\nTypical use:\n  incfs keygen --out publisher\n  incfs pack ./tree ./repo --key publisher.pem\n  \
 incfs serve ./repo --listen 127.0.0.1:8080\n  incfs verify http://127.0.0.1:8080 --trust publisher.pub.pem\n  \
-incfs extract http://127.0.0.1:8080 ./copy --trust publisher.pub.pem"
+incfs mount http://127.0.0.1:8080 /mnt/app --trust publisher.pub.pem\n  incfs status /mnt/app\n  \
+incfs unmount /mnt/app"
 )]
 struct Cli {
     /// More log output (-v: info, -vv: debug). RUST_LOG overrides.
