@@ -42,9 +42,22 @@ pub struct IncFs {
     nlinks: Vec<u32>,
     /// Parent of each directory inode (the root is its own parent).
     parents: Vec<u32>,
+    /// Data blocks of all files, for statfs (the image never changes under the mount).
+    data_blocks: u64,
     labels: Vec<Arc<str>>,
     handles: Mutex<HashMap<u64, Readahead>>,
     next_handle: AtomicU64,
+}
+
+fn file_type(kind: &InodeKind) -> FileType {
+    match kind {
+        InodeKind::File(_) => FileType::RegularFile,
+        InodeKind::Dir => FileType::Directory,
+        InodeKind::Symlink(_) => FileType::Symlink,
+        InodeKind::Fifo => FileType::NamedPipe,
+        InodeKind::CharDev { .. } => FileType::CharDevice,
+        InodeKind::BlockDev { .. } => FileType::BlockDevice,
+    }
 }
 
 fn ts(sec: i64, nsec: u32) -> SystemTime {
@@ -73,7 +86,13 @@ impl IncFs {
         for d in &manifest.dirents {
             parents[d.inode as usize] = d.parent;
         }
+        let data_blocks = manifest
+            .inodes
+            .iter()
+            .map(|i| if let InodeKind::File(f) = &i.kind { incfs_verity::block_count(f.size) } else { 0 })
+            .sum();
         IncFs {
+            data_blocks,
             manifest,
             reader,
             rt,
@@ -94,13 +113,15 @@ impl IncFs {
 
     fn attr(&self, idx: u32) -> FileAttr {
         let node = &self.manifest.inodes[idx as usize];
-        let (kind, size, rdev) = match &node.kind {
-            InodeKind::File(f) => (FileType::RegularFile, f.size, 0),
-            InodeKind::Dir => (FileType::Directory, 4096, 0),
-            InodeKind::Symlink(t) => (FileType::Symlink, t.len() as u64, 0),
-            InodeKind::Fifo => (FileType::NamedPipe, 0, 0),
-            InodeKind::CharDev { major, minor } => (FileType::CharDevice, 0, libc::makedev(*major, *minor) as u32),
-            InodeKind::BlockDev { major, minor } => (FileType::BlockDevice, 0, libc::makedev(*major, *minor) as u32),
+        let kind = file_type(&node.kind);
+        let (size, rdev) = match &node.kind {
+            InodeKind::File(f) => (f.size, 0),
+            InodeKind::Dir => (4096, 0),
+            InodeKind::Symlink(t) => (t.len() as u64, 0),
+            InodeKind::Fifo => (0, 0),
+            InodeKind::CharDev { major, minor } | InodeKind::BlockDev { major, minor } => {
+                (0, libc::makedev(*major, *minor) as u32)
+            }
         };
         let mtime = ts(node.meta.mtime_sec, node.meta.mtime_nsec);
         FileAttr {
@@ -144,7 +165,7 @@ impl IncFs {
     }
 
     fn kind_of(&self, idx: u32) -> FileType {
-        self.attr(idx).kind
+        file_type(&self.manifest.inodes[idx as usize].kind)
     }
 }
 
@@ -301,13 +322,7 @@ impl Filesystem for IncFs {
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
-        let blocks: u64 = self
-            .manifest
-            .inodes
-            .iter()
-            .map(|i| if let InodeKind::File(f) = &i.kind { incfs_verity::block_count(f.size) } else { 0 })
-            .sum();
-        reply.statfs(blocks, 0, 0, self.manifest.inodes.len() as u64, 0, 4096, 255, 4096);
+        reply.statfs(self.data_blocks, 0, 0, self.manifest.inodes.len() as u64, 0, 4096, 255, 4096);
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
