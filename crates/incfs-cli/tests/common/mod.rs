@@ -362,7 +362,6 @@ pub struct Garage {
     pub region: String,
     pub key_id: String,
     pub secret: String,
-    conf: PathBuf,
     _dir: tempfile::TempDir,
     _child: ChildGuard,
 }
@@ -437,7 +436,6 @@ impl Garage {
             region: "garage".into(),
             key_id,
             secret: secret_key,
-            conf,
             _dir: dir,
             _child: child,
         }
@@ -492,9 +490,5 @@ impl Garage {
 
     pub fn url(&self, prefix: &str) -> String {
         format!("s3://{}/{prefix}", self.bucket)
-    }
-
-    pub fn config(&self) -> &Path {
-        &self.conf
     }
 }
