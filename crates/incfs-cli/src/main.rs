@@ -41,6 +41,34 @@ enum Algorithm {
     Rsa3072,
 }
 
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum OnOff {
+    On,
+    Off,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum AutoOff {
+    Auto,
+    Off,
+}
+
+/// A size or rate like 512K, 20M, 1.5G (binary units; a trailing B or /s is allowed).
+fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim().trim_end_matches("/s").trim_end_matches(['B', 'b']).trim_end_matches('i');
+    let (num, mult) = match t.chars().last() {
+        Some('k' | 'K') => (&t[..t.len() - 1], 1u64 << 10),
+        Some('m' | 'M') => (&t[..t.len() - 1], 1 << 20),
+        Some('g' | 'G') => (&t[..t.len() - 1], 1 << 30),
+        Some('t' | 'T') => (&t[..t.len() - 1], 1 << 40),
+        _ => (t, 1),
+    };
+    match num.trim().parse::<f64>() {
+        Ok(n) if n.is_finite() && n >= 0.0 => Ok((n * mult as f64) as u64),
+        _ => Err(format!("{s:?} is not a size: write it like 800K, 20M or 2G")),
+    }
+}
+
 #[derive(Clone, Copy, ValueEnum)]
 enum CompressionArg {
     Lz4,
@@ -94,6 +122,11 @@ enum Command {
         /// Start a new object after this many MiB.
         #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..=4096))]
         object_mib: u64,
+        /// Access profile (from `incfs mount --record-profile`): its files are laid out first,
+        /// in its order, and it is published beside the manifest, so that a fresh mount fetches
+        /// what the recorded program reads first, in a few large requests.
+        #[arg(long, value_name = "FILE")]
+        profile: Option<PathBuf>,
         /// No progress display.
         #[arg(short, long)]
         quiet: bool,
@@ -165,6 +198,47 @@ enum Command {
         /// FUSE request threads.
         #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=64))]
         threads: u32,
+        /// Fetch every missing block in the background, at low priority (reads that wait for
+        /// data always go first), so that the mount ends up needing no network at all.
+        #[arg(long, value_enum, default_value = "on")]
+        background: OnOff,
+        /// Cap on background fetching, bytes per second (like 2M); reads are not capped.
+        #[arg(long, value_name = "RATE", value_parser = parse_size)]
+        bandwidth: Option<u64>,
+        /// Mount the image kept in the cache without contacting any source (fails if the cache
+        /// has none). Without it, a mount still falls back to the cache when no source answers.
+        #[arg(long)]
+        offline: bool,
+        /// Open complete files through FUSE passthrough: the kernel reads a verified plain copy
+        /// directly and reads never reach the daemon. Needs CAP_SYS_ADMIN; without it, reads go
+        /// through the daemon as with `off`.
+        #[arg(long, value_enum, default_value = "auto")]
+        passthrough: AutoOff,
+        /// Space for passthrough's plain copies (least recently used dropped beyond it)
+        /// [default: a quarter of the cache's filesystem].
+        #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+        plain_limit: Option<u64>,
+        /// Fetch in the order of this access profile first (instead of the profile published
+        /// with the image, if any).
+        #[arg(long, value_name = "FILE")]
+        profile: Option<PathBuf>,
+        /// Record which blocks are read first, in order, to FILE (updated every second and at
+        /// unmount), for `incfs pack --profile`. Turns passthrough off for this mount.
+        #[arg(long, value_name = "FILE")]
+        record_profile: Option<PathBuf>,
+    },
+    /// Fetch the named files or trees of a mount now, ahead of everything else, with a progress
+    /// bar; returns when they are complete (exit 0) or when fetching makes no progress for
+    /// --stall-timeout (exit 2).
+    Prefetch {
+        mountpoint: PathBuf,
+        /// Paths inside the image (relative to the mountpoint, or under it); default: all.
+        paths: Vec<PathBuf>,
+        /// Give up when nothing arrives for this long.
+        #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+        stall_timeout: std::time::Duration,
+        #[arg(short, long)]
+        quiet: bool,
     },
     /// Unmount an incfs mount (the daemon then exits).
     Unmount { mountpoint: PathBuf },
@@ -177,6 +251,9 @@ enum Command {
         /// Machine-readable output.
         #[arg(long)]
         json: bool,
+        /// Live view: total progress, rate, ETA and the files being fetched, until Ctrl-C.
+        #[arg(long, conflicts_with_all = ["json", "path"])]
+        watch: bool,
     },
     /// Run the whole job end to end on a built-in sample tree: make a key, pack, serve on
     /// 127.0.0.1, verify and extract over HTTP, and compare with the original.
@@ -198,6 +275,7 @@ fn init_logging(verbose: u8) {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .without_time()
         .with_target(false)
         .init();
@@ -221,14 +299,28 @@ fn main() {
             force,
         ),
         Command::Digest { files } => digest::run(&files),
-        Command::Pack { src_dir, repo_dir, key, name, version, compression, zstd_level, object_mib, quiet } => {
+        Command::Pack {
+            src_dir,
+            repo_dir,
+            key,
+            name,
+            version,
+            compression,
+            zstd_level,
+            object_mib,
+            profile,
+            quiet,
+        } => {
             let compression = match compression {
                 CompressionArg::Lz4 => incfs_format::Compression::Lz4,
                 CompressionArg::Zstd => incfs_format::Compression::Zstd { level: zstd_level },
                 CompressionArg::None => incfs_format::Compression::None,
             };
-            let opts = incfs_pack::PackOptions { name, version, compression, object_size: object_mib << 20 };
-            publish::pack(&src_dir, &repo_dir, &key, &opts, quiet)
+            publish::load_profile(profile.as_deref()).and_then(|profile| {
+                let opts =
+                    incfs_pack::PackOptions { name, version, compression, object_size: object_mib << 20, profile };
+                publish::pack(&src_dir, &repo_dir, &key, &opts, quiet)
+            })
         }
         Command::Verify { repo, trust, version, quiet } => {
             runtime().and_then(|rt| rt.block_on(read::verify(&repo, &trust, version, quiet)))
@@ -237,13 +329,52 @@ fn main() {
             runtime().and_then(|rt| rt.block_on(read::extract(&repo, &dest, &trust, version, quiet)))
         }
         Command::Serve { repo_dir, listen } => runtime().and_then(|rt| rt.block_on(serve::run(&repo_dir, listen))),
-        Command::Mount { source, mountpoint, mirrors, trust, cache, read_timeout, foreground, threads } => {
+        Command::Mount {
+            source,
+            mountpoint,
+            mirrors,
+            trust,
+            cache,
+            read_timeout,
+            foreground,
+            threads,
+            background,
+            bandwidth,
+            offline,
+            passthrough,
+            plain_limit,
+            profile,
+            record_profile,
+        } => {
             let mut sources = vec![source];
             sources.extend(mirrors);
-            mount::mount(sources, &mountpoint, &trust, cache, read_timeout, foreground, threads as usize)
+            let args = mount::MountArgs {
+                sources,
+                mountpoint,
+                trust,
+                cache,
+                read_timeout,
+                foreground,
+                threads: threads as usize,
+                background: background == OnOff::On,
+                bandwidth,
+                offline,
+                passthrough: passthrough == AutoOff::Auto,
+                plain_limit,
+                profile,
+                record_profile,
+            };
+            mount::mount(args)
+        }
+        Command::Prefetch { mountpoint, paths, stall_timeout, quiet } => {
+            mount::prefetch(&mountpoint, &paths, stall_timeout, quiet)
         }
         Command::Unmount { mountpoint } => mount::unmount(&mountpoint),
-        Command::Status { mountpoint, path, json } => mount::status(&mountpoint, path.as_deref(), json),
+        Command::Status { mountpoint, path, json, watch } if watch => {
+            let _ = (path, json);
+            mount::watch(&mountpoint)
+        }
+        Command::Status { mountpoint, path, json, .. } => mount::status(&mountpoint, path.as_deref(), json),
         Command::Demo { dir } => runtime().and_then(|rt| rt.block_on(demo::run(dir))),
     };
     match result {

@@ -7,8 +7,8 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use incfs_fs::control::{ask, FileStatus, Status};
-use indicatif::HumanBytes;
+use incfs_fs::control::{ask, FileStatus, PrefetchProgress, Status};
+use indicatif::{HumanBytes, MultiProgress, ProgressBar, ProgressStyle};
 
 use crate::keys::load_trusted;
 
@@ -26,29 +26,52 @@ pub fn default_cache() -> PathBuf {
     std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(std::env::temp_dir).join(".cache/incfs")
 }
 
-pub fn mount(
-    sources: Vec<String>,
-    mountpoint: &Path,
-    trust: &[PathBuf],
-    cache: Option<PathBuf>,
-    read_timeout: Duration,
-    foreground: bool,
-    threads: usize,
-) -> Result<i32> {
-    let cache = cache.unwrap_or_else(default_cache);
-    if !foreground {
+/// `incfs mount`'s arguments.
+pub struct MountArgs {
+    pub sources: Vec<String>,
+    pub mountpoint: PathBuf,
+    pub trust: Vec<PathBuf>,
+    pub cache: Option<PathBuf>,
+    pub read_timeout: Duration,
+    pub foreground: bool,
+    pub threads: usize,
+    pub background: bool,
+    pub bandwidth: Option<u64>,
+    pub offline: bool,
+    pub passthrough: bool,
+    pub plain_limit: Option<u64>,
+    pub profile: Option<PathBuf>,
+    pub record_profile: Option<PathBuf>,
+}
+
+/// Make a path given on the command line absolute (the daemon runs from another directory).
+fn absolute(p: &Path) -> Result<PathBuf> {
+    Ok(if p.is_absolute() { p.to_path_buf() } else { std::env::current_dir()?.join(p) })
+}
+
+pub fn mount(a: MountArgs) -> Result<i32> {
+    let cache = a.cache.clone().unwrap_or_else(default_cache);
+    let mountpoint = a.mountpoint.as_path();
+    if !a.foreground {
         return spawn_daemon(mountpoint, &cache);
     }
     let report = std::env::var_os(READY_ENV).is_some();
     let result = (|| -> Result<()> {
-        let opts = incfs_fs::MountOptions {
-            sources,
-            mountpoint: mountpoint.to_path_buf(),
-            trust: load_trusted(trust)?,
-            cache: cache.clone(),
-            read_timeout,
-            threads,
-        };
+        let mut opts = incfs_fs::MountOptions::new(
+            a.sources.clone(),
+            mountpoint.to_path_buf(),
+            load_trusted(&a.trust)?,
+            cache.clone(),
+        );
+        opts.read_timeout = a.read_timeout;
+        opts.threads = a.threads;
+        opts.background = a.background;
+        opts.bandwidth = a.bandwidth;
+        opts.offline = a.offline;
+        opts.passthrough = a.passthrough;
+        opts.plain_limit = a.plain_limit;
+        opts.profile = a.profile.as_deref().map(absolute).transpose()?;
+        opts.record_profile = a.record_profile.as_deref().map(absolute).transpose()?;
         incfs_fs::mount(opts, || {
             if report {
                 println!("ready");
@@ -120,19 +143,21 @@ pub fn unmount(mountpoint: &Path) -> Result<i32> {
     Ok(0)
 }
 
+/// A path inside the image: given under the mountpoint, or relative to the image root.
+fn image_path(mp: &Path, p: &Path) -> Result<String> {
+    let abs = absolute(p)?;
+    let rel = match abs.strip_prefix(mp) {
+        Ok(r) => r.to_path_buf(),
+        Err(_) => p.to_path_buf(),
+    };
+    Ok(rel.to_string_lossy().into_owned())
+}
+
 pub fn status(mountpoint: &Path, path: Option<&Path>, json: bool) -> Result<i32> {
     let mp = std::fs::canonicalize(mountpoint).with_context(|| format!("{}", mountpoint.display()))?;
     let request = match path {
         None => serde_json::json!({ "cmd": "status" }),
-        Some(p) => {
-            // Accept both a path under the mountpoint and one relative to it.
-            let abs = if p.is_absolute() { p.to_path_buf() } else { std::env::current_dir()?.join(p) };
-            let rel = match abs.strip_prefix(&mp) {
-                Ok(r) => r.to_path_buf(),
-                Err(_) => p.to_path_buf(),
-            };
-            serde_json::json!({ "cmd": "file", "path": rel.to_string_lossy() })
-        }
+        Some(p) => serde_json::json!({ "cmd": "file", "path": image_path(&mp, p)? }),
     };
     let v = ask(&mp, &request).map_err(|e| anyhow::anyhow!(e))?;
     if json {
@@ -166,10 +191,129 @@ pub fn status(mountpoint: &Path, path: Option<&Path>, json: bool) -> Result<i32>
         s.fetch_failures
     );
     println!("latency:   mean {:.1} ms, p99 {:.1} ms", s.fetch_latency_mean_ms, s.fetch_latency_p99_ms);
-    println!("reads:     {} served, {} waited for the network", s.reads_served, s.reads_waited);
+    println!(
+        "reads:     {} served by the daemon, {} waited for the network, {} pending; {} opens passed through",
+        s.reads_served, s.reads_waited, s.pending_reads, s.opens_passthrough
+    );
+    match (s.plain_files, s.plain_bytes) {
+        (Some(n), Some(b)) => println!("plain:     {} in {n} plain copies for passthrough", HumanBytes(b)),
+        _ => println!("plain:     passthrough off"),
+    }
+    if !s.fetching.is_empty() {
+        println!("fetching:  {}", s.fetching.join(", "));
+    }
     println!(
         "failures:  {} timeout, {} verification, {} source, {} other ({} bad blocks rejected)",
         s.reads_failed_timeout, s.reads_failed_verification, s.reads_failed_source, s.reads_failed_other, s.blocks_bad
     );
     Ok(0)
+}
+
+/// `incfs prefetch`: ask the daemon to fetch these paths first, show progress until complete.
+pub fn prefetch(mountpoint: &Path, paths: &[PathBuf], stall: Duration, quiet: bool) -> Result<i32> {
+    let mp = std::fs::canonicalize(mountpoint).with_context(|| format!("{}", mountpoint.display()))?;
+    let mut rel = Vec::new();
+    for p in paths {
+        rel.push(image_path(&mp, p)?);
+    }
+    if rel.is_empty() {
+        rel.push(String::new());
+    }
+    let v = ask(&mp, &serde_json::json!({ "cmd": "prefetch", "paths": rel })).map_err(|e| anyhow::anyhow!(e))?;
+    let mut p: PrefetchProgress = serde_json::from_value(v)?;
+    let bar = if quiet { ProgressBar::hidden() } else { ProgressBar::new(p.blocks_total * 4096) };
+    bar.set_style(
+        ProgressStyle::with_template(
+            "prefetch [{bar:30}] {bytes}/{total_bytes} {binary_bytes_per_sec} eta {eta} {msg}",
+        )
+        .unwrap()
+        .progress_chars("=> "),
+    );
+    bar.set_message(format!("{} files", p.files));
+    let mut last_change = std::time::Instant::now();
+    let mut last_present = p.blocks_present;
+    while p.blocks_present < p.blocks_total {
+        std::thread::sleep(Duration::from_millis(200));
+        let v =
+            ask(&mp, &serde_json::json!({ "cmd": "prefetch_progress", "id": p.id })).map_err(|e| anyhow::anyhow!(e))?;
+        p = serde_json::from_value(v)?;
+        bar.set_position(p.blocks_present * 4096);
+        if p.blocks_present != last_present {
+            last_present = p.blocks_present;
+            last_change = std::time::Instant::now();
+        } else if last_change.elapsed() > stall {
+            bar.abandon();
+            bail!(
+                "prefetch made no progress for {} ({} of {} blocks present, {} failed fetches); \
+                 check the sources and the daemon log",
+                humantime::format_duration(stall),
+                p.blocks_present,
+                p.blocks_total,
+                p.fetch_failures
+            );
+        }
+    }
+    bar.finish_and_clear();
+    if !quiet {
+        println!("{} files complete ({})", p.files, HumanBytes(p.blocks_total * 4096));
+    }
+    Ok(0)
+}
+
+/// `incfs status --watch`: a live view until interrupted (or the mount goes away).
+pub fn watch(mountpoint: &Path) -> Result<i32> {
+    let mp = std::fs::canonicalize(mountpoint).with_context(|| format!("{}", mountpoint.display()))?;
+    let get = || -> Result<Status> {
+        let v = ask(&mp, &serde_json::json!({ "cmd": "status" })).map_err(|e| anyhow::anyhow!(e))?;
+        Ok(serde_json::from_value(v)?)
+    };
+    let s = get()?;
+    let multi = MultiProgress::new();
+    let bar = multi.add(ProgressBar::new(s.blocks_total * 4096));
+    bar.set_style(
+        ProgressStyle::with_template("{prefix} [{bar:30}] {bytes}/{total_bytes} {msg}").unwrap().progress_chars("=> "),
+    );
+    bar.set_prefix(format!("{} v{}", s.image, s.version));
+    let detail = multi.add(ProgressBar::new_spinner());
+    detail.set_style(ProgressStyle::with_template("{msg}").unwrap());
+    let mut samples: std::collections::VecDeque<(std::time::Instant, u64)> = Default::default();
+    loop {
+        let s = match get() {
+            Ok(s) => s,
+            Err(e) => {
+                bar.abandon();
+                eprintln!("{e:#}");
+                return Ok(0);
+            }
+        };
+        let now = std::time::Instant::now();
+        samples.push_back((now, s.blocks_present));
+        while samples.len() > 2 && now.duration_since(samples[0].0) > Duration::from_secs(5) {
+            samples.pop_front();
+        }
+        let (t0, b0) = samples[0];
+        let secs = now.duration_since(t0).as_secs_f64();
+        let rate = if secs > 0.0 { (s.blocks_present.saturating_sub(b0)) as f64 * 4096.0 / secs } else { 0.0 };
+        let left = (s.blocks_total - s.blocks_present.min(s.blocks_total)) * 4096;
+        let eta = if s.complete {
+            "complete".to_string()
+        } else if rate > 0.0 {
+            format!("eta {}", humantime::format_duration(Duration::from_secs((left as f64 / rate) as u64)))
+        } else {
+            "eta -".to_string()
+        };
+        bar.set_position(s.blocks_present * 4096);
+        bar.set_message(format!("{}/s {eta}", HumanBytes(rate as u64)));
+        let fetching = if s.fetching.is_empty() { "-".to_string() } else { s.fetching.join(", ") };
+        detail.set_message(format!(
+            "fetched {} in {} requests; {} reads pending; failures {} timeout, {} verification, {} source\nfetching: {fetching}",
+            HumanBytes(s.bytes_fetched),
+            s.fetch_requests,
+            s.pending_reads,
+            s.reads_failed_timeout,
+            s.reads_failed_verification,
+            s.reads_failed_source,
+        ));
+        std::thread::sleep(Duration::from_millis(500));
+    }
 }

@@ -10,6 +10,16 @@ use indicatif::HumanBytes;
 use crate::keys::load_signing_key;
 use crate::progress::Reporter;
 
+/// Read and check an access profile for `incfs pack --profile`.
+pub fn load_profile(path: Option<&Path>) -> Result<Option<incfs_format::profile::Profile>> {
+    let Some(path) = path else { return Ok(None) };
+    let bytes = std::fs::read(path).with_context(|| format!("cannot read the profile {}", path.display()))?;
+    let profile = incfs_format::profile::Profile::parse(&bytes).with_context(|| {
+        format!("{} is not a usable profile (make one with incfs mount --record-profile)", path.display())
+    })?;
+    Ok(Some(profile))
+}
+
 pub fn pack(src: &Path, repo: &Path, key: &Path, opts: &PackOptions, quiet: bool) -> Result<i32> {
     let key = load_signing_key(key)?;
     let started = Instant::now();

@@ -6,6 +6,9 @@ use incfs_verity::Hash;
 /// The newest version's signed manifest. Replaced atomically when a version is published.
 pub const LATEST_MANIFEST: &str = "manifest";
 
+/// The access profile published with the newest version (optional; see [`crate::profile`]).
+pub const PROFILE: &str = "profile";
+
 /// Directory holding every published version's manifest.
 pub const VERSIONS_DIR: &str = "versions";
 

@@ -10,11 +10,13 @@
 //! - [`block_map`]: per-file metadata stored in objects (compact Merkle tree + block records).
 //! - [`codec`]: per-block compression (zero, raw, LZ4, zstd).
 //! - [`layout`]: where things live inside a repository.
+//! - [`profile`]: access profiles (which blocks a program reads first, in order).
 
 pub mod block_map;
 pub mod codec;
 pub mod layout;
 pub mod manifest;
+pub mod profile;
 pub mod wire;
 
 pub use block_map::{BlockRecord, FileMetaLayout, BLOCK_RECORD_SIZE};

@@ -295,6 +295,34 @@ impl Manifest {
         c.binary_search_by(|d| d.name.as_slice().cmp(name)).ok().map(|i| c[i].inode)
     }
 
+    /// The inode at `path` (relative to the root, components joined with `/`; empty and `.`
+    /// components are skipped, `..` is not followed).
+    pub fn resolve(&self, path: &[u8]) -> Option<u32> {
+        let mut ino = 0u32;
+        for part in path.split(|&b| b == b'/').filter(|p| !p.is_empty() && *p != b".") {
+            if !matches!(self.inodes.get(ino as usize)?.kind, InodeKind::Dir) {
+                return None;
+            }
+            ino = self.lookup(ino, part)?;
+        }
+        Some(ino)
+    }
+
+    /// Every inode under `root` (itself included), for acting on a whole tree.
+    pub fn subtree(&self, root: u32) -> Vec<u32> {
+        let mut out = vec![root];
+        let mut stack = vec![root];
+        while let Some(dir) = stack.pop() {
+            for d in self.children(dir) {
+                out.push(d.inode);
+                if matches!(self.inodes[d.inode as usize].kind, InodeKind::Dir) {
+                    stack.push(d.inode);
+                }
+            }
+        }
+        out
+    }
+
     /// Number of names of each inode (a directory counts `.` and its subdirectories' `..`).
     pub fn link_counts(&self) -> Vec<u32> {
         let mut links: Vec<u32> =
@@ -386,6 +414,15 @@ pub(crate) mod tests {
         let paths: Vec<Vec<u8>> = m.walk().into_iter().map(|(p, _)| p).collect();
         assert_eq!(paths[..4], [b"".to_vec(), b"a\nb".to_vec(), b"dir".to_vec(), b"empty".to_vec()]);
         assert_eq!(paths.len(), 7);
+        assert_eq!(m.resolve(b"dir/hardlink"), Some(1));
+        assert_eq!(m.resolve(b"./dir//null/"), Some(4));
+        assert_eq!(m.resolve(b""), Some(0));
+        assert_eq!(m.resolve(b"dir/../a\nb"), None, ".. is not followed");
+        assert_eq!(m.resolve(b"a\nb/x"), None);
+        assert_eq!(m.resolve(b"empty/x"), None, "not a directory");
+        let mut sub = m.subtree(2);
+        sub.sort();
+        assert_eq!(sub, vec![1, 2, 3, 4]);
     }
 
     #[test]

@@ -3,10 +3,12 @@
 //! The socket lives at `/run/incfs/<first 32 hex digits of SHA-256(mountpoint)>.sock` (or under
 //! `$XDG_RUNTIME_DIR/incfs/` when `/run` is not writable), so a client finds it from the
 //! mountpoint alone. Protocol: one JSON request per line, one JSON reply per line:
-//! `{"cmd":"status"}` and `{"cmd":"file","path":"dir/name"}`.
+//! `{"cmd":"status"}`, `{"cmd":"file","path":"dir/name"}`, `{"cmd":"prefetch","paths":["a","b/c"]}`
+//! (answers an id) and `{"cmd":"prefetch_progress","id":N}`.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use incfs_format::manifest::{InodeKind, Manifest};
 use incfs_store::file_key;
@@ -14,6 +16,8 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 
+use crate::background::Background;
+use crate::plain::PlainCopies;
 use crate::reader::Reader;
 use crate::stats::Stats;
 
@@ -34,6 +38,19 @@ pub fn socket_path(mountpoint: &Path) -> PathBuf {
 enum Request {
     Status,
     File { path: String },
+    Prefetch { paths: Vec<String> },
+    PrefetchProgress { id: u64 },
+}
+
+/// Progress of one `incfs prefetch`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct PrefetchProgress {
+    pub id: u64,
+    pub files: u64,
+    pub blocks_present: u64,
+    pub blocks_total: u64,
+    /// Reads and fetches that failed since the mount started (to tell "stuck" from "slow").
+    pub fetch_failures: u64,
 }
 
 /// A mount's state, as `incfs status --json` prints it.
@@ -62,6 +79,14 @@ pub struct Status {
     pub blocks_bad: u64,
     pub fetch_latency_mean_ms: f64,
     pub fetch_latency_p99_ms: f64,
+    /// Reads waiting for the network right now.
+    pub pending_reads: u64,
+    /// Files the background fetcher is working on.
+    pub fetching: Vec<String>,
+    pub opens_passthrough: u64,
+    /// Plain copies kept for passthrough (files, bytes); `None`: passthrough off.
+    pub plain_files: Option<u64>,
+    pub plain_bytes: Option<u64>,
 }
 
 /// One file's local state, for `incfs status MNT PATH`.
@@ -82,6 +107,10 @@ pub struct Control {
     pub cache: PathBuf,
     /// Distinct file contents: (key, blocks).
     pub contents: Vec<([u8; 40], u64)>,
+    pub background: Arc<Background>,
+    pub plain: Option<Arc<PlainCopies>>,
+    /// `incfs prefetch` requests: id -> contents concerned.
+    pub prefetches: Mutex<HashMap<u64, Vec<[u8; 40]>>>,
 }
 
 impl Control {
@@ -114,14 +143,42 @@ impl Control {
             blocks_bad: Stats::get(&s.blocks_bad),
             fetch_latency_mean_ms: mean,
             fetch_latency_p99_ms: p99,
+            pending_reads: self.reader.demand() as u64,
+            fetching: self.background.active(),
+            opens_passthrough: Stats::get(&s.opens_passthrough),
+            plain_files: self.plain.as_ref().map(|p| p.usage().0),
+            plain_bytes: self.plain.as_ref().map(|p| p.usage().1),
         }
     }
 
-    fn file_status(&self, path: &str) -> Result<FileStatus, String> {
-        let mut ino = 0u32;
-        for part in path.split('/').filter(|p| !p.is_empty() && *p != ".") {
-            ino = self.manifest.lookup(ino, part.as_bytes()).ok_or_else(|| format!("{path}: not in the image"))?;
+    fn prefetch(&self, paths: &[String]) -> Result<PrefetchProgress, String> {
+        let mut inodes = Vec::new();
+        for p in paths {
+            inodes.push(self.manifest.resolve(p.as_bytes()).ok_or_else(|| format!("{p}: not in the image"))?);
         }
+        let keys = self.background.prefetch(&inodes);
+        let mut all = self.prefetches.lock().unwrap();
+        let id = all.len() as u64 + 1;
+        all.insert(id, keys);
+        drop(all);
+        self.prefetch_progress(id)
+    }
+
+    fn prefetch_progress(&self, id: u64) -> Result<PrefetchProgress, String> {
+        let all = self.prefetches.lock().unwrap();
+        let keys = all.get(&id).ok_or_else(|| format!("no prefetch request {id}"))?;
+        let (present, total) = self.background.progress(keys);
+        Ok(PrefetchProgress {
+            id,
+            files: keys.len() as u64,
+            blocks_present: present,
+            blocks_total: total,
+            fetch_failures: Stats::get(&self.reader.stats.fetch_failures),
+        })
+    }
+
+    fn file_status(&self, path: &str) -> Result<FileStatus, String> {
+        let ino = self.manifest.resolve(path.as_bytes()).ok_or_else(|| format!("{path}: not in the image"))?;
         let InodeKind::File(f) = &self.manifest.inodes[ino as usize].kind else {
             return Err(format!("{path}: not a regular file"));
         };
@@ -143,6 +200,12 @@ impl Control {
             Ok(Request::Status) => serde_json::to_value(self.status()).map_err(|e| e.to_string()),
             Ok(Request::File { path }) => {
                 self.file_status(&path).and_then(|f| serde_json::to_value(f).map_err(|e| e.to_string()))
+            }
+            Ok(Request::Prefetch { paths }) => {
+                self.prefetch(&paths).and_then(|p| serde_json::to_value(p).map_err(|e| e.to_string()))
+            }
+            Ok(Request::PrefetchProgress { id }) => {
+                self.prefetch_progress(id).and_then(|p| serde_json::to_value(p).map_err(|e| e.to_string()))
             }
             Err(e) => Err(format!("bad request: {e}")),
         };

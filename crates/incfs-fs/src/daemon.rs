@@ -3,19 +3,22 @@
 //! SIGINT, and return when the filesystem is unmounted by any means.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use fuser::{Config, MountOption, Session, SessionACL};
 use incfs_fetch::{Image, ImageError, Source, SourceError, SourceOptions};
 use incfs_format::manifest::InodeKind;
+use incfs_format::profile::{Profile, Recorder, MAX_PROFILE_BYTES};
 use incfs_format::{layout, Manifest};
 use incfs_sign::TrustedKeys;
 use incfs_store::{file_key, Store};
 
+use crate::background::{Background, BackgroundOptions};
 use crate::control::{socket_path, Control};
-use crate::fuse::IncFs;
+use crate::fuse::{FsOptions, IncFs};
 use crate::mirrors::Mirrors;
+use crate::plain::PlainCopies;
 use crate::reader::Reader;
 use crate::stats::Stats;
 
@@ -31,6 +34,41 @@ pub struct MountOptions {
     pub read_timeout: Duration,
     /// FUSE request threads.
     pub threads: usize,
+    /// Complete the image in the background.
+    pub background: bool,
+    /// Cap on background fetching, bytes per second.
+    pub bandwidth: Option<u64>,
+    /// Mount from the cache alone, without contacting any source.
+    pub offline: bool,
+    /// Serve complete files through FUSE passthrough.
+    pub passthrough: bool,
+    /// Space for passthrough's plain copies; `None`: a quarter of the cache's filesystem.
+    pub plain_limit: Option<u64>,
+    /// Access profile to fetch first (instead of the one published with the image).
+    pub profile: Option<PathBuf>,
+    /// Record an access profile of this mount here.
+    pub record_profile: Option<PathBuf>,
+}
+
+impl MountOptions {
+    /// Options with every default, for `sources` at `mountpoint`.
+    pub fn new(sources: Vec<String>, mountpoint: PathBuf, trust: TrustedKeys, cache: PathBuf) -> Self {
+        MountOptions {
+            sources,
+            mountpoint,
+            trust,
+            cache,
+            read_timeout: Duration::from_secs(5),
+            threads: 8,
+            background: true,
+            bandwidth: None,
+            offline: false,
+            passthrough: true,
+            plain_limit: None,
+            profile: None,
+            record_profile: None,
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -48,6 +86,10 @@ pub enum MountError {
     Rollback { source_name: String, name: String, offered: u64, accepted: u64 },
     #[error("no source could be reached ({0}) and the cache {1} holds no copy of this image to mount offline")]
     Offline(String, String),
+    #[error("--offline: the cache {0} holds no image from {1}; mount once with the network first")]
+    NotCached(String, String),
+    #[error("profile {}: {error}", path.display())]
+    Profile { path: PathBuf, error: String },
     #[error("mountpoint {}: {reason}", path.display())]
     Mountpoint { path: PathBuf, reason: String },
     #[error("mounting at {}: {error}", path.display())]
@@ -57,8 +99,9 @@ pub enum MountError {
 }
 
 /// Get the manifest: from the first source that answers, checked against the trusted keys and
-/// the cache's rollback record; from the cache if no source can be reached at all.
-async fn open_image(opts: &MountOptions, sources: &[Source], store: &Store) -> Result<Manifest, MountError> {
+/// the cache's rollback record; from the cache if no source can be reached at all (then the
+/// flag is true: offline).
+async fn open_image(opts: &MountOptions, sources: &[Source], store: &Store) -> Result<(Manifest, bool), MountError> {
     let mut unreachable = Vec::new();
     for source in sources {
         let bytes = match source.get(layout::LATEST_MANIFEST).await {
@@ -87,16 +130,86 @@ async fn open_image(opts: &MountOptions, sources: &[Source], store: &Store) -> R
         for s in sources {
             store.remember_source(s.name(), &key_id, &m.name)?;
         }
-        return Ok((**m).clone());
+        return Ok(((**m).clone(), false));
     }
-    // Offline: the newest manifest this cache accepted for this source, verified again.
+    match cached_image(opts, sources, store)? {
+        Some(m) => {
+            tracing::warn!("no source reachable: mounting version {} from the cache", m.version);
+            Ok((m, true))
+        }
+        None => Err(MountError::Offline(unreachable.join("; "), opts.cache.display().to_string())),
+    }
+}
+
+/// The newest manifest this cache accepted for the primary source, its signature checked again.
+fn cached_image(opts: &MountOptions, sources: &[Source], store: &Store) -> Result<Option<Manifest>, MountError> {
     let primary = &sources[0];
     let Some(acc) = store.manifest_for_source(primary.name())? else {
-        return Err(MountError::Offline(unreachable.join("; "), opts.cache.display().to_string()));
+        return Ok(None);
     };
     let image = Image::from_manifest_bytes(primary.clone(), acc.bytes.into(), &opts.trust)?;
-    tracing::warn!("no source reachable: mounting version {} from the cache", image.manifest().version);
-    Ok((**image.manifest()).clone())
+    Ok(Some((**image.manifest()).clone()))
+}
+
+/// The access profile to fetch first: the one given, else the one published beside the
+/// manifest (optional: a missing or bad one only costs ordering).
+async fn load_profile(opts: &MountOptions, sources: &[Source], offline: bool) -> Result<Option<Profile>, MountError> {
+    if let Some(path) = &opts.profile {
+        let bad = |error: String| MountError::Profile { path: path.clone(), error };
+        let bytes = std::fs::read(path).map_err(|e| bad(e.to_string()))?;
+        return Profile::parse(&bytes).map(Some).map_err(|e| bad(e.to_string()));
+    }
+    if offline {
+        return Ok(None);
+    }
+    for source in sources {
+        match source.size(layout::PROFILE).await {
+            Ok(n) if n > MAX_PROFILE_BYTES as u64 => {
+                tracing::warn!("{}: profile of {n} bytes is too large; ignored", source.name());
+                return Ok(None);
+            }
+            Ok(_) => {}
+            Err(SourceError::NotFound { .. }) => return Ok(None),
+            Err(e) => {
+                tracing::warn!("{e}");
+                continue;
+            }
+        }
+        match source.get(layout::PROFILE).await.map(|b| Profile::parse(&b)) {
+            Ok(Ok(p)) => {
+                tracing::info!("fetching in the order of the published profile ({} entries)", p.entries.len());
+                return Ok(Some(p));
+            }
+            Ok(Err(e)) => {
+                tracing::warn!("{}: published profile ignored: {e}", source.name());
+                return Ok(None);
+            }
+            Err(e) => tracing::warn!("{e}"),
+        }
+    }
+    Ok(None)
+}
+
+/// A quarter of the size of the filesystem holding `dir`.
+fn default_plain_limit(dir: &Path) -> u64 {
+    use std::os::unix::ffi::OsStrExt;
+    let Ok(c) = std::ffi::CString::new(dir.as_os_str().as_bytes()) else { return 0 };
+    // SAFETY: statvfs only writes into the zeroed struct we pass; the path is a valid C string.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
+        return 0;
+    }
+    st.f_blocks.saturating_mul(st.f_frsize) / 4
+}
+
+/// Write the recorded profile atomically.
+fn save_profile(recorder: &Mutex<Recorder>, path: &Path) {
+    let text = recorder.lock().unwrap().profile().encode();
+    let tmp = path.with_extension("tmp");
+    if let Err(e) = std::fs::write(&tmp, text).and_then(|_| std::fs::rename(&tmp, path)) {
+        tracing::error!("cannot write the profile {}: {e}", path.display());
+    }
 }
 
 /// Mount and serve until unmounted. `on_ready` runs once the mount is usable.
@@ -116,7 +229,16 @@ pub fn mount(opts: MountOptions, on_ready: impl FnOnce()) -> Result<(), MountErr
         retries: 2,
     };
     let sources = opts.sources.iter().map(|s| Source::parse(s, &source_opts)).collect::<Result<Vec<_>, _>>()?;
-    let manifest = Arc::new(rt.block_on(open_image(&opts, &sources, &store))?);
+    let (manifest, offline) = if opts.offline {
+        let m = cached_image(&opts, &sources, &store)?
+            .ok_or_else(|| MountError::NotCached(opts.cache.display().to_string(), sources[0].name().to_string()))?;
+        tracing::info!("--offline: mounting version {} from the cache; no source is contacted", m.version);
+        (m, true)
+    } else {
+        rt.block_on(open_image(&opts, &sources, &store))?
+    };
+    let manifest = Arc::new(manifest);
+    let profile = rt.block_on(load_profile(&opts, &sources, offline))?;
 
     let mut contents: Vec<([u8; 40], u64)> = manifest
         .inodes
@@ -154,13 +276,54 @@ pub fn mount(opts: MountOptions, on_ready: impl FnOnce()) -> Result<(), MountErr
     config.n_threads = Some(opts.threads.max(1));
     config.clone_fd = true;
 
-    let fs = IncFs::new(manifest.clone(), reader.clone(), rt.handle().clone(), opts.read_timeout);
+    let background = Background::new(
+        reader.clone(),
+        BackgroundOptions { enabled: opts.background, bandwidth: opts.bandwidth, profile },
+    );
+    let recorder = opts.record_profile.as_ref().map(|_| Arc::new(Mutex::new(Recorder::default())));
+    let plain = if opts.passthrough && recorder.is_some() {
+        tracing::info!("recording a profile: passthrough off, so that every first read is seen");
+        None
+    } else if opts.passthrough {
+        let limit = opts.plain_limit.unwrap_or_else(|| default_plain_limit(&opts.cache));
+        Some(Arc::new(PlainCopies::open(&opts.cache.join("plain"), limit)?))
+    } else {
+        None
+    };
+    let fs_opts = FsOptions { read_timeout: opts.read_timeout, plain: plain.clone(), recorder: recorder.clone() };
+    let fs = IncFs::new(manifest.clone(), reader.clone(), rt.handle().clone(), fs_opts);
     let session =
         Session::new(fs, &mountpoint, &config).map_err(|error| MountError::Fuse { path: mountpoint.clone(), error })?;
     let sock = socket_path(&mountpoint);
     let _ = std::fs::remove_file(&sock);
-    let control =
-        Arc::new(Control { manifest, reader, mountpoint: mountpoint.clone(), cache: opts.cache.clone(), contents });
+    let control = Arc::new(Control {
+        manifest,
+        reader,
+        mountpoint: mountpoint.clone(),
+        cache: opts.cache.clone(),
+        contents,
+        background: background.clone(),
+        plain,
+        prefetches: Mutex::new(Default::default()),
+    });
+    rt.spawn(background.run());
+    if let (Some(rec), Some(path)) = (recorder.clone(), opts.record_profile.clone()) {
+        rt.spawn(async move {
+            let mut saved = (0, 0);
+            loop {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                let now = {
+                    let r = rec.lock().unwrap();
+                    (r.profile().entries.len(), r.profile().entries.last().map_or(0, |e| e.count))
+                };
+                if now != saved {
+                    saved = now;
+                    let (rec, path) = (rec.clone(), path.clone());
+                    let _ = tokio::task::spawn_blocking(move || save_profile(&rec, &path)).await;
+                }
+            }
+        });
+    }
     let listener = {
         let _guard = rt.enter();
         tokio::net::UnixListener::bind(&sock)
@@ -192,6 +355,10 @@ pub fn mount(opts: MountOptions, on_ready: impl FnOnce()) -> Result<(), MountErr
     on_ready();
     let result = session.run();
     let _ = std::fs::remove_file(&sock);
+    if let (Some(rec), Some(path)) = (&recorder, &opts.record_profile) {
+        save_profile(rec, path);
+        tracing::info!("profile written to {}", path.display());
+    }
     rt.shutdown_timeout(Duration::from_secs(2));
     result.map_err(|error| MountError::Fuse { path: mountpoint, error })
 }

@@ -1,22 +1,24 @@
 //! The FUSE face of a mount: attributes and directories straight from the signed manifest (no
 //! network, ever), reads through the [`Reader`], and `EROFS` for every change.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use fuser::{
-    AccessFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, InitFlags,
-    KernelConfig, LockOwner, OpenAccMode, OpenFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory,
+    AccessFlags, BackingId, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo,
+    InitFlags, KernelConfig, LockOwner, OpenAccMode, OpenFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory,
     ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow,
     WriteFlags,
 };
 use incfs_format::manifest::{display_path, Inode, InodeKind, Manifest};
+use incfs_format::profile::Recorder;
 use incfs_store::file_key;
 
+use crate::plain::PlainCopies;
 use crate::reader::{FileRef, Local, ReadFailure, Reader};
 use crate::stats::{FailCause, Stats};
 
@@ -28,10 +30,36 @@ const READAHEAD_MAX: u64 = 512;
 
 /// errno for a read whose data could not be had in time (as kernel incfs: "timer expired").
 pub const ETIME: i32 = libc::ETIME;
+/// Complete files up to this size get their plain copy written during `open` (a few tens of
+/// milliseconds at most) and are passed through at once; larger ones are copied in the
+/// background and passed through from a later open.
+const PLAIN_IN_OPEN_MAX: u64 = 64 << 20;
 
-struct Readahead {
+struct Handle {
     next_block: u64,
     window: u64,
+    /// Inode whose passthrough this handle holds.
+    passthrough: Option<u32>,
+}
+
+/// How an inode's open files are served. The kernel refuses to mix the two (an inode is either
+/// in cached or in passthrough I/O mode while files are open), so this is tracked per inode.
+#[derive(Default)]
+struct IoMode {
+    cached: u32,
+    passthrough: u32,
+    /// Shared by every passthrough open of the inode; dropped (closed) with the last.
+    backing: Option<BackingId>,
+}
+
+/// What `incfs mount` chose for the FUSE side.
+#[derive(Default)]
+pub struct FsOptions {
+    pub read_timeout: Duration,
+    /// Plain copies for passthrough; `None`: passthrough off.
+    pub plain: Option<Arc<PlainCopies>>,
+    /// Records the first read of each block (an access profile).
+    pub recorder: Option<Arc<Mutex<Recorder>>>,
 }
 
 pub struct IncFs {
@@ -45,8 +73,17 @@ pub struct IncFs {
     /// Data blocks of all files, for statfs (the image never changes under the mount).
     data_blocks: u64,
     labels: Vec<Arc<str>>,
-    handles: Mutex<HashMap<u64, Readahead>>,
+    handles: Mutex<HashMap<u64, Handle>>,
     next_handle: AtomicU64,
+    plain: Option<Arc<PlainCopies>>,
+    /// Cleared when the kernel refuses passthrough (no CAP_SYS_ADMIN, or no support).
+    passthrough: AtomicBool,
+    modes: Mutex<HashMap<u32, IoMode>>,
+    /// Plain copies being written in the background.
+    copying: Arc<Mutex<HashSet<[u8; 40]>>>,
+    recorder: Option<Arc<Mutex<Recorder>>>,
+    /// Raw path of each inode, kept only when recording a profile.
+    paths: Vec<Arc<[u8]>>,
 }
 
 fn file_type(kind: &InodeKind) -> FileType {
@@ -69,17 +106,18 @@ fn ts(sec: i64, nsec: u32) -> SystemTime {
 }
 
 impl IncFs {
-    pub fn new(
-        manifest: Arc<Manifest>,
-        reader: Arc<Reader>,
-        rt: tokio::runtime::Handle,
-        read_timeout: Duration,
-    ) -> Self {
+    pub fn new(manifest: Arc<Manifest>, reader: Arc<Reader>, rt: tokio::runtime::Handle, opts: FsOptions) -> Self {
         let nlinks = manifest.link_counts();
         let mut labels: Vec<Arc<str>> = vec![Arc::from(""); manifest.inodes.len()];
+        let recording = opts.recorder.is_some();
+        let mut paths: Vec<Arc<[u8]>> =
+            if recording { vec![Arc::from(&b""[..]); manifest.inodes.len()] } else { vec![] };
         for (path, ino) in manifest.walk() {
             if labels[ino as usize].is_empty() {
                 labels[ino as usize] = Arc::from(display_path(&path));
+                if recording {
+                    paths[ino as usize] = Arc::from(path.as_slice());
+                }
             }
         }
         let mut parents = vec![0u32; manifest.inodes.len()];
@@ -96,12 +134,18 @@ impl IncFs {
             manifest,
             reader,
             rt,
-            read_timeout,
+            read_timeout: opts.read_timeout,
             nlinks,
             parents,
             labels,
             handles: Mutex::new(HashMap::new()),
             next_handle: AtomicU64::new(1),
+            passthrough: AtomicBool::new(opts.plain.is_some()),
+            plain: opts.plain,
+            modes: Mutex::new(HashMap::new()),
+            copying: Arc::new(Mutex::new(HashSet::new())),
+            recorder: opts.recorder,
+            paths,
         }
     }
 
@@ -164,6 +208,46 @@ impl IncFs {
         }
     }
 
+    /// A backing id for passthrough of complete file `f` (inode `i`), if it can be had now:
+    /// its verified plain copy, written during this open when small, else in the background.
+    fn plain_backing(&self, i: u32, f: &FileRef, reply: &ReplyOpen) -> Option<BackingId> {
+        let plain = self.plain.as_ref()?;
+        if self.modes.lock().unwrap().get(&i).is_some_and(|m| m.backing.is_some() || m.cached > 0) {
+            return None;
+        }
+        if f.data.size > PLAIN_IN_OPEN_MAX && !plain.ready(&f.key) {
+            if self.copying.lock().unwrap().insert(f.key) {
+                let (plain, reader, copying, f) = (plain.clone(), self.reader.clone(), self.copying.clone(), f.clone());
+                std::thread::spawn(move || {
+                    if let Err(e) = plain.get(&reader, &f) {
+                        tracing::warn!("{}: {e}", f.label);
+                    }
+                    copying.lock().unwrap().remove(&f.key);
+                });
+            }
+            return None;
+        }
+        let file = match plain.get(&self.reader, f) {
+            Ok(file) => file,
+            Err(e) => {
+                tracing::warn!("{}: {e}; reading it through the daemon", f.label);
+                return None;
+            }
+        };
+        match reply.open_backing(&file) {
+            Ok(id) => Some(id),
+            Err(e) => {
+                if self.passthrough.swap(false, Ordering::Relaxed) {
+                    tracing::warn!(
+                        "FUSE passthrough refused by the kernel ({e}; it needs CAP_SYS_ADMIN): \
+                         complete files are read through the daemon"
+                    );
+                }
+                None
+            }
+        }
+    }
+
     fn kind_of(&self, idx: u32) -> FileType {
         file_type(&self.manifest.inodes[idx as usize].kind)
     }
@@ -182,6 +266,17 @@ impl Filesystem for IncFs {
             InitFlags::FUSE_CACHE_SYMLINKS,
         ] {
             let _ = config.add_capabilities(flag);
+        }
+        if self.passthrough.load(Ordering::Relaxed) {
+            // Backing files live on an ordinary filesystem: one level of stacking.
+            let ok =
+                config.add_capabilities(InitFlags::FUSE_PASSTHROUGH).is_ok() && config.set_max_stack_depth(1).is_ok();
+            if !ok {
+                tracing::warn!(
+                    "the kernel does not offer FUSE passthrough: complete files are read through the daemon"
+                );
+                self.passthrough.store(false, Ordering::Relaxed);
+            }
         }
         Ok(())
     }
@@ -218,11 +313,43 @@ impl Filesystem for IncFs {
         if flags.acc_mode() != OpenAccMode::O_RDONLY {
             return reply.error(Errno::EROFS);
         }
-        if self.file(i).is_none() {
+        let Some(f) = self.file(i) else {
             return reply.error(Errno::EINVAL);
-        }
+        };
         let fh = self.next_handle.fetch_add(1, Ordering::Relaxed);
-        self.handles.lock().unwrap().insert(fh, Readahead { next_block: 0, window: READAHEAD_START });
+        if self.passthrough.load(Ordering::Relaxed) && f.data.size > 0 && self.reader.is_complete(&f) {
+            let backing = self.plain_backing(i, &f, &reply);
+            let mut modes = self.modes.lock().unwrap();
+            let m = modes.entry(i).or_default();
+            if m.cached == 0 {
+                if m.backing.is_none() {
+                    m.backing = backing;
+                }
+                if let Some(id) = &m.backing {
+                    m.passthrough += 1;
+                    let h = Handle { next_block: 0, window: 0, passthrough: Some(i) };
+                    self.handles.lock().unwrap().insert(fh, h);
+                    Stats::add(&self.reader.stats.opens_passthrough, 1);
+                    return reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), id);
+                }
+            }
+        }
+        if self.passthrough.load(Ordering::Relaxed) {
+            let mut modes = self.modes.lock().unwrap();
+            let m = modes.entry(i).or_default();
+            if m.passthrough > 0 {
+                // The kernel would refuse a cached open while passthrough opens exist; cannot
+                // happen (passthrough needs a complete file, and a file stays complete), but be
+                // exact rather than hand the reader an EIO from the kernel.
+                if let Some(id) = &m.backing {
+                    m.passthrough += 1;
+                    self.handles.lock().unwrap().insert(fh, Handle { next_block: 0, window: 0, passthrough: Some(i) });
+                    return reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), id);
+                }
+            }
+            m.cached += 1;
+        }
+        self.handles.lock().unwrap().insert(fh, Handle { next_block: 0, window: READAHEAD_START, passthrough: None });
         reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE);
     }
 
@@ -244,12 +371,17 @@ impl Filesystem for IncFs {
         let next_block = (offset + size as u64).div_ceil(4096);
         let readahead = {
             let mut h = self.handles.lock().unwrap();
-            let ra = h.entry(fh.0).or_insert(Readahead { next_block: 0, window: READAHEAD_START });
+            let ra = h.entry(fh.0).or_insert(Handle { next_block: 0, window: READAHEAD_START, passthrough: None });
             let sequential = first_block == ra.next_block || first_block + 1 == ra.next_block;
             ra.window = if sequential { (ra.window * 2).clamp(READAHEAD_START, READAHEAD_MAX) } else { 0 };
             ra.next_block = next_block;
             ra.window
         };
+        if let Some(rec) = &self.recorder {
+            if let Some(path) = self.inode(ino).map(|(i, _)| self.paths[i as usize].clone()) {
+                rec.lock().unwrap().read(&path, first_block..next_block.min(incfs_verity::block_count(f.data.size)));
+            }
+        }
         let result = match self.reader.read_local(&f, offset, size) {
             Ok(data) => Ok(data),
             Err(Local::Fail(e)) => Err(e),
@@ -277,14 +409,28 @@ impl Filesystem for IncFs {
     fn release(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
         _flags: OpenFlags,
         _lock: Option<LockOwner>,
         _flush: bool,
         reply: ReplyEmpty,
     ) {
-        self.handles.lock().unwrap().remove(&fh.0);
+        let handle = self.handles.lock().unwrap().remove(&fh.0);
+        if self.plain.is_some() {
+            if let Some((i, _)) = self.inode(ino) {
+                let mut modes = self.modes.lock().unwrap();
+                if let Some(m) = modes.get_mut(&i) {
+                    match handle.and_then(|h| h.passthrough) {
+                        Some(_) => m.passthrough = m.passthrough.saturating_sub(1),
+                        None => m.cached = m.cached.saturating_sub(1),
+                    }
+                    if m.passthrough == 0 && m.cached == 0 {
+                        modes.remove(&i);
+                    }
+                }
+            }
+        }
         reply.ok();
     }
 

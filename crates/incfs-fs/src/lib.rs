@@ -3,15 +3,19 @@
 //! - [`daemon`]: mounting, manifest checks (signature, rollback, offline fallback), signals.
 //! - [`fuse`]: the FUSE operations; metadata from the manifest, reads through the reader.
 //! - [`reader`]: the data path: local store first, else fetch, verify, store.
+//! - [`background`]: completes the image at low priority (profile first), and `incfs prefetch`.
+//! - [`plain`]: verified plain copies of complete files, the backing files of FUSE passthrough.
 //! - [`mirrors`]: several sources with backoff.
 //! - [`presence`]: which blocks of each file are local, for status.
 //! - [`control`]: the control socket behind `incfs status`.
 //! - [`stats`]: read, fetch and failure counters.
 
+pub mod background;
 pub mod control;
 pub mod daemon;
 pub mod fuse;
 pub mod mirrors;
+pub mod plain;
 pub mod presence;
 pub mod reader;
 pub mod stats;

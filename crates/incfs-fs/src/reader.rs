@@ -10,6 +10,7 @@
 
 use std::collections::HashMap;
 use std::ops::Range;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -72,8 +73,8 @@ fn fail(cause: FailCause, message: impl Into<String>) -> Local {
 
 /// Outcome of one ranged GET of a run of blocks: the leaves that could not be had, and why.
 #[derive(Debug, Default)]
-struct RunOutcome {
-    failed: HashMap<Hash, ReadFailure>,
+pub(crate) struct RunOutcome {
+    pub failed: HashMap<Hash, ReadFailure>,
 }
 
 type SharedRun = Shared<BoxFuture<'static, Arc<RunOutcome>>>;
@@ -95,6 +96,8 @@ pub struct Reader {
     recent_failures: Mutex<HashMap<FileKey, (Instant, ReadFailure)>>,
     persist: Mutex<()>,
     zero_hash: Hash,
+    /// Reads waiting for the network now: background fetching holds back while any do.
+    demand: AtomicUsize,
 }
 
 impl Reader {
@@ -112,6 +115,7 @@ impl Reader {
             recent_failures: Mutex::new(HashMap::new()),
             persist: Mutex::new(()),
             zero_hash: hash_data_block(&[]),
+            demand: AtomicUsize::new(0),
         }
     }
 
@@ -121,6 +125,25 @@ impl Reader {
 
     pub fn mirrors(&self) -> &Arc<Mirrors> {
         &self.mirrors
+    }
+
+    pub fn manifest(&self) -> &Arc<Manifest> {
+        &self.manifest
+    }
+
+    /// Reads currently waiting for the network.
+    pub fn demand(&self) -> usize {
+        self.demand.load(Ordering::Relaxed)
+    }
+
+    /// Whether every block of `f` is present locally.
+    pub fn is_complete(&self, f: &FileRef) -> bool {
+        self.presence.count(&f.key) >= incfs_verity::block_count(f.data.size)
+    }
+
+    /// The file's metadata region: (object, offset, length).
+    pub fn meta_region(&self, f: &FileRef) -> Option<(u32, u64, u64)> {
+        f.data.meta.map(|_| self.region(f))
     }
 
     fn region(&self, f: &FileRef) -> (u32, u64, u64) {
@@ -333,6 +356,7 @@ impl Reader {
             }
         }
         let timeout = deadline.saturating_duration_since(Instant::now());
+        self.demand.fetch_add(1, Ordering::Relaxed);
         let result =
             match tokio::time::timeout_at(deadline.into(), self.read_fetching(f, offset, size, readahead)).await {
                 Ok(r) => r,
@@ -341,6 +365,7 @@ impl Reader {
                     message: format!("{}: data not available within {timeout:?}", f.label),
                 }),
             };
+        self.demand.fetch_sub(1, Ordering::Relaxed);
         // Only waits are remembered: a verification failure costs no waiting, and the next
         // attempt should go to the network at once (to another mirror, or a repaired one).
         let mut recent = self.recent_failures.lock().unwrap();
@@ -369,13 +394,33 @@ impl Reader {
                 Ok(v) => return Ok(v),
                 Err(Local::Fail(e)) => return Err(e),
                 Err(Local::Need(Need::Meta { chunk })) => self.fetch_meta(f, chunk).await?,
-                Err(Local::Need(Need::Blocks(list))) => self.fetch_blocks(f, &list, readahead).await?,
+                Err(Local::Need(Need::Blocks(list))) => self.fetch_blocks(f, &list, readahead, true).await?,
             }
         }
         Err(ReadFailure { cause: FailCause::Other, message: format!("{}: read made no progress", f.label) })
     }
 
-    async fn fetch_meta(&self, f: &FileRef, chunk: u64) -> Result<(), ReadFailure> {
+    /// Cache a whole metadata region fetched along with other bytes (unverified, as any piece:
+    /// each hash block is checked against its parent when used).
+    pub(crate) fn put_meta_region(&self, f: &FileRef, region: &[u8]) {
+        let (object, offset, len) = self.region(f);
+        if region.len() as u64 != len {
+            return;
+        }
+        let digest = self.manifest.objects[object as usize].digest;
+        for (chunk, piece) in region.chunks(META_CHUNK as usize).enumerate() {
+            let chunk = chunk as u64;
+            if self.meta.get(&(object, offset, chunk)).is_some() {
+                continue;
+            }
+            if let Err(e) = self.store.put_meta(&digest, offset, chunk, piece) {
+                tracing::warn!("cannot cache metadata: {e}");
+            }
+            self.meta.insert((object, offset, chunk), Arc::new(piece.to_vec()));
+        }
+    }
+
+    pub(crate) async fn fetch_meta(&self, f: &FileRef, chunk: u64) -> Result<(), ReadFailure> {
         let (object, offset, len) = self.region(f);
         let digest = self.manifest.objects[object as usize].digest;
         let start = offset + chunk * META_CHUNK;
@@ -394,7 +439,7 @@ impl Reader {
     }
 
     /// Leaf and record of each block of `blocks` that is neither zero nor stored yet.
-    fn plan(&self, f: &FileRef, blocks: &[u64]) -> Result<Vec<(u64, Hash, BlockRecord)>, Local> {
+    pub(crate) fn plan(&self, f: &FileRef, blocks: &[u64]) -> Result<Vec<(u64, Hash, BlockRecord)>, Local> {
         let geo = Geometry::new(f.data.size);
         let mut out = Vec::new();
         let mut present = Vec::new();
@@ -414,7 +459,13 @@ impl Reader {
         Ok(out)
     }
 
-    async fn fetch_blocks(self: &Arc<Self>, f: &FileRef, needed: &[u64], readahead: u64) -> Result<(), ReadFailure> {
+    pub(crate) async fn fetch_blocks(
+        self: &Arc<Self>,
+        f: &FileRef,
+        needed: &[u64],
+        readahead: u64,
+        keep_decoded: bool,
+    ) -> Result<(), ReadFailure> {
         let blocks_total = incfs_verity::block_count(f.data.size);
         let last = *needed.last().unwrap();
         let mut wanted: Vec<u64> = needed.to_vec();
@@ -452,7 +503,7 @@ impl Reader {
                     let me = self.clone();
                     let file = f.clone();
                     let leaves: Vec<Hash> = items.iter().map(|(_, h, _)| *h).collect();
-                    let handle = tokio::spawn(async move { me.fetch_run(file, items).await });
+                    let handle = tokio::spawn(async move { me.fetch_run(file, items, keep_decoded).await });
                     let shared = async move { handle.await.unwrap_or_else(|_| Arc::new(RunOutcome::default())) }
                         .boxed()
                         .shared();
@@ -475,7 +526,12 @@ impl Reader {
     }
 
     /// One ranged GET for blocks lying back to back in one object; verify, store, report.
-    async fn fetch_run(self: Arc<Self>, f: FileRef, items: Vec<(u64, Hash, BlockRecord)>) -> Arc<RunOutcome> {
+    async fn fetch_run(
+        self: Arc<Self>,
+        f: FileRef,
+        items: Vec<(u64, Hash, BlockRecord)>,
+        keep_decoded: bool,
+    ) -> Arc<RunOutcome> {
         let first = items[0].2;
         let end = items.last().unwrap().2.range().end;
         let key = layout::object(&self.manifest.objects[first.object as usize].digest);
@@ -491,52 +547,7 @@ impl Reader {
             }
             Ok((bytes, mirror)) => {
                 self.stats.fetched(bytes.len() as u64, t.elapsed());
-                let mut good = Vec::new();
-                let mut decoded = Vec::new();
-                for (i, leaf, r) in &items {
-                    let stored = &bytes[(r.offset - first.offset) as usize..(r.range().end - first.offset) as usize];
-                    match verify_block(r, stored, leaf) {
-                        Ok(block) => {
-                            decoded.push((*leaf, block));
-                            good.push((*i, NewBlock { hash: *leaf, codec: r.codec, data: stored }))
-                        }
-                        Err(e) => {
-                            Stats::add(&self.stats.blocks_bad, 1);
-                            tracing::error!(
-                                "{}: block {i} from {} failed verification ({e}); not stored",
-                                f.label,
-                                self.mirrors.sources()[mirror].name()
-                            );
-                            self.mirrors.penalize(mirror);
-                            outcome.failed.insert(
-                                *leaf,
-                                ReadFailure {
-                                    cause: FailCause::Verification,
-                                    message: format!("{}: block {i}: {e}", f.label),
-                                },
-                            );
-                        }
-                    }
-                }
-                let present: Vec<u64> = good.iter().map(|(i, _)| *i).collect();
-                let blocks: Vec<NewBlock<'_>> = good.into_iter().map(|(_, b)| b).collect();
-                match self.store_blocks(&f.key, &blocks, present) {
-                    Ok(()) => {
-                        Stats::add(&self.stats.blocks_fetched, blocks.len() as u64);
-                        // Only once durable: a block served is a block kept, even if killed now.
-                        for (leaf, block) in decoded {
-                            self.verified.insert(leaf, Arc::from(block));
-                        }
-                    }
-                    Err(e) => {
-                        tracing::error!("cannot store blocks: {e}");
-                        for b in &blocks {
-                            outcome
-                                .failed
-                                .insert(b.hash, ReadFailure { cause: FailCause::Other, message: e.to_string() });
-                        }
-                    }
-                }
+                outcome = self.accept(&f, &items, &bytes, first.offset, mirror, keep_decoded);
             }
         }
         let mut inflight = self.inflight.lock().unwrap();
@@ -544,6 +555,65 @@ impl Reader {
             inflight.remove(h);
         }
         Arc::new(outcome)
+    }
+
+    /// Verify blocks `items` of `f` out of `bytes` (which start at object offset `base`, as
+    /// served by mirror `mirror`), store the good ones and report the bad. `keep_decoded` also
+    /// keeps them in memory, for a reader about to read them (not for background fetching).
+    pub(crate) fn accept(
+        &self,
+        f: &FileRef,
+        items: &[(u64, Hash, BlockRecord)],
+        bytes: &[u8],
+        base: u64,
+        mirror: usize,
+        keep_decoded: bool,
+    ) -> RunOutcome {
+        let mut outcome = RunOutcome::default();
+        let mut good = Vec::new();
+        let mut decoded = Vec::new();
+        for (i, leaf, r) in items {
+            let stored = &bytes[(r.offset - base) as usize..(r.range().end - base) as usize];
+            match verify_block(r, stored, leaf) {
+                Ok(block) => {
+                    decoded.push((*leaf, block));
+                    good.push((*i, NewBlock { hash: *leaf, codec: r.codec, data: stored }))
+                }
+                Err(e) => {
+                    Stats::add(&self.stats.blocks_bad, 1);
+                    tracing::error!(
+                        "{}: block {i} from {} failed verification ({e}); not stored",
+                        f.label,
+                        self.mirrors.sources()[mirror].name()
+                    );
+                    self.mirrors.penalize(mirror);
+                    outcome.failed.insert(
+                        *leaf,
+                        ReadFailure { cause: FailCause::Verification, message: format!("{}: block {i}: {e}", f.label) },
+                    );
+                }
+            }
+        }
+        let present: Vec<u64> = good.iter().map(|(i, _)| *i).collect();
+        let blocks: Vec<NewBlock<'_>> = good.into_iter().map(|(_, b)| b).collect();
+        match self.store_blocks(&f.key, &blocks, present) {
+            Ok(()) => {
+                Stats::add(&self.stats.blocks_fetched, blocks.len() as u64);
+                // Only once durable: a block served is a block kept, even if killed now.
+                if keep_decoded {
+                    for (leaf, block) in decoded {
+                        self.verified.insert(leaf, Arc::from(block));
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::error!("cannot store blocks: {e}");
+                for b in &blocks {
+                    outcome.failed.insert(b.hash, ReadFailure { cause: FailCause::Other, message: e.to_string() });
+                }
+            }
+        }
+        outcome
     }
 }
 

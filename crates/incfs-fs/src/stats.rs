@@ -27,6 +27,8 @@ pub struct Stats {
     pub blocks_fetched: AtomicU64,
     /// Blocks that failed verification (from the network or the local store).
     pub blocks_bad: AtomicU64,
+    /// Opens served by FUSE passthrough (their reads never reach the daemon).
+    pub opens_passthrough: AtomicU64,
     latencies_us: Mutex<VecDeque<u64>>,
 }
 

@@ -21,6 +21,7 @@ use rayon::prelude::*;
 use incfs_format::block_map::BlockRecord;
 use incfs_format::codec::{encode_block, EncodedBlock};
 use incfs_format::manifest::{is_valid_image_name, FileData, Inode, Manifest, MetaRef};
+use incfs_format::profile::Profile;
 use incfs_format::{layout, wire, Compression, Hash, BLOCK_SIZE};
 use incfs_sign::SigningKey;
 use incfs_verity::{hash_data_block, MerkleTree};
@@ -66,6 +67,9 @@ pub struct PackOptions {
     pub version: Option<u64>,
     pub compression: Compression,
     pub object_size: u64,
+    /// An access profile: its files are packed first, in its order (so a mount fetches them in
+    /// few requests), and it is published beside the manifest.
+    pub profile: Option<Profile>,
 }
 
 impl Default for PackOptions {
@@ -75,6 +79,7 @@ impl Default for PackOptions {
             version: None,
             compression: Compression::Zstd { level: Compression::DEFAULT_ZSTD_LEVEL },
             object_size: DEFAULT_OBJECT_SIZE,
+            profile: None,
         }
     }
 }
@@ -200,9 +205,32 @@ pub fn pack(
         },
         buf: vec![0u8; CHUNK],
     };
+    // Files named by the profile are packed first, in its order; the rest in tree order.
+    let mut packed: Vec<Option<FileData>> = vec![None; scanned.inodes.len()];
+    if let Some(profile) = &opts.profile {
+        let mut by_path = std::collections::HashMap::new();
+        for (i, s) in scanned.inodes.iter().enumerate() {
+            if let scan::ScannedKind::File { path, .. } = &s.kind {
+                if let Ok(rel) = path.strip_prefix(src) {
+                    by_path.insert(rel.as_os_str().as_encoded_bytes().to_vec(), i);
+                }
+            }
+        }
+        for p in profile.paths() {
+            let Some(&i) = by_path.get(p) else { continue };
+            if packed[i].is_some() {
+                continue;
+            }
+            if let scan::ScannedKind::File { path, size } = &scanned.inodes[i].kind {
+                progress.file(path);
+                packed[i] = Some(packer.pack_file(path, *size, progress)?);
+            }
+        }
+    }
     let mut inodes = Vec::with_capacity(scanned.inodes.len());
-    for s in scanned.inodes {
+    for (i, s) in scanned.inodes.into_iter().enumerate() {
         let kind = match s.kind {
+            scan::ScannedKind::File { .. } if packed[i].is_some() => incfs_format::InodeKind::File(packed[i].unwrap()),
             scan::ScannedKind::File { path, size } => {
                 progress.file(&path);
                 incfs_format::InodeKind::File(packer.pack_file(&path, size, progress)?)
@@ -230,6 +258,10 @@ pub fn pack(
     let file = wire::seal(signed, key.algorithm(), key.public_key().id(), &signature);
     summary.manifest_bytes = file.len() as u64;
     write_atomic(&repo.join(layout::version_manifest(version)), &file)?;
+    if let Some(profile) = &opts.profile {
+        // Before the manifest: a reader that sees the new manifest finds its profile.
+        write_atomic(&repo.join(layout::PROFILE), profile.encode().as_bytes())?;
+    }
     write_atomic(&repo.join(layout::LATEST_MANIFEST), &file)?;
     drop(lock);
     Ok(summary)

@@ -13,6 +13,8 @@ use std::time::{Duration, Instant};
 
 use rand::{RngCore, SeedableRng};
 
+pub mod proxy;
+
 pub fn incfs_bin() -> &'static str {
     env!("CARGO_BIN_EXE_incfs")
 }
@@ -260,6 +262,8 @@ pub struct Mount {
 
 impl Mount {
     /// `incfs mount SOURCE DIR --trust TRUST --cache CACHE EXTRA...`, which must succeed.
+    /// Background completion is off unless EXTRA says `--background on`: most tests watch
+    /// exactly what reads fetch.
     pub fn start(source: &str, dir: &Path, trust: &Path, cache: &Path, extra: &[&str]) -> Mount {
         Self::start_with_env(source, dir, trust, cache, extra, &[])
     }
@@ -276,6 +280,9 @@ impl Mount {
         let mut args = vec!["mount", source, dir.to_str().unwrap(), "--trust", trust.to_str().unwrap()];
         args.extend(["--cache", cache.to_str().unwrap()]);
         args.extend_from_slice(extra);
+        if !extra.contains(&"--background") {
+            args.extend(["--background", "off"]);
+        }
         let res = Command::new(incfs_bin()).args(&args).envs(env.iter().cloned()).output().expect("running incfs");
         assert!(res.status.success(), "incfs {args:?} failed:\n{}\n{}", text(&res.stdout), text(&res.stderr));
         let out = text(&res.stdout);

@@ -1,0 +1,399 @@
+//! Background completion: fetch every missing block at low priority until the image is complete.
+//!
+//! Work goes in this order: files asked for by `incfs prefetch` (at once), then the access
+//! profile's entries (in recorded order), then every file in pack order. Small files that lie
+//! back to back in an object are fetched together with their metadata in one ranged GET of up
+//! to [`SPAN_MAX`] bytes (pack writes each file's blocks and then its metadata, so one span
+//! holds both); large files go in runs of blocks. Before each request the fetcher waits until no
+//! read is waiting for the network, so demand reads always go first, and, with a bandwidth cap,
+//! until the cap allows the request. Presence is persisted with the blocks, so a restarted
+//! daemon resumes where the last one stopped. Every block is verified exactly as for a read.
+
+use std::collections::{HashMap, VecDeque};
+use std::ops::Range;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use incfs_format::manifest::{display_path, InodeKind, Manifest};
+use incfs_format::profile::Profile;
+use incfs_format::{layout, BLOCK_SIZE};
+use incfs_store::{file_key, FileKey};
+
+use crate::reader::{FileRef, Local, Need, Reader};
+use crate::stats::Stats;
+
+/// Largest ranged GET for a span of small files (blocks and metadata together).
+pub const SPAN_MAX: u64 = 2 << 20;
+/// Blocks of a large file fetched per job.
+const BLOCKS_PER_JOB: u64 = 256;
+/// Background requests in flight at once.
+const PARALLEL: usize = 2;
+/// Files taken from the general order at a time, so a prefetch request waits little.
+const ROUND: usize = 64;
+/// After a failed request, wait this long (doubling up to [`MAX_RETRY`]) before the next.
+const FIRST_RETRY: Duration = Duration::from_secs(1);
+const MAX_RETRY: Duration = Duration::from_secs(30);
+
+#[derive(Debug, Clone, Default)]
+pub struct BackgroundOptions {
+    /// Complete the whole image (off: only `incfs prefetch` requests are fetched).
+    pub enabled: bool,
+    /// Cap on background bytes per second.
+    pub bandwidth: Option<u64>,
+    pub profile: Option<Profile>,
+}
+
+/// Bytes of an object that hold one small file's blocks and its metadata, in pack order.
+#[derive(Debug, Clone)]
+struct Span {
+    object: u32,
+    range: Range<u64>,
+}
+
+#[derive(Debug, Clone)]
+enum Work {
+    Whole(usize),
+    Blocks(usize, Range<u64>),
+}
+
+#[derive(Debug)]
+enum Job {
+    Span { object: u32, range: Range<u64>, files: Vec<usize> },
+    Blocks { file: usize, blocks: Range<u64> },
+}
+
+pub struct Background {
+    reader: Arc<Reader>,
+    /// Distinct file contents with data, in pack order.
+    files: Vec<FileRef>,
+    spans: Vec<Span>,
+    by_key: HashMap<FileKey, usize>,
+    opts: BackgroundOptions,
+    urgent: Mutex<VecDeque<Vec<Work>>>,
+    wake: tokio::sync::Notify,
+    /// Next instant the bandwidth cap lets a request start.
+    next_slot: Mutex<Instant>,
+    /// Files being fetched now, for `status --watch`.
+    active: Mutex<Vec<usize>>,
+    complete_logged: AtomicBool,
+    failures: Mutex<u32>,
+}
+
+impl Background {
+    pub fn new(reader: Arc<Reader>, opts: BackgroundOptions) -> Arc<Self> {
+        let manifest = reader.manifest().clone();
+        let mut files: Vec<FileRef> = Vec::new();
+        let mut by_key = HashMap::new();
+        for (path, ino) in manifest.walk() {
+            if let InodeKind::File(d) = &manifest.inodes[ino as usize].kind {
+                let key = file_key(&d.root_hash, d.size);
+                if d.size == 0 || d.meta.is_none() || by_key.contains_key(&key) {
+                    continue;
+                }
+                by_key.insert(key, files.len());
+                files.push(FileRef { data: *d, key, label: Arc::from(display_path(&path)) });
+            }
+        }
+        // Pack order: by metadata position. A file's span starts where the previous file's
+        // metadata ended (its blocks lie in between when it was packed in this object).
+        files.sort_by_key(|f| f.data.meta.map(|m| (m.object, m.offset)));
+        by_key = files.iter().enumerate().map(|(i, f)| (f.key, i)).collect();
+        let mut spans = Vec::with_capacity(files.len());
+        let mut prev: Option<(u32, u64)> = None;
+        for f in &files {
+            let (object, offset, len) = reader.meta_region(f).expect("files with data have metadata");
+            let start = match prev {
+                Some((o, end)) if o == object && end <= offset => end,
+                _ => 0,
+            };
+            spans.push(Span { object, range: start..offset + len });
+            prev = Some((object, offset + len));
+        }
+        Arc::new(Background {
+            reader,
+            files,
+            spans,
+            by_key,
+            opts,
+            urgent: Mutex::new(VecDeque::new()),
+            wake: tokio::sync::Notify::new(),
+            next_slot: Mutex::new(Instant::now()),
+            active: Mutex::new(Vec::new()),
+            complete_logged: AtomicBool::new(false),
+            failures: Mutex::new(0),
+        })
+    }
+
+    fn manifest(&self) -> &Manifest {
+        self.reader.manifest()
+    }
+
+    /// Fetch the files of `inodes` (and of directories, everything under them) before anything
+    /// else. Returns the distinct contents concerned, to follow their progress.
+    pub fn prefetch(&self, inodes: &[u32]) -> Vec<FileKey> {
+        let m = self.manifest();
+        let mut keys = Vec::new();
+        let mut work = Vec::new();
+        for &root in inodes {
+            for ino in m.subtree(root) {
+                if let InodeKind::File(d) = &m.inodes[ino as usize].kind {
+                    let key = file_key(&d.root_hash, d.size);
+                    if let Some(&i) = self.by_key.get(&key) {
+                        if !keys.contains(&key) {
+                            keys.push(key);
+                            work.push(Work::Whole(i));
+                        }
+                    }
+                }
+            }
+        }
+        self.urgent.lock().unwrap().push_back(work);
+        self.wake.notify_one();
+        keys
+    }
+
+    /// (blocks present, blocks total) of `keys`.
+    pub fn progress(&self, keys: &[FileKey]) -> (u64, u64) {
+        keys.iter()
+            .filter_map(|k| self.by_key.get(k))
+            .map(|&i| {
+                let total = incfs_verity::block_count(self.files[i].data.size);
+                (self.reader.presence.count(&self.files[i].key).min(total), total)
+            })
+            .fold((0, 0), |(p, t), (a, b)| (p + a, t + b))
+    }
+
+    /// Paths of the files being fetched now.
+    pub fn active(&self) -> Vec<String> {
+        self.active.lock().unwrap().iter().map(|&i| self.files[i].label.to_string()).collect()
+    }
+
+    fn complete(&self, i: usize) -> bool {
+        self.reader.is_complete(&self.files[i])
+    }
+
+    /// The profile's entries, then every file, in pack order.
+    fn general_order(&self) -> VecDeque<Work> {
+        let mut out = VecDeque::new();
+        if let Some(p) = &self.opts.profile {
+            let m = self.manifest();
+            for e in &p.entries {
+                let Some(InodeKind::File(d)) = m.resolve(&e.path).map(|i| &m.inodes[i as usize].kind) else {
+                    continue;
+                };
+                let Some(&i) = self.by_key.get(&file_key(&d.root_hash, d.size)) else { continue };
+                let blocks = incfs_verity::block_count(d.size);
+                if self.span_len(i) <= SPAN_MAX {
+                    out.push_back(Work::Whole(i));
+                } else if e.start < blocks {
+                    out.push_back(Work::Blocks(i, e.start..(e.start + e.count).min(blocks)));
+                }
+            }
+        }
+        out.extend((0..self.files.len()).map(Work::Whole));
+        out
+    }
+
+    fn span_len(&self, i: usize) -> u64 {
+        let r = &self.spans[i].range;
+        r.end - r.start
+    }
+
+    /// Turn work into requests: neighbouring small files into shared spans, large files into
+    /// runs of blocks; whatever is already present is skipped.
+    fn jobs(&self, work: Vec<Work>) -> Vec<Job> {
+        let mut jobs: Vec<Job> = Vec::new();
+        for w in work {
+            match w {
+                Work::Whole(i) if self.complete(i) => {}
+                Work::Whole(i) if self.span_len(i) <= SPAN_MAX => {
+                    let s = &self.spans[i];
+                    if let Some(Job::Span { object, range, files }) = jobs.last_mut() {
+                        if *object == s.object && range.end == s.range.start && s.range.end - range.start <= SPAN_MAX {
+                            range.end = s.range.end;
+                            files.push(i);
+                            continue;
+                        }
+                    }
+                    jobs.push(Job::Span { object: s.object, range: s.range.clone(), files: vec![i] });
+                }
+                Work::Whole(i) => {
+                    let blocks = incfs_verity::block_count(self.files[i].data.size);
+                    self.block_jobs(i, 0..blocks, &mut jobs);
+                }
+                Work::Blocks(i, r) => self.block_jobs(i, r, &mut jobs),
+            }
+        }
+        jobs
+    }
+
+    fn block_jobs(&self, i: usize, blocks: Range<u64>, jobs: &mut Vec<Job>) {
+        let key = &self.files[i].key;
+        let mut at = blocks.start;
+        while at < blocks.end {
+            let end = (at + BLOCKS_PER_JOB).min(blocks.end);
+            if (at..end).any(|b| !self.reader.presence.is_present(key, b)) {
+                jobs.push(Job::Blocks { file: i, blocks: at..end });
+            }
+            at = end;
+        }
+    }
+
+    /// Run until the runtime shuts down.
+    pub async fn run(self: Arc<Self>) {
+        let mut general = if self.opts.enabled { self.general_order() } else { VecDeque::new() };
+        loop {
+            let urgent = self.urgent.lock().unwrap().pop_front();
+            let work: Vec<Work> = match urgent {
+                Some(w) => w,
+                None if !general.is_empty() => general.drain(..ROUND.min(general.len())).collect(),
+                None => {
+                    if self.opts.enabled {
+                        let missing: Vec<usize> = (0..self.files.len()).filter(|&i| !self.complete(i)).collect();
+                        if missing.is_empty() {
+                            if !self.complete_logged.swap(true, Ordering::Relaxed) {
+                                tracing::info!("image complete: every block is present and verified");
+                            }
+                        } else {
+                            // Some requests failed: go over what is missing again, later.
+                            tokio::select! {
+                                _ = self.wake.notified() => {}
+                                _ = tokio::time::sleep(MAX_RETRY) => {}
+                            }
+                            general = missing.into_iter().map(Work::Whole).collect();
+                            continue;
+                        }
+                    }
+                    self.wake.notified().await;
+                    continue;
+                }
+            };
+            let jobs = self.jobs(work);
+            futures::stream::iter(jobs).for_each_concurrent(PARALLEL, |job| self.clone().run_job(job)).await;
+        }
+    }
+
+    /// Wait until no read waits for the network and the bandwidth cap allows `bytes` more.
+    async fn wait_turn(&self, bytes: u64) {
+        while self.reader.demand() > 0 {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        if let Some(rate) = self.opts.bandwidth.filter(|&r| r > 0) {
+            let start = {
+                let mut next = self.next_slot.lock().unwrap();
+                let start = (*next).max(Instant::now());
+                *next = start + Duration::from_secs_f64(bytes as f64 / rate as f64);
+                start
+            };
+            tokio::time::sleep_until(start.into()).await;
+            while self.reader.demand() > 0 {
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        }
+    }
+
+    async fn run_job(self: Arc<Self>, job: Job) {
+        let files: Vec<usize> = match &job {
+            Job::Span { files, .. } => files.clone(),
+            Job::Blocks { file, .. } => vec![*file],
+        };
+        self.active.lock().unwrap().extend(&files);
+        let ok = match job {
+            Job::Span { object, range, files } => self.fetch_span(object, range, &files).await,
+            Job::Blocks { file, blocks } => self.fetch_file_blocks(file, blocks).await,
+        };
+        {
+            let mut active = self.active.lock().unwrap();
+            for f in &files {
+                if let Some(p) = active.iter().position(|a| a == f) {
+                    active.swap_remove(p);
+                }
+            }
+        }
+        let delay = {
+            let mut failures = self.failures.lock().unwrap();
+            if ok {
+                *failures = 0;
+                None
+            } else {
+                *failures = failures.saturating_add(1);
+                Some(FIRST_RETRY.saturating_mul(1 << (*failures - 1).min(5)).min(MAX_RETRY))
+            }
+        };
+        if let Some(d) = delay {
+            // Do not hammer a source that is down; what failed is retried on a later pass.
+            tokio::time::sleep(d).await;
+        }
+    }
+
+    /// One GET for neighbouring small files: metadata and blocks together.
+    async fn fetch_span(&self, object: u32, range: Range<u64>, files: &[usize]) -> bool {
+        self.wait_turn(range.end - range.start).await;
+        let digest = self.manifest().objects[object as usize].digest;
+        let t = Instant::now();
+        let (bytes, mirror) = match self.reader.mirrors().get_range(&layout::object(&digest), range.clone()).await {
+            Ok(b) => b,
+            Err(e) => {
+                Stats::add(&self.reader.stats.fetch_failures, 1);
+                tracing::warn!("background fetch: {e}");
+                return false;
+            }
+        };
+        self.reader.stats.fetched(bytes.len() as u64, t.elapsed());
+        let mut ok = true;
+        for &i in files {
+            let f = &self.files[i];
+            if self.complete(i) {
+                continue;
+            }
+            let (_, offset, len) = self.reader.meta_region(f).expect("files with data have metadata");
+            let at = (offset - range.start) as usize;
+            self.reader.put_meta_region(f, &bytes[at..at + len as usize]);
+            let missing: Vec<u64> = (0..incfs_verity::block_count(f.data.size))
+                .filter(|&b| !self.reader.presence.is_present(&f.key, b))
+                .collect();
+            let plan = match self.reader.plan(f, &missing) {
+                Ok(p) => p,
+                Err(Local::Need(Need::Meta { .. } | Need::Blocks(_))) => {
+                    ok &= self.fetch_file_blocks(i, 0..incfs_verity::block_count(f.data.size)).await;
+                    continue;
+                }
+                Err(Local::Fail(e)) => {
+                    tracing::warn!("background fetch: {}", e.message);
+                    ok = false;
+                    continue;
+                }
+            };
+            let (inside, outside): (Vec<_>, Vec<_>) = plan
+                .into_iter()
+                .partition(|(_, _, r)| r.object == object && r.offset >= range.start && r.range().end <= range.end);
+            let outcome = self.reader.accept(f, &inside, &bytes, range.start, mirror, false);
+            ok &= outcome.failed.is_empty();
+            if !outside.is_empty() {
+                // Blocks shared with files packed elsewhere (deduplicated): fetched from there.
+                let blocks: Vec<u64> = outside.iter().map(|(b, _, _)| *b).collect();
+                self.wait_turn(blocks.len() as u64 * BLOCK_SIZE as u64).await;
+                ok &= self.reader.fetch_blocks(f, &blocks, 0, false).await.is_ok();
+            }
+        }
+        ok
+    }
+
+    async fn fetch_file_blocks(&self, i: usize, blocks: Range<u64>) -> bool {
+        let f = &self.files[i];
+        let missing: Vec<u64> = blocks.filter(|&b| !self.reader.presence.is_present(&f.key, b)).collect();
+        if missing.is_empty() {
+            return true;
+        }
+        self.wait_turn(missing.len() as u64 * BLOCK_SIZE as u64).await;
+        match self.reader.fetch_blocks(f, &missing, 0, false).await {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::warn!("background fetch: {}", e.message);
+                false
+            }
+        }
+    }
+}

@@ -1,0 +1,231 @@
+//! Plain copies of complete files, the backing files of FUSE passthrough.
+//!
+//! The kernel can read a file's bytes straight from a backing file, never asking the daemon
+//! (FUSE passthrough), but only from a plain file: not from the compressed, block-addressed
+//! store. So when a complete file is opened, its blocks are read through the verifying read path
+//! and written to `CACHE/plain/<file key>`; from then on the kernel reads that copy directly.
+//!
+//! The trust trade: a plain copy is verified once, when it is written (every block checked
+//! against the Merkle tree on its way out of the store) or, for a copy left by an earlier daemon,
+//! when it is first used (its fs-verity root recomputed and compared). After that the kernel reads
+//! it without per-read checks, so anyone able to write the cache directory (root) can alter what
+//! readers see, which they could do to the daemon's memory as well.
+//!
+//! Space: copies count against a limit (`--plain-limit`); making one that would pass it first
+//! deletes the least recently used copies. A file open at the time keeps its deleted copy until it
+//! is closed (an unlinked inode stays readable).
+
+use std::collections::HashMap;
+use std::fs::{self, File};
+use std::io::{Read, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::Instant;
+
+use incfs_format::BLOCK_SIZE;
+use incfs_store::FileKey;
+use incfs_verity::{hash_data, MerkleTree};
+
+use crate::reader::{FileRef, Local, Reader};
+
+/// Bytes read through the verifying path per step while writing a copy.
+const STEP: u32 = 1 << 20;
+
+struct Copy {
+    size: u64,
+    /// Checked against the manifest during this daemon's life.
+    verified: bool,
+    last_used: Instant,
+}
+
+pub struct PlainCopies {
+    dir: PathBuf,
+    limit: u64,
+    copies: Mutex<HashMap<FileKey, Copy>>,
+    /// Serializes making copies (and the space accounting around it).
+    making: Mutex<()>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PlainError {
+    #[error("plain copy: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("plain copy: the file is not complete locally")]
+    Incomplete,
+    #[error("plain copy: {0}")]
+    Read(String),
+    #[error("plain copy of {0} bytes would pass the limit of {1} bytes")]
+    TooLarge(u64, u64),
+}
+
+impl PlainCopies {
+    /// Open `dir`, taking stock of copies left by an earlier daemon (not trusted until checked).
+    pub fn open(dir: &Path, limit: u64) -> Result<PlainCopies, std::io::Error> {
+        fs::create_dir_all(dir)?;
+        let mut copies = HashMap::new();
+        for e in fs::read_dir(dir)? {
+            let e = e?;
+            let name = e.file_name();
+            let name = name.to_string_lossy();
+            let key = hex::decode(name.as_bytes()).ok().and_then(|k| <FileKey>::try_from(k).ok());
+            match key {
+                Some(key) => {
+                    let size = e.metadata()?.len();
+                    copies.insert(key, Copy { size, verified: false, last_used: Instant::now() });
+                }
+                // Leftovers of a copy being written when the daemon stopped.
+                None => {
+                    let _ = fs::remove_file(e.path());
+                }
+            }
+        }
+        Ok(PlainCopies { dir: dir.to_path_buf(), limit, copies: Mutex::new(copies), making: Mutex::new(()) })
+    }
+
+    fn path(&self, key: &FileKey) -> PathBuf {
+        self.dir.join(hex::encode(key))
+    }
+
+    /// (copies, bytes) on disk.
+    pub fn usage(&self) -> (u64, u64) {
+        let c = self.copies.lock().unwrap();
+        (c.len() as u64, c.values().map(|c| c.size).sum())
+    }
+
+    /// Whether a verified copy of `key` is ready to open without work.
+    pub fn ready(&self, key: &FileKey) -> bool {
+        self.copies.lock().unwrap().get(key).is_some_and(|c| c.verified)
+    }
+
+    /// The plain copy of complete file `f`, opened read-only: checked if left by an earlier
+    /// daemon, written now if missing.
+    pub fn get(&self, reader: &Reader, f: &FileRef) -> Result<File, PlainError> {
+        let path = self.path(&f.key);
+        let known = self.copies.lock().unwrap().get(&f.key).map(|c| c.verified);
+        match known {
+            Some(true) => {
+                if let Ok(file) = File::open(&path) {
+                    self.touch(&f.key);
+                    return Ok(file);
+                }
+            }
+            Some(false) => {
+                let _making = self.making.lock().unwrap();
+                if let Ok(file) = File::open(&path) {
+                    if check(&file, f)? {
+                        if let Some(c) = self.copies.lock().unwrap().get_mut(&f.key) {
+                            c.verified = true;
+                            c.last_used = Instant::now();
+                        }
+                        return Ok(File::open(&path)?);
+                    }
+                    tracing::error!("plain copy of {} does not match its digest; writing it again", f.label);
+                }
+            }
+            None => {}
+        }
+        self.make(reader, f)
+    }
+
+    fn touch(&self, key: &FileKey) {
+        if let Some(c) = self.copies.lock().unwrap().get_mut(key) {
+            c.last_used = Instant::now();
+        }
+    }
+
+    fn make(&self, reader: &Reader, f: &FileRef) -> Result<File, PlainError> {
+        let _making = self.making.lock().unwrap();
+        if !reader.is_complete(f) {
+            return Err(PlainError::Incomplete);
+        }
+        let size = f.data.size;
+        if size > self.limit {
+            return Err(PlainError::TooLarge(size, self.limit));
+        }
+        self.copies.lock().unwrap().remove(&f.key);
+        self.make_room(size);
+        let path = self.path(&f.key);
+        let tmp = self.dir.join(format!(".tmp-{}", hex::encode(f.key)));
+        let mut out = fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o400).open(&tmp)?;
+        let mut offset = 0u64;
+        let result = (|| -> Result<(), PlainError> {
+            while offset < size {
+                let data = match reader.read_local(f, offset, STEP) {
+                    Ok(d) => d,
+                    Err(Local::Need(_)) => return Err(PlainError::Incomplete),
+                    Err(Local::Fail(e)) => return Err(PlainError::Read(e.message)),
+                };
+                if data.is_empty() {
+                    return Err(PlainError::Read("short read".into()));
+                }
+                write_sparse(&mut out, &data)?;
+                offset += data.len() as u64;
+            }
+            out.set_len(size)?;
+            out.sync_data()?;
+            fs::rename(&tmp, &path)?;
+            Ok(())
+        })();
+        if let Err(e) = result {
+            let _ = fs::remove_file(&tmp);
+            return Err(e);
+        }
+        self.copies.lock().unwrap().insert(f.key, Copy { size, verified: true, last_used: Instant::now() });
+        tracing::debug!("plain copy of {} written ({size} bytes)", f.label);
+        Ok(File::open(&path)?)
+    }
+
+    /// Delete least recently used copies until `size` more fits under the limit.
+    fn make_room(&self, size: u64) {
+        let mut copies = self.copies.lock().unwrap();
+        let mut used: u64 = copies.values().map(|c| c.size).sum();
+        while used + size > self.limit {
+            let Some((&key, _)) = copies.iter().min_by_key(|(_, c)| c.last_used) else { break };
+            let c = copies.remove(&key).unwrap();
+            used -= c.size;
+            let _ = fs::remove_file(self.path(&key));
+            tracing::debug!("plain copy {} dropped to make room", hex::encode(key));
+        }
+    }
+}
+
+/// Write `data` at the file's position, leaving holes for all-zero blocks.
+fn write_sparse(out: &mut File, data: &[u8]) -> std::io::Result<()> {
+    use std::io::{Seek, SeekFrom};
+    for block in data.chunks(BLOCK_SIZE) {
+        if block.iter().all(|&b| b == 0) {
+            out.seek(SeekFrom::Current(block.len() as i64))?;
+        } else {
+            out.write_all(block)?;
+        }
+    }
+    Ok(())
+}
+
+/// Whether `file` holds exactly the content of `f` (size and fs-verity root).
+fn check(file: &File, f: &FileRef) -> Result<bool, PlainError> {
+    if file.metadata()?.len() != f.data.size {
+        return Ok(false);
+    }
+    let mut leaves = Vec::with_capacity(incfs_verity::block_count(f.data.size) as usize);
+    let mut buf = vec![0u8; 4 << 20];
+    let mut r = file;
+    loop {
+        let mut n = 0;
+        while n < buf.len() {
+            match r.read(&mut buf[n..])? {
+                0 => break,
+                k => n += k,
+            }
+        }
+        if n == 0 {
+            break;
+        }
+        leaves.extend(hash_data(&buf[..n]));
+        if n < buf.len() {
+            break;
+        }
+    }
+    Ok(MerkleTree::from_leaves(f.data.size, leaves).root() == &f.data.root_hash)
+}
