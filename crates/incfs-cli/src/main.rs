@@ -287,7 +287,9 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 
 fn main() {
     let cli = Cli::parse();
-    init_logging(cli.verbose);
+    // A mount daemon's log is read after the fact: keep what it did (info), not only warnings.
+    let floor = if matches!(cli.command, Command::Mount { .. }) { 1 } else { 0 };
+    init_logging(cli.verbose.max(floor));
     let result = match cli.command {
         Command::Keygen { algorithm, out, force } => keys::keygen(
             match algorithm {

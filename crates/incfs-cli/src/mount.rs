@@ -268,6 +268,7 @@ pub fn watch(mountpoint: &Path) -> Result<i32> {
         Ok(serde_json::from_value(v)?)
     };
     let s = get()?;
+    let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let multi = MultiProgress::new();
     let bar = multi.add(ProgressBar::new(s.blocks_total * 4096));
     bar.set_style(
@@ -302,18 +303,31 @@ pub fn watch(mountpoint: &Path) -> Result<i32> {
         } else {
             "eta -".to_string()
         };
-        bar.set_position(s.blocks_present * 4096);
-        bar.set_message(format!("{}/s {eta}", HumanBytes(rate as u64)));
         let fetching = if s.fetching.is_empty() { "-".to_string() } else { s.fetching.join(", ") };
-        detail.set_message(format!(
-            "fetched {} in {} requests; {} reads pending; failures {} timeout, {} verification, {} source\nfetching: {fetching}",
+        let counters = format!(
+            "fetched {} in {} requests; {} reads pending; failures {} timeout, {} verification, {} source",
             HumanBytes(s.bytes_fetched),
             s.fetch_requests,
             s.pending_reads,
             s.reads_failed_timeout,
             s.reads_failed_verification,
             s.reads_failed_source,
-        ));
-        std::thread::sleep(Duration::from_millis(500));
+        );
+        if tty {
+            bar.set_position(s.blocks_present * 4096);
+            bar.set_message(format!("{}/s {eta}", HumanBytes(rate as u64)));
+            detail.set_message(format!("{counters}\nfetching: {fetching}"));
+            std::thread::sleep(Duration::from_millis(500));
+        } else {
+            // Not a terminal (a log, a pipe): one plain line a second.
+            let pct = 100.0 * s.blocks_present as f64 / s.blocks_total.max(1) as f64;
+            println!(
+                "{}/{} blocks ({pct:.1}%) {}/s {eta}; {counters}; fetching: {fetching}",
+                s.blocks_present,
+                s.blocks_total,
+                HumanBytes(rate as u64)
+            );
+            std::thread::sleep(Duration::from_secs(1));
+        }
     }
 }

@@ -12,36 +12,6 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
-/// A packed repository with its key, in a temporary directory.
-struct Published {
-    dir: tempfile::TempDir,
-    src: PathBuf,
-    repo: PathBuf,
-    public: PathBuf,
-}
-
-impl Published {
-    fn new(fill: impl FnOnce(&Path), extra: &[&str]) -> Self {
-        let dir = tempdir();
-        let src = dir.path().join("src");
-        fs::create_dir(&src).unwrap();
-        fill(&src);
-        let (private, public) = ed25519_key(dir.path());
-        let repo = dir.path().join("repo");
-        pack(&src, &repo, &private, extra);
-        Published { src, repo, public, dir }
-    }
-
-    fn mount(&self, source: &str, name: &str, extra: &[&str]) -> Mount {
-        self.mount_env(source, name, extra, &[])
-    }
-
-    fn mount_env(&self, source: &str, name: &str, extra: &[&str], env: &[(String, String)]) -> Mount {
-        let cache = self.dir.path().join(format!("cache-{name}"));
-        Mount::start_with_env(source, &self.dir.path().join(format!("mnt-{name}")), &self.public, &cache, extra, env)
-    }
-}
-
 /// Environment variables for `incfs mount` (S3 settings).
 type Env = Vec<(String, String)>;
 
@@ -74,17 +44,6 @@ impl Servers {
     fn republish(&self, rel: &str) {
         self.garage.put(&self.repo.join(rel), &format!("repo/{rel}"));
     }
-}
-
-fn python_stdlib_copy(dest: &Path) {
-    fs::create_dir_all(dest).unwrap();
-    let stdlib = run("python3", &["-c", "import sysconfig; print(sysconfig.get_paths()['stdlib'])"]);
-    let tar = format!(
-        "tar -C '{}' --exclude=./site-packages --exclude=./test -cf - . | tar -C '{}' -xf -",
-        stdlib.trim(),
-        dest.display()
-    );
-    run("sh", &["-c", &tar]);
 }
 
 /// Mixed data: random, compressible, sparse, many small files, links.

@@ -59,9 +59,17 @@ enum Work {
 }
 
 #[derive(Debug)]
-enum Job {
+enum JobKind {
     Span { object: u32, range: Range<u64>, files: Vec<usize> },
     Blocks { file: usize, blocks: Range<u64> },
+}
+
+#[derive(Debug)]
+struct Job {
+    kind: JobKind,
+    /// Hold back while reads wait for the network. Completion does; profile entries and
+    /// prefetch requests do not: they are the reads about to come, or asked for by the user.
+    yields: bool,
 }
 
 pub struct Background {
@@ -174,8 +182,8 @@ impl Background {
         self.reader.is_complete(&self.files[i])
     }
 
-    /// The profile's entries, then every file, in pack order.
-    fn general_order(&self) -> VecDeque<Work> {
+    /// The profile's entries (not yielding to demand reads), then every file, in pack order.
+    fn general_order(&self) -> VecDeque<(Work, bool)> {
         let mut out = VecDeque::new();
         if let Some(p) = &self.opts.profile {
             let m = self.manifest();
@@ -186,13 +194,13 @@ impl Background {
                 let Some(&i) = self.by_key.get(&file_key(&d.root_hash, d.size)) else { continue };
                 let blocks = incfs_verity::block_count(d.size);
                 if self.span_len(i) <= SPAN_MAX {
-                    out.push_back(Work::Whole(i));
+                    out.push_back((Work::Whole(i), false));
                 } else if e.start < blocks {
-                    out.push_back(Work::Blocks(i, e.start..(e.start + e.count).min(blocks)));
+                    out.push_back((Work::Blocks(i, e.start..(e.start + e.count).min(blocks)), false));
                 }
             }
         }
-        out.extend((0..self.files.len()).map(Work::Whole));
+        out.extend((0..self.files.len()).map(|i| (Work::Whole(i), true)));
         out
     }
 
@@ -203,39 +211,44 @@ impl Background {
 
     /// Turn work into requests: neighbouring small files into shared spans, large files into
     /// runs of blocks; whatever is already present is skipped.
-    fn jobs(&self, work: Vec<Work>) -> Vec<Job> {
+    fn jobs(&self, work: Vec<(Work, bool)>) -> Vec<Job> {
         let mut jobs: Vec<Job> = Vec::new();
-        for w in work {
+        for (w, yields) in work {
             match w {
                 Work::Whole(i) if self.complete(i) => {}
                 Work::Whole(i) if self.span_len(i) <= SPAN_MAX => {
                     let s = &self.spans[i];
-                    if let Some(Job::Span { object, range, files }) = jobs.last_mut() {
-                        if *object == s.object && range.end == s.range.start && s.range.end - range.start <= SPAN_MAX {
+                    if let Some(Job { kind: JobKind::Span { object, range, files }, yields: y }) = jobs.last_mut() {
+                        if *y == yields
+                            && *object == s.object
+                            && range.end == s.range.start
+                            && s.range.end - range.start <= SPAN_MAX
+                        {
                             range.end = s.range.end;
                             files.push(i);
                             continue;
                         }
                     }
-                    jobs.push(Job::Span { object: s.object, range: s.range.clone(), files: vec![i] });
+                    let kind = JobKind::Span { object: s.object, range: s.range.clone(), files: vec![i] };
+                    jobs.push(Job { kind, yields });
                 }
                 Work::Whole(i) => {
                     let blocks = incfs_verity::block_count(self.files[i].data.size);
-                    self.block_jobs(i, 0..blocks, &mut jobs);
+                    self.block_jobs(i, 0..blocks, yields, &mut jobs);
                 }
-                Work::Blocks(i, r) => self.block_jobs(i, r, &mut jobs),
+                Work::Blocks(i, r) => self.block_jobs(i, r, yields, &mut jobs),
             }
         }
         jobs
     }
 
-    fn block_jobs(&self, i: usize, blocks: Range<u64>, jobs: &mut Vec<Job>) {
+    fn block_jobs(&self, i: usize, blocks: Range<u64>, yields: bool, jobs: &mut Vec<Job>) {
         let key = &self.files[i].key;
         let mut at = blocks.start;
         while at < blocks.end {
             let end = (at + BLOCKS_PER_JOB).min(blocks.end);
             if (at..end).any(|b| !self.reader.presence.is_present(key, b)) {
-                jobs.push(Job::Blocks { file: i, blocks: at..end });
+                jobs.push(Job { kind: JobKind::Blocks { file: i, blocks: at..end }, yields });
             }
             at = end;
         }
@@ -246,8 +259,8 @@ impl Background {
         let mut general = if self.opts.enabled { self.general_order() } else { VecDeque::new() };
         loop {
             let urgent = self.urgent.lock().unwrap().pop_front();
-            let work: Vec<Work> = match urgent {
-                Some(w) => w,
+            let work: Vec<(Work, bool)> = match urgent {
+                Some(w) => w.into_iter().map(|w| (w, false)).collect(),
                 None if !general.is_empty() => general.drain(..ROUND.min(general.len())).collect(),
                 None => {
                     if self.opts.enabled {
@@ -262,7 +275,7 @@ impl Background {
                                 _ = self.wake.notified() => {}
                                 _ = tokio::time::sleep(MAX_RETRY) => {}
                             }
-                            general = missing.into_iter().map(Work::Whole).collect();
+                            general = missing.into_iter().map(|i| (Work::Whole(i), true)).collect();
                             continue;
                         }
                     }
@@ -275,9 +288,10 @@ impl Background {
         }
     }
 
-    /// Wait until no read waits for the network and the bandwidth cap allows `bytes` more.
-    async fn wait_turn(&self, bytes: u64) {
-        while self.reader.demand() > 0 {
+    /// Wait until no read waits for the network (if `yields`) and the bandwidth cap allows
+    /// `bytes` more.
+    async fn wait_turn(&self, bytes: u64, yields: bool) {
+        while yields && self.reader.demand() > 0 {
             tokio::time::sleep(Duration::from_millis(2)).await;
         }
         if let Some(rate) = self.opts.bandwidth.filter(|&r| r > 0) {
@@ -288,21 +302,21 @@ impl Background {
                 start
             };
             tokio::time::sleep_until(start.into()).await;
-            while self.reader.demand() > 0 {
+            while yields && self.reader.demand() > 0 {
                 tokio::time::sleep(Duration::from_millis(2)).await;
             }
         }
     }
 
     async fn run_job(self: Arc<Self>, job: Job) {
-        let files: Vec<usize> = match &job {
-            Job::Span { files, .. } => files.clone(),
-            Job::Blocks { file, .. } => vec![*file],
+        let files: Vec<usize> = match &job.kind {
+            JobKind::Span { files, .. } => files.clone(),
+            JobKind::Blocks { file, .. } => vec![*file],
         };
         self.active.lock().unwrap().extend(&files);
-        let ok = match job {
-            Job::Span { object, range, files } => self.fetch_span(object, range, &files).await,
-            Job::Blocks { file, blocks } => self.fetch_file_blocks(file, blocks).await,
+        let ok = match job.kind {
+            JobKind::Span { object, range, files } => self.fetch_span(object, range, &files, job.yields).await,
+            JobKind::Blocks { file, blocks } => self.fetch_file_blocks(file, blocks, job.yields).await,
         };
         {
             let mut active = self.active.lock().unwrap();
@@ -329,8 +343,8 @@ impl Background {
     }
 
     /// One GET for neighbouring small files: metadata and blocks together.
-    async fn fetch_span(&self, object: u32, range: Range<u64>, files: &[usize]) -> bool {
-        self.wait_turn(range.end - range.start).await;
+    async fn fetch_span(&self, object: u32, range: Range<u64>, files: &[usize], yields: bool) -> bool {
+        self.wait_turn(range.end - range.start, yields).await;
         let digest = self.manifest().objects[object as usize].digest;
         let t = Instant::now();
         let (bytes, mirror) = match self.reader.mirrors().get_range(&layout::object(&digest), range.clone()).await {
@@ -357,7 +371,7 @@ impl Background {
             let plan = match self.reader.plan(f, &missing) {
                 Ok(p) => p,
                 Err(Local::Need(Need::Meta { .. } | Need::Blocks(_))) => {
-                    ok &= self.fetch_file_blocks(i, 0..incfs_verity::block_count(f.data.size)).await;
+                    ok &= self.fetch_file_blocks(i, 0..incfs_verity::block_count(f.data.size), yields).await;
                     continue;
                 }
                 Err(Local::Fail(e)) => {
@@ -374,20 +388,20 @@ impl Background {
             if !outside.is_empty() {
                 // Blocks shared with files packed elsewhere (deduplicated): fetched from there.
                 let blocks: Vec<u64> = outside.iter().map(|(b, _, _)| *b).collect();
-                self.wait_turn(blocks.len() as u64 * BLOCK_SIZE as u64).await;
+                self.wait_turn(blocks.len() as u64 * BLOCK_SIZE as u64, yields).await;
                 ok &= self.reader.fetch_blocks(f, &blocks, 0, false).await.is_ok();
             }
         }
         ok
     }
 
-    async fn fetch_file_blocks(&self, i: usize, blocks: Range<u64>) -> bool {
+    async fn fetch_file_blocks(&self, i: usize, blocks: Range<u64>, yields: bool) -> bool {
         let f = &self.files[i];
         let missing: Vec<u64> = blocks.filter(|&b| !self.reader.presence.is_present(&f.key, b)).collect();
         if missing.is_empty() {
             return true;
         }
-        self.wait_turn(missing.len() as u64 * BLOCK_SIZE as u64).await;
+        self.wait_turn(missing.len() as u64 * BLOCK_SIZE as u64, yields).await;
         match self.reader.fetch_blocks(f, &missing, 0, false).await {
             Ok(()) => true,
             Err(e) => {

@@ -211,7 +211,7 @@ impl IncFs {
     /// A backing id for passthrough of complete file `f` (inode `i`), if it can be had now:
     /// its verified plain copy, written during this open when small, else in the background.
     fn plain_backing(&self, i: u32, f: &FileRef, reply: &ReplyOpen) -> Option<BackingId> {
-        let plain = self.plain.as_ref()?;
+        let plain = self.plain.as_ref().filter(|p| p.fits(f.data.size))?;
         if self.modes.lock().unwrap().get(&i).is_some_and(|m| m.backing.is_some() || m.cached > 0) {
             return None;
         }
@@ -509,6 +509,22 @@ impl Filesystem for IncFs {
         } else {
             reply.ok()
         }
+    }
+
+    /// No ioctls: programs probe files with some (isatty's TCGETS, for one); "not a
+    /// terminal" is the quiet, expected answer.
+    fn ioctl(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _flags: fuser::IoctlFlags,
+        _cmd: u32,
+        _in_data: &[u8],
+        _out_size: u32,
+        reply: fuser::ReplyIoctl,
+    ) {
+        reply.error(Errno::ENOTTY)
     }
 
     // Everything below would change the image: refused, as the mount is read-only.

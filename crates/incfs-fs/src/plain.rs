@@ -93,6 +93,11 @@ impl PlainCopies {
         (c.len() as u64, c.values().map(|c| c.size).sum())
     }
 
+    /// Whether a file of `size` bytes may have a copy at all (larger ones are never copied).
+    pub fn fits(&self, size: u64) -> bool {
+        size <= self.limit
+    }
+
     /// Whether a verified copy of `key` is ready to open without work.
     pub fn ready(&self, key: &FileKey) -> bool {
         self.copies.lock().unwrap().get(key).is_some_and(|c| c.verified)

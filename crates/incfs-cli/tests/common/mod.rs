@@ -314,6 +314,25 @@ impl Mount {
         self.status()[key].as_u64().unwrap_or_else(|| panic!("status has no {key}"))
     }
 
+    /// Wait (bounded) until every block of the image is present.
+    pub fn wait_complete(&self, within: Duration) {
+        let deadline = Instant::now() + within;
+        loop {
+            let s = self.status();
+            if s["complete"].as_bool() == Some(true) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "not complete within {within:?}: {}/{} blocks\n{}",
+                s["blocks_present"],
+                s["blocks_total"],
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
     /// Present block ranges of one file.
     pub fn present(&self, rel: &str) -> Vec<(u64, u64)> {
         let out = incfs_ok(&["status", self.dir.to_str().unwrap(), rel, "--json"]);
@@ -420,6 +439,11 @@ impl Garage {
             assert!(Instant::now() < deadline, "garage did not start: {}", text(&out.stderr));
             std::thread::sleep(Duration::from_millis(100));
         };
+        // `node id` reads local files only: wait for the RPC listener before the first RPC.
+        while std::net::TcpStream::connect(("127.0.0.1", rpc)).is_err() {
+            assert!(Instant::now() < deadline, "garage RPC did not come up");
+            std::thread::sleep(Duration::from_millis(50));
+        }
         g(&["layout", "assign", "-z", "dc1", "-c", "1G", &node]);
         g(&["layout", "apply", "--version", "1"]);
         g(&["bucket", "create", "incfs"]);
@@ -498,4 +522,47 @@ impl Garage {
     pub fn url(&self, prefix: &str) -> String {
         format!("s3://{}/{prefix}", self.bucket)
     }
+}
+
+/// A packed repository with its key, in a temporary directory.
+pub struct Published {
+    pub dir: tempfile::TempDir,
+    pub src: PathBuf,
+    pub repo: PathBuf,
+    pub public: PathBuf,
+    pub private: PathBuf,
+}
+
+impl Published {
+    pub fn new(fill: impl FnOnce(&Path), extra: &[&str]) -> Self {
+        let dir = tempdir();
+        let src = dir.path().join("src");
+        fs::create_dir(&src).unwrap();
+        fill(&src);
+        let (private, public) = ed25519_key(dir.path());
+        let repo = dir.path().join("repo");
+        pack(&src, &repo, &private, extra);
+        Published { src, repo, public, private, dir }
+    }
+
+    pub fn mount(&self, source: &str, name: &str, extra: &[&str]) -> Mount {
+        self.mount_env(source, name, extra, &[])
+    }
+
+    pub fn mount_env(&self, source: &str, name: &str, extra: &[&str], env: &[(String, String)]) -> Mount {
+        let cache = self.dir.path().join(format!("cache-{name}"));
+        Mount::start_with_env(source, &self.dir.path().join(format!("mnt-{name}")), &self.public, &cache, extra, env)
+    }
+}
+
+/// A copy of this machine's Python standard library (without tests and site-packages).
+pub fn python_stdlib_copy(dest: &Path) {
+    fs::create_dir_all(dest).unwrap();
+    let stdlib = run("python3", &["-c", "import sysconfig; print(sysconfig.get_paths()['stdlib'])"]);
+    let tar = format!(
+        "tar -C '{}' --exclude=./site-packages --exclude=./test -cf - . | tar -C '{}' -xf -",
+        stdlib.trim(),
+        dest.display()
+    );
+    run("sh", &["-c", &tar]);
 }
