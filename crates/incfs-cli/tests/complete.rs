@@ -202,10 +202,16 @@ fn a_demand_read_goes_first_while_the_background_saturates_the_link() {
     let contended = read_timed(&busy, "small/f1");
     let s = busy.status();
     assert_eq!(s["complete"], false, "the background was still busy during the read");
-    println!("demand read of 64 KiB: {alone:?} alone, {contended:?} with the background saturating the link");
-    // Documented bound: a demand read waits at most for the background requests already in
-    // flight (2 x 2 MiB = 0.25 s on this link) on top of its own time.
-    assert!(contended < alone + Duration::from_millis(1500), "{contended:?} vs {alone:?}");
+    println!(
+        "demand read of 64 KiB: {alone:?} alone, {contended:?} with the background saturating the link \
+         ({} background requests cancelled)",
+        s["background_cancelled"]
+    );
+    assert!(s["background_cancelled"].as_u64().unwrap() >= 1, "the read made the background give way");
+    // Documented bound (README): requests in flight are cancelled when a read starts waiting, so
+    // the read costs about what it costs alone (measured 1.4x); 2x + 250 ms keeps a loaded
+    // 2-core CI machine from failing it.
+    assert!(contended < alone * 2 + Duration::from_millis(250), "{contended:?} vs {alone:?}");
 }
 
 #[test]

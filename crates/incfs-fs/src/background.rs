@@ -6,7 +6,10 @@
 //! to [`SPAN_MAX`] bytes (pack writes each file's blocks and then its metadata, so one span
 //! holds both); large files go in runs of blocks. Before each request the fetcher waits until no
 //! read is waiting for the network, so demand reads always go first, and, with a bandwidth cap,
-//! until the cap allows the request. Presence is persisted with the blocks, so a restarted
+//! until the cap allows the request; and a request in flight when a read starts waiting is
+//! cancelled (its bytes would only slow that read down) and made again later. Profile entries and
+//! prefetch requests do neither: they are the reads about to come, or what the user asked for
+//! now. Presence is persisted with the blocks, so a restarted
 //! daemon resumes where the last one stopped. Every block is verified exactly as for a read.
 
 use std::collections::{HashMap, VecDeque};
@@ -16,13 +19,13 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
+use incfs_format::layout;
 use incfs_format::manifest::{display_path, InodeKind, Manifest};
 use incfs_format::profile::Profile;
-use incfs_format::{layout, BLOCK_SIZE};
 use incfs_store::{file_key, FileKey};
 
-use crate::reader::{FileRef, Local, Need, Reader};
-use crate::stats::Stats;
+use crate::reader::{group_runs, FileRef, Local, Need, ReadFailure, Reader};
+use crate::stats::{FailCause, Stats};
 
 /// Largest ranged GET for a span of small files (blocks and metadata together).
 pub const SPAN_MAX: u64 = 2 << 20;
@@ -291,9 +294,7 @@ impl Background {
     /// Wait until no read waits for the network (if `yields`) and the bandwidth cap allows
     /// `bytes` more.
     async fn wait_turn(&self, bytes: u64, yields: bool) {
-        while yields && self.reader.demand() > 0 {
-            tokio::time::sleep(Duration::from_millis(2)).await;
-        }
+        self.wait_for_no_demand(yields).await;
         if let Some(rate) = self.opts.bandwidth.filter(|&r| r > 0) {
             let start = {
                 let mut next = self.next_slot.lock().unwrap();
@@ -302,9 +303,62 @@ impl Background {
                 start
             };
             tokio::time::sleep_until(start.into()).await;
-            while yields && self.reader.demand() > 0 {
+            self.wait_for_no_demand(yields).await;
+        }
+    }
+
+    /// Wait until no read has waited for the network for a few milliseconds (a program reading
+    /// file after file leaves only short gaps; a request started in one would be cancelled).
+    async fn wait_for_no_demand(&self, yields: bool) {
+        if !yields {
+            return;
+        }
+        loop {
+            while self.reader.demand() > 0 {
                 tokio::time::sleep(Duration::from_millis(2)).await;
             }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            if self.reader.demand() == 0 {
+                return;
+            }
+        }
+    }
+
+    /// One ranged GET of background work, in its turn; a yielding one is cancelled and made
+    /// again when a read starts waiting meanwhile.
+    async fn get(&self, object: u32, range: Range<u64>, yields: bool) -> Result<(bytes::Bytes, usize), ReadFailure> {
+        let key = layout::object(&self.manifest().objects[object as usize].digest);
+        loop {
+            self.wait_turn(range.end - range.start, yields).await;
+            let began = self.reader.demand_began.notified();
+            tokio::pin!(began);
+            began.as_mut().enable();
+            if yields && self.reader.demand() > 0 {
+                continue;
+            }
+            let t = Instant::now();
+            let fetch = self.reader.mirrors().get_range(&key, range.clone());
+            let result = if yields {
+                tokio::select! {
+                    r = fetch => r,
+                    _ = &mut began => {
+                        Stats::add(&self.reader.stats.background_cancelled, 1);
+                        continue;
+                    }
+                }
+            } else {
+                fetch.await
+            };
+            return match result {
+                Ok((bytes, mirror)) => {
+                    self.reader.stats.fetched(bytes.len() as u64, t.elapsed());
+                    Ok((bytes, mirror))
+                }
+                Err(e) => {
+                    Stats::add(&self.reader.stats.fetch_failures, 1);
+                    Err(ReadFailure { cause: FailCause::Source, message: e.to_string() })
+                }
+            };
         }
     }
 
@@ -344,18 +398,13 @@ impl Background {
 
     /// One GET for neighbouring small files: metadata and blocks together.
     async fn fetch_span(&self, object: u32, range: Range<u64>, files: &[usize], yields: bool) -> bool {
-        self.wait_turn(range.end - range.start, yields).await;
-        let digest = self.manifest().objects[object as usize].digest;
-        let t = Instant::now();
-        let (bytes, mirror) = match self.reader.mirrors().get_range(&layout::object(&digest), range.clone()).await {
+        let (bytes, mirror) = match self.get(object, range.clone(), yields).await {
             Ok(b) => b,
             Err(e) => {
-                Stats::add(&self.reader.stats.fetch_failures, 1);
-                tracing::warn!("background fetch: {e}");
+                tracing::warn!("background fetch: {}", e.message);
                 return false;
             }
         };
-        self.reader.stats.fetched(bytes.len() as u64, t.elapsed());
         let mut ok = true;
         for &i in files {
             let f = &self.files[i];
@@ -388,8 +437,7 @@ impl Background {
             if !outside.is_empty() {
                 // Blocks shared with files packed elsewhere (deduplicated): fetched from there.
                 let blocks: Vec<u64> = outside.iter().map(|(b, _, _)| *b).collect();
-                self.wait_turn(blocks.len() as u64 * BLOCK_SIZE as u64, yields).await;
-                ok &= self.reader.fetch_blocks(f, &blocks, 0, false).await.is_ok();
+                ok &= self.fetch_blocks(i, blocks, yields).await;
             }
         }
         ok
@@ -398,16 +446,46 @@ impl Background {
     async fn fetch_file_blocks(&self, i: usize, blocks: Range<u64>, yields: bool) -> bool {
         let f = &self.files[i];
         let missing: Vec<u64> = blocks.filter(|&b| !self.reader.presence.is_present(&f.key, b)).collect();
-        if missing.is_empty() {
+        self.fetch_blocks(i, missing, yields).await
+    }
+
+    /// Fetch blocks `blocks` of file `i` (metadata first, as needed), in runs.
+    async fn fetch_blocks(&self, i: usize, blocks: Vec<u64>, yields: bool) -> bool {
+        let f = &self.files[i];
+        if blocks.is_empty() {
             return true;
         }
-        self.wait_turn(missing.len() as u64 * BLOCK_SIZE as u64, yields).await;
-        match self.reader.fetch_blocks(f, &missing, 0, false).await {
-            Ok(()) => true,
-            Err(e) => {
-                tracing::warn!("background fetch: {}", e.message);
-                false
+        let plan = loop {
+            match self.reader.plan(f, &blocks) {
+                Ok(p) => break p,
+                Err(Local::Need(Need::Meta { chunk })) => {
+                    if let Err(e) = self.reader.fetch_meta(f, chunk).await {
+                        tracing::warn!("background fetch: {}", e.message);
+                        return false;
+                    }
+                }
+                Err(Local::Need(Need::Blocks(_))) => unreachable!("planning needs no blocks"),
+                Err(Local::Fail(e)) => {
+                    tracing::warn!("background fetch: {}", e.message);
+                    return false;
+                }
+            }
+        };
+        let mut ok = true;
+        for run in group_runs(&plan) {
+            let items = &plan[run];
+            let (first, last) = (items[0].2, items[items.len() - 1].2);
+            match self.get(first.object, first.offset..last.range().end, yields).await {
+                Ok((bytes, mirror)) => {
+                    let outcome = self.reader.accept(f, items, &bytes, first.offset, mirror, false);
+                    ok &= outcome.failed.is_empty();
+                }
+                Err(e) => {
+                    tracing::warn!("background fetch: {}", e.message);
+                    return false;
+                }
             }
         }
+        ok
     }
 }

@@ -84,6 +84,8 @@ pub struct Status {
     /// Files the background fetcher is working on.
     pub fetching: Vec<String>,
     pub opens_passthrough: u64,
+    /// Background requests given up for a read that started waiting (made again later).
+    pub background_cancelled: u64,
     /// Plain copies kept for passthrough (files, bytes); `None`: passthrough off.
     pub plain_files: Option<u64>,
     pub plain_bytes: Option<u64>,
@@ -146,6 +148,7 @@ impl Control {
             pending_reads: self.reader.demand() as u64,
             fetching: self.background.active(),
             opens_passthrough: Stats::get(&s.opens_passthrough),
+            background_cancelled: Stats::get(&s.background_cancelled),
             plain_files: self.plain.as_ref().map(|p| p.usage().0),
             plain_bytes: self.plain.as_ref().map(|p| p.usage().1),
         }

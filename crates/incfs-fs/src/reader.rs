@@ -98,6 +98,9 @@ pub struct Reader {
     zero_hash: Hash,
     /// Reads waiting for the network now: background fetching holds back while any do.
     demand: AtomicUsize,
+    /// Woken whenever a read starts waiting for the network: background requests in flight
+    /// give way (they are cancelled and made again later).
+    pub demand_began: tokio::sync::Notify,
 }
 
 impl Reader {
@@ -116,6 +119,7 @@ impl Reader {
             persist: Mutex::new(()),
             zero_hash: hash_data_block(&[]),
             demand: AtomicUsize::new(0),
+            demand_began: tokio::sync::Notify::new(),
         }
     }
 
@@ -357,6 +361,7 @@ impl Reader {
         }
         let timeout = deadline.saturating_duration_since(Instant::now());
         self.demand.fetch_add(1, Ordering::Relaxed);
+        self.demand_began.notify_waiters();
         let result =
             match tokio::time::timeout_at(deadline.into(), self.read_fetching(f, offset, size, readahead)).await {
                 Ok(r) => r,
@@ -619,7 +624,7 @@ impl Reader {
 
 /// Split blocks (in file order) into runs one ranged GET can serve: stored back to back in one
 /// object, at most [`MAX_RUN_BYTES`] long.
-fn group_runs(items: &[(u64, Hash, BlockRecord)]) -> Vec<Range<usize>> {
+pub(crate) fn group_runs(items: &[(u64, Hash, BlockRecord)]) -> Vec<Range<usize>> {
     let mut runs: Vec<Range<usize>> = Vec::new();
     for (k, (_, _, r)) in items.iter().enumerate() {
         if let Some(run) = runs.last_mut() {

@@ -29,6 +29,8 @@ pub struct Stats {
     pub blocks_bad: AtomicU64,
     /// Opens served by FUSE passthrough (their reads never reach the daemon).
     pub opens_passthrough: AtomicU64,
+    /// Background requests cancelled because a read started waiting for the network.
+    pub background_cancelled: AtomicU64,
     latencies_us: Mutex<VecDeque<u64>>,
 }
 
