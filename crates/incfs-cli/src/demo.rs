@@ -80,16 +80,19 @@ fn compare(a: &Path, b: &Path) -> Result<u64> {
 /// Mount the image (in a thread of this process), read one file, then everything, and unmount.
 fn mount_and_read(url: &str, mnt: &Path, work: &Path, key: incfs_sign::PublicKey, sample: &Path) -> Result<()> {
     fs::create_dir_all(mnt)?;
-    let mut opts = incfs_fs::MountOptions::new(
-        vec![url.to_string()],
-        mnt.to_path_buf(),
-        TrustedKeys::new(vec![key]),
-        work.join("cache"),
-    );
-    opts.read_timeout = std::time::Duration::from_secs(10);
-    opts.threads = 4;
-    // The demo shows lazy fetching first: nothing is fetched unless read.
-    opts.background = false;
+    let opts = incfs_fs::MountOptions {
+        sources: vec![url.to_string()],
+        mountpoint: mnt.to_path_buf(),
+        trust: TrustedKeys::new(vec![key]),
+        cache: work.join("cache"),
+        settings: incfs_fs::MountSettings {
+            read_timeout: std::time::Duration::from_secs(10),
+            threads: 4,
+            // The demo shows lazy fetching: nothing is fetched unless read.
+            background: false,
+            ..Default::default()
+        },
+    };
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     let daemon = std::thread::spawn(move || incfs_fs::mount(opts, move || ready_tx.send(()).unwrap()));
     if ready_rx.recv().is_err() {

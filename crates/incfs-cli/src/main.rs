@@ -350,13 +350,8 @@ fn main() {
         } => {
             let mut sources = vec![source];
             sources.extend(mirrors);
-            let args = mount::MountArgs {
-                sources,
-                mountpoint,
-                trust,
-                cache,
+            let settings = incfs_fs::MountSettings {
                 read_timeout,
-                foreground,
                 threads: threads as usize,
                 background: background == OnOff::On,
                 bandwidth,
@@ -366,6 +361,7 @@ fn main() {
                 profile,
                 record_profile,
             };
+            let args = mount::MountArgs { sources, mountpoint, trust, cache, foreground, settings };
             mount::mount(args)
         }
         Command::Prefetch { mountpoint, paths, stall_timeout, quiet } => {

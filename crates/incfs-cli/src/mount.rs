@@ -32,16 +32,8 @@ pub struct MountArgs {
     pub mountpoint: PathBuf,
     pub trust: Vec<PathBuf>,
     pub cache: Option<PathBuf>,
-    pub read_timeout: Duration,
     pub foreground: bool,
-    pub threads: usize,
-    pub background: bool,
-    pub bandwidth: Option<u64>,
-    pub offline: bool,
-    pub passthrough: bool,
-    pub plain_limit: Option<u64>,
-    pub profile: Option<PathBuf>,
-    pub record_profile: Option<PathBuf>,
+    pub settings: incfs_fs::MountSettings,
 }
 
 /// Make a path given on the command line absolute (the daemon runs from another directory).
@@ -57,21 +49,16 @@ pub fn mount(a: MountArgs) -> Result<i32> {
     }
     let report = std::env::var_os(READY_ENV).is_some();
     let result = (|| -> Result<()> {
-        let mut opts = incfs_fs::MountOptions::new(
-            a.sources.clone(),
-            mountpoint.to_path_buf(),
-            load_trusted(&a.trust)?,
-            cache.clone(),
-        );
-        opts.read_timeout = a.read_timeout;
-        opts.threads = a.threads;
-        opts.background = a.background;
-        opts.bandwidth = a.bandwidth;
-        opts.offline = a.offline;
-        opts.passthrough = a.passthrough;
-        opts.plain_limit = a.plain_limit;
-        opts.profile = a.profile.as_deref().map(absolute).transpose()?;
-        opts.record_profile = a.record_profile.as_deref().map(absolute).transpose()?;
+        let mut settings = a.settings.clone();
+        settings.profile = settings.profile.as_deref().map(absolute).transpose()?;
+        settings.record_profile = settings.record_profile.as_deref().map(absolute).transpose()?;
+        let opts = incfs_fs::MountOptions {
+            sources: a.sources.clone(),
+            mountpoint: mountpoint.to_path_buf(),
+            trust: load_trusted(&a.trust)?,
+            cache: cache.clone(),
+            settings,
+        };
         incfs_fs::mount(opts, || {
             if report {
                 println!("ready");

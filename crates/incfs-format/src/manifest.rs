@@ -470,10 +470,16 @@ pub(crate) mod tests {
 /// A path for messages: printable UTF-8 as is; control characters, invalid UTF-8 and `\` as
 /// `\xNN`, so a hostile name (say, one holding a newline) cannot forge output lines.
 pub fn display_path(path: &[u8]) -> String {
+    escape_path_where(path, char::is_control)
+}
+
+/// `path` as UTF-8 text with invalid UTF-8, `\` and every character `escape` picks written as
+/// `\xNN` per byte (so it can be read back unambiguously).
+pub fn escape_path_where(path: &[u8], escape: impl Fn(char) -> bool) -> String {
     let mut out = String::with_capacity(path.len());
     for chunk in path.utf8_chunks() {
         for c in chunk.valid().chars() {
-            if c.is_control() || c == '\\' {
+            if escape(c) || c == '\\' {
                 let mut buf = [0u8; 4];
                 for b in c.encode_utf8(&mut buf).bytes() {
                     out.push_str(&format!("\\x{b:02x}"));

@@ -44,25 +44,10 @@ pub enum ProfileError {
     Line { line: usize, reason: &'static str },
 }
 
-/// Write `path` with every byte that is not plainly printable escaped as `\xNN`.
+/// Write `path` with every byte that is not plainly printable (controls, whitespace, `\`,
+/// invalid UTF-8) escaped as `\xNN`, so it is one space-free word.
 pub fn escape_path(path: &[u8]) -> String {
-    let mut out = String::with_capacity(path.len());
-    for chunk in path.utf8_chunks() {
-        for c in chunk.valid().chars() {
-            if c.is_control() || c.is_whitespace() || c == '\\' {
-                let mut buf = [0u8; 4];
-                for b in c.encode_utf8(&mut buf).bytes() {
-                    out.push_str(&format!("\\x{b:02x}"));
-                }
-            } else {
-                out.push(c);
-            }
-        }
-        for b in chunk.invalid() {
-            out.push_str(&format!("\\x{b:02x}"));
-        }
-    }
-    out
+    crate::manifest::escape_path_where(path, |c| c.is_control() || c.is_whitespace())
 }
 
 /// The inverse of [`escape_path`].

@@ -30,6 +30,12 @@ pub struct MountOptions {
     pub mountpoint: PathBuf,
     pub trust: TrustedKeys,
     pub cache: PathBuf,
+    pub settings: MountSettings,
+}
+
+/// How a mount behaves (every field has a default).
+#[derive(Debug, Clone)]
+pub struct MountSettings {
     /// Bound on a read that waits for the network.
     pub read_timeout: Duration,
     /// FUSE request threads.
@@ -50,14 +56,9 @@ pub struct MountOptions {
     pub record_profile: Option<PathBuf>,
 }
 
-impl MountOptions {
-    /// Options with every default, for `sources` at `mountpoint`.
-    pub fn new(sources: Vec<String>, mountpoint: PathBuf, trust: TrustedKeys, cache: PathBuf) -> Self {
-        MountOptions {
-            sources,
-            mountpoint,
-            trust,
-            cache,
+impl Default for MountSettings {
+    fn default() -> Self {
+        MountSettings {
             read_timeout: Duration::from_secs(5),
             threads: 8,
             background: true,
@@ -154,7 +155,7 @@ fn cached_image(opts: &MountOptions, sources: &[Source], store: &Store) -> Resul
 /// The access profile to fetch first: the one given, else the one published beside the
 /// manifest (optional: a missing or bad one only costs ordering).
 async fn load_profile(opts: &MountOptions, sources: &[Source], offline: bool) -> Result<Option<Profile>, MountError> {
-    if let Some(path) = &opts.profile {
+    if let Some(path) = &opts.settings.profile {
         let bad = |error: String| MountError::Profile { path: path.clone(), error };
         let bytes = std::fs::read(path).map_err(|e| bad(e.to_string()))?;
         return Profile::parse(&bytes).map(Some).map_err(|e| bad(e.to_string()));
@@ -224,12 +225,12 @@ pub fn mount(opts: MountOptions, on_ready: impl FnOnce()) -> Result<(), MountErr
     // Requests may outlive the read that started them (the block is still worth having), but
     // not by much; the read itself is bounded by read_timeout.
     let source_opts = SourceOptions {
-        request_timeout: opts.read_timeout * 2 + Duration::from_secs(1),
+        request_timeout: opts.settings.read_timeout * 2 + Duration::from_secs(1),
         connect_timeout: Duration::from_secs(5),
         retries: 2,
     };
     let sources = opts.sources.iter().map(|s| Source::parse(s, &source_opts)).collect::<Result<Vec<_>, _>>()?;
-    let (manifest, offline) = if opts.offline {
+    let (manifest, offline) = if opts.settings.offline {
         let m = cached_image(&opts, &sources, &store)?
             .ok_or_else(|| MountError::NotCached(opts.cache.display().to_string(), sources[0].name().to_string()))?;
         tracing::info!("--offline: mounting version {} from the cache; no source is contacted", m.version);
@@ -273,24 +274,25 @@ pub fn mount(opts: MountOptions, on_ready: impl FnOnce()) -> Result<(), MountErr
     let mut config = Config::default();
     config.mount_options = mount_options;
     config.acl = if root { SessionACL::All } else { SessionACL::Owner };
-    config.n_threads = Some(opts.threads.max(1));
+    config.n_threads = Some(opts.settings.threads.max(1));
     config.clone_fd = true;
 
     let background = Background::new(
         reader.clone(),
-        BackgroundOptions { enabled: opts.background, bandwidth: opts.bandwidth, profile },
+        BackgroundOptions { enabled: opts.settings.background, bandwidth: opts.settings.bandwidth, profile },
     );
-    let recorder = opts.record_profile.as_ref().map(|_| Arc::new(Mutex::new(Recorder::default())));
-    let plain = if opts.passthrough && recorder.is_some() {
+    let recorder = opts.settings.record_profile.as_ref().map(|_| Arc::new(Mutex::new(Recorder::default())));
+    let plain = if opts.settings.passthrough && recorder.is_some() {
         tracing::info!("recording a profile: passthrough off, so that every first read is seen");
         None
-    } else if opts.passthrough {
-        let limit = opts.plain_limit.unwrap_or_else(|| default_plain_limit(&opts.cache));
+    } else if opts.settings.passthrough {
+        let limit = opts.settings.plain_limit.unwrap_or_else(|| default_plain_limit(&opts.cache));
         Some(Arc::new(PlainCopies::open(&opts.cache.join("plain"), limit)?))
     } else {
         None
     };
-    let fs_opts = FsOptions { read_timeout: opts.read_timeout, plain: plain.clone(), recorder: recorder.clone() };
+    let fs_opts =
+        FsOptions { read_timeout: opts.settings.read_timeout, plain: plain.clone(), recorder: recorder.clone() };
     let fs = IncFs::new(manifest.clone(), reader.clone(), rt.handle().clone(), fs_opts);
     let session =
         Session::new(fs, &mountpoint, &config).map_err(|error| MountError::Fuse { path: mountpoint.clone(), error })?;
@@ -307,7 +309,7 @@ pub fn mount(opts: MountOptions, on_ready: impl FnOnce()) -> Result<(), MountErr
         prefetches: Mutex::new(Default::default()),
     });
     rt.spawn(background.run());
-    if let (Some(rec), Some(path)) = (recorder.clone(), opts.record_profile.clone()) {
+    if let (Some(rec), Some(path)) = (recorder.clone(), opts.settings.record_profile.clone()) {
         rt.spawn(async move {
             let mut saved = (0, 0);
             loop {
@@ -355,7 +357,7 @@ pub fn mount(opts: MountOptions, on_ready: impl FnOnce()) -> Result<(), MountErr
     on_ready();
     let result = session.run();
     let _ = std::fs::remove_file(&sock);
-    if let (Some(rec), Some(path)) = (&recorder, &opts.record_profile) {
+    if let (Some(rec), Some(path)) = (&recorder, &opts.settings.record_profile) {
         save_profile(rec, path);
         tracing::info!("profile written to {}", path.display());
     }

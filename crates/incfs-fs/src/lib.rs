@@ -20,4 +20,4 @@ pub mod presence;
 pub mod reader;
 pub mod stats;
 
-pub use daemon::{mount, unmount, MountError, MountOptions};
+pub use daemon::{mount, unmount, MountError, MountOptions, MountSettings};
