@@ -163,7 +163,11 @@ pub fn status(mountpoint: &Path, path: Option<&Path>, json: bool) -> Result<i32>
     let pct = if s.blocks_total > 0 { 100.0 * s.blocks_present as f64 / s.blocks_total as f64 } else { 100.0 };
     println!("image:     {} version {}", s.image, s.version);
     println!("mounted:   {}", s.mountpoint);
-    println!("sources:   {}", s.sources.join(", "));
+    println!(
+        "sources:   {}{}",
+        s.sources.join(", "),
+        if s.offline { " (offline: mounted from the cache)" } else { "" }
+    );
     println!("cache:     {} ({} stored)", s.cache, HumanBytes(s.bytes_stored));
     println!(
         "blocks:    {}/{} present ({pct:.1}%){}",

@@ -58,6 +58,7 @@ fn background_completes_then_the_cache_alone_serves_everything() {
     diff_r(&m.dir, &p.src);
     assert_eq!(m.stat("fetch_requests"), 0, "nothing was asked of the network:\n{}", m.log());
     assert_eq!(m.stat("bytes_fetched"), 0);
+    assert_eq!(m.status()["offline"], true);
     assert!(m.log().contains("mounting version 1 from the cache"), "{}", m.log());
     drop(m);
 

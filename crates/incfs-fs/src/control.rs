@@ -60,6 +60,8 @@ pub struct Status {
     pub version: u64,
     pub mountpoint: String,
     pub sources: Vec<String>,
+    /// Mounted from the cache without a source (`--offline`, or none could be reached).
+    pub offline: bool,
     pub cache: String,
     pub files: u64,
     pub blocks_total: u64,
@@ -111,6 +113,7 @@ pub struct Control {
     pub contents: Vec<([u8; 40], u64)>,
     pub background: Arc<Background>,
     pub plain: Option<Arc<PlainCopies>>,
+    pub offline: bool,
     /// `incfs prefetch` requests: id -> contents concerned.
     pub prefetches: Mutex<HashMap<u64, Vec<[u8; 40]>>>,
 }
@@ -126,6 +129,7 @@ impl Control {
             version: self.manifest.version,
             mountpoint: self.mountpoint.display().to_string(),
             sources: self.reader.mirrors().sources().iter().map(|s| s.name().to_string()).collect(),
+            offline: self.offline,
             cache: self.cache.display().to_string(),
             files: self.contents.len() as u64,
             blocks_total,

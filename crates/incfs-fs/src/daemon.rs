@@ -306,6 +306,7 @@ pub fn mount(opts: MountOptions, on_ready: impl FnOnce()) -> Result<(), MountErr
         contents,
         background: background.clone(),
         plain,
+        offline,
         prefetches: Mutex::new(Default::default()),
     });
     rt.spawn(background.run());
