@@ -22,6 +22,9 @@ use crate::plain::PlainCopies;
 use crate::reader::Reader;
 use crate::stats::Stats;
 
+/// Size of the store's write-ahead log at which it is checkpointed.
+const WAL_CHECKPOINT_BYTES: u64 = 32 << 20;
+
 /// Everything `incfs mount` was asked.
 #[derive(Debug, Clone)]
 pub struct MountOptions {
@@ -222,6 +225,20 @@ pub fn mount(opts: MountOptions, on_ready: impl FnOnce()) -> Result<(), MountErr
     }
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     let store = Arc::new(Store::open(&opts.cache)?);
+    {
+        // Commits only append to the write-ahead log; it is moved into the database here,
+        // off the read path, whenever it has grown.
+        let store = store.clone();
+        std::thread::spawn(move || loop {
+            std::thread::sleep(Duration::from_millis(200));
+            let wal = store.wal_size();
+            if wal > WAL_CHECKPOINT_BYTES {
+                if let Err(e) = store.checkpoint(wal > 4 * WAL_CHECKPOINT_BYTES) {
+                    tracing::warn!("store checkpoint: {e}");
+                }
+            }
+        });
+    }
     // Requests may outlive the read that started them (the block is still worth having), but
     // not by much; the read itself is bounded by read_timeout.
     let source_opts = SourceOptions {

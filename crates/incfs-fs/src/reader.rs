@@ -301,7 +301,12 @@ impl Reader {
                 found.push(i);
                 continue;
             }
-            match self.stored_block(&leaf)? {
+            // Presence is a hint that saves a store lookup for a block surely absent (a block
+            // stored for another file with the same content is found by `plan`, which asks the
+            // store, and then marked present here too).
+            let block =
+                if self.presence.is_present(&f.key, i) { self.stored_block(&leaf)? } else { self.verified.get(&leaf) };
+            match block {
                 Some(block) if missing.is_empty() => {
                     out.extend_from_slice(&block[from as usize..to as usize]);
                     found.push(i);
@@ -446,13 +451,16 @@ impl Reader {
     /// Leaf and record of each block of `blocks` that is neither zero nor stored yet.
     pub(crate) fn plan(&self, f: &FileRef, blocks: &[u64]) -> Result<Vec<(u64, Hash, BlockRecord)>, Local> {
         let geo = Geometry::new(f.data.size);
+        let mut leaves = Vec::with_capacity(blocks.len());
+        for &i in blocks {
+            leaves.push((i, self.leaf(f, &geo, i)?));
+        }
+        let hashes: Vec<Hash> = leaves.iter().map(|(_, h)| *h).filter(|h| *h != self.zero_hash).collect();
+        let stored = self.store.stored_among(&hashes).map_err(|e| fail(FailCause::Other, e.to_string()))?;
         let mut out = Vec::new();
         let mut present = Vec::new();
-        for &i in blocks {
-            let leaf = self.leaf(f, &geo, i)?;
-            if leaf == self.zero_hash
-                || self.store.has_block(&leaf).map_err(|e| fail(FailCause::Other, e.to_string()))?
-            {
+        for (i, leaf) in leaves {
+            if leaf == self.zero_hash || stored.contains(&leaf) {
                 present.push(i);
                 continue;
             }
@@ -487,6 +495,11 @@ impl Reader {
         let mut waits = Vec::new();
         {
             let mut inflight = self.inflight.lock().unwrap();
+            // Checked again under the lock: a run stores its blocks before it leaves
+            // `inflight`, so a block is always either stored or in flight here.
+            let candidates: Vec<Hash> =
+                plan.iter().filter(|(_, h, _)| !inflight.contains_key(h)).map(|(_, h, _)| *h).collect();
+            let stored = self.store.stored_among(&candidates).unwrap_or_default();
             // Needed blocks and readahead go in separate runs: the read waits only for its own.
             let (mut now, mut ahead) = (Vec::new(), Vec::new());
             for item in plan {
@@ -495,9 +508,7 @@ impl Reader {
                     Some(s) if is_needed => waits.push(s.clone()),
                     Some(_) => {}
                     None if now.iter().chain(&ahead).any(|(_, h, _): &(u64, Hash, BlockRecord)| *h == item.1) => {}
-                    // Checked again under the lock: a run stores its blocks before it leaves
-                    // `inflight`, so a block is always either stored or in flight here.
-                    None if self.store.has_block(&item.1).unwrap_or(false) => {}
+                    None if stored.contains(&item.1) => {}
                     None if is_needed => now.push(item),
                     None => ahead.push(item),
                 }

@@ -102,8 +102,11 @@ impl Store {
     fn connect(&self) -> Result<Connection, StoreError> {
         let conn = Connection::open(&self.path).map_err(|e| self.err(e))?;
         conn.busy_timeout(Duration::from_secs(10)).map_err(|e| self.err(e))?;
-        conn.execute_batch("PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL; PRAGMA cache_size=-8192;")
-            .map_err(|e| self.err(e))?;
+        conn.execute_batch(
+            "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL; PRAGMA cache_size=-32768; \
+             PRAGMA wal_autocheckpoint=0;",
+        )
+        .map_err(|e| self.err(e))?;
         Ok(conn)
     }
 
@@ -140,6 +143,42 @@ impl Store {
                 None => Err(StoreError::Corrupt { path: self.path.clone(), what: format!("codec {c}") }),
             },
         }
+    }
+
+    /// Which of `hashes` are stored, in one query per 500.
+    pub fn stored_among(&self, hashes: &[Hash]) -> Result<std::collections::HashSet<Hash>, StoreError> {
+        let mut out = std::collections::HashSet::new();
+        for chunk in hashes.chunks(500) {
+            self.with(|c| {
+                let marks = vec!["?"; chunk.len()].join(",");
+                let mut st = c.prepare_cached(&format!("SELECT hash FROM blocks WHERE hash IN ({marks})"))?;
+                let rows =
+                    st.query_map(rusqlite::params_from_iter(chunk.iter().map(|h| &h[..])), |r| r.get::<_, Vec<u8>>(0))?;
+                for h in rows {
+                    if let Ok(h) = <Hash>::try_from(h?) {
+                        out.insert(h);
+                    }
+                }
+                Ok(())
+            })?;
+        }
+        Ok(out)
+    }
+
+    /// Move the write-ahead log into the database. Connections do not do it on commit (that
+    /// would stall the read that committed), so the daemon calls this from a thread of its own.
+    /// `truncate` also waits for readers and empties the log file (it only ever grows while
+    /// readers keep old snapshots, as a busy mount's do); otherwise readers are not waited for.
+    pub fn checkpoint(&self, truncate: bool) -> Result<(), StoreError> {
+        let mode = if truncate { "TRUNCATE" } else { "PASSIVE" };
+        self.with(|c| c.query_row(&format!("PRAGMA wal_checkpoint({mode})"), [], |_| Ok(())))
+    }
+
+    /// Size of the write-ahead log, to decide when to checkpoint.
+    pub fn wal_size(&self) -> u64 {
+        let mut wal = self.path.clone().into_os_string();
+        wal.push("-wal");
+        std::fs::metadata(wal).map_or(0, |m| m.len())
     }
 
     pub fn has_block(&self, hash: &Hash) -> Result<bool, StoreError> {
