@@ -322,3 +322,20 @@ pub fn watch(mountpoint: &Path) -> Result<i32> {
         }
     }
 }
+
+/// `incfs fsck CACHE`.
+pub fn fsck(cache: &Path, dry_run: bool) -> Result<i32> {
+    let r = incfs_fs::fsck::fsck(cache, !dry_run, &|step| eprintln!("{step}..."))?;
+    let fixed = if dry_run { "found" } else { "dropped" };
+    println!("blocks:   {} checked, {} damaged ({fixed})", r.blocks_checked, r.blocks_damaged);
+    println!(
+        "files:    {} checked in {} images, {} cached trees damaged ({fixed})",
+        r.files_checked, r.images, r.trees_damaged
+    );
+    println!(
+        "presence: {} bits claimed blocks not stored ({})",
+        r.presence_cleared,
+        if dry_run { "found" } else { "cleared" }
+    );
+    Ok(if r.blocks_damaged + r.trees_damaged + r.presence_cleared > 0 { 1 } else { 0 })
+}

@@ -92,6 +92,8 @@ pub enum MountError {
     Offline(String, String),
     #[error("--offline: the cache {0} holds no image from {1}; mount once with the network first")]
     NotCached(String, String),
+    #[error("the cache {0} is being checked by incfs fsck; mount again when it is done")]
+    CacheBusy(String),
     #[error("profile {}: {error}", path.display())]
     Profile { path: PathBuf, error: String },
     #[error("mountpoint {}: {reason}", path.display())]
@@ -225,6 +227,12 @@ pub fn mount(opts: MountOptions, on_ready: impl FnOnce()) -> Result<(), MountErr
     }
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     let store = Arc::new(Store::open(&opts.cache)?);
+    // Shared with other mounts of this cache; `incfs fsck` takes it exclusively.
+    let lock_file = crate::fsck::lock_path(&opts.cache);
+    let cache_lock = std::fs::File::options().create(true).truncate(false).write(true).open(&lock_file)?;
+    if cache_lock.try_lock_shared().is_err() {
+        return Err(MountError::CacheBusy(opts.cache.display().to_string()));
+    }
     {
         // Commits only append to the write-ahead log; it is moved into the database here,
         // off the read path, whenever it has grown.
@@ -380,6 +388,7 @@ pub fn mount(opts: MountOptions, on_ready: impl FnOnce()) -> Result<(), MountErr
         tracing::info!("profile written to {}", path.display());
     }
     rt.shutdown_timeout(Duration::from_secs(2));
+    drop(cache_lock);
     result.map_err(|error| MountError::Fuse { path: mountpoint, error })
 }
 

@@ -9,10 +9,12 @@
 //! - [`presence`]: which blocks of each file are local, for status.
 //! - [`control`]: the control socket behind `incfs status`.
 //! - [`stats`]: read, fetch and failure counters.
+//! - [`fsck`]: offline check and repair of a cache (`incfs fsck`).
 
 pub mod background;
 pub mod control;
 pub mod daemon;
+pub mod fsck;
 pub mod fuse;
 pub mod mirrors;
 pub mod plain;

@@ -76,6 +76,9 @@ CREATE TABLE IF NOT EXISTS totals (id INTEGER PRIMARY KEY CHECK (id = 1), blocks
 INSERT OR IGNORE INTO totals VALUES (1, 0, 0);
 ";
 
+/// A stored block as found on disk: (key, codec byte, stored bytes), nothing checked.
+pub type RawBlock = (Vec<u8>, u8, Vec<u8>);
+
 /// A block to store: its leaf hash, codec and stored bytes.
 pub struct NewBlock<'a> {
     pub hash: Hash,
@@ -215,17 +218,7 @@ impl Store {
 
     /// Drop a block found damaged (it will be fetched again when needed).
     pub fn remove_block(&self, hash: &Hash) -> Result<(), StoreError> {
-        self.with(|c| {
-            let tx = c.transaction()?;
-            let len: Option<i64> = tx
-                .query_row("SELECT length(data) FROM blocks WHERE hash = ?1", [&hash[..]], |r| r.get(0))
-                .optional()?;
-            if let Some(len) = len {
-                tx.execute("DELETE FROM blocks WHERE hash = ?1", [&hash[..]])?;
-                tx.execute("UPDATE totals SET blocks = blocks - 1, block_bytes = block_bytes - ?1", [len])?;
-            }
-            tx.commit()
-        })
+        self.remove_raw_block(hash)
     }
 
     pub fn totals(&self) -> Result<StoreTotals, StoreError> {
@@ -244,6 +237,39 @@ impl Store {
             let rows = st.query_map([&file[..]], |r| Ok((r.get::<_, i64>(0)? as u64, r.get::<_, Vec<u8>>(1)?)))?;
             rows.collect()
         })
+    }
+
+    /// Up to `limit` stored blocks with keys above `after`, in key order (to walk them all in
+    /// bounded memory): (key, codec byte, stored bytes). Keys are raw: a damaged row may hold
+    /// one that is not 32 bytes long.
+    pub fn blocks_after(&self, after: &[u8], limit: usize) -> Result<Vec<RawBlock>, StoreError> {
+        self.with(|c| {
+            let mut st =
+                c.prepare_cached("SELECT hash, codec, data FROM blocks WHERE hash > ?1 ORDER BY hash LIMIT ?2")?;
+            let rows = st.query_map(params![after, limit as i64], |r| {
+                Ok((r.get::<_, Vec<u8>>(0)?, r.get::<_, u8>(1)?, r.get::<_, Vec<u8>>(2)?))
+            })?;
+            rows.collect()
+        })
+    }
+
+    /// Remove a block by its raw key (also one that is not 32 bytes long), keeping totals right.
+    pub fn remove_raw_block(&self, key: &[u8]) -> Result<(), StoreError> {
+        self.with(|c| {
+            let tx = c.transaction()?;
+            let len: Option<i64> =
+                tx.query_row("SELECT length(data) FROM blocks WHERE hash = ?1", [key], |r| r.get(0)).optional()?;
+            if let Some(len) = len {
+                tx.execute("DELETE FROM blocks WHERE hash = ?1", [key])?;
+                tx.execute("UPDATE totals SET blocks = blocks - 1, block_bytes = block_bytes - ?1", [len])?;
+            }
+            tx.commit()
+        })
+    }
+
+    /// Replace presence chunks.
+    pub fn set_presence(&self, chunks: &[(FileKey, u64, Vec<u8>)]) -> Result<(), StoreError> {
+        self.put_blocks(&[], chunks)
     }
 
     /// A cached piece of a file metadata region (unverified bytes).

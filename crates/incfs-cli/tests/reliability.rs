@@ -1,0 +1,247 @@
+//! Reliability under damage and crashes: `incfs fsck` on a deliberately damaged cache,
+//! `kill -9` at random instants of fetching and storing, and hostile signed manifests refused
+//! by verify, extract and mount.
+
+mod common;
+
+use std::fs;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use common::*;
+use incfs_format::manifest::{Dirent, FileData, Inode, InodeKind, Manifest, MetaRef, Metadata, ObjectRef};
+use rand::{Rng, SeedableRng};
+
+fn tree(src: &Path) {
+    fs::create_dir_all(src.join("lib")).unwrap();
+    fs::write(src.join("random.bin"), random_bytes(1, 3 << 20)).unwrap();
+    let text: String = (0..40_000).map(|i| format!("line {i} of some compressible text\n")).collect();
+    fs::write(src.join("text.txt"), text).unwrap();
+    for i in 0..40 {
+        fs::write(src.join(format!("lib/f{i:02}")), random_bytes(100 + i, 500 + (i as usize * 1777) % 40_000)).unwrap();
+    }
+}
+
+/// Damage stored rows with Python's sqlite3 (a user's accident or a bad disk, in miniature).
+fn damage(cache: &Path, sql_python: &str) {
+    let db = cache.join("store.db");
+    let script = format!(
+        "import sqlite3; c = sqlite3.connect({db:?}); {sql_python}; c.commit(); c.close()",
+        db = db.to_str().unwrap()
+    );
+    run("python3", &["-c", &script]);
+}
+
+fn fsck(cache: &Path, extra: &[&str]) -> (i32, String) {
+    let mut args = vec!["fsck", cache.to_str().unwrap()];
+    args.extend_from_slice(extra);
+    let out = incfs(&args);
+    (out.status.code().unwrap_or(-1), text(&out.stdout) + &text(&out.stderr))
+}
+
+fn number_before(out: &str, what: &str) -> u64 {
+    let at = out.find(what).unwrap_or_else(|| panic!("no {what:?} in:\n{out}"));
+    out[..at].split_whitespace().last().unwrap().parse().unwrap()
+}
+
+#[test]
+fn fsck_drops_damaged_blocks_and_trees_and_the_mount_heals() {
+    let p = Published::new(tree, &[]);
+    let serve = IncfsServer::start(&p.repo);
+    let cache = p.dir.path().join("cache-fsck");
+    {
+        let m = p.mount(&serve.url, "fsck", &["--background", "on", "--passthrough", "off"]);
+        m.wait_complete(Duration::from_secs(60));
+        let (code, out) = fsck(&cache, &[]);
+        assert_eq!(code, 2, "a cache in use is refused: {out}");
+        assert!(out.contains("in use by a mount"), "{out}");
+    }
+    let (code, out) = fsck(&cache, &[]);
+    assert_eq!(code, 0, "a healthy cache: {out}");
+    assert_eq!(number_before(&out, "damaged"), 0, "{out}");
+
+    // Three blocks get a byte flipped; one cached tree piece (of random.bin, 768 blocks, so a
+    // real tree) gets its first hash changed.
+    damage(
+        &cache,
+        "rows = c.execute('SELECT rowid, data FROM blocks ORDER BY rowid LIMIT 3').fetchall(); \
+         [c.execute('UPDATE blocks SET data = ? WHERE rowid = ?', (bytes([d[0] ^ 1]) + d[1:], r)) for r, d in rows]; \
+         rows = c.execute('SELECT object, region, chunk, data FROM meta WHERE length(data) > 8192 LIMIT 1').fetchall(); \
+         [c.execute('UPDATE meta SET data = ? WHERE object = ? AND region = ? AND chunk = ?', \
+                    (bytes([d[0] ^ 1]) + d[1:], o, r, k)) for o, r, k, d in rows]",
+    );
+    let (code, out) = fsck(&cache, &["--dry-run"]);
+    assert_eq!(code, 1, "{out}");
+    assert_eq!(number_before(&out, "damaged (found)"), 3, "{out}");
+    assert_eq!(number_before(&out, "cached trees damaged"), 1, "{out}");
+    let (code, again) = fsck(&cache, &["--dry-run"]);
+    assert_eq!((code, number_before(&again, "damaged (found)")), (1, 3), "a dry run changes nothing: {again}");
+
+    let (code, out) = fsck(&cache, &[]);
+    assert_eq!(code, 1, "{out}");
+    assert_eq!(number_before(&out, "damaged (dropped)"), 3, "{out}");
+    let cleared = number_before(&out, "bits claimed");
+    assert!(cleared >= 3, "presence of the dropped blocks (and of the file whose tree went) cleared: {out}");
+    let (code, out) = fsck(&cache, &[]);
+    assert_eq!(code, 0, "repaired: {out}");
+
+    // The mount sees the image incomplete again, fetches what was dropped, and is whole.
+    let m = p.mount(&serve.url, "fsck", &["--background", "on"]);
+    m.wait_complete(Duration::from_secs(60));
+    let out = std::process::Command::new("diff").arg("-r").arg(&m.dir).arg(&p.src).output().unwrap();
+    assert!(out.status.success(), "{}", text(&out.stdout));
+    let fetched = m.stat("blocks_fetched");
+    assert!((3..=cleared).contains(&fetched), "only what fsck dropped is fetched again: {fetched} (cleared {cleared})");
+    assert_eq!(m.stat("blocks_bad"), 0, "nothing damaged was left for the mount to find");
+}
+
+#[test]
+fn kill_9_at_random_instants_loses_nothing_and_serves_nothing_wrong() {
+    let p = Published::new(tree, &["--compression", "lz4"]);
+    let serve = IncfsServer::start(&p.repo);
+    let files: Vec<String> = read_tree(&p.src).into_iter().map(|(rel, _)| rel.to_string_lossy().into_owned()).collect();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(0x6b696c6c);
+    let iterations = 12;
+    let mut present_before = 0;
+    for i in 0..iterations {
+        // Completion is capped so that every kill lands mid-fetch; a reader adds demand fetches.
+        let m = p.mount(&serve.url, "crash", &["--background", "on", "--bandwidth", "3M"]);
+        let present = m.stat("blocks_present");
+        assert!(present >= present_before, "iteration {i}: presence went back ({present} < {present_before})");
+        let rel = &files[rng.gen_range(0..files.len())];
+        assert_eq!(fs::read(m.path(rel)).unwrap(), fs::read(p.src.join(rel)).unwrap(), "iteration {i}: {rel}");
+        let victim = files[rng.gen_range(0..files.len())].clone();
+        let path = m.path(&victim);
+        let reader = std::thread::spawn(move || fs::read(path));
+        std::thread::sleep(Duration::from_millis(rng.gen_range(0..250)));
+        present_before = m.stat("blocks_present");
+        // SAFETY: kill(2) on the daemon this test started.
+        unsafe { libc::kill(m.pid as i32, libc::SIGKILL) };
+        if let Ok(bytes) = reader.join().unwrap() {
+            assert_eq!(bytes, fs::read(p.src.join(&victim)).unwrap(), "iteration {i}: a read racing the kill");
+        }
+        m.wait_gone();
+    }
+    let m = p.mount(&serve.url, "crash", &["--background", "on"]);
+    m.wait_complete(Duration::from_secs(60));
+    let out = std::process::Command::new("diff").arg("-r").arg(&m.dir).arg(&p.src).output().unwrap();
+    assert!(out.status.success(), "{}", text(&out.stdout));
+    assert_eq!(m.stat("blocks_bad"), 0, "no damaged block was found in the cache after {iterations} kills");
+    drop(m);
+    let (code, out) = fsck(&p.dir.path().join("cache-crash"), &[]);
+    assert_eq!(code, 0, "fsck finds nothing to repair after {iterations} kills: {out}");
+}
+
+/// A repository whose signed manifest is `m` (no objects needed: every case is refused before).
+fn publish_manifest(dir: &Path, key_pem: &Path, m: &Manifest) -> std::path::PathBuf {
+    let repo = dir.join(format!("repo-{}", rand::random::<u32>()));
+    fs::create_dir_all(repo.join("objects")).unwrap();
+    fs::create_dir_all(repo.join("versions")).unwrap();
+    let key = incfs_sign::SigningKey::from_pem(&fs::read_to_string(key_pem).unwrap()).unwrap();
+    let signed = incfs_format::wire::encode_signed_part(m);
+    let sig = key.sign(&signed);
+    let bytes = incfs_format::wire::seal(signed, key.algorithm(), key.public_key().id(), &sig);
+    fs::write(repo.join("manifest"), &bytes).unwrap();
+    fs::write(repo.join(format!("versions/{}.manifest", m.version)), &bytes).unwrap();
+    repo
+}
+
+#[test]
+fn hostile_manifests_are_refused_by_verify_extract_and_mount() {
+    let dir = tempdir();
+    let (private, public) = ed25519_key(dir.path());
+    let meta = Metadata { mode: 0o644, uid: 0, gid: 0, mtime_sec: 0, mtime_nsec: 0 };
+    let dir_inode = Inode { meta, xattrs: vec![], kind: InodeKind::Dir };
+    let file = |size: u64| Inode {
+        meta,
+        xattrs: vec![],
+        kind: InodeKind::File(FileData { size, root_hash: [7; 32], meta: Some(MetaRef { object: 0, offset: 0 }) }),
+    };
+    let base = Manifest {
+        name: "hostile".into(),
+        version: 1,
+        objects: vec![ObjectRef { digest: [1; 32], size: 1 << 20 }],
+        inodes: vec![dir_inode.clone(), file(10)],
+        dirents: vec![Dirent { parent: 0, inode: 1, name: b"ok".to_vec() }],
+    };
+    let named = |name: &[u8]| {
+        let mut m = base.clone();
+        m.dirents[0].name = name.to_vec();
+        m
+    };
+    let mut cases: Vec<(&str, Manifest, &str)> = vec![
+        ("parent directory name", named(b".."), "not a valid file name"),
+        ("dot name", named(b"."), "not a valid file name"),
+        ("slash in a name", named(b"a/../../etc"), "not a valid file name"),
+        ("absolute name", named(b"/etc/passwd"), "not a valid file name"),
+        ("empty name", named(b""), "not a valid file name"),
+        ("NUL in a name", named(b"a\0b"), "not a valid file name"),
+        ("256-byte name", named(&[b'a'; 256]), "not a valid file name"),
+    ];
+    let mut dup = base.clone();
+    dup.inodes.push(file(20));
+    dup.dirents.push(Dirent { parent: 0, inode: 2, name: b"ok".to_vec() });
+    cases.push(("duplicate names", dup, "repeat a name"));
+    let mut huge = base.clone();
+    huge.inodes[1] = file(1 << 60);
+    cases.push(("impossible size", huge, "larger than the 1 PiB limit"));
+    let mut outside = base.clone();
+    outside.objects[0].size = 10;
+    cases.push(("metadata outside its object", outside, "lies outside object"));
+    let mut no_object = base.clone();
+    no_object.objects.clear();
+    cases.push(("missing object", no_object, "names object 0 of 0"));
+    let mut cycle = base.clone();
+    cycle.inodes.push(dir_inode.clone());
+    cycle.inodes.push(dir_inode.clone());
+    cycle.dirents.push(Dirent { parent: 2, inode: 3, name: b"a".to_vec() });
+    cycle.dirents.push(Dirent { parent: 3, inode: 2, name: b"b".to_vec() });
+    cases.push(("directory cycle off the root", cycle, "not reachable from the root"));
+    let mut orphan_parent = base.clone();
+    orphan_parent.dirents[0].parent = 1;
+    cases.push(("a file as a parent", orphan_parent, "parent is not a directory"));
+    // Deep nesting is legal and must not blow any stack: 20,000 levels.
+    let mut deep = base.clone();
+    for d in 0..20_000u32 {
+        deep.inodes.push(dir_inode.clone());
+        let parent = if d == 0 { 0 } else { d + 1 };
+        deep.dirents.push(Dirent { parent, inode: d + 2, name: b"d".to_vec() });
+    }
+    deep.dirents.sort_by(|a, b| (a.parent, &a.name).cmp(&(b.parent, &b.name)));
+    deep.objects[0].size = 5;
+    cases.push(("20,000 nested directories, then a bad object", deep, "lies outside object"));
+
+    for (what, m, expect) in cases {
+        let repo = publish_manifest(dir.path(), &private, &m);
+        let repo_s = repo.to_str().unwrap();
+        let out = incfs(&["verify", repo_s, "--trust", public.to_str().unwrap()]);
+        // verify reports a malformed manifest as the problem it found (exit 1).
+        assert_eq!(out.status.code(), Some(1), "{what}: verify\n{}", text(&out.stderr));
+        let said = text(&out.stdout) + &text(&out.stderr);
+        assert!(said.contains(expect), "{what}: verify says {said}");
+
+        let dest = dir.path().join("extract");
+        let out = incfs(&["extract", repo_s, dest.to_str().unwrap(), "--trust", public.to_str().unwrap()]);
+        assert_eq!(out.status.code(), Some(2), "{what}: extract");
+        assert!(text(&out.stderr).contains(expect), "{what}: extract says {}", text(&out.stderr));
+        assert!(!dest.exists() || fs::read_dir(&dest).unwrap().next().is_none(), "{what}: nothing extracted");
+
+        let mnt = dir.path().join("mnt");
+        fs::create_dir_all(&mnt).unwrap();
+        let t = Instant::now();
+        let out = incfs(&[
+            "mount",
+            repo_s,
+            mnt.to_str().unwrap(),
+            "--trust",
+            public.to_str().unwrap(),
+            "--cache",
+            dir.path().join("cache").to_str().unwrap(),
+        ]);
+        assert_eq!(out.status.code(), Some(2), "{what}: mount");
+        assert!(text(&out.stderr).contains(expect), "{what}: mount says {}", text(&out.stderr));
+        assert!(!is_mounted(&mnt), "{what}: nothing mounted");
+        assert!(t.elapsed() < Duration::from_secs(10), "{what}: refused promptly");
+        assert_eq!(text(&out.stderr).trim().lines().count(), 1, "{what}: one line: {}", text(&out.stderr));
+    }
+}
