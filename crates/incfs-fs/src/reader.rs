@@ -111,9 +111,11 @@ impl Reader {
             mirrors,
             stats,
             presence: Presence::default(),
-            hashes: Cache::new(16 << 10),
-            meta: Cache::new(1024),
-            verified: Cache::new(16 << 10),
+            // Memory bounds, whatever the image size: 16 MiB of verified hash blocks (each
+            // covers 512 KiB of file data), 16 MiB of metadata pieces, 32 MiB of blocks.
+            hashes: Cache::new(4 << 10),
+            meta: Cache::new(256),
+            verified: Cache::new(8 << 10),
             inflight: Mutex::new(HashMap::new()),
             recent_failures: Mutex::new(HashMap::new()),
             persist: Mutex::new(()),

@@ -106,7 +106,7 @@ impl Store {
         let conn = Connection::open(&self.path).map_err(|e| self.err(e))?;
         conn.busy_timeout(Duration::from_secs(10)).map_err(|e| self.err(e))?;
         conn.execute_batch(
-            "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL; PRAGMA cache_size=-32768; \
+            "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL; PRAGMA cache_size=-4096; \
              PRAGMA wal_autocheckpoint=0;",
         )
         .map_err(|e| self.err(e))?;
