@@ -245,3 +245,141 @@ fn hostile_manifests_are_refused_by_verify_extract_and_mount() {
         assert_eq!(text(&out.stderr).trim().lines().count(), 1, "{what}: one line: {}", text(&out.stderr));
     }
 }
+
+/// Outcome of one read through a faulty network.
+#[derive(Debug, Default)]
+struct Tally {
+    ok: u64,
+    eio: u64,
+    etime: u64,
+    slowest: Duration,
+}
+
+/// `reads` random reads of `files` through mount `m`, each checked byte for byte against `src`
+/// and bounded in time; returns what happened.
+fn random_reads(m: &Mount, src: &Path, files: &[String], reads: usize, seed: u64, bound: Duration) -> Tally {
+    use std::os::unix::fs::FileExt;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut tally = Tally::default();
+    for n in 0..reads {
+        let rel = &files[rng.gen_range(0..files.len())];
+        let original = fs::read(src.join(rel)).unwrap();
+        if original.is_empty() {
+            continue;
+        }
+        let offset = rng.gen_range(0..original.len());
+        let len = rng.gen_range(1..=(64 << 10)).min(original.len() - offset);
+        let path = m.path(rel);
+        let (tx, rx) = std::sync::mpsc::channel();
+        let t = Instant::now();
+        std::thread::spawn(move || {
+            let mut buf = vec![0u8; len];
+            let r = fs::File::open(&path).and_then(|f| f.read_exact_at(&mut buf, offset as u64)).map(|_| buf);
+            let _ = tx.send(r);
+        });
+        // A read that does not end within its bound (plus a margin) is a hang.
+        let result = rx.recv_timeout(bound + Duration::from_secs(5)).unwrap_or_else(|_| {
+            panic!("read {n} of {rel} at {offset}+{len} hung\n{}", m.log());
+        });
+        let took = t.elapsed();
+        tally.slowest = tally.slowest.max(took);
+        assert!(took <= bound, "read {n} of {rel} took {took:?} (bound {bound:?})");
+        match result {
+            Ok(buf) => {
+                assert!(buf == original[offset..offset + len], "read {n}: WRONG BYTES from {rel} at {offset}+{len}");
+                tally.ok += 1;
+            }
+            Err(e) if e.raw_os_error() == Some(libc::EIO) => tally.eio += 1,
+            Err(e) if e.raw_os_error() == Some(libc::ETIME) => tally.etime += 1,
+            Err(e) => panic!("read {n} of {rel}: undocumented error {e}"),
+        }
+    }
+    tally
+}
+
+#[test]
+fn randomized_network_faults_never_yield_a_wrong_byte_or_a_hang() {
+    use common::faults::{FaultPlan, FaultProxy};
+    let p = Published::new(tree, &[]);
+    let serve = IncfsServer::start(&p.repo);
+    let port: u16 = serve.url.rsplit(':').next().unwrap().trim_end_matches('/').parse().unwrap();
+    let files: Vec<String> = read_tree(&p.src).into_iter().map(|(rel, _)| rel.to_string_lossy().into_owned()).collect();
+    let read_timeout = Duration::from_secs(2);
+    // A read waits at most --read-timeout; the rest is slack for a loaded machine.
+    let bound = read_timeout + Duration::from_millis(2500);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(0xfa017);
+    let (mut injected, mut bad_blocks, mut checked) = (0u64, 0u64, 0u64);
+    let mut flipped = 0u64;
+    for scenario in 0..6u64 {
+        // Each scenario draws its own mix; the last adds a healthy mirror and only the faults a
+        // mirror can answer for (errors, not wrong bytes or stalls).
+        let with_mirror = scenario == 5;
+        let mut plan = FaultPlan {
+            status_5xx: rng.gen_range(0.0..0.15),
+            status_429: rng.gen_range(0.0..0.1),
+            burst_len: rng.gen_range(1..4),
+            reset_mid_body: rng.gen_range(0.0..0.1),
+            truncate_body: rng.gen_range(0.0..0.1),
+            wrong_content_range: rng.gen_range(0.0..0.1),
+            flip_bit: rng.gen_range(0.0..0.15),
+            stall: rng.gen_range(0.0..0.04),
+            delay: rng.gen_range(0.0..0.3),
+            delay_max: Duration::from_millis(rng.gen_range(1..300)),
+            only_path_containing: Some("objects/".into()),
+        };
+        if with_mirror {
+            (plan.flip_bit, plan.stall, plan.wrong_content_range) = (0.0, 0.0, 0.0);
+        }
+        let proxy = FaultProxy::start(port, scenario, plan.clone());
+        let name = format!("faults-{scenario}");
+        let timeout = format!("{}ms", read_timeout.as_millis());
+        let mut extra = vec!["--read-timeout", &timeout, "--passthrough", "off"];
+        if with_mirror {
+            extra.extend(["--source", serve.url.as_str()]);
+        }
+        let m = p.mount(&proxy.url(), &name, &extra);
+        let tally = random_reads(&m, &p.src, &files, 30, scenario, bound);
+        let counts = proxy.counts();
+        let s = m.status();
+        println!("scenario {scenario}: {plan:?}\n  reads {tally:?}\n  injected {counts:?}");
+        if with_mirror {
+            assert_eq!(tally.ok, 30, "a healthy mirror answers for a failing primary: {tally:?}\n{}", m.log());
+        }
+        // Counters agree with what happened: every failed read the test saw was counted.
+        let failed: u64 =
+            ["reads_failed_timeout", "reads_failed_verification", "reads_failed_source", "reads_failed_other"]
+                .iter()
+                .map(|k| s[k].as_u64().unwrap())
+                .sum();
+        assert!(failed >= tally.eio + tally.etime, "{s}");
+        assert!(s["reads_failed_timeout"].as_u64().unwrap() >= tally.etime, "{s}");
+        let bad = s["blocks_bad"].as_u64().unwrap();
+        assert!(bad <= counts.flipped, "bad blocks come only from flipped bits: {bad} > {}", counts.flipped);
+
+        // Healed, everything reads back exactly, without a remount: at once, or once the
+        // requests of the faulty period have ended (each is bounded by 2 x --read-timeout + 1 s)
+        // and the one-second failure memory has passed.
+        proxy.set_plan(FaultPlan::default());
+        let healed = Instant::now();
+        for rel in &files {
+            let got = loop {
+                match fs::read(m.path(rel)) {
+                    Ok(b) => break b,
+                    Err(e) if healed.elapsed() < read_timeout * 2 + Duration::from_secs(3) => {
+                        let _ = e;
+                        std::thread::sleep(Duration::from_millis(100));
+                    }
+                    Err(e) => panic!("{rel} after healing: {e}\n{}", m.log()),
+                }
+            };
+            assert_eq!(got, fs::read(p.src.join(rel)).unwrap(), "{rel} after healing");
+        }
+        injected += counts.requests - counts.passed;
+        flipped += counts.flipped;
+        bad_blocks += bad;
+        checked += tally.ok + tally.eio + tally.etime;
+    }
+    println!("faults injected {injected} ({flipped} flipped bits, {bad_blocks} bad blocks caught); {checked} reads checked; 0 wrong bytes, 0 hangs");
+    assert!(injected > 20, "the scenarios injected faults: {injected}");
+    assert!(flipped == 0 || bad_blocks > 0, "flipped bits were caught by verification");
+}

@@ -244,16 +244,19 @@ impl Reader {
     fn record(&self, f: &FileRef, i: u64) -> Result<BlockRecord, Local> {
         let layout = FileMetaLayout::new(f.data.size);
         let at = layout.record_offset(i);
-        let bytes = self.meta_local(f, at..at + BLOCK_RECORD_SIZE as u64)?;
+        let range = at..at + BLOCK_RECORD_SIZE as u64;
+        let bytes = self.meta_local(f, range.clone())?;
+        let bad = |what: String| {
+            // Unverified bytes from a server: forget the piece so it is fetched afresh.
+            self.drop_meta(f, range.clone());
+            fail(FailCause::Verification, format!("{}: block {i}: {what}", f.label))
+        };
         let r = BlockRecord::decode(bytes.as_slice().try_into().unwrap())
-            .map_err(|e| fail(FailCause::Verification, format!("{}: block {i}: bad block record: {e}", f.label)))?;
+            .map_err(|e| bad(format!("bad block record: {e}")))?;
         if r.codec != Codec::Zero {
             let size = self.manifest.objects.get(r.object as usize).map(|o| o.size);
             if size.is_none_or(|s| r.range().end > s) {
-                return Err(fail(
-                    FailCause::Verification,
-                    format!("{}: block {i}: record points outside the image", f.label),
-                ));
+                return Err(bad("record points outside the image".into()));
             }
         }
         Ok(r)
@@ -605,6 +608,11 @@ impl Reader {
                         self.mirrors.sources()[mirror].name()
                     );
                     self.mirrors.penalize(mirror);
+                    // The block's record (where it lies, its codec) came from the same kind of
+                    // untrusted bytes: forget its piece, so the next try reads it afresh rather
+                    // than asking for the wrong bytes again.
+                    let at = FileMetaLayout::new(f.data.size).record_offset(*i);
+                    self.drop_meta(f, at..at + BLOCK_RECORD_SIZE as u64);
                     outcome.failed.insert(
                         *leaf,
                         ReadFailure { cause: FailCause::Verification, message: format!("{}: block {i}: {e}", f.label) },
