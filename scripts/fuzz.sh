@@ -50,8 +50,8 @@ for t in "${targets[@]}"; do
     echo "fuzz $t: ${execs:-?} executions in ${secs}s, nothing found"
   else
     found=1
-    echo "fuzz $t: FOUND A CRASH (artifacts in fuzz/artifacts/$t):"
-    tail -40 "$log"
+    echo "fuzz $t: FOUND A CRASH (input saved in fuzz/artifacts/$t; reproduce: RUSTC_BOOTSTRAP=1 cargo fuzz run $t FILE):"
+    grep -E "panicked|ERROR:|SUMMARY|^ +#[0-9]+ .* in incfs" "$log" | head -20
   fi
 done
 exit "$found"

@@ -17,6 +17,10 @@ trap 'rm -f "$log"' EXIT
 set +e
 cargo test --locked --workspace 2>&1 | tee "$log"
 status=${PIPESTATUS[0]}
+# Every parser of untrusted input, fuzzed briefly (scripts/fuzz.sh 600 for a longer run).
+scripts/fuzz.sh "${FUZZ_SECONDS:-10}"
+fuzz_status=$?
+[ "$status" -ne 0 ] || status=$fuzz_status
 set -e
 # One closing line for the whole run (cargo prints one per test binary, the last often "0 passed").
 echo "test suite took $(( $(date +%s) - started ))s"

@@ -35,6 +35,8 @@ pub enum RecordError {
     Length(u16),
     #[error("a zero block must have object 0 and offset 0")]
     ZeroLocation,
+    #[error("stored bytes at offset {0} run past the largest possible object")]
+    Offset(u64),
 }
 
 impl BlockRecord {
@@ -67,6 +69,8 @@ impl BlockRecord {
             Codec::Raw | Codec::Lz4 | Codec::Zstd if r.len == 0 || r.len as usize > BLOCK_SIZE => {
                 Err(RecordError::Length(r.len))
             }
+            // So that `range()` cannot overflow (found by fuzzing).
+            _ if r.offset.checked_add(r.len as u64).is_none() => Err(RecordError::Offset(r.offset)),
             _ => Ok(r),
         }
     }
@@ -143,6 +147,8 @@ mod tests {
         assert_eq!(BlockRecord::decode(&empty_raw.encode()), Err(RecordError::Length(0)));
         let zero_somewhere = BlockRecord { offset: 5, ..BlockRecord::ZERO };
         assert_eq!(BlockRecord::decode(&zero_somewhere.encode()), Err(RecordError::ZeroLocation));
+        let wrapping = BlockRecord { object: 0, codec: Codec::Raw, len: 100, offset: u64::MAX - 10 };
+        assert_eq!(BlockRecord::decode(&wrapping.encode()), Err(RecordError::Offset(u64::MAX - 10)));
     }
 
     #[test]
