@@ -3,7 +3,8 @@
 # Integration tests need root (device nodes, nginx as root, setpriv) and the packages below.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-scripts/deps.sh
+# fio: the load test; g++: libFuzzer, built by cargo fuzz.
+scripts/deps.sh fio g++
 # Garage, a real S3-compatible store for the S3 tests: built once (about 8 minutes), then reused.
 if ! command -v garage >/dev/null && [ ! -x "${CARGO_HOME:-$HOME/.cargo}/bin/garage" ]; then
   echo "building garage for the S3 tests (once)..." >&2
