@@ -137,7 +137,7 @@ for mode in auto off; do
 done
 m_auto=$work/mnt-pt-auto
 m_off=$work/mnt-pt-off
-# Passthrough of a file > 64 MiB starts once its plain copy exists: open and close it once, then
+# Passthrough of a file > 8 MiB starts once its plain copy exists: open and close it once, then
 # wait for the copy to cover it.
 : < "$m_auto/file.bin"
 for i in $(seq 1200); do
