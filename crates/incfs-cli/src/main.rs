@@ -226,6 +226,9 @@ enum Command {
         /// unmount), for `incfs pack --profile`. Turns passthrough off for this mount.
         #[arg(long, value_name = "FILE")]
         record_profile: Option<PathBuf>,
+        /// Serve Prometheus metrics at http://ADDR/metrics (like 127.0.0.1:9100).
+        #[arg(long, value_name = "ADDR")]
+        metrics: Option<std::net::SocketAddr>,
     },
     /// Fetch the named files or trees of a mount now, ahead of everything else, with a progress
     /// bar; returns when they are complete (exit 0) or when fetching makes no progress for
@@ -357,6 +360,7 @@ fn main() {
             plain_limit,
             profile,
             record_profile,
+            metrics,
         } => {
             let mut sources = vec![source];
             sources.extend(mirrors);
@@ -370,6 +374,7 @@ fn main() {
                 plain_limit,
                 profile,
                 record_profile,
+                metrics,
             };
             let args = mount::MountArgs { sources, mountpoint, trust, cache, foreground, settings };
             mount::mount(args)

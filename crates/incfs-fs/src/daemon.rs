@@ -57,6 +57,8 @@ pub struct MountSettings {
     pub profile: Option<PathBuf>,
     /// Record an access profile of this mount here.
     pub record_profile: Option<PathBuf>,
+    /// Serve Prometheus metrics on this address (`GET /metrics`).
+    pub metrics: Option<std::net::SocketAddr>,
 }
 
 impl Default for MountSettings {
@@ -71,6 +73,7 @@ impl Default for MountSettings {
             plain_limit: None,
             profile: None,
             record_profile: None,
+            metrics: None,
         }
     }
 }
@@ -94,6 +97,8 @@ pub enum MountError {
     NotCached(String, String),
     #[error("the cache {0} is being checked by incfs fsck; mount again when it is done")]
     CacheBusy(String),
+    #[error("metrics endpoint {addr}: {error}")]
+    Metrics { addr: std::net::SocketAddr, error: std::io::Error },
     #[error("profile {}: {error}", path.display())]
     Profile { path: PathBuf, error: String },
     #[error("mountpoint {}: {reason}", path.display())]
@@ -319,6 +324,13 @@ pub fn mount(opts: MountOptions, on_ready: impl FnOnce()) -> Result<(), MountErr
     let fs_opts =
         FsOptions { read_timeout: opts.settings.read_timeout, plain: plain.clone(), recorder: recorder.clone() };
     let fs = IncFs::new(manifest.clone(), reader.clone(), rt.handle().clone(), fs_opts);
+    // Bound before mounting, so that a taken address is an error with nothing mounted.
+    let metrics_listener = match opts.settings.metrics {
+        Some(addr) => Some(
+            rt.block_on(tokio::net::TcpListener::bind(addr)).map_err(|error| MountError::Metrics { addr, error })?,
+        ),
+        None => None,
+    };
     let session =
         Session::new(fs, &mountpoint, &config).map_err(|error| MountError::Fuse { path: mountpoint.clone(), error })?;
     let sock = socket_path(&mountpoint);
@@ -335,6 +347,10 @@ pub fn mount(opts: MountOptions, on_ready: impl FnOnce()) -> Result<(), MountErr
         prefetches: Mutex::new(Default::default()),
     });
     rt.spawn(background.run());
+    if let (Some(addr), Some(listener)) = (opts.settings.metrics, metrics_listener) {
+        tracing::info!("metrics on http://{addr}/metrics");
+        rt.spawn(crate::metrics::serve(control.clone(), listener));
+    }
     if let (Some(rec), Some(path)) = (recorder.clone(), opts.settings.record_profile.clone()) {
         rt.spawn(async move {
             let mut saved = (0, 0);

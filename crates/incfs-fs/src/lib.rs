@@ -9,6 +9,7 @@
 //! - [`presence`]: which blocks of each file are local, for status.
 //! - [`control`]: the control socket behind `incfs status`.
 //! - [`stats`]: read, fetch and failure counters.
+//! - [`metrics`]: the Prometheus endpoint (`--metrics ADDR`).
 //! - [`fsck`]: offline check and repair of a cache (`incfs fsck`).
 
 pub mod background;
@@ -16,6 +17,7 @@ pub mod control;
 pub mod daemon;
 pub mod fsck;
 pub mod fuse;
+pub mod metrics;
 pub mod mirrors;
 pub mod plain;
 pub mod presence;

@@ -26,10 +26,10 @@
 
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{mpsc as std_mpsc, Arc, Mutex, PoisonError};
-use std::thread::JoinHandle;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
+use super::runner::Runner;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -50,8 +50,6 @@ const UPSTREAM_TIMEOUT: Duration = Duration::from_secs(30);
 const CLOSE_DRAIN: Duration = Duration::from_secs(1);
 /// How long a reset waits for the partial body to leave the send queue before the RST.
 const RESET_DRAIN: Duration = Duration::from_millis(200);
-/// How long `Drop` waits for the proxy thread before leaving it behind.
-const DROP_WAIT: Duration = Duration::from_secs(5);
 
 /// What to inject, as probabilities per request (each in `0.0..=1.0`; their sum should not exceed
 /// 1: they are cumulative in the order 5xx, 429, stall, reset, truncate, wrong range, flip, delay).
@@ -103,9 +101,7 @@ pub struct FaultCounts {
 pub struct FaultProxy {
     port: u16,
     shared: Arc<Shared>,
-    stop: Option<oneshot::Sender<()>>,
-    done: std_mpsc::Receiver<()>,
-    thread: Option<JoinHandle<()>>,
+    _runner: Runner,
 }
 
 impl FaultProxy {
@@ -121,26 +117,10 @@ impl FaultProxy {
             state: Mutex::new(State { plan, rng: StdRng::seed_from_u64(seed), burst: None }),
             counters: Counters::default(),
         });
-        let (stop_tx, stop_rx) = oneshot::channel();
-        let (done_tx, done_rx) = std_mpsc::channel();
         let task_shared = shared.clone();
+        let runner = Runner::spawn(format!("fault-proxy-{port}"), move |stop| accept_loop(listener, task_shared, stop));
 
-        let thread = std::thread::Builder::new()
-            .name(format!("fault-proxy-{port}"))
-            .spawn(move || {
-                let runtime = tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                    .expect("building the fault proxy runtime");
-                runtime.block_on(accept_loop(listener, task_shared, stop_rx));
-                // Drops every connection task (closing its sockets, stalled ones too) without
-                // waiting for peers.
-                runtime.shutdown_background();
-                let _ = done_tx.send(());
-            })
-            .expect("spawning the fault proxy thread");
-
-        FaultProxy { port, shared, stop: Some(stop_tx), done: done_rx, thread: Some(thread) }
+        FaultProxy { port, shared, _runner: runner }
     }
 
     /// Replace the plan for requests arriving from now on; a burst in progress ends.
@@ -174,23 +154,6 @@ impl FaultProxy {
             status_429: get(&c.status_429),
             flipped: get(&c.flipped),
             stalled: get(&c.stalled),
-        }
-    }
-}
-
-impl Drop for FaultProxy {
-    fn drop(&mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        // Bounded wait: a stuck proxy thread must never hang a test; it is detached instead.
-        match self.done.recv_timeout(DROP_WAIT) {
-            Ok(()) | Err(std_mpsc::RecvTimeoutError::Disconnected) => {
-                if let Some(thread) = self.thread.take() {
-                    let _ = thread.join();
-                }
-            }
-            Err(std_mpsc::RecvTimeoutError::Timeout) => {}
         }
     }
 }

@@ -15,6 +15,7 @@ use rand::{RngCore, SeedableRng};
 
 pub mod faults;
 pub mod proxy;
+pub mod runner;
 
 pub fn incfs_bin() -> &'static str {
     env!("CARGO_BIN_EXE_incfs")

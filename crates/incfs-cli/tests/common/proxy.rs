@@ -11,10 +11,10 @@
 
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{mpsc as std_mpsc, Arc, Mutex, PoisonError};
-use std::thread::JoinHandle;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
+use super::runner::Runner;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot, Semaphore};
@@ -25,16 +25,12 @@ const READ_SIZE: usize = 64 * 1024;
 /// Bytes a direction of one connection may hold in its delay queue before it stops reading, so a
 /// fast sender against a capped reader applies TCP back-pressure instead of filling memory.
 const MAX_QUEUED: usize = 32 * 1024 * 1024;
-/// How long `Drop` waits for the proxy thread before leaving it behind.
-const DROP_WAIT: Duration = Duration::from_secs(5);
 
 pub struct DelayProxy {
     port: u16,
     connections: Arc<AtomicU64>,
     bytes_down: Arc<AtomicU64>,
-    stop: Option<oneshot::Sender<()>>,
-    done: std_mpsc::Receiver<()>,
-    thread: Option<JoinHandle<()>>,
+    _runner: Runner,
 }
 
 impl DelayProxy {
@@ -50,8 +46,6 @@ impl DelayProxy {
 
         let connections = Arc::new(AtomicU64::new(0));
         let bytes_down = Arc::new(AtomicU64::new(0));
-        let (stop_tx, stop_rx) = oneshot::channel();
-        let (done_tx, done_rx) = std_mpsc::channel();
         let shared = Shared {
             target_port,
             delay: rtt / 2,
@@ -60,21 +54,10 @@ impl DelayProxy {
         };
         let accepted = connections.clone();
 
-        let thread = std::thread::Builder::new()
-            .name(format!("delay-proxy-{port}"))
-            .spawn(move || {
-                let runtime = tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                    .expect("building the delay proxy runtime");
-                runtime.block_on(accept_loop(listener, shared, accepted, stop_rx));
-                // Drops every connection task (closing its sockets) without waiting for peers.
-                runtime.shutdown_background();
-                let _ = done_tx.send(());
-            })
-            .expect("spawning the delay proxy thread");
+        let runner =
+            Runner::spawn(format!("delay-proxy-{port}"), move |stop| accept_loop(listener, shared, accepted, stop));
 
-        DelayProxy { port, connections, bytes_down, stop: Some(stop_tx), done: done_rx, thread: Some(thread) }
+        DelayProxy { port, connections, bytes_down, _runner: runner }
     }
 
     pub fn port(&self) -> u16 {
@@ -93,23 +76,6 @@ impl DelayProxy {
     /// Server->client bytes forwarded so far (all connections).
     pub fn bytes_down(&self) -> u64 {
         self.bytes_down.load(Ordering::SeqCst)
-    }
-}
-
-impl Drop for DelayProxy {
-    fn drop(&mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        // Bounded wait: a stuck proxy thread must never hang a test; it is detached instead.
-        match self.done.recv_timeout(DROP_WAIT) {
-            Ok(()) | Err(std_mpsc::RecvTimeoutError::Disconnected) => {
-                if let Some(thread) = self.thread.take() {
-                    let _ = thread.join();
-                }
-            }
-            Err(std_mpsc::RecvTimeoutError::Timeout) => {}
-        }
     }
 }
 

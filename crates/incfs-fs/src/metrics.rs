@@ -1,0 +1,77 @@
+//! Prometheus metrics of a mount (`incfs mount --metrics ADDR`): `GET /metrics` answers the
+//! text exposition format (version 0.0.4) with the same counters as `incfs status`.
+
+use std::fmt::Write;
+use std::sync::Arc;
+
+use crate::control::{Control, Status};
+
+/// The exposition text for one status snapshot.
+pub fn render(s: &Status) -> String {
+    let mut out = String::new();
+    let mut metric = |name: &str, kind: &str, help: &str, samples: &[(&str, f64)]| {
+        let _ = writeln!(out, "# HELP incfs_{name} {help}");
+        let _ = writeln!(out, "# TYPE incfs_{name} {kind}");
+        for (labels, v) in samples {
+            let _ = writeln!(out, "incfs_{name}{labels} {v}");
+        }
+    };
+    let n = |v: u64| v as f64;
+    metric("reads_served_total", "counter", "FUSE reads answered by the daemon.", &[("", n(s.reads_served))]);
+    metric("reads_waited_total", "counter", "Reads that waited for the network.", &[("", n(s.reads_waited))]);
+    metric(
+        "reads_failed_total",
+        "counter",
+        "Reads failed, by cause.",
+        &[
+            ("{cause=\"timeout\"}", n(s.reads_failed_timeout)),
+            ("{cause=\"verification\"}", n(s.reads_failed_verification)),
+            ("{cause=\"source\"}", n(s.reads_failed_source)),
+            ("{cause=\"other\"}", n(s.reads_failed_other)),
+        ],
+    );
+    metric("pending_reads", "gauge", "Reads waiting for the network now.", &[("", n(s.pending_reads))]);
+    metric("fetch_requests_total", "counter", "Ranged GETs made.", &[("", n(s.fetch_requests))]);
+    metric("fetch_failures_total", "counter", "Ranged GETs that failed.", &[("", n(s.fetch_failures))]);
+    metric("fetched_bytes_total", "counter", "Bytes received from sources.", &[("", n(s.bytes_fetched))]);
+    metric("blocks_fetched_total", "counter", "Blocks fetched and verified.", &[("", n(s.blocks_fetched))]);
+    metric("blocks_bad_total", "counter", "Blocks that failed verification.", &[("", n(s.blocks_bad))]);
+    metric("blocks_present", "gauge", "Blocks of the image present locally.", &[("", n(s.blocks_present))]);
+    metric("blocks_total", "gauge", "Blocks of the image.", &[("", n(s.blocks_total))]);
+    metric("complete", "gauge", "1 when every block is present.", &[("", if s.complete { 1.0 } else { 0.0 })]);
+    metric("stored_bytes", "gauge", "Compressed bytes in the local store.", &[("", n(s.bytes_stored))]);
+    metric("plain_bytes", "gauge", "Bytes of plain copies for passthrough.", &[("", n(s.plain_bytes.unwrap_or(0)))]);
+    metric("opens_passthrough_total", "counter", "Opens served by FUSE passthrough.", &[("", n(s.opens_passthrough))]);
+    metric(
+        "background_cancelled_total",
+        "counter",
+        "Background requests cancelled for a waiting read.",
+        &[("", n(s.background_cancelled))],
+    );
+    metric(
+        "fetch_latency_milliseconds",
+        "gauge",
+        "Recent fetch latency.",
+        &[("{stat=\"mean\"}", s.fetch_latency_mean_ms), ("{stat=\"p99\"}", s.fetch_latency_p99_ms)],
+    );
+    let escape = |v: &str| v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n");
+    let info = format!("{{image=\"{}\",version=\"{}\"}}", escape(&s.image), s.version);
+    metric("image_info", "gauge", "The mounted image and version.", &[(&info, 1.0)]);
+    out
+}
+
+/// Serve `GET /metrics` on `listener` until the runtime stops.
+pub async fn serve(control: Arc<Control>, listener: tokio::net::TcpListener) {
+    let app = axum::Router::new().route(
+        "/metrics",
+        axum::routing::get(move || {
+            let control = control.clone();
+            async move {
+                ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], render(&control.status()))
+            }
+        }),
+    );
+    if let Err(e) = axum::serve(listener, app).await {
+        tracing::error!("metrics endpoint stopped: {e}");
+    }
+}
