@@ -1,6 +1,7 @@
 //! Reliability under damage and crashes: `incfs fsck` on a deliberately damaged cache,
-//! `kill -9` at random instants of fetching and storing, and hostile signed manifests refused
-//! by verify, extract and mount.
+//! `kill -9` at random instants of fetching and storing, hostile signed manifests refused by
+//! verify, extract and mount, and randomized network faults. `INCFS_CRASH_ITERATIONS` (12) and
+//! `INCFS_FAULT_SCENARIOS` (6) make the last two run longer on demand.
 
 mod common;
 
@@ -11,6 +12,10 @@ use std::time::{Duration, Instant};
 use common::*;
 use incfs_format::manifest::{Dirent, FileData, Inode, InodeKind, Manifest, MetaRef, Metadata, ObjectRef};
 use rand::{Rng, SeedableRng};
+
+fn env_count(name: &str, default: usize) -> usize {
+    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
 
 fn tree(src: &Path) {
     fs::create_dir_all(src.join("lib")).unwrap();
@@ -101,7 +106,7 @@ fn kill_9_at_random_instants_loses_nothing_and_serves_nothing_wrong() {
     let serve = IncfsServer::start(&p.repo);
     let files: Vec<String> = read_tree(&p.src).into_iter().map(|(rel, _)| rel.to_string_lossy().into_owned()).collect();
     let mut rng = rand::rngs::StdRng::seed_from_u64(0x6b696c6c);
-    let iterations = 12;
+    let iterations = env_count("INCFS_CRASH_ITERATIONS", 12);
     let mut present_before = 0;
     for i in 0..iterations {
         // Completion is capped so that every kill lands mid-fetch; a reader adds demand fetches.
@@ -310,10 +315,11 @@ fn randomized_network_faults_never_yield_a_wrong_byte_or_a_hang() {
     let mut rng = rand::rngs::StdRng::seed_from_u64(0xfa017);
     let (mut injected, mut bad_blocks, mut checked) = (0u64, 0u64, 0u64);
     let mut flipped = 0u64;
-    for scenario in 0..6u64 {
-        // Each scenario draws its own mix; the last adds a healthy mirror and only the faults a
-        // mirror can answer for (errors, not wrong bytes or stalls).
-        let with_mirror = scenario == 5;
+    let scenarios = env_count("INCFS_FAULT_SCENARIOS", 6) as u64;
+    for scenario in 0..scenarios {
+        // Each scenario draws its own mix; every sixth adds a healthy mirror and only the faults
+        // a mirror can answer for (errors, not wrong bytes or stalls).
+        let with_mirror = scenario % 6 == 5;
         let mut plan = FaultPlan {
             status_5xx: rng.gen_range(0.0..0.15),
             status_429: rng.gen_range(0.0..0.1),
