@@ -229,6 +229,25 @@ enum Command {
         /// Serve Prometheus metrics at http://ADDR/metrics (like 127.0.0.1:9100).
         #[arg(long, value_name = "ADDR")]
         metrics: Option<std::net::SocketAddr>,
+        /// Look for a newer version this often (like 30s, 5m) and switch to it live, as
+        /// `incfs update` does.
+        #[arg(long, value_name = "INTERVAL", value_parser = humantime::parse_duration)]
+        follow: Option<std::time::Duration>,
+    },
+    /// Switch a live mount to another version of its image: added files appear, removed ones
+    /// disappear, changed files show their new content from their next open (a file already open
+    /// keeps reading the version it opened). Only blocks the cache lacks are fetched, when read.
+    Update {
+        mountpoint: PathBuf,
+        /// The version to switch to [default: the newest published].
+        #[arg(long, value_name = "VERSION")]
+        to: Option<u64>,
+        /// Allow switching to an older version than the newest this mount or cache accepted.
+        #[arg(long)]
+        allow_rollback: bool,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
     },
     /// Fetch the named files or trees of a mount now, ahead of everything else, with a progress
     /// bar; returns when they are complete (exit 0) or when fetching makes no progress for
@@ -361,6 +380,7 @@ fn main() {
             profile,
             record_profile,
             metrics,
+            follow,
         } => {
             let mut sources = vec![source];
             sources.extend(mirrors);
@@ -375,6 +395,7 @@ fn main() {
                 profile,
                 record_profile,
                 metrics,
+                follow,
             };
             let args = mount::MountArgs { sources, mountpoint, trust, cache, foreground, settings };
             mount::mount(args)
@@ -383,6 +404,9 @@ fn main() {
             mount::prefetch(&mountpoint, &paths, stall_timeout, quiet)
         }
         Command::Unmount { mountpoint } => mount::unmount(&mountpoint),
+        Command::Update { mountpoint, to, allow_rollback, json } => {
+            mount::update(&mountpoint, to, allow_rollback, json)
+        }
         Command::Status { mountpoint, path, json, watch } if watch => {
             let _ = (path, json);
             mount::watch(&mountpoint)

@@ -1,4 +1,4 @@
-//! `incfs mount`, `incfs unmount`, `incfs status`.
+//! `incfs mount`, `incfs unmount`, `incfs status`, `incfs update`, `incfs prefetch`, `incfs fsck`.
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::process::CommandExt;
@@ -7,7 +7,8 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use incfs_fs::control::{ask, FileStatus, PrefetchProgress, Status};
+use incfs_fs::control::{ask, ask_within, FileStatus, PrefetchProgress, Status};
+use incfs_fs::live::UpdateReport;
 use indicatif::{HumanBytes, MultiProgress, ProgressBar, ProgressStyle};
 
 use crate::keys::load_trusted;
@@ -197,6 +198,40 @@ pub fn status(mountpoint: &Path, path: Option<&Path>, json: bool) -> Result<i32>
         "failures:  {} timeout, {} verification, {} source, {} other ({} bad blocks rejected)",
         s.reads_failed_timeout, s.reads_failed_verification, s.reads_failed_source, s.reads_failed_other, s.blocks_bad
     );
+    Ok(0)
+}
+
+/// `incfs update`: switch the mount to another version and say what changed.
+pub fn update(mountpoint: &Path, to: Option<u64>, allow_rollback: bool, json: bool) -> Result<i32> {
+    let mp = std::fs::canonicalize(mountpoint).with_context(|| format!("{}", mountpoint.display()))?;
+    let request = serde_json::json!({ "cmd": "update", "to": to, "allow_rollback": allow_rollback });
+    let v = ask_within(&mp, &request, Duration::from_secs(300)).map_err(|e| anyhow::anyhow!(e))?;
+    if json {
+        println!("{v}");
+        return Ok(0);
+    }
+    let r: UpdateReport = serde_json::from_value(v)?;
+    if !r.switched {
+        println!("{} already serves version {}", mp.display(), r.to);
+        return Ok(0);
+    }
+    println!(
+        "{}: version {} -> {}: {} added, {} removed, {} changed",
+        mp.display(),
+        r.from,
+        r.to,
+        r.added.len(),
+        r.removed.len(),
+        r.changed.len()
+    );
+    for (mark, list) in [("+", &r.added), ("-", &r.removed), ("~", &r.changed)] {
+        for p in list.iter().take(20) {
+            println!("  {mark} {p}");
+        }
+        if list.len() > 20 {
+            println!("  {mark} ... and {} more", list.len() - 20);
+        }
+    }
     Ok(0)
 }
 

@@ -22,6 +22,7 @@ use futures::StreamExt;
 use incfs_format::layout;
 use incfs_format::manifest::{display_path, InodeKind, Manifest};
 use incfs_format::profile::Profile;
+use incfs_format::Hash;
 use incfs_store::{file_key, FileKey};
 
 use crate::reader::{group_runs, FileRef, Local, Need, ReadFailure, Reader};
@@ -77,6 +78,8 @@ struct Job {
 
 pub struct Background {
     reader: Arc<Reader>,
+    /// The version being completed.
+    manifest: Arc<Manifest>,
     /// Distinct file contents with data, in pack order.
     files: Vec<FileRef>,
     spans: Vec<Span>,
@@ -93,8 +96,7 @@ pub struct Background {
 }
 
 impl Background {
-    pub fn new(reader: Arc<Reader>, opts: BackgroundOptions) -> Arc<Self> {
-        let manifest = reader.manifest().clone();
+    pub fn new(reader: Arc<Reader>, manifest: Arc<Manifest>, opts: BackgroundOptions) -> Arc<Self> {
         let mut files: Vec<FileRef> = Vec::new();
         let mut by_key = HashMap::new();
         for (path, ino) in manifest.walk() {
@@ -124,6 +126,7 @@ impl Background {
         }
         Arc::new(Background {
             reader,
+            manifest,
             files,
             spans,
             by_key,
@@ -138,7 +141,11 @@ impl Background {
     }
 
     fn manifest(&self) -> &Manifest {
-        self.reader.manifest()
+        &self.manifest
+    }
+
+    fn object_digest(&self, object: u32) -> Hash {
+        self.manifest.objects[object as usize].digest
     }
 
     /// Fetch the files of `inodes` (and of directories, everything under them) before anything
@@ -327,7 +334,7 @@ impl Background {
     /// One ranged GET of background work, in its turn; a yielding one is cancelled and made
     /// again when a read starts waiting meanwhile.
     async fn get(&self, object: u32, range: Range<u64>, yields: bool) -> Result<(bytes::Bytes, usize), ReadFailure> {
-        let key = layout::object(&self.manifest().objects[object as usize].digest);
+        let key = layout::object(&self.object_digest(object));
         loop {
             self.wait_turn(range.end - range.start, yields).await;
             let began = self.reader.demand_began.notified();

@@ -4,19 +4,20 @@
 //! `$XDG_RUNTIME_DIR/incfs/` when `/run` is not writable), so a client finds it from the
 //! mountpoint alone. Protocol: one JSON request per line, one JSON reply per line:
 //! `{"cmd":"status"}`, `{"cmd":"file","path":"dir/name"}`, `{"cmd":"prefetch","paths":["a","b/c"]}`
-//! (answers an id) and `{"cmd":"prefetch_progress","id":N}`.
+//! (answers an id), `{"cmd":"prefetch_progress","id":N}` and
+//! `{"cmd":"update","to":N|null,"allow_rollback":false}`.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use incfs_format::manifest::{InodeKind, Manifest};
+use incfs_format::manifest::InodeKind;
 use incfs_store::file_key;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 
-use crate::background::Background;
+use crate::live::Live;
 use crate::plain::PlainCopies;
 use crate::reader::Reader;
 use crate::stats::Stats;
@@ -37,9 +38,20 @@ pub fn socket_path(mountpoint: &Path) -> PathBuf {
 #[serde(tag = "cmd", rename_all = "snake_case")]
 enum Request {
     Status,
-    File { path: String },
-    Prefetch { paths: Vec<String> },
-    PrefetchProgress { id: u64 },
+    File {
+        path: String,
+    },
+    Prefetch {
+        paths: Vec<String>,
+    },
+    PrefetchProgress {
+        id: u64,
+    },
+    Update {
+        to: Option<u64>,
+        #[serde(default)]
+        allow_rollback: bool,
+    },
 }
 
 /// Progress of one `incfs prefetch`.
@@ -105,13 +117,10 @@ pub struct FileStatus {
 }
 
 pub struct Control {
-    pub manifest: Arc<Manifest>,
+    pub live: Arc<Live>,
     pub reader: Arc<Reader>,
     pub mountpoint: PathBuf,
     pub cache: PathBuf,
-    /// Distinct file contents: (key, blocks).
-    pub contents: Vec<([u8; 40], u64)>,
-    pub background: Arc<Background>,
     pub plain: Option<Arc<PlainCopies>>,
     pub offline: bool,
     /// `incfs prefetch` requests: id -> contents concerned.
@@ -121,17 +130,18 @@ pub struct Control {
 impl Control {
     pub fn status(&self) -> Status {
         let s = &self.reader.stats;
-        let blocks_total = self.contents.iter().map(|(_, b)| b).sum();
-        let blocks_present = self.contents.iter().map(|(k, b)| self.reader.presence.count(k).min(*b)).sum();
+        let view = self.live.views.current();
+        let blocks_total = view.contents.iter().map(|(_, b)| b).sum();
+        let blocks_present = view.contents.iter().map(|(k, b)| self.reader.presence.count(k).min(*b)).sum();
         let (mean, p99) = s.latency_ms();
         Status {
-            image: self.manifest.name.clone(),
-            version: self.manifest.version,
+            image: view.manifest.name.clone(),
+            version: view.manifest.version,
             mountpoint: self.mountpoint.display().to_string(),
             sources: self.reader.mirrors().sources().iter().map(|s| s.name().to_string()).collect(),
             offline: self.offline,
             cache: self.cache.display().to_string(),
-            files: self.contents.len() as u64,
+            files: view.contents.len() as u64,
             blocks_total,
             blocks_present,
             complete: blocks_present == blocks_total,
@@ -150,7 +160,7 @@ impl Control {
             fetch_latency_mean_ms: mean,
             fetch_latency_p99_ms: p99,
             pending_reads: self.reader.demand() as u64,
-            fetching: self.background.active(),
+            fetching: self.live.background().active(),
             opens_passthrough: Stats::get(&s.opens_passthrough),
             background_cancelled: Stats::get(&s.background_cancelled),
             plain_files: self.plain.as_ref().map(|p| p.usage().0),
@@ -159,11 +169,12 @@ impl Control {
     }
 
     fn prefetch(&self, paths: &[String]) -> Result<PrefetchProgress, String> {
+        let manifest = self.live.manifest();
         let mut inodes = Vec::new();
         for p in paths {
-            inodes.push(self.manifest.resolve(p.as_bytes()).ok_or_else(|| format!("{p}: not in the image"))?);
+            inodes.push(manifest.resolve(p.as_bytes()).ok_or_else(|| format!("{p}: not in the image"))?);
         }
-        let keys = self.background.prefetch(&inodes);
+        let keys = self.live.background().prefetch(&inodes);
         let mut all = self.prefetches.lock().unwrap();
         let id = all.len() as u64 + 1;
         all.insert(id, keys);
@@ -174,7 +185,7 @@ impl Control {
     fn prefetch_progress(&self, id: u64) -> Result<PrefetchProgress, String> {
         let all = self.prefetches.lock().unwrap();
         let keys = all.get(&id).ok_or_else(|| format!("no prefetch request {id}"))?;
-        let (present, total) = self.background.progress(keys);
+        let (present, total) = self.live.background().progress(keys);
         Ok(PrefetchProgress {
             id,
             files: keys.len() as u64,
@@ -185,8 +196,9 @@ impl Control {
     }
 
     fn file_status(&self, path: &str) -> Result<FileStatus, String> {
-        let ino = self.manifest.resolve(path.as_bytes()).ok_or_else(|| format!("{path}: not in the image"))?;
-        let InodeKind::File(f) = &self.manifest.inodes[ino as usize].kind else {
+        let manifest = self.live.manifest();
+        let ino = manifest.resolve(path.as_bytes()).ok_or_else(|| format!("{path}: not in the image"))?;
+        let InodeKind::File(f) = &manifest.inodes[ino as usize].kind else {
             return Err(format!("{path}: not a regular file"));
         };
         let key = file_key(&f.root_hash, f.size);
@@ -202,7 +214,7 @@ impl Control {
         })
     }
 
-    fn answer(&self, line: &str) -> String {
+    async fn answer(&self, line: &str) -> String {
         let reply = match serde_json::from_str::<Request>(line) {
             Ok(Request::Status) => serde_json::to_value(self.status()).map_err(|e| e.to_string()),
             Ok(Request::File { path }) => {
@@ -214,6 +226,10 @@ impl Control {
             Ok(Request::PrefetchProgress { id }) => {
                 self.prefetch_progress(id).and_then(|p| serde_json::to_value(p).map_err(|e| e.to_string()))
             }
+            Ok(Request::Update { to, allow_rollback }) => match self.live.update(to, allow_rollback).await {
+                Ok(r) => serde_json::to_value(r).map_err(|e| e.to_string()),
+                Err(e) => Err(e.to_string()),
+            },
             Err(e) => Err(format!("bad request: {e}")),
         };
         match reply {
@@ -233,7 +249,7 @@ impl Control {
                 let (r, mut w) = stream.into_split();
                 let mut lines = BufReader::new(r).lines();
                 while let Ok(Some(line)) = lines.next_line().await {
-                    let mut reply = me.answer(&line);
+                    let mut reply = me.answer(&line).await;
                     reply.push('\n');
                     if w.write_all(reply.as_bytes()).await.is_err() {
                         break;
@@ -246,12 +262,21 @@ impl Control {
 
 /// Ask the daemon of `mountpoint` one request; returns the `ok` value.
 pub fn ask(mountpoint: &Path, request: &serde_json::Value) -> Result<serde_json::Value, String> {
+    ask_within(mountpoint, request, std::time::Duration::from_secs(10))
+}
+
+/// [`ask`], waiting up to `timeout` for the reply (a version switch may take longer).
+pub fn ask_within(
+    mountpoint: &Path,
+    request: &serde_json::Value,
+    timeout: std::time::Duration,
+) -> Result<serde_json::Value, String> {
     use std::io::{BufRead, Write};
     let path = socket_path(mountpoint);
     let mut s = std::os::unix::net::UnixStream::connect(&path).map_err(|e| {
         format!("{} is not an incfs mount served by a running daemon ({}: {e})", mountpoint.display(), path.display())
     })?;
-    s.set_read_timeout(Some(std::time::Duration::from_secs(10))).ok();
+    s.set_read_timeout(Some(timeout)).ok();
     writeln!(s, "{request}").map_err(|e| e.to_string())?;
     let mut line = String::new();
     std::io::BufReader::new(s).read_line(&mut line).map_err(|e| e.to_string())?;

@@ -1,6 +1,6 @@
 //! Mounting: verify the manifest (or fall back to the cached one when every source is
-//! unreachable), refuse rollbacks, mount FUSE, serve the control socket, unmount on SIGTERM or
-//! SIGINT, and return when the filesystem is unmounted by any means.
+//! unreachable), refuse rollbacks, mount FUSE, serve the control socket, follow new versions if
+//! asked, unmount on SIGTERM or SIGINT, and return when the filesystem is unmounted by any means.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -8,19 +8,20 @@ use std::time::Duration;
 
 use fuser::{Config, MountOption, Session, SessionACL};
 use incfs_fetch::{Image, ImageError, Source, SourceError, SourceOptions};
-use incfs_format::manifest::InodeKind;
 use incfs_format::profile::{Profile, Recorder, MAX_PROFILE_BYTES};
 use incfs_format::{layout, Manifest};
 use incfs_sign::TrustedKeys;
-use incfs_store::{file_key, Store};
+use incfs_store::Store;
 
-use crate::background::{Background, BackgroundOptions};
+use crate::background::BackgroundOptions;
 use crate::control::{socket_path, Control};
 use crate::fuse::{FsOptions, IncFs};
+use crate::live::Live;
 use crate::mirrors::Mirrors;
 use crate::plain::PlainCopies;
 use crate::reader::Reader;
 use crate::stats::Stats;
+use crate::view::{View, Views};
 
 /// Size of the store's write-ahead log at which it is checkpointed.
 const WAL_CHECKPOINT_BYTES: u64 = 32 << 20;
@@ -59,6 +60,8 @@ pub struct MountSettings {
     pub record_profile: Option<PathBuf>,
     /// Serve Prometheus metrics on this address (`GET /metrics`).
     pub metrics: Option<std::net::SocketAddr>,
+    /// Look for a newer version this often and switch to it.
+    pub follow: Option<Duration>,
 }
 
 impl Default for MountSettings {
@@ -74,6 +77,7 @@ impl Default for MountSettings {
             profile: None,
             record_profile: None,
             metrics: None,
+            follow: None,
         }
     }
 }
@@ -270,23 +274,13 @@ pub fn mount(opts: MountOptions, on_ready: impl FnOnce()) -> Result<(), MountErr
     };
     let manifest = Arc::new(manifest);
     let profile = rt.block_on(load_profile(&opts, &sources, offline))?;
-
-    let mut contents: Vec<([u8; 40], u64)> = manifest
-        .inodes
-        .iter()
-        .filter_map(|i| match &i.kind {
-            InodeKind::File(f) if f.size > 0 => {
-                Some((file_key(&f.root_hash, f.size), incfs_verity::block_count(f.size)))
-            }
-            _ => None,
-        })
-        .collect();
-    contents.sort_unstable();
-    contents.dedup();
+    let recording = opts.settings.record_profile.is_some();
+    let view = View::first(manifest.clone(), recording);
 
     let stats = Arc::new(Stats::default());
-    let reader = Arc::new(Reader::new(manifest.clone(), store.clone(), Arc::new(Mirrors::new(sources)), stats));
-    reader.presence.load(&store, contents.iter().map(|(k, _)| *k))?;
+    let reader = Arc::new(Reader::new(&manifest.objects, store.clone(), Arc::new(Mirrors::new(sources)), stats));
+    reader.presence.load(&store, view.contents.iter().map(|(k, _)| *k))?;
+    let views = Arc::new(Views::new(view));
 
     let root = nix_is_root();
     let mut mount_options = vec![
@@ -307,9 +301,12 @@ pub fn mount(opts: MountOptions, on_ready: impl FnOnce()) -> Result<(), MountErr
     config.n_threads = Some(opts.settings.threads.max(1));
     config.clone_fd = true;
 
-    let background = Background::new(
+    let live = Live::new(
+        views.clone(),
         reader.clone(),
+        opts.trust.clone(),
         BackgroundOptions { enabled: opts.settings.background, bandwidth: opts.settings.bandwidth, profile },
+        recording,
     );
     let recorder = opts.settings.record_profile.as_ref().map(|_| Arc::new(Mutex::new(Recorder::default())));
     let plain = if opts.settings.passthrough && recorder.is_some() {
@@ -323,7 +320,7 @@ pub fn mount(opts: MountOptions, on_ready: impl FnOnce()) -> Result<(), MountErr
     };
     let fs_opts =
         FsOptions { read_timeout: opts.settings.read_timeout, plain: plain.clone(), recorder: recorder.clone() };
-    let fs = IncFs::new(manifest.clone(), reader.clone(), rt.handle().clone(), fs_opts);
+    let fs = IncFs::new(views, reader.clone(), rt.handle().clone(), fs_opts);
     // Bound before mounting, so that a taken address is an error with nothing mounted.
     let metrics_listener = match opts.settings.metrics {
         Some(addr) => Some(
@@ -333,20 +330,25 @@ pub fn mount(opts: MountOptions, on_ready: impl FnOnce()) -> Result<(), MountErr
     };
     let session =
         Session::new(fs, &mountpoint, &config).map_err(|error| MountError::Fuse { path: mountpoint.clone(), error })?;
+    live.set_notifier(session.notifier());
     let sock = socket_path(&mountpoint);
     let _ = std::fs::remove_file(&sock);
     let control = Arc::new(Control {
-        manifest,
+        live: live.clone(),
         reader,
         mountpoint: mountpoint.clone(),
         cache: opts.cache.clone(),
-        contents,
-        background: background.clone(),
         plain,
         offline,
         prefetches: Mutex::new(Default::default()),
     });
-    rt.spawn(background.run());
+    {
+        let _guard = rt.enter();
+        live.start_background();
+    }
+    if let Some(interval) = opts.settings.follow.filter(|_| !opts.settings.offline) {
+        rt.spawn(live.clone().follow(interval));
+    }
     if let (Some(addr), Some(listener)) = (opts.settings.metrics, metrics_listener) {
         tracing::info!("metrics on http://{addr}/metrics");
         rt.spawn(crate::metrics::serve(control.clone(), listener));

@@ -1,5 +1,7 @@
 //! The FUSE face of a mount: attributes and directories straight from the signed manifest (no
-//! network, ever), reads through the [`Reader`], and `EROFS` for every change.
+//! network, ever), reads through the [`Reader`], and `EROFS` for every change. Which manifest:
+//! the current [`View`], or for an inode number the kernel still holds from before a version
+//! switch, the retired view that gave it out; an open file reads the version it was opened in.
 
 use std::collections::{HashMap, HashSet};
 use std::ffi::OsStr;
@@ -14,15 +16,17 @@ use fuser::{
     ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow,
     WriteFlags,
 };
-use incfs_format::manifest::{display_path, Inode, InodeKind, Manifest};
+use incfs_format::manifest::{Inode, InodeKind};
 use incfs_format::profile::Recorder;
 use incfs_store::file_key;
 
 use crate::plain::PlainCopies;
 use crate::reader::{FileRef, Local, ReadFailure, Reader};
 use crate::stats::{FailCause, Stats};
+use crate::view::{View, Views};
 
-/// The image never changes under a mount, so the kernel may cache names and attributes long.
+/// An inode never changes (a new version gives changed inodes new numbers, and the kernel is
+/// told to forget the names that moved), so the kernel may cache names and attributes long.
 const TTL: Duration = Duration::from_secs(24 * 3600);
 /// Readahead window bounds, in blocks: it doubles on sequential reads, resets on random ones.
 const READAHEAD_START: u64 = 16;
@@ -40,7 +44,15 @@ struct Handle {
     next_block: u64,
     window: u64,
     /// Inode whose passthrough this handle holds.
-    passthrough: Option<u32>,
+    passthrough: Option<u64>,
+    /// The file as opened: reads stay on this version whatever is switched meanwhile.
+    file: Option<FileRef>,
+}
+
+impl Handle {
+    fn new(file: Option<FileRef>, window: u64, passthrough: Option<u64>) -> Handle {
+        Handle { next_block: 0, window, passthrough, file }
+    }
 }
 
 /// How an inode's open files are served. The kernel refuses to mix the two (an inode is either
@@ -64,27 +76,20 @@ pub struct FsOptions {
 }
 
 pub struct IncFs {
-    manifest: Arc<Manifest>,
+    views: Arc<Views>,
     reader: Arc<Reader>,
     rt: tokio::runtime::Handle,
     read_timeout: Duration,
-    nlinks: Vec<u32>,
-    /// Parent of each directory inode (the root is its own parent).
-    parents: Vec<u32>,
-    /// Data blocks of all files, for statfs (the image never changes under the mount).
-    data_blocks: u64,
-    labels: Vec<Arc<str>>,
     handles: Mutex<HashMap<u64, Handle>>,
     next_handle: AtomicU64,
     plain: Option<Arc<PlainCopies>>,
     /// Cleared when the kernel refuses passthrough (no CAP_SYS_ADMIN, or no support).
     passthrough: AtomicBool,
-    modes: Mutex<HashMap<u32, IoMode>>,
+    /// By kernel inode number.
+    modes: Mutex<HashMap<u64, IoMode>>,
     /// Plain copies being written in the background.
     copying: Arc<Mutex<HashSet<[u8; 40]>>>,
     recorder: Option<Arc<Mutex<Recorder>>>,
-    /// Raw path of each inode, kept only when recording a profile.
-    paths: Vec<Arc<[u8]>>,
 }
 
 fn file_type(kind: &InodeKind) -> FileType {
@@ -107,38 +112,12 @@ fn ts(sec: i64, nsec: u32) -> SystemTime {
 }
 
 impl IncFs {
-    pub fn new(manifest: Arc<Manifest>, reader: Arc<Reader>, rt: tokio::runtime::Handle, opts: FsOptions) -> Self {
-        let nlinks = manifest.link_counts();
-        let mut labels: Vec<Arc<str>> = vec![Arc::from(""); manifest.inodes.len()];
-        let recording = opts.recorder.is_some();
-        let mut paths: Vec<Arc<[u8]>> =
-            if recording { vec![Arc::from(&b""[..]); manifest.inodes.len()] } else { vec![] };
-        for (path, ino) in manifest.walk() {
-            if labels[ino as usize].is_empty() {
-                labels[ino as usize] = Arc::from(display_path(&path));
-                if recording {
-                    paths[ino as usize] = Arc::from(path.as_slice());
-                }
-            }
-        }
-        let mut parents = vec![0u32; manifest.inodes.len()];
-        for d in &manifest.dirents {
-            parents[d.inode as usize] = d.parent;
-        }
-        let data_blocks = manifest
-            .inodes
-            .iter()
-            .map(|i| if let InodeKind::File(f) = &i.kind { incfs_verity::block_count(f.size) } else { 0 })
-            .sum();
+    pub fn new(views: Arc<Views>, reader: Arc<Reader>, rt: tokio::runtime::Handle, opts: FsOptions) -> Self {
         IncFs {
-            data_blocks,
-            manifest,
+            views,
             reader,
             rt,
             read_timeout: opts.read_timeout,
-            nlinks,
-            parents,
-            labels,
             handles: Mutex::new(HashMap::new()),
             next_handle: AtomicU64::new(1),
             passthrough: AtomicBool::new(opts.plain.is_some()),
@@ -146,18 +125,16 @@ impl IncFs {
             modes: Mutex::new(HashMap::new()),
             copying: Arc::new(Mutex::new(HashSet::new())),
             recorder: opts.recorder,
-            paths,
         }
     }
 
-    fn inode(&self, ino: INodeNo) -> Option<(u32, &Inode)> {
-        let idx = ino.0.checked_sub(1)?;
-        let i = u32::try_from(idx).ok()?;
-        self.manifest.inodes.get(idx as usize).map(|n| (i, n))
+    /// The view that gave out kernel inode `ino`, and the inode's index in its manifest.
+    fn inode(&self, ino: INodeNo) -> Option<(Arc<View>, u32)> {
+        self.views.find(ino.0)
     }
 
-    fn attr(&self, idx: u32) -> FileAttr {
-        let node = &self.manifest.inodes[idx as usize];
+    fn attr(&self, view: &View, idx: u32) -> FileAttr {
+        let node = &view.manifest.inodes[idx as usize];
         let kind = file_type(&node.kind);
         let (size, rdev) = match &node.kind {
             InodeKind::File(f) => (f.size, 0),
@@ -170,7 +147,7 @@ impl IncFs {
         };
         let mtime = ts(node.meta.mtime_sec, node.meta.mtime_nsec);
         FileAttr {
-            ino: INodeNo(idx as u64 + 1),
+            ino: INodeNo(view.ino(idx)),
             size,
             // What the file occupies once complete: its 4 KiB blocks, in 512-byte units.
             blocks: size.div_ceil(4096) * 8,
@@ -180,7 +157,7 @@ impl IncFs {
             crtime: mtime,
             kind,
             perm: node.meta.mode,
-            nlink: self.nlinks[idx as usize],
+            nlink: view.nlinks[idx as usize],
             uid: node.meta.uid,
             gid: node.meta.gid,
             rdev,
@@ -189,12 +166,12 @@ impl IncFs {
         }
     }
 
-    fn file(&self, idx: u32) -> Option<FileRef> {
-        match &self.manifest.inodes[idx as usize].kind {
+    fn file(&self, view: &View, idx: u32) -> Option<FileRef> {
+        match &view.manifest.inodes[idx as usize].kind {
             InodeKind::File(f) => Some(FileRef {
                 data: *f,
                 key: file_key(&f.root_hash, f.size),
-                label: self.labels[idx as usize].clone(),
+                label: view.labels[idx as usize].clone(),
             }),
             _ => None,
         }
@@ -209,9 +186,9 @@ impl IncFs {
         }
     }
 
-    /// A backing id for passthrough of complete file `f` (inode `i`), if it can be had now:
+    /// A backing id for passthrough of complete file `f` (kernel inode `i`), if it can be had now:
     /// its verified plain copy, written during this open when small, else in the background.
-    fn plain_backing(&self, i: u32, f: &FileRef, reply: &ReplyOpen) -> Option<BackingId> {
+    fn plain_backing(&self, i: u64, f: &FileRef, reply: &ReplyOpen) -> Option<BackingId> {
         let plain = self.plain.as_ref().filter(|p| p.fits(f.data.size))?;
         if self.modes.lock().unwrap().get(&i).is_some_and(|m| m.backing.is_some() || m.cached > 0) {
             return None;
@@ -248,10 +225,6 @@ impl IncFs {
             }
         }
     }
-
-    fn kind_of(&self, idx: u32) -> FileType {
-        file_type(&self.manifest.inodes[idx as usize].kind)
-    }
 }
 
 impl Filesystem for IncFs {
@@ -283,40 +256,43 @@ impl Filesystem for IncFs {
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        let Some((p, _)) = self.inode(parent) else {
+        let Some((view, p)) = self.inode(parent) else {
             return reply.error(Errno::ENOENT);
         };
-        match self.manifest.lookup(p, name.as_bytes()) {
-            Some(i) => reply.entry(&TTL, &self.attr(i), Generation(0)),
+        match view.manifest.lookup(p, name.as_bytes()) {
+            Some(i) => reply.entry(&TTL, &self.attr(&view, i), Generation(0)),
             None => reply.error(Errno::ENOENT),
         }
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
         match self.inode(ino) {
-            Some((i, _)) => reply.attr(&TTL, &self.attr(i)),
+            Some((view, i)) => reply.attr(&TTL, &self.attr(&view, i)),
             None => reply.error(Errno::ENOENT),
         }
     }
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
-        match self.inode(ino) {
-            Some((_, Inode { kind: InodeKind::Symlink(t), .. })) => reply.data(t),
-            Some(_) => reply.error(Errno::EINVAL),
-            None => reply.error(Errno::ENOENT),
+        let Some((view, i)) = self.inode(ino) else {
+            return reply.error(Errno::ENOENT);
+        };
+        match &view.manifest.inodes[i as usize] {
+            Inode { kind: InodeKind::Symlink(t), .. } => reply.data(t),
+            _ => reply.error(Errno::EINVAL),
         }
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        let Some((i, _)) = self.inode(ino) else {
+        let Some((view, idx)) = self.inode(ino) else {
             return reply.error(Errno::ENOENT);
         };
         if flags.acc_mode() != OpenAccMode::O_RDONLY {
             return reply.error(Errno::EROFS);
         }
-        let Some(f) = self.file(i) else {
+        let Some(f) = self.file(&view, idx) else {
             return reply.error(Errno::EINVAL);
         };
+        let i = ino.0;
         let fh = self.next_handle.fetch_add(1, Ordering::Relaxed);
         if self.passthrough.load(Ordering::Relaxed) && f.data.size > 0 && self.reader.is_complete(&f) {
             let backing = self.plain_backing(i, &f, &reply);
@@ -328,8 +304,7 @@ impl Filesystem for IncFs {
                 }
                 if let Some(id) = &m.backing {
                     m.passthrough += 1;
-                    let h = Handle { next_block: 0, window: 0, passthrough: Some(i) };
-                    self.handles.lock().unwrap().insert(fh, h);
+                    self.handles.lock().unwrap().insert(fh, Handle::new(Some(f), 0, Some(i)));
                     Stats::add(&self.reader.stats.opens_passthrough, 1);
                     return reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), id);
                 }
@@ -344,13 +319,13 @@ impl Filesystem for IncFs {
                 // exact rather than hand the reader an EIO from the kernel.
                 if let Some(id) = &m.backing {
                     m.passthrough += 1;
-                    self.handles.lock().unwrap().insert(fh, Handle { next_block: 0, window: 0, passthrough: Some(i) });
+                    self.handles.lock().unwrap().insert(fh, Handle::new(Some(f), 0, Some(i)));
                     return reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), id);
                 }
             }
             m.cached += 1;
         }
-        self.handles.lock().unwrap().insert(fh, Handle { next_block: 0, window: READAHEAD_START, passthrough: None });
+        self.handles.lock().unwrap().insert(fh, Handle::new(Some(f), READAHEAD_START, None));
         reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE);
     }
 
@@ -365,21 +340,23 @@ impl Filesystem for IncFs {
         _lock: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        let Some(f) = self.inode(ino).and_then(|(i, _)| self.file(i)) else {
-            return reply.error(Errno::ENOENT);
-        };
         let first_block = offset / 4096;
         let next_block = (offset + size as u64).div_ceil(4096);
-        let readahead = {
+        let (f, readahead) = {
             let mut h = self.handles.lock().unwrap();
-            let ra = h.entry(fh.0).or_insert(Handle { next_block: 0, window: READAHEAD_START, passthrough: None });
+            let ra = h.entry(fh.0).or_insert(Handle::new(None, READAHEAD_START, None));
             let sequential = first_block == ra.next_block || first_block + 1 == ra.next_block;
             ra.window = if sequential { (ra.window * 2).clamp(READAHEAD_START, READAHEAD_MAX) } else { 0 };
             ra.next_block = next_block;
-            ra.window
+            (ra.file.clone(), ra.window)
+        };
+        // The version the handle was opened on; without a handle (cannot happen with the
+        // kernel's protocol, but cheap to be exact), the inode's own.
+        let Some(f) = f.or_else(|| self.inode(ino).and_then(|(view, i)| self.file(&view, i))) else {
+            return reply.error(Errno::ENOENT);
         };
         if let Some(rec) = &self.recorder {
-            if let Some(path) = self.inode(ino).map(|(i, _)| self.paths[i as usize].clone()) {
+            if let Some(path) = self.inode(ino).and_then(|(view, i)| view.paths.get(i as usize).cloned()) {
                 rec.lock().unwrap().read(&path, first_block..next_block.min(incfs_verity::block_count(f.data.size)));
             }
         }
@@ -419,16 +396,14 @@ impl Filesystem for IncFs {
     ) {
         let handle = self.handles.lock().unwrap().remove(&fh.0);
         if self.plain.is_some() {
-            if let Some((i, _)) = self.inode(ino) {
-                let mut modes = self.modes.lock().unwrap();
-                if let Some(m) = modes.get_mut(&i) {
-                    match handle.and_then(|h| h.passthrough) {
-                        Some(_) => m.passthrough = m.passthrough.saturating_sub(1),
-                        None => m.cached = m.cached.saturating_sub(1),
-                    }
-                    if m.passthrough == 0 && m.cached == 0 {
-                        modes.remove(&i);
-                    }
+            let mut modes = self.modes.lock().unwrap();
+            if let Some(m) = modes.get_mut(&ino.0) {
+                match handle.and_then(|h| h.passthrough) {
+                    Some(_) => m.passthrough = m.passthrough.saturating_sub(1),
+                    None => m.cached = m.cached.saturating_sub(1),
+                }
+                if m.passthrough == 0 && m.cached == 0 {
+                    modes.remove(&ino.0);
                 }
             }
         }
@@ -437,18 +412,21 @@ impl Filesystem for IncFs {
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         match self.inode(ino) {
-            Some((_, Inode { kind: InodeKind::Dir, .. })) => reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE),
+            Some((view, i)) if matches!(view.manifest.inodes[i as usize].kind, InodeKind::Dir) => {
+                reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE)
+            }
             Some(_) => reply.error(Errno::ENOTDIR),
             None => reply.error(Errno::ENOENT),
         }
     }
 
     fn readdir(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
-        let Some((d, _)) = self.inode(ino) else {
+        let Some((view, d)) = self.inode(ino) else {
             return reply.error(Errno::ENOENT);
         };
-        for (inode, next, name) in self.entries(d, offset) {
-            if reply.add(INodeNo(inode as u64 + 1), next, self.kind_of(inode), OsStr::from_bytes(name)) {
+        for (inode, next, name) in entries(&view, d, offset) {
+            let kind = file_type(&view.manifest.inodes[inode as usize].kind);
+            if reply.add(INodeNo(view.ino(inode)), next, kind, OsStr::from_bytes(name)) {
                 break;
             }
         }
@@ -456,12 +434,12 @@ impl Filesystem for IncFs {
     }
 
     fn readdirplus(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, mut reply: ReplyDirectoryPlus) {
-        let Some((d, _)) = self.inode(ino) else {
+        let Some((view, d)) = self.inode(ino) else {
             return reply.error(Errno::ENOENT);
         };
-        for (inode, next, name) in self.entries(d, offset) {
-            let attr = self.attr(inode);
-            if reply.add(INodeNo(inode as u64 + 1), next, OsStr::from_bytes(name), &TTL, &attr, Generation(0)) {
+        for (inode, next, name) in entries(&view, d, offset) {
+            let attr = self.attr(&view, inode);
+            if reply.add(attr.ino, next, OsStr::from_bytes(name), &TTL, &attr, Generation(0)) {
                 break;
             }
         }
@@ -469,14 +447,15 @@ impl Filesystem for IncFs {
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
-        reply.statfs(self.data_blocks, 0, 0, self.manifest.inodes.len() as u64, 0, 4096, 255, 4096);
+        let view = self.views.current();
+        reply.statfs(view.data_blocks, 0, 0, view.manifest.inodes.len() as u64, 0, 4096, 255, 4096);
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
-        let Some((_, node)) = self.inode(ino) else {
+        let Some((view, i)) = self.inode(ino) else {
             return reply.error(Errno::ENOENT);
         };
-        match node.xattrs.iter().find(|x| x.name == name.as_bytes()) {
+        match view.manifest.inodes[i as usize].xattrs.iter().find(|x| x.name == name.as_bytes()) {
             None => reply.error(Errno::NO_XATTR),
             Some(x) if size == 0 => reply.size(x.value.len() as u32),
             Some(x) if (size as usize) < x.value.len() => reply.error(Errno::ERANGE),
@@ -485,11 +464,11 @@ impl Filesystem for IncFs {
     }
 
     fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
-        let Some((_, node)) = self.inode(ino) else {
+        let Some((view, i)) = self.inode(ino) else {
             return reply.error(Errno::ENOENT);
         };
         let mut list = Vec::new();
-        for x in &node.xattrs {
+        for x in &view.manifest.inodes[i as usize].xattrs {
             list.extend_from_slice(&x.name);
             list.push(0);
         }
@@ -616,21 +595,14 @@ impl Filesystem for IncFs {
     }
 }
 
-impl IncFs {
-    /// Entries of directory `d` from position `offset`: (inode, offset of the next entry, name).
-    /// Position 0 is ".", 1 is "..", then the directory's entries in name order.
-    fn entries(&self, d: u32, offset: u64) -> impl Iterator<Item = (u32, u64, &[u8])> + '_ {
-        let children = self.manifest.children(d);
-        let dots = [(d, b".".as_slice()), (self.parent_of(d), b"..".as_slice())];
-        dots.into_iter()
-            .chain(children.iter().map(|c| (c.inode, c.name.as_slice())))
-            .enumerate()
-            .skip(offset as usize)
-            .map(|(pos, (inode, name))| (inode, pos as u64 + 1, name))
-    }
-
-    /// Parent directory of directory `d` (the root is its own parent).
-    fn parent_of(&self, d: u32) -> u32 {
-        self.parents[d as usize]
-    }
+/// Entries of directory `d` of `view` from position `offset`: (inode, offset of the next entry,
+/// name). Position 0 is ".", 1 is "..", then the directory's entries in name order.
+fn entries(view: &View, d: u32, offset: u64) -> impl Iterator<Item = (u32, u64, &[u8])> + '_ {
+    let children = view.manifest.children(d);
+    let dots = [(d, b".".as_slice()), (view.parents[d as usize], b"..".as_slice())];
+    dots.into_iter()
+        .chain(children.iter().map(|c| (c.inode, c.name.as_slice())))
+        .enumerate()
+        .skip(offset as usize)
+        .map(|(pos, (inode, name))| (inode, pos as u64 + 1, name))
 }

@@ -2,6 +2,8 @@
 //!
 //! - [`daemon`]: mounting, manifest checks (signature, rollback, offline fallback), signals.
 //! - [`fuse`]: the FUSE operations; metadata from the manifest, reads through the reader.
+//! - [`view`]: a version as the kernel sees it (inode numbers kept across versions).
+//! - [`live`]: the version being served and switching it (`incfs update`, `--follow`).
 //! - [`reader`]: the data path: local store first, else fetch, verify, store.
 //! - [`background`]: completes the image at low priority (profile first), and `incfs prefetch`.
 //! - [`plain`]: verified plain copies of complete files, the backing files of FUSE passthrough.
@@ -17,11 +19,13 @@ pub mod control;
 pub mod daemon;
 pub mod fsck;
 pub mod fuse;
+pub mod live;
 pub mod metrics;
 pub mod mirrors;
 pub mod plain;
 pub mod presence;
 pub mod reader;
 pub mod stats;
+pub mod view;
 
 pub use daemon::{mount, unmount, MountError, MountOptions, MountSettings};

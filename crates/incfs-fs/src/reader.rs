@@ -11,13 +11,13 @@
 use std::collections::HashMap;
 use std::ops::Range;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use futures::future::{BoxFuture, FutureExt, Shared};
 use incfs_fetch::image::verify_block;
 use incfs_format::block_map::{BlockRecord, FileMetaLayout, BLOCK_RECORD_SIZE};
-use incfs_format::manifest::{FileData, Manifest};
+use incfs_format::manifest::{FileData, ObjectRef};
 use incfs_format::{layout, Codec, Hash, BLOCK_SIZE};
 use incfs_store::{FileKey, NewBlock, Store};
 use incfs_verity::{check_hash_block, hash_data_block, Geometry, HASHES_PER_BLOCK, HASH_SIZE};
@@ -80,7 +80,9 @@ pub(crate) struct RunOutcome {
 type SharedRun = Shared<BoxFuture<'static, Arc<RunOutcome>>>;
 
 pub struct Reader {
-    manifest: Arc<Manifest>,
+    /// The object table of the newest version mounted. Tables only grow from one version to the
+    /// next (format section 3.2), so files of older versions find their objects here too.
+    objects: RwLock<Arc<[ObjectRef]>>,
     store: Arc<Store>,
     mirrors: Arc<Mirrors>,
     pub stats: Arc<Stats>,
@@ -104,9 +106,9 @@ pub struct Reader {
 }
 
 impl Reader {
-    pub fn new(manifest: Arc<Manifest>, store: Arc<Store>, mirrors: Arc<Mirrors>, stats: Arc<Stats>) -> Self {
+    pub fn new(objects: &[ObjectRef], store: Arc<Store>, mirrors: Arc<Mirrors>, stats: Arc<Stats>) -> Self {
         Reader {
-            manifest,
+            objects: RwLock::new(Arc::from(objects)),
             store,
             mirrors,
             stats,
@@ -133,8 +135,23 @@ impl Reader {
         &self.mirrors
     }
 
-    pub fn manifest(&self) -> &Arc<Manifest> {
-        &self.manifest
+    /// Object `i` of the object table.
+    pub fn object(&self, i: u32) -> Option<ObjectRef> {
+        self.objects.read().unwrap().get(i as usize).copied()
+    }
+
+    /// Take the object table of a newer version (a longer table, starting with the current
+    /// one); a shorter one (an older version) is a prefix and changes nothing.
+    pub fn extend_objects(&self, objects: &[ObjectRef]) {
+        let mut table = self.objects.write().unwrap();
+        if objects.len() > table.len() {
+            *table = Arc::from(objects);
+        }
+    }
+
+    /// Digest of an object that a verified manifest or a bounds-checked record names.
+    fn digest(&self, i: u32) -> Hash {
+        self.objects.read().unwrap()[i as usize].digest
     }
 
     /// Reads currently waiting for the network.
@@ -163,8 +180,8 @@ impl Reader {
         if let Some(c) = self.meta.get(&(object, offset, chunk)) {
             return Ok(Some(c));
         }
-        let digest = &self.manifest.objects[object as usize].digest;
-        match self.store.get_meta(digest, offset, chunk) {
+        let digest = self.digest(object);
+        match self.store.get_meta(&digest, offset, chunk) {
             Ok(Some(bytes)) => {
                 let c = Arc::new(bytes);
                 self.meta.insert((object, offset, chunk), c.clone());
@@ -199,7 +216,7 @@ impl Reader {
     /// Forget a cached metadata piece that produced a hash mismatch, so it is fetched again.
     fn drop_meta(&self, f: &FileRef, range: Range<u64>) {
         let (object, offset, _) = self.region(f);
-        let digest = self.manifest.objects[object as usize].digest;
+        let digest = self.digest(object);
         for chunk in range.start / META_CHUNK..=(range.end.max(1) - 1) / META_CHUNK {
             self.meta.remove(&(object, offset, chunk));
             let _ = self.store.remove_meta(&digest, offset, chunk);
@@ -254,7 +271,7 @@ impl Reader {
         let r = BlockRecord::decode(bytes.as_slice().try_into().unwrap())
             .map_err(|e| bad(format!("bad block record: {e}")))?;
         if r.codec != Codec::Zero {
-            let size = self.manifest.objects.get(r.object as usize).map(|o| o.size);
+            let size = self.object(r.object).map(|o| o.size);
             if size.is_none_or(|s| r.range().end > s) {
                 return Err(bad("record points outside the image".into()));
             }
@@ -422,7 +439,7 @@ impl Reader {
         if region.len() as u64 != len {
             return;
         }
-        let digest = self.manifest.objects[object as usize].digest;
+        let digest = self.digest(object);
         for (chunk, piece) in region.chunks(META_CHUNK as usize).enumerate() {
             let chunk = chunk as u64;
             if self.meta.get(&(object, offset, chunk)).is_some() {
@@ -437,7 +454,7 @@ impl Reader {
 
     pub(crate) async fn fetch_meta(&self, f: &FileRef, chunk: u64) -> Result<(), ReadFailure> {
         let (object, offset, len) = self.region(f);
-        let digest = self.manifest.objects[object as usize].digest;
+        let digest = self.digest(object);
         let start = offset + chunk * META_CHUNK;
         let end = offset + len.min((chunk + 1) * META_CHUNK);
         let t = Instant::now();
@@ -555,7 +572,7 @@ impl Reader {
     ) -> Arc<RunOutcome> {
         let first = items[0].2;
         let end = items.last().unwrap().2.range().end;
-        let key = layout::object(&self.manifest.objects[first.object as usize].digest);
+        let key = layout::object(&self.digest(first.object));
         let t = Instant::now();
         let mut outcome = RunOutcome::default();
         match self.mirrors.get_range(&key, first.offset..end).await {

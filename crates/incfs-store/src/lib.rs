@@ -346,6 +346,18 @@ impl Store {
 }
 
 impl Store {
+    /// Record `manifest` as accepted even though a newer version was: a rollback the user asked
+    /// for (`incfs update --allow-rollback`), so that a restart mounts what was chosen.
+    pub fn accept_rollback(&self, key_id: &Hash, name: &str, version: u64, manifest: &[u8]) -> Result<(), StoreError> {
+        self.with(|c| {
+            c.execute(
+                "INSERT OR REPLACE INTO images (key_id, name, version, manifest) VALUES (?1, ?2, ?3, ?4)",
+                params![&key_id[..], name, version as i64, manifest],
+            )
+            .map(|_| ())
+        })
+    }
+
     /// Remember which image `source` serves, so that it can be mounted from the cache alone.
     pub fn remember_source(&self, source: &str, key_id: &Hash, name: &str) -> Result<(), StoreError> {
         self.with(|c| {
