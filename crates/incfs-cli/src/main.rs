@@ -2,6 +2,7 @@
 
 mod demo;
 mod digest;
+mod introspect;
 mod keys;
 mod mount;
 mod progress;
@@ -233,6 +234,49 @@ enum Command {
         /// `incfs update` does.
         #[arg(long, value_name = "INTERVAL", value_parser = humantime::parse_duration)]
         follow: Option<std::time::Duration>,
+        /// A data loader (run with `sh -c`, restarted when it exits): it is told of every read
+        /// waiting for data on its stdin and answers with blocks on its stdout (docs/loader.md).
+        /// Data blocks then come only from it; SOURCE still gives the manifest and Merkle trees.
+        #[arg(long, value_name = "CMD")]
+        loader: Option<String>,
+    },
+    /// The reads of a mount waiting for data now: serial, age, file id, path, blocks.
+    Pending {
+        mountpoint: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Stream a mount's read log: one line per read the daemon answers (file id, path, first
+    /// block, block count, whether it waited), until Ctrl-C. Reads served by passthrough or the
+    /// page cache never reach the daemon and are not logged.
+    Log {
+        mountpoint: PathBuf,
+        /// One JSON record per line.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List a mount's regular files with their stable id and blocks present.
+    Files {
+        mountpoint: PathBuf,
+        /// Only files not yet complete.
+        #[arg(long)]
+        incomplete: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Push a file's blocks into a mount from a local copy of it: each block is verified against
+    /// the file's Merkle tree before it is kept, exactly like a fetched one; waiting reads wake.
+    /// Exits 1 if any block was refused.
+    Fill {
+        mountpoint: PathBuf,
+        /// The file inside the image (relative to the mountpoint, or under it).
+        path: PathBuf,
+        /// The local copy to take the blocks from.
+        #[arg(long, value_name = "FILE")]
+        from: PathBuf,
+        /// Only these blocks (like 0-15 or 7) [default: every block].
+        #[arg(long, value_name = "RANGE")]
+        blocks: Option<String>,
     },
     /// Switch a live mount to another version of its image: added files appear, removed ones
     /// disappear, changed files show their new content from their next open (a file already open
@@ -381,6 +425,7 @@ fn main() {
             record_profile,
             metrics,
             follow,
+            loader,
         } => {
             let mut sources = vec![source];
             sources.extend(mirrors);
@@ -396,6 +441,7 @@ fn main() {
                 record_profile,
                 metrics,
                 follow,
+                loader,
             };
             let args = mount::MountArgs { sources, mountpoint, trust, cache, foreground, settings };
             mount::mount(args)
@@ -406,6 +452,12 @@ fn main() {
         Command::Unmount { mountpoint } => mount::unmount(&mountpoint),
         Command::Update { mountpoint, to, allow_rollback, json } => {
             mount::update(&mountpoint, to, allow_rollback, json)
+        }
+        Command::Pending { mountpoint, json } => introspect::pending(&mountpoint, json),
+        Command::Log { mountpoint, json } => introspect::log(&mountpoint, json),
+        Command::Files { mountpoint, incomplete, json } => introspect::files(&mountpoint, incomplete, json),
+        Command::Fill { mountpoint, path, from, blocks } => {
+            introspect::fill(&mountpoint, &path, &from, blocks.as_deref())
         }
         Command::Status { mountpoint, path, json, watch } if watch => {
             let _ = (path, json);

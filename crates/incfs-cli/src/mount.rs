@@ -132,7 +132,7 @@ pub fn unmount(mountpoint: &Path) -> Result<i32> {
 }
 
 /// A path inside the image: given under the mountpoint, or relative to the image root.
-fn image_path(mp: &Path, p: &Path) -> Result<String> {
+pub fn image_path(mp: &Path, p: &Path) -> Result<String> {
     let abs = absolute(p)?;
     let rel = match abs.strip_prefix(mp) {
         Ok(r) => r.to_path_buf(),

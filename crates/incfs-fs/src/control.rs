@@ -4,8 +4,12 @@
 //! `$XDG_RUNTIME_DIR/incfs/` when `/run` is not writable), so a client finds it from the
 //! mountpoint alone. Protocol: one JSON request per line, one JSON reply per line:
 //! `{"cmd":"status"}`, `{"cmd":"file","path":"dir/name"}`, `{"cmd":"prefetch","paths":["a","b/c"]}`
-//! (answers an id), `{"cmd":"prefetch_progress","id":N}` and
-//! `{"cmd":"update","to":N|null,"allow_rollback":false}`.
+//! (answers an id), `{"cmd":"prefetch_progress","id":N}`,
+//! `{"cmd":"update","to":N|null,"allow_rollback":false}`, `{"cmd":"pending"}`,
+//! `{"cmd":"files","incomplete":true}` and `{"cmd":"fill","path":P,"blocks":[{"block":N,
+//! "codec":"raw","data":BASE64}]}`. Two requests turn the connection into a stream:
+//! `{"cmd":"log"}` (one JSON read record per line, until the client closes) and
+//! `{"cmd":"loader"}` (a data loader session, `docs/loader.md`).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -18,6 +22,8 @@ use sha2::{Digest, Sha256};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 
 use crate::live::Live;
+use crate::loader;
+use crate::pending::{file_id, PendingRead};
 use crate::plain::PlainCopies;
 use crate::reader::Reader;
 use crate::stats::Stats;
@@ -52,6 +58,44 @@ enum Request {
         #[serde(default)]
         allow_rollback: bool,
     },
+    Pending,
+    Files {
+        #[serde(default)]
+        incomplete: bool,
+    },
+    Fill {
+        id: Option<String>,
+        path: Option<String>,
+        blocks: Vec<FillBlock>,
+    },
+    Log,
+    Loader,
+}
+
+#[derive(Debug, Deserialize)]
+struct FillBlock {
+    block: u64,
+    codec: Option<String>,
+    #[serde(default)]
+    data: String,
+}
+
+/// What a `fill` request did.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct FillReport {
+    pub filled: u64,
+    /// (block, why) of each block not taken.
+    pub rejected: Vec<(u64, String)>,
+}
+
+/// One regular file of the version served, for `incfs files`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct FileEntry {
+    pub id: String,
+    pub path: String,
+    pub size: u64,
+    pub blocks_present: u64,
+    pub blocks_total: u64,
 }
 
 /// Progress of one `incfs prefetch`.
@@ -93,6 +137,9 @@ pub struct Status {
     pub blocks_bad: u64,
     pub fetch_latency_mean_ms: f64,
     pub fetch_latency_p99_ms: f64,
+    /// Blocks filled from outside (loaders, `incfs fill`) and kept; fills refused as wrong.
+    pub blocks_filled: u64,
+    pub fills_rejected: u64,
     /// Reads waiting for the network right now.
     pub pending_reads: u64,
     /// Files the background fetcher is working on.
@@ -159,6 +206,8 @@ impl Control {
             blocks_bad: Stats::get(&s.blocks_bad),
             fetch_latency_mean_ms: mean,
             fetch_latency_p99_ms: p99,
+            blocks_filled: Stats::get(&s.blocks_filled),
+            fills_rejected: Stats::get(&s.fills_rejected),
             pending_reads: self.reader.demand() as u64,
             fetching: self.live.background().active(),
             opens_passthrough: Stats::get(&s.opens_passthrough),
@@ -214,6 +263,36 @@ impl Control {
         })
     }
 
+    fn files(&self, incomplete: bool) -> Vec<FileEntry> {
+        let view = self.live.views.current();
+        let mut out = Vec::new();
+        for (i, node) in view.manifest.inodes.iter().enumerate() {
+            let InodeKind::File(f) = &node.kind else { continue };
+            let key = file_key(&f.root_hash, f.size);
+            let blocks_total = incfs_verity::block_count(f.size);
+            let blocks_present = self.reader.presence.count(&key).min(blocks_total);
+            if incomplete && blocks_present == blocks_total {
+                continue;
+            }
+            let path = view.labels[i].to_string();
+            out.push(FileEntry { id: file_id(&path), path, size: f.size, blocks_present, blocks_total });
+        }
+        out.sort_by(|a, b| a.path.cmp(&b.path));
+        out
+    }
+
+    async fn fill(&self, id: Option<&str>, path: Option<&str>, blocks: Vec<FillBlock>) -> Result<FillReport, String> {
+        let f = loader::resolve(&self.live, id, path)?;
+        let mut report = FillReport { filled: 0, rejected: Vec::new() };
+        for b in blocks {
+            match loader::fill(&self.live, &f, b.block, b.codec.as_deref(), &b.data).await {
+                Ok(()) => report.filled += 1,
+                Err(e) => report.rejected.push((b.block, e)),
+            }
+        }
+        Ok(report)
+    }
+
     async fn answer(&self, line: &str) -> String {
         let reply = match serde_json::from_str::<Request>(line) {
             Ok(Request::Status) => serde_json::to_value(self.status()).map_err(|e| e.to_string()),
@@ -230,11 +309,41 @@ impl Control {
                 Ok(r) => serde_json::to_value(r).map_err(|e| e.to_string()),
                 Err(e) => Err(e.to_string()),
             },
+            Ok(Request::Pending) => {
+                let list: Vec<PendingRead> = self.reader.pending.list();
+                serde_json::to_value(list).map_err(|e| e.to_string())
+            }
+            Ok(Request::Files { incomplete }) => {
+                serde_json::to_value(self.files(incomplete)).map_err(|e| e.to_string())
+            }
+            Ok(Request::Fill { id, path, blocks }) => self
+                .fill(id.as_deref(), path.as_deref(), blocks)
+                .await
+                .and_then(|r| serde_json::to_value(r).map_err(|e| e.to_string())),
+            Ok(Request::Log | Request::Loader) => Err("log and loader open a stream: send them first".into()),
             Err(e) => Err(format!("bad request: {e}")),
         };
         match reply {
             Ok(v) => serde_json::json!({ "ok": v }).to_string(),
             Err(e) => serde_json::json!({ "error": e }).to_string(),
+        }
+    }
+
+    /// The read log, one JSON record per line, until the client goes away. A client that falls
+    /// behind gets `{"lost":N}` for the records it missed.
+    async fn stream_log(&self, mut w: tokio::net::unix::OwnedWriteHalf) {
+        use tokio::sync::broadcast::error::RecvError;
+        let mut rx = self.reader.pending.subscribe_log();
+        let _ = w.write_all(b"{\"ok\":\"log\"}\n").await;
+        loop {
+            let line = match rx.recv().await {
+                Ok(r) => serde_json::to_string(&r).expect("records serialize"),
+                Err(RecvError::Lagged(n)) => serde_json::json!({ "lost": n }).to_string(),
+                Err(RecvError::Closed) => return,
+            };
+            if w.write_all(line.as_bytes()).await.is_err() || w.write_all(b"\n").await.is_err() {
+                return;
+            }
         }
     }
 
@@ -247,11 +356,26 @@ impl Control {
             let me = self.clone();
             tokio::spawn(async move {
                 let (r, mut w) = stream.into_split();
-                let mut lines = BufReader::new(r).lines();
-                while let Ok(Some(line)) = lines.next_line().await {
-                    let mut reply = me.answer(&line).await;
+                let mut r = BufReader::new(r);
+                let mut first = String::new();
+                match r.read_line(&mut first).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(_) => {}
+                }
+                match serde_json::from_str::<Request>(&first) {
+                    Ok(Request::Loader) => return loader::session(me.live.clone(), r, w).await,
+                    Ok(Request::Log) => return me.stream_log(w).await,
+                    _ => {}
+                }
+                let mut line = first;
+                loop {
+                    let mut reply = me.answer(line.trim_end()).await;
                     reply.push('\n');
                     if w.write_all(reply.as_bytes()).await.is_err() {
+                        break;
+                    }
+                    line.clear();
+                    if !matches!(r.read_line(&mut line).await, Ok(n) if n > 0) {
                         break;
                     }
                 }

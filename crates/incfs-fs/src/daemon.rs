@@ -62,6 +62,8 @@ pub struct MountSettings {
     pub metrics: Option<std::net::SocketAddr>,
     /// Look for a newer version this often and switch to it.
     pub follow: Option<Duration>,
+    /// A data loader command (`sh -c`): data blocks come from it, not from the sources.
+    pub loader: Option<String>,
 }
 
 impl Default for MountSettings {
@@ -78,6 +80,7 @@ impl Default for MountSettings {
             record_profile: None,
             metrics: None,
             follow: None,
+            loader: None,
         }
     }
 }
@@ -301,11 +304,18 @@ pub fn mount(opts: MountOptions, on_ready: impl FnOnce()) -> Result<(), MountErr
     config.n_threads = Some(opts.settings.threads.max(1));
     config.clone_fd = true;
 
+    // With a loader, data comes when it fills it: the sources give the manifest and trees only,
+    // and there is nothing for background completion to fetch.
+    let background = opts.settings.background && opts.settings.loader.is_none();
+    if let Some(cmd) = &opts.settings.loader {
+        reader.set_fills_only(true);
+        tracing::info!("data blocks come from the loader {cmd:?}; background completion off");
+    }
     let live = Live::new(
         views.clone(),
         reader.clone(),
         opts.trust.clone(),
-        BackgroundOptions { enabled: opts.settings.background, bandwidth: opts.settings.bandwidth, profile },
+        BackgroundOptions { enabled: background, bandwidth: opts.settings.bandwidth, profile },
         recording,
     );
     let recorder = opts.settings.record_profile.as_ref().map(|_| Arc::new(Mutex::new(Recorder::default())));
@@ -348,6 +358,9 @@ pub fn mount(opts: MountOptions, on_ready: impl FnOnce()) -> Result<(), MountErr
     }
     if let Some(interval) = opts.settings.follow.filter(|_| !opts.settings.offline) {
         rt.spawn(live.clone().follow(interval));
+    }
+    if let Some(cmd) = opts.settings.loader.clone() {
+        rt.spawn(crate::loader::run_command(live.clone(), cmd));
     }
     if let (Some(addr), Some(listener)) = (opts.settings.metrics, metrics_listener) {
         tracing::info!("metrics on http://{addr}/metrics");

@@ -18,7 +18,6 @@ use fuser::{
 };
 use incfs_format::manifest::{Inode, InodeKind};
 use incfs_format::profile::Recorder;
-use incfs_store::file_key;
 
 use crate::plain::PlainCopies;
 use crate::reader::{FileRef, Local, ReadFailure, Reader};
@@ -167,14 +166,7 @@ impl IncFs {
     }
 
     fn file(&self, view: &View, idx: u32) -> Option<FileRef> {
-        match &view.manifest.inodes[idx as usize].kind {
-            InodeKind::File(f) => Some(FileRef {
-                data: *f,
-                key: file_key(&f.root_hash, f.size),
-                label: view.labels[idx as usize].clone(),
-            }),
-            _ => None,
-        }
+        view.file(idx)
     }
 
     fn errno_for(&self, e: &ReadFailure) -> Errno {
@@ -361,19 +353,23 @@ impl Filesystem for IncFs {
             }
         }
         let result = match self.reader.read_local(&f, offset, size) {
-            Ok(data) => Ok(data),
+            Ok(data) => Ok((data, false)),
             Err(Local::Fail(e)) => Err(e),
             Err(Local::Need(_)) => {
                 Stats::add(&self.reader.stats.reads_waited, 1);
                 let reader = self.reader.clone();
                 let deadline = Instant::now() + self.read_timeout;
                 let f2 = f.clone();
-                self.rt.block_on(async move { reader.read(&f2, offset, size, readahead, deadline).await })
+                self.rt
+                    .block_on(async move { reader.read(&f2, offset, size, readahead, deadline).await })
+                    .map(|d| (d, true))
             }
         };
         match result {
-            Ok(data) => {
+            Ok((data, waited)) => {
                 Stats::add(&self.reader.stats.reads_served, 1);
+                let count = (offset + data.len() as u64).div_ceil(4096).saturating_sub(first_block).max(1);
+                self.reader.pending.log(&f.label, first_block, count, waited);
                 reply.data(&data)
             }
             Err(e) => reply.error(self.errno_for(&e)),

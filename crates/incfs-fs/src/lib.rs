@@ -9,6 +9,8 @@
 //! - [`plain`]: verified plain copies of complete files, the backing files of FUSE passthrough.
 //! - [`mirrors`]: several sources with backoff.
 //! - [`presence`]: which blocks of each file are local, for status.
+//! - [`pending`]: reads waiting for data and the read log (`incfs pending`, `incfs log`).
+//! - [`loader`]: external data loaders (`--loader CMD`, the control socket's loader sessions).
 //! - [`control`]: the control socket behind `incfs status`.
 //! - [`stats`]: read, fetch and failure counters.
 //! - [`metrics`]: the Prometheus endpoint (`--metrics ADDR`).
@@ -20,8 +22,10 @@ pub mod daemon;
 pub mod fsck;
 pub mod fuse;
 pub mod live;
+pub mod loader;
 pub mod metrics;
 pub mod mirrors;
+pub mod pending;
 pub mod plain;
 pub mod presence;
 pub mod reader;

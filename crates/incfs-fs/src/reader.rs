@@ -4,13 +4,14 @@
 //! serves a read entirely from memory and the store, or says what is missing ([`Need`]). The
 //! asynchronous [`Reader::read`] fetches what is missing (metadata pieces, then blocks with
 //! readahead, coalesced into ranged GETs and shared between concurrent readers) and tries again.
-//! Every block, wherever it comes from, is hashed and compared with its leaf in the file's
-//! Merkle tree before a byte of it is returned or stored; every hash block is checked against its
-//! parent, up to the signed root.
+//! Blocks may also be *filled* from outside ([`Reader::fill`]: a data loader, `incfs fill`); a
+//! waiting read wakes whenever one arrives. Every block, wherever it comes from, is hashed and
+//! compared with its leaf in the file's Merkle tree before a byte of it is returned or stored;
+//! every hash block is checked against its parent, up to the signed root.
 
 use std::collections::HashMap;
 use std::ops::Range;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
@@ -24,6 +25,7 @@ use incfs_verity::{check_hash_block, hash_data_block, Geometry, HASHES_PER_BLOCK
 use quick_cache::sync::Cache;
 
 use crate::mirrors::Mirrors;
+use crate::pending::Pending;
 use crate::presence::Presence;
 use crate::stats::{FailCause, Stats};
 
@@ -103,6 +105,26 @@ pub struct Reader {
     /// Woken whenever a read starts waiting for the network: background requests in flight
     /// give way (they are cancelled and made again later).
     pub demand_began: tokio::sync::Notify,
+    /// Reads waiting now, and the read log.
+    pub pending: Pending,
+    /// Counts fills (good or bad): a waiting read looks again whenever it moves.
+    filled: tokio::sync::watch::Sender<u64>,
+    /// Blocks a fill got wrong, with the fill count at that moment: reads that were waiting
+    /// for them then fail (verification) instead of waiting out their timeout.
+    bad_fills: Mutex<HashMap<(FileKey, u64), (u64, ReadFailure)>>,
+    /// Data blocks come only from fills (a data loader), never from the sources.
+    fills_only: AtomicBool,
+}
+
+/// Why a filled block was not taken.
+#[derive(Debug, thiserror::Error)]
+pub enum FillError {
+    #[error("{0}: block {1} is beyond the end of the file")]
+    OutOfRange(Arc<str>, u64),
+    #[error("{0}: block {1}: {2}; not stored")]
+    Verification(Arc<str>, u64, String),
+    #[error("{0}")]
+    Read(String),
 }
 
 impl Reader {
@@ -124,7 +146,77 @@ impl Reader {
             zero_hash: hash_data_block(&[]),
             demand: AtomicUsize::new(0),
             demand_began: tokio::sync::Notify::new(),
+            pending: Pending::default(),
+            filled: tokio::sync::watch::channel(0).0,
+            bad_fills: Mutex::new(HashMap::new()),
+            fills_only: AtomicBool::new(false),
         }
+    }
+
+    /// Take data blocks only from fills (`incfs mount --loader`).
+    pub fn set_fills_only(&self, on: bool) {
+        self.fills_only.store(on, Ordering::Relaxed);
+    }
+
+    /// Accept block `block` of `f` from outside: `stored` is its payload encoded with `codec`
+    /// (format section 2.1). Verified against the file's tree (fetching tree pieces from the
+    /// sources if needed) before it is stored; waiting reads wake either way, and those waiting
+    /// for a block filled wrong fail with a verification error.
+    pub async fn fill(&self, f: &FileRef, block: u64, codec: Codec, stored: &[u8]) -> Result<(), FillError> {
+        if block >= incfs_verity::block_count(f.data.size) {
+            return Err(FillError::OutOfRange(f.label.clone(), block));
+        }
+        let geo = Geometry::new(f.data.size);
+        let leaf = loop {
+            match self.leaf(f, &geo, block) {
+                Ok(h) => break h,
+                Err(Local::Need(Need::Meta { chunk })) => {
+                    self.fetch_meta(f, chunk).await.map_err(|e| FillError::Read(e.message))?
+                }
+                Err(Local::Need(Need::Blocks(_))) => unreachable!("a leaf needs no data blocks"),
+                Err(Local::Fail(e)) => return Err(FillError::Read(e.message)),
+            }
+        };
+        let len = u16::try_from(stored.len()).ok().filter(|&n| n as usize <= BLOCK_SIZE);
+        let rec = BlockRecord { object: 0, codec, len: len.unwrap_or(0), offset: 0 };
+        let checked = match len {
+            None => Err(format!("{} stored bytes, more than a block", stored.len())),
+            Some(_) => verify_block(&rec, stored, &leaf).map_err(|e| e.to_string()),
+        };
+        let result = match checked {
+            Ok(decoded) => {
+                let new = NewBlock { hash: leaf, codec, data: stored };
+                let stored_ok = leaf == self.zero_hash || self.store_blocks(&f.key, &[new], vec![block]).is_ok();
+                if stored_ok {
+                    self.verified.insert(leaf, Arc::from(decoded));
+                    self.bad_fills.lock().unwrap().remove(&(f.key, block));
+                    Stats::add(&self.stats.blocks_filled, 1);
+                    Ok(())
+                } else {
+                    Err(FillError::Read(format!("{}: block {block}: cannot store it", f.label)))
+                }
+            }
+            Err(e) => {
+                Stats::add(&self.stats.blocks_bad, 1);
+                Stats::add(&self.stats.fills_rejected, 1);
+                tracing::error!("{}: filled block {block} failed verification ({e}); not stored", f.label);
+                let failure = ReadFailure {
+                    cause: FailCause::Verification,
+                    message: format!("{}: block {block} as filled: {e}", f.label),
+                };
+                let at = *self.filled.borrow() + 1;
+                self.bad_fills.lock().unwrap().insert((f.key, block), (at, failure));
+                Err(FillError::Verification(f.label.clone(), block, e))
+            }
+        };
+        self.filled.send_modify(|n| *n += 1);
+        result
+    }
+
+    /// A fill after fill count `since` got one of `blocks` of `f` wrong.
+    fn bad_fill(&self, f: &FileRef, blocks: &[u64], since: u64) -> Option<ReadFailure> {
+        let bad = self.bad_fills.lock().unwrap();
+        blocks.iter().find_map(|b| bad.get(&(f.key, *b)).filter(|(at, _)| *at > since).map(|(_, e)| e.clone()))
     }
 
     pub fn store(&self) -> &Arc<Store> {
@@ -387,6 +479,9 @@ impl Reader {
             }
         }
         let timeout = deadline.saturating_duration_since(Instant::now());
+        let end = (offset + size as u64).min(f.data.size).max(offset + 1);
+        let first = offset / BLOCK_SIZE as u64;
+        let _listed = self.pending.begin(&f.label, f.data.size, first, end.div_ceil(BLOCK_SIZE as u64) - first);
         self.demand.fetch_add(1, Ordering::Relaxed);
         self.demand_began.notify_waiters();
         let result =
@@ -419,14 +514,36 @@ impl Reader {
         size: u32,
         readahead: u64,
     ) -> Result<Vec<u8>, ReadFailure> {
-        // Each round fetches something or fails, so a handful of rounds always suffices
-        // (metadata levels, then blocks); the bound only guards against a logic error.
-        for _ in 0..32 {
+        // Subscribed before the first look, so that no fill can slip between a look and the wait.
+        let mut fills = self.filled.subscribe();
+        let since = *fills.borrow_and_update();
+        // Each fetch round fetches something or fails, so a handful of rounds always suffices
+        // (metadata levels, then blocks); the bound only guards against a logic error. Waits
+        // for fills are bounded by the read's deadline.
+        let mut rounds = 0;
+        while rounds < 32 {
             match self.read_local(f, offset, size) {
                 Ok(v) => return Ok(v),
                 Err(Local::Fail(e)) => return Err(e),
-                Err(Local::Need(Need::Meta { chunk })) => self.fetch_meta(f, chunk).await?,
-                Err(Local::Need(Need::Blocks(list))) => self.fetch_blocks(f, &list, readahead, true).await?,
+                Err(Local::Need(Need::Meta { chunk })) => {
+                    rounds += 1;
+                    self.fetch_meta(f, chunk).await?
+                }
+                Err(Local::Need(Need::Blocks(list))) => {
+                    if let Some(e) = self.bad_fill(f, &list, since) {
+                        return Err(e);
+                    }
+                    if self.fills_only.load(Ordering::Relaxed) {
+                        let _ = fills.changed().await;
+                        continue;
+                    }
+                    rounds += 1;
+                    // A fill may bring the blocks before the fetch does.
+                    tokio::select! {
+                        r = self.fetch_blocks(f, &list, readahead, true) => r?,
+                        _ = fills.changed() => {}
+                    }
+                }
             }
         }
         Err(ReadFailure { cause: FailCause::Other, message: format!("{}: read made no progress", f.label) })

@@ -31,6 +31,10 @@ pub struct Stats {
     pub opens_passthrough: AtomicU64,
     /// Background requests cancelled because a read started waiting for the network.
     pub background_cancelled: AtomicU64,
+    /// Blocks filled from outside (loaders, `incfs fill`) and kept.
+    pub blocks_filled: AtomicU64,
+    /// Filled blocks that failed verification (also counted in `blocks_bad`).
+    pub fills_rejected: AtomicU64,
     latencies_us: Mutex<VecDeque<u64>>,
 }
 

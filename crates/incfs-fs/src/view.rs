@@ -13,10 +13,13 @@
 //! files and cached names may still refer to.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 
 use incfs_format::manifest::{display_path, Inode, InodeKind, Manifest};
 use incfs_store::{file_key, FileKey};
+
+use crate::pending::file_id;
+use crate::reader::FileRef;
 
 /// Kernel inode number of the root directory (fixed by FUSE).
 pub const ROOT_INO: u64 = 1;
@@ -41,6 +44,8 @@ pub struct View {
     pub contents: Vec<(FileKey, u64)>,
     /// Highest kernel inode number this view uses.
     pub max_ino: u64,
+    /// Regular files by stable id ([`file_id`]), made when first asked for.
+    ids: OnceLock<HashMap<String, u32>>,
 }
 
 /// Something the kernel may have cached that a switch made stale.
@@ -127,7 +132,31 @@ impl View {
             data_blocks,
             contents,
             max_ino,
+            ids: OnceLock::new(),
         }
+    }
+
+    /// Regular file `idx` as the reader sees it.
+    pub fn file(&self, idx: u32) -> Option<FileRef> {
+        match &self.manifest.inodes.get(idx as usize)?.kind {
+            InodeKind::File(f) => Some(FileRef {
+                data: *f,
+                key: file_key(&f.root_hash, f.size),
+                label: self.labels[idx as usize].clone(),
+            }),
+            _ => None,
+        }
+    }
+
+    /// The regular file whose stable id is `id`.
+    pub fn index_by_id(&self, id: &str) -> Option<u32> {
+        let ids = self.ids.get_or_init(|| {
+            (0..self.manifest.inodes.len() as u32)
+                .filter(|&i| matches!(self.manifest.inodes[i as usize].kind, InodeKind::File(_)))
+                .map(|i| (file_id(&self.labels[i as usize]), i))
+                .collect()
+        });
+        ids.get(id).copied()
     }
 
     /// Kernel inode number of manifest inode `idx`.

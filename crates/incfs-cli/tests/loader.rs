@@ -1,0 +1,185 @@
+//! External data loaders (`--loader`, the example `examples/loader.py`), `incfs fill`, and the
+//! introspection of waiting reads: `incfs pending`, `incfs log`, `incfs files`.
+
+mod common;
+
+use std::fs;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+fn example_loader() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/loader.py")
+}
+
+fn loader_cmd(tree: &Path, extra: &str) -> String {
+    format!("python3 {} {} {extra}", example_loader().display(), tree.display())
+}
+
+/// A tree of a few sizes, with a subdirectory and a sparse file.
+fn fill_tree(src: &Path) {
+    fs::write(src.join("big.bin"), random_bytes(1, 3 << 20)).unwrap();
+    fs::write(src.join("small.txt"), "hello from the loader\n").unwrap();
+    fs::create_dir(src.join("sub")).unwrap();
+    fs::write(src.join("sub/mid.bin"), random_bytes(2, 200_000)).unwrap();
+    let sparse = fs::File::create(src.join("sub/sparse")).unwrap();
+    sparse.set_len(1 << 20).unwrap();
+}
+
+#[test]
+fn the_example_loader_serves_a_whole_mount() {
+    let p = Published::new(fill_tree, &[]);
+    let cmd = loader_cmd(&p.src, "");
+    let m = p.mount(p.repo.to_str().unwrap(), "loader", &["--loader", &cmd]);
+    let out = Command::new("diff").args(["-r"]).arg(&p.src).arg(&m.dir).output().unwrap();
+    assert!(out.status.success(), "diff -r: {}\n{}", text(&out.stdout), m.log());
+    let s = m.status();
+    let data_blocks = (3 << 20) / 4096 + 1 + 200_000 / 4096 + 1;
+    assert!(s["blocks_filled"].as_u64().unwrap() >= data_blocks, "{s}");
+    assert_eq!(s["fills_rejected"], 0);
+    // The source gave the manifest and Merkle trees only: 32 + 16 bytes a block, not the data.
+    assert!(s["bytes_fetched"].as_u64().unwrap() < 64 * 1024, "{s}");
+    assert_eq!(s["reads_failed_timeout"], 0);
+}
+
+#[test]
+fn a_wrong_block_from_the_loader_fails_that_read_and_a_retry_succeeds() {
+    let p = Published::new(fill_tree, &[]);
+    let cmd = loader_cmd(&p.src, "--corrupt-once sub/mid.bin");
+    let m = p.mount(p.repo.to_str().unwrap(), "corrupt", &["--loader", &cmd]);
+    let want = fs::read(p.src.join("sub/mid.bin")).unwrap();
+    // The FUSE read given the bad block fails with EIO; the kernel may retry a failed readahead
+    // at once with a read of its own, which the loader then serves right. Either way no wrong
+    // byte arrives.
+    match fs::read(m.path("sub/mid.bin")) {
+        Ok(b) => assert!(b == want, "wrong bytes served"),
+        Err(e) => assert_eq!(e.raw_os_error(), Some(libc::EIO), "{e}"),
+    }
+    let s = m.status();
+    assert!(s["fills_rejected"].as_u64().unwrap() >= 1, "{s}");
+    assert!(s["reads_failed_verification"].as_u64().unwrap() >= 1, "{s}");
+    assert!(m.log().contains("sub/mid.bin: filled block 0 failed verification"), "{}", m.log());
+    // The loader sends the right bytes the next time; nothing bad was kept.
+    assert!(fs::read(m.path("sub/mid.bin")).unwrap() == want);
+}
+
+#[test]
+fn a_dying_loader_times_reads_out_and_a_restarted_one_resumes() {
+    let p = Published::new(fill_tree, &[]);
+    let flag = p.dir.path().join("loader-must-die");
+    let cmd = loader_cmd(&p.src, &format!("--exit-if-exists {}", flag.display()));
+    let m = p.mount(p.repo.to_str().unwrap(), "dying", &["--loader", &cmd, "--read-timeout", "1s"]);
+    assert_eq!(fs::read_to_string(m.path("small.txt")).unwrap(), "hello from the loader\n");
+    fs::write(&flag, "").unwrap();
+    let t = Instant::now();
+    let err = fs::read(m.path("sub/mid.bin")).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::ETIME), "{err}");
+    assert!(t.elapsed() < Duration::from_secs(4), "the read took {:?}", t.elapsed());
+    assert!(m.daemon_alive());
+    assert!(m.stat("reads_failed_timeout") >= 1);
+    // Back: the daemon starts the loader again, which takes the reads waiting.
+    fs::remove_file(&flag).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match fs::read(m.path("sub/mid.bin")) {
+            Ok(b) => {
+                assert!(b == fs::read(p.src.join("sub/mid.bin")).unwrap(), "wrong bytes");
+                break;
+            }
+            Err(e) => {
+                assert!(Instant::now() < deadline, "no restarted loader served the read: {e}\n{}", m.log());
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        }
+    }
+    assert!(m.log().contains("loader exited"), "{}", m.log());
+}
+
+#[test]
+fn waiting_readers_are_listed_logged_and_woken_by_fill() {
+    let files = ["a.bin", "b.bin", "c.bin"];
+    let p = Published::new(
+        |src| {
+            for (i, f) in files.iter().enumerate() {
+                fs::write(src.join(f), random_bytes(10 + i as u64, 64 << 10)).unwrap();
+            }
+        },
+        &[],
+    );
+    // A loader that never answers: reads wait until `incfs fill` brings their blocks.
+    let m = p.mount(p.repo.to_str().unwrap(), "fill", &["--loader", "cat >/dev/null", "--read-timeout", "20s"]);
+    let mnt = m.dir.to_str().unwrap().to_string();
+    let mut log =
+        ChildGuard(Command::new(incfs_bin()).args(["log", &mnt, "--json"]).stdout(Stdio::piped()).spawn().unwrap());
+    let log_out = log.0.stdout.take().unwrap();
+    let log_lines =
+        std::thread::spawn(move || BufReader::new(log_out).lines().map_while(Result::ok).collect::<Vec<_>>());
+
+    let incomplete = incfs_ok(&["files", &mnt, "--incomplete", "--json"]);
+    let incomplete: Vec<serde_json::Value> = serde_json::from_str(&incomplete).unwrap();
+    assert_eq!(incomplete.len(), 3);
+
+    // Three readers per file, several files at once.
+    let readers: Vec<_> = files
+        .iter()
+        .flat_map(|f| std::iter::repeat_n(m.path(f), 3))
+        .map(|path| std::thread::spawn(move || fs::read(path)))
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let pending = loop {
+        let v: Vec<serde_json::Value> = serde_json::from_str(&incfs_ok(&["pending", &mnt, "--json"])).unwrap();
+        let paths: std::collections::BTreeSet<&str> = v.iter().map(|p| p["path"].as_str().unwrap()).collect();
+        if paths.len() == 3 {
+            break v;
+        }
+        assert!(Instant::now() < deadline, "not every file's read is pending: {v:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    for r in &pending {
+        assert_eq!(r["block"], 0, "{r}");
+        assert_eq!(r["id"].as_str().unwrap().len(), 32);
+        assert!(r["serial"].as_u64().unwrap() > 0);
+    }
+    let text_listing = incfs_ok(&["pending", &mnt]);
+    assert!(text_listing.contains("a.bin") && text_listing.contains("block"), "{text_listing}");
+    assert!(readers.iter().all(|r| !r.is_finished()), "a reader finished before any fill");
+
+    // One producer fills each file; every reader wakes with the right bytes.
+    for f in &files {
+        let out = incfs_ok(&["fill", &mnt, f, "--from", p.src.join(f).to_str().unwrap()]);
+        assert!(out.contains("16 blocks filled, 0 refused"), "{out}");
+    }
+    for (k, r) in readers.into_iter().enumerate() {
+        let got = r.join().unwrap().unwrap();
+        assert!(got == fs::read(p.src.join(files[k / 3])).unwrap(), "reader {k} read wrong bytes");
+    }
+    assert!(serde_json::from_str::<Vec<serde_json::Value>>(&incfs_ok(&["pending", &mnt, "--json"]))
+        .unwrap()
+        .is_empty());
+    assert_eq!(incfs_ok(&["files", &mnt, "--incomplete", "--json"]).trim(), "[]");
+
+    // A block that does not match the tree is refused and counted.
+    let wrong = p.dir.path().join("wrong");
+    fs::write(&wrong, random_bytes(99, 64 << 10)).unwrap();
+    let out = incfs(&["fill", &mnt, "a.bin", "--from", wrong.to_str().unwrap(), "--blocks", "0-1"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out.stdout).contains("0 blocks filled, 2 refused"), "{}", text(&out.stdout));
+    assert_eq!(m.stat("fills_rejected"), 2);
+
+    // The read log saw every file read, having waited, from block 0.
+    std::thread::sleep(Duration::from_millis(200));
+    // SAFETY: kill(2) on the `incfs log` child this test started.
+    unsafe { libc::kill(log.0.id() as i32, libc::SIGTERM) };
+    let _ = log.0.wait();
+    let records: Vec<serde_json::Value> =
+        log_lines.join().unwrap().iter().filter_map(|l| serde_json::from_str(l).ok()).collect();
+    for f in &files {
+        assert!(
+            records.iter().any(|r| r["path"] == *f && r["block"] == 0 && r["waited"] == true),
+            "no waited read of {f} from block 0 in the log: {records:?}"
+        );
+    }
+}
