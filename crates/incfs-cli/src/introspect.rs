@@ -1,5 +1,5 @@
-//! `incfs pending`, `incfs log`, `incfs files` and `incfs fill`: looking into a live mount and
-//! pushing blocks into it, over its control socket.
+//! `incfs pending`, `incfs log`, `incfs files`, `incfs fill`, `incfs add` and `incfs sign-file`:
+//! looking into a live mount and pushing files and blocks into it, over its control socket.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::Path;
@@ -148,6 +148,51 @@ pub fn fill(mp: &Path, path: &Path, from: &Path, blocks: Option<&str>) -> Result
     }
     println!("{rel}: {filled} blocks filled, {} refused", rejected.len());
     Ok(if rejected.is_empty() { 0 } else { 1 })
+}
+
+/// The fs-verity tree of a local file: (size, root hash, compact tree).
+fn tree_of(file: &Path) -> Result<(u64, incfs_format::Hash, Vec<u8>)> {
+    let data = std::fs::read(file).with_context(|| format!("{}", file.display()))?;
+    let tree = incfs_verity::MerkleTree::from_data(&data);
+    Ok((data.len() as u64, *tree.root(), tree.to_compact()))
+}
+
+pub fn sign_file(file: &Path, key: &Path, out: Option<&Path>) -> Result<i32> {
+    let key = crate::keys::load_signing_key(key)?;
+    let (size, root, _) = tree_of(file)?;
+    let digest = incfs_verity::file_digest(&root, size);
+    let sig = key.sign(&incfs_verity::formatted_digest(&digest));
+    let out = out.map(Path::to_path_buf).unwrap_or_else(|| {
+        let mut p = file.as_os_str().to_owned();
+        p.push(".sig");
+        p.into()
+    });
+    std::fs::write(&out, sig).with_context(|| format!("{}", out.display()))?;
+    println!("{} {} -> {}", incfs_verity::format_digest(&digest), file.display(), out.display());
+    Ok(0)
+}
+
+pub fn add(mp: &Path, path: &Path, from: &Path, signature: &Path, mode: Option<&str>, fill_now: bool) -> Result<i32> {
+    use std::os::unix::fs::PermissionsExt;
+    let mpc = mountpoint(mp)?;
+    let rel = image_path(&mpc, path)?;
+    let (size, root, tree) = tree_of(from)?;
+    let mode = match mode {
+        Some(m) => u16::from_str_radix(m, 8).map_err(|_| anyhow::anyhow!("--mode {m:?}: octal bits like 644"))?,
+        None => (std::fs::metadata(from)?.permissions().mode() & 0o7777) as u16,
+    };
+    let sig = std::fs::read(signature).with_context(|| format!("{}", signature.display()))?;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let request = serde_json::json!({
+        "cmd": "add", "path": rel, "mode": mode, "size": size, "root_hash": hex::encode(root),
+        "tree": b64.encode(&tree), "signature": b64.encode(&sig),
+    });
+    let v = ask_within(&mpc, &request, Duration::from_secs(60)).map_err(|e| anyhow::anyhow!(e))?;
+    println!("{}: added ({})", rel, v["digest"].as_str().unwrap_or("?"));
+    if fill_now {
+        return fill(mp, path, from, None);
+    }
+    Ok(0)
 }
 
 fn read_full(f: &mut std::fs::File, buf: &mut [u8]) -> std::io::Result<usize> {

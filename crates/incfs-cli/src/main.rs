@@ -97,6 +97,17 @@ enum Command {
         #[arg(required = true)]
         files: Vec<PathBuf>,
     },
+    /// Sign a file's fs-verity digest for `incfs add`: writes the signature over the fs-verity
+    /// formatted digest ("FSVerity", algorithm, size, digest), in the key's scheme, to OUT.
+    SignFile {
+        file: PathBuf,
+        /// Publisher private key (PEM), as for `incfs pack`.
+        #[arg(long)]
+        key: PathBuf,
+        /// Where to write the raw signature [default: FILE.sig].
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
     /// Publish SRC_DIR as the next version of the repository REPO_DIR (created if missing).
     ///
     /// Blocks are deduplicated by content against everything already in the repository, so a
@@ -264,6 +275,27 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Push a single new file into a live mount, without a new manifest: PATH appears at once
+    /// (its directory must exist, the name must be free); its blocks come from fills (`incfs
+    /// fill`, a loader, or --fill now) and are verified against FILE's Merkle tree, accepted only
+    /// if a trusted key signed its fs-verity digest (`incfs sign-file`).
+    Add {
+        mountpoint: PathBuf,
+        /// Where the file appears inside the image.
+        path: PathBuf,
+        /// The file's content (its size and Merkle tree are computed from it).
+        #[arg(long, value_name = "FILE")]
+        from: PathBuf,
+        /// Signature over its digest, as written by `incfs sign-file`.
+        #[arg(long, value_name = "SIG")]
+        signature: PathBuf,
+        /// Permission bits, octal [default: FILE's].
+        #[arg(long)]
+        mode: Option<String>,
+        /// Fill every block from FILE right away.
+        #[arg(long)]
+        fill: bool,
+    },
     /// Push a file's blocks into a mount from a local copy of it: each block is verified against
     /// the file's Merkle tree before it is kept, exactly like a fetched one; waiting reads wake.
     /// Exits 1 if any block was refused.
@@ -377,6 +409,7 @@ fn main() {
             force,
         ),
         Command::Digest { files } => digest::run(&files),
+        Command::SignFile { file, key, out } => introspect::sign_file(&file, &key, out.as_deref()),
         Command::Pack {
             src_dir,
             repo_dir,
@@ -456,6 +489,9 @@ fn main() {
         Command::Pending { mountpoint, json } => introspect::pending(&mountpoint, json),
         Command::Log { mountpoint, json } => introspect::log(&mountpoint, json),
         Command::Files { mountpoint, incomplete, json } => introspect::files(&mountpoint, incomplete, json),
+        Command::Add { mountpoint, path, from, signature, mode, fill } => {
+            introspect::add(&mountpoint, &path, &from, &signature, mode.as_deref(), fill)
+        }
         Command::Fill { mountpoint, path, from, blocks } => {
             introspect::fill(&mountpoint, &path, &from, blocks.as_deref())
         }

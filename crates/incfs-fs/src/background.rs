@@ -102,7 +102,9 @@ impl Background {
         for (path, ino) in manifest.walk() {
             if let InodeKind::File(d) = &manifest.inodes[ino as usize].kind {
                 let key = file_key(&d.root_hash, d.size);
-                if d.size == 0 || d.meta.is_none() || by_key.contains_key(&key) {
+                // Pushed files lie in no source: their blocks come only from fills.
+                let pushed = d.meta.is_some_and(|m| m.object == crate::reader::PUSHED_OBJECT);
+                if d.size == 0 || d.meta.is_none() || pushed || by_key.contains_key(&key) {
                     continue;
                 }
                 by_key.insert(key, files.len());

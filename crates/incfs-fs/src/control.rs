@@ -70,6 +70,17 @@ enum Request {
     },
     Log,
     Loader,
+    Add {
+        /// As printed (escaped).
+        path: String,
+        mode: u16,
+        size: u64,
+        /// Hex.
+        root_hash: String,
+        /// Base64: the compact tree, and the signature over the formatted digest.
+        tree: String,
+        signature: String,
+    },
 }
 
 #[derive(Debug, Deserialize)]
@@ -293,6 +304,28 @@ impl Control {
         Ok(report)
     }
 
+    async fn add(
+        &self,
+        path: &str,
+        mode: u16,
+        size: u64,
+        root: &str,
+        tree: &str,
+        signature: &str,
+    ) -> Result<serde_json::Value, String> {
+        use base64::Engine;
+        let b64 = base64::engine::general_purpose::STANDARD;
+        let raw = incfs_format::profile::unescape_path(path).ok_or_else(|| format!("{path}: badly escaped path"))?;
+        let root: incfs_format::Hash = hex::decode(root)
+            .ok()
+            .and_then(|v| v.try_into().ok())
+            .ok_or_else(|| "root_hash: 64 hex digits expected".to_string())?;
+        let tree = b64.decode(tree).map_err(|e| format!("tree is not base64: {e}"))?;
+        let signature = b64.decode(signature).map_err(|e| format!("signature is not base64: {e}"))?;
+        let digest = self.live.add(&raw, mode, size, root, &tree, &signature).await.map_err(|e| e.to_string())?;
+        Ok(serde_json::json!({ "path": path, "digest": incfs_verity::format_digest(&digest) }))
+    }
+
     async fn answer(&self, line: &str) -> String {
         let reply = match serde_json::from_str::<Request>(line) {
             Ok(Request::Status) => serde_json::to_value(self.status()).map_err(|e| e.to_string()),
@@ -320,6 +353,9 @@ impl Control {
                 .fill(id.as_deref(), path.as_deref(), blocks)
                 .await
                 .and_then(|r| serde_json::to_value(r).map_err(|e| e.to_string())),
+            Ok(Request::Add { path, mode, size, root_hash, tree, signature }) => {
+                self.add(&path, mode, size, &root_hash, &tree, &signature).await
+            }
             Ok(Request::Log | Request::Loader) => Err("log and loader open a stream: send them first".into()),
             Err(e) => Err(format!("bad request: {e}")),
         };

@@ -9,6 +9,11 @@
 //! that did not change keep their numbers and cached pages. Nothing is fetched for the switch
 //! but the manifest: blocks are content-addressed, so only blocks the cache lacks are fetched,
 //! when read or by background completion.
+//!
+//! Single files can also be pushed in without a new manifest ([`Live::add`], `incfs add`): a
+//! path, a mode, and the file's size, Merkle tree and a trusted key's signature over its
+//! fs-verity digest. The file joins the tree served (and every later version, where its path is
+//! free); its blocks come from fills and are verified against that tree like any others.
 
 use std::os::unix::ffi::OsStrExt;
 use std::sync::{Arc, Mutex};
@@ -16,7 +21,8 @@ use std::time::Duration;
 
 use incfs_fetch::{Image, ImageError, SourceError};
 use incfs_format::layout;
-use incfs_format::manifest::Manifest;
+use incfs_format::manifest::{is_valid_name, Dirent, FileData, Inode, InodeKind, Manifest, MetaRef, Metadata};
+use incfs_format::Hash;
 use incfs_sign::TrustedKeys;
 use serde::{Deserialize, Serialize};
 
@@ -46,6 +52,42 @@ pub enum UpdateError {
     Unrelated { offered: u64, current: u64 },
     #[error("no source could be reached: {0}")]
     Unreachable(String),
+    #[error("{0}")]
+    Add(String),
+}
+
+/// A file pushed into the mount.
+#[derive(Debug, Clone)]
+struct Pushed {
+    /// Raw path components.
+    parent: Vec<u8>,
+    name: Vec<u8>,
+    inode: Inode,
+}
+
+/// `base` with the pushed files whose place is free in it (the others are returned by path).
+fn with_pushed(base: &Manifest, pushed: &[Pushed]) -> (Manifest, Vec<String>) {
+    let mut m = base.clone();
+    let mut skipped = Vec::new();
+    for p in pushed {
+        let label = || incfs_format::manifest::display_path(&[&p.parent[..], &p.name[..]].join(&b'/'));
+        let parent = match m.resolve(&p.parent) {
+            Some(d) if matches!(m.inodes[d as usize].kind, InodeKind::Dir) => d,
+            _ => {
+                skipped.push(label());
+                continue;
+            }
+        };
+        if m.lookup(parent, &p.name).is_some() {
+            skipped.push(label());
+            continue;
+        }
+        m.inodes.push(p.inode.clone());
+        let d = Dirent { parent, inode: m.inodes.len() as u32 - 1, name: p.name.clone() };
+        let at = m.dirents.partition_point(|e| (e.parent, &e.name[..]) < (d.parent, &d.name[..]));
+        m.dirents.insert(at, d);
+    }
+    (m, skipped)
 }
 
 /// What `incfs update` reports.
@@ -67,6 +109,9 @@ struct Running {
 
 pub struct Live {
     pub views: Arc<Views>,
+    /// The signed manifest served (the current view's, without pushed files).
+    base: Mutex<Arc<Manifest>>,
+    pushed: Mutex<Vec<Pushed>>,
     pub reader: Arc<Reader>,
     trust: TrustedKeys,
     background_opts: BackgroundOptions,
@@ -87,7 +132,10 @@ impl Live {
         recording: bool,
     ) -> Arc<Live> {
         let background = Background::new(reader.clone(), views.current().manifest.clone(), background_opts.clone());
+        let base = Mutex::new(views.current().manifest.clone());
         Arc::new(Live {
+            base,
+            pushed: Mutex::new(Vec::new()),
             views,
             reader,
             trust,
@@ -141,7 +189,7 @@ impl Live {
         let image = self.fetch(to).await?;
         let new = image.manifest().clone();
         let current = self.views.current();
-        let cur = &current.manifest;
+        let cur = &self.base.lock().unwrap().clone();
         let mut report = UpdateReport {
             from: cur.version,
             to: new.version,
@@ -185,9 +233,15 @@ impl Live {
             store.accept(&key_id, &new.name, new.version, image.manifest_bytes())?;
         }
 
-        let (view, changes) = current.next(new.clone(), self.views.max_ino() + 1, self.recording);
+        let pushed = self.pushed.lock().unwrap().clone();
+        let (served, skipped) = with_pushed(&new, &pushed);
+        for s in skipped {
+            tracing::warn!("pushed file {s} has no place in version {}: no longer shown", new.version);
+        }
+        let (view, changes) = current.next(Arc::new(served), self.views.max_ino() + 1, self.recording);
         self.reader.presence.load(store, view.contents.iter().map(|(k, _)| *k))?;
         self.reader.extend_objects(&new.objects);
+        *self.base.lock().unwrap() = new.clone();
         self.views.switch(view);
         self.invalidate(&changes.invalidate);
         {
@@ -208,6 +262,77 @@ impl Live {
         report.removed = changes.removed;
         report.changed = changes.changed;
         Ok(report)
+    }
+
+    /// Push a file in (`incfs add`): `tree` is its compact Merkle tree (format section 2.2),
+    /// `signature` a trusted key's signature over its fs-verity formatted digest. Its blocks then
+    /// come from fills. Returns the file's digest.
+    pub async fn add(
+        &self,
+        path: &[u8],
+        mode: u16,
+        size: u64,
+        root: Hash,
+        tree: &[u8],
+        signature: &[u8],
+    ) -> Result<Hash, UpdateError> {
+        let _one = self.switching.lock().await;
+        let bad = |m: String| UpdateError::Add(m);
+        let shown = incfs_format::manifest::display_path(path);
+        let parts: Vec<&[u8]> = path.split(|&b| b == b'/').filter(|p| !p.is_empty()).collect();
+        let Some((name, dirs)) = parts.split_last() else {
+            return Err(bad("an empty path; name the file to add".into()));
+        };
+        if let Some(p) = parts.iter().find(|p| !is_valid_name(p)) {
+            let p = incfs_format::manifest::display_path(p);
+            return Err(bad(format!("{shown}: {p:?} is not a valid file name")));
+        }
+        if size == 0 || size > incfs_format::manifest::MAX_FILE_SIZE {
+            return Err(bad(format!("{shown}: size {size} cannot be pushed (1 byte to 1 PiB)")));
+        }
+        incfs_verity::MerkleTree::from_compact(size, tree, &root)
+            .map_err(|e| bad(format!("{shown}: its Merkle tree does not match its root hash: {e}")))?;
+        let digest = incfs_verity::file_digest(&root, size);
+        let signer = self.trust.verify_any(&incfs_verity::formatted_digest(&digest), signature).ok_or_else(|| {
+            bad(format!(
+                "{shown}: the signature over {} does not verify with any trusted key",
+                incfs_verity::format_digest(&digest)
+            ))
+        })?;
+        tracing::info!(
+            "{shown}: pushed, digest {} signed by {}",
+            incfs_verity::format_digest(&digest),
+            signer.id_hex()
+        );
+        let offset = self.reader.push_tree(tree.to_vec());
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+        let inode = Inode {
+            meta: Metadata {
+                mode: mode & 0o7777,
+                uid: 0,
+                gid: 0,
+                mtime_sec: now.as_secs() as i64,
+                mtime_nsec: now.subsec_nanos(),
+            },
+            xattrs: vec![],
+            kind: InodeKind::File(FileData {
+                size,
+                root_hash: root,
+                meta: Some(MetaRef { object: crate::reader::PUSHED_OBJECT, offset }),
+            }),
+        };
+        let p = Pushed { parent: dirs.join(&b'/'), name: name.to_vec(), inode };
+        let current = self.views.current();
+        let (served, skipped) = with_pushed(&current.manifest, std::slice::from_ref(&p));
+        if !skipped.is_empty() {
+            return Err(bad(format!("{shown}: the name is taken or its directory does not exist")));
+        }
+        self.pushed.lock().unwrap().push(p);
+        let (view, changes) = current.next(Arc::new(served), self.views.max_ino() + 1, self.recording);
+        self.reader.presence.load(self.reader.store(), view.contents.iter().map(|(k, _)| *k))?;
+        self.views.switch(view);
+        self.invalidate(&changes.invalidate);
+        Ok(digest)
     }
 
     fn invalidate(&self, what: &[Inval]) {

@@ -29,6 +29,11 @@ use crate::pending::Pending;
 use crate::presence::Presence;
 use crate::stats::{FailCause, Stats};
 
+/// The object of a file pushed into the mount (`incfs add`): it lies in no source; its tree is
+/// held by the reader ([`Reader::push_tree`], the metadata offset indexes it) and its blocks
+/// come only from fills.
+pub const PUSHED_OBJECT: u32 = u32::MAX;
+
 /// Metadata regions are fetched and cached in pieces of this size.
 pub const META_CHUNK: u64 = 64 << 10;
 /// Largest ranged GET for a run of blocks.
@@ -109,11 +114,22 @@ pub struct Reader {
     pub pending: Pending,
     /// Counts fills (good or bad): a waiting read looks again whenever it moves.
     filled: tokio::sync::watch::Sender<u64>,
-    /// Blocks a fill got wrong, with the fill count at that moment: reads that were waiting
-    /// for them then fail (verification) instead of waiting out their timeout.
-    bad_fills: Mutex<HashMap<(FileKey, u64), (u64, ReadFailure)>>,
+    /// Blocks a fill got wrong, with the fill count and instant at that moment: reads that were
+    /// waiting for them then fail (verification) instead of waiting out their timeout, and so do
+    /// reads of them for [`FAILURE_MEMORY`] after (the kernel's retry of a failed readahead),
+    /// until a good fill replaces them.
+    bad_fills: Mutex<HashMap<(FileKey, u64), BadFill>>,
     /// Data blocks come only from fills (a data loader), never from the sources.
     fills_only: AtomicBool,
+    /// Compact Merkle trees of pushed files (checked against their roots when pushed).
+    pushed: RwLock<Vec<Arc<Vec<u8>>>>,
+}
+
+/// A block a fill got wrong: the fill count and instant then, and the failure to report.
+struct BadFill {
+    at: u64,
+    when: Instant,
+    failure: ReadFailure,
 }
 
 /// Why a filled block was not taken.
@@ -150,7 +166,19 @@ impl Reader {
             filled: tokio::sync::watch::channel(0).0,
             bad_fills: Mutex::new(HashMap::new()),
             fills_only: AtomicBool::new(false),
+            pushed: RwLock::new(Vec::new()),
         }
+    }
+
+    /// Keep the (verified) compact tree of a pushed file; returns its metadata offset.
+    pub fn push_tree(&self, tree: Vec<u8>) -> u64 {
+        let mut p = self.pushed.write().unwrap();
+        p.push(Arc::new(tree));
+        p.len() as u64 - 1
+    }
+
+    fn is_pushed(f: &FileRef) -> bool {
+        f.data.meta.is_some_and(|m| m.object == PUSHED_OBJECT)
     }
 
     /// Take data blocks only from fills (`incfs mount --loader`).
@@ -205,7 +233,8 @@ impl Reader {
                     message: format!("{}: block {block} as filled: {e}", f.label),
                 };
                 let at = *self.filled.borrow() + 1;
-                self.bad_fills.lock().unwrap().insert((f.key, block), (at, failure));
+                let bad = BadFill { at, when: Instant::now(), failure };
+                self.bad_fills.lock().unwrap().insert((f.key, block), bad);
                 Err(FillError::Verification(f.label.clone(), block, e))
             }
         };
@@ -213,10 +242,13 @@ impl Reader {
         result
     }
 
-    /// A fill after fill count `since` got one of `blocks` of `f` wrong.
+    /// A fill after fill count `since`, or just before, got one of `blocks` of `f` wrong.
     fn bad_fill(&self, f: &FileRef, blocks: &[u64], since: u64) -> Option<ReadFailure> {
         let bad = self.bad_fills.lock().unwrap();
-        blocks.iter().find_map(|b| bad.get(&(f.key, *b)).filter(|(at, _)| *at > since).map(|(_, e)| e.clone()))
+        blocks.iter().find_map(|b| {
+            let b = bad.get(&(f.key, *b))?;
+            (b.at > since || b.when.elapsed() < FAILURE_MEMORY).then(|| b.failure.clone())
+        })
     }
 
     pub fn store(&self) -> &Arc<Store> {
@@ -269,6 +301,17 @@ impl Reader {
 
     fn meta_chunk_local(&self, f: &FileRef, chunk: u64) -> Result<Option<Arc<Vec<u8>>>, Local> {
         let (object, offset, _) = self.region(f);
+        if object == PUSHED_OBJECT {
+            // Only its tree is kept (the block map is of no use without a source).
+            let tree = self.pushed.read().unwrap().get(offset as usize).cloned();
+            let start = (chunk * META_CHUNK) as usize;
+            return match tree {
+                Some(t) if start < t.len() => {
+                    Ok(Some(Arc::new(t[start..t.len().min(start + META_CHUNK as usize)].to_vec())))
+                }
+                _ => Err(fail(FailCause::Other, format!("{}: pushed file without its tree", f.label))),
+            };
+        }
         if let Some(c) = self.meta.get(&(object, offset, chunk)) {
             return Ok(Some(c));
         }
@@ -308,6 +351,9 @@ impl Reader {
     /// Forget a cached metadata piece that produced a hash mismatch, so it is fetched again.
     fn drop_meta(&self, f: &FileRef, range: Range<u64>) {
         let (object, offset, _) = self.region(f);
+        if object == PUSHED_OBJECT {
+            return; // checked whole when pushed; nothing fetched to drop
+        }
         let digest = self.digest(object);
         for chunk in range.start / META_CHUNK..=(range.end.max(1) - 1) / META_CHUNK {
             self.meta.remove(&(object, offset, chunk));
@@ -351,6 +397,9 @@ impl Reader {
     }
 
     fn record(&self, f: &FileRef, i: u64) -> Result<BlockRecord, Local> {
+        if Self::is_pushed(f) {
+            return Err(fail(FailCause::Other, format!("{}: a pushed file's blocks come only from fills", f.label)));
+        }
         let layout = FileMetaLayout::new(f.data.size);
         let at = layout.record_offset(i);
         let range = at..at + BLOCK_RECORD_SIZE as u64;
@@ -533,7 +582,7 @@ impl Reader {
                     if let Some(e) = self.bad_fill(f, &list, since) {
                         return Err(e);
                     }
-                    if self.fills_only.load(Ordering::Relaxed) {
+                    if self.fills_only.load(Ordering::Relaxed) || Self::is_pushed(f) {
                         let _ = fills.changed().await;
                         continue;
                     }
@@ -553,7 +602,7 @@ impl Reader {
     /// each hash block is checked against its parent when used).
     pub(crate) fn put_meta_region(&self, f: &FileRef, region: &[u8]) {
         let (object, offset, len) = self.region(f);
-        if region.len() as u64 != len {
+        if region.len() as u64 != len || object == PUSHED_OBJECT {
             return;
         }
         let digest = self.digest(object);
@@ -571,6 +620,10 @@ impl Reader {
 
     pub(crate) async fn fetch_meta(&self, f: &FileRef, chunk: u64) -> Result<(), ReadFailure> {
         let (object, offset, len) = self.region(f);
+        if object == PUSHED_OBJECT {
+            let message = format!("{}: pushed file without its tree", f.label);
+            return Err(ReadFailure { cause: FailCause::Other, message });
+        }
         let digest = self.digest(object);
         let start = offset + chunk * META_CHUNK;
         let end = offset + len.min((chunk + 1) * META_CHUNK);

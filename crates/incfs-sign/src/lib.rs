@@ -343,6 +343,12 @@ impl TrustedKeys {
         &self.0
     }
 
+    /// The trusted key under which `signature` over `message` verifies, if any (for signatures
+    /// that do not name their key, like those of files pushed into a mount).
+    pub fn verify_any(&self, message: &[u8], signature: &[u8]) -> Option<&PublicKey> {
+        self.0.iter().find(|k| k.verify(message, signature).is_ok())
+    }
+
     /// Check a manifest's signature: the signer must be trusted, use its key's scheme, and the
     /// signature must cover the header and body exactly. Returns the key that signed.
     pub fn verify(&self, env: &Envelope<'_>) -> Result<&PublicKey, SignatureError> {

@@ -63,6 +63,17 @@ pub fn file_digest(root: &Hash, size: u64) -> Hash {
     Sha256::digest(desc).into()
 }
 
+/// What an fs-verity built-in signature signs (`struct fsverity_formatted_digest`): the
+/// ASCII magic `FSVerity`, le16 hash algorithm (1, SHA-256), le16 digest size (32), the digest.
+pub fn formatted_digest(digest: &Hash) -> [u8; 12 + HASH_SIZE] {
+    let mut m = [0u8; 12 + HASH_SIZE];
+    m[..8].copy_from_slice(b"FSVerity");
+    m[8..10].copy_from_slice(&1u16.to_le_bytes());
+    m[10..12].copy_from_slice(&(HASH_SIZE as u16).to_le_bytes());
+    m[12..].copy_from_slice(digest);
+    m
+}
+
 /// Digest in the form `fsverity digest` prints: `sha256:<64 hex digits>`.
 pub fn format_digest(digest: &Hash) -> String {
     format!("sha256:{}", hex::encode(digest))
