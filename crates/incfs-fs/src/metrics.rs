@@ -18,7 +18,12 @@ pub fn render(s: &Status) -> String {
     };
     let n = |v: u64| v as f64;
     metric("reads_served_total", "counter", "FUSE reads answered by the daemon.", &[("", n(s.reads_served))]);
-    metric("reads_waited_total", "counter", "Reads that waited for the network.", &[("", n(s.reads_waited))]);
+    metric(
+        "reads_waited_total",
+        "counter",
+        "Reads that waited (delayed) for data from the network or a loader.",
+        &[("", n(s.reads_waited))],
+    );
     metric(
         "reads_failed_total",
         "counter",
@@ -30,12 +35,14 @@ pub fn render(s: &Status) -> String {
             ("{cause=\"other\"}", n(s.reads_failed_other)),
         ],
     );
-    metric("pending_reads", "gauge", "Reads waiting for the network now.", &[("", n(s.pending_reads))]);
+    metric("pending_reads", "gauge", "Reads waiting for data now.", &[("", n(s.pending_reads))]);
     metric("fetch_requests_total", "counter", "Ranged GETs made.", &[("", n(s.fetch_requests))]);
     metric("fetch_failures_total", "counter", "Ranged GETs that failed.", &[("", n(s.fetch_failures))]);
     metric("fetched_bytes_total", "counter", "Bytes received from sources.", &[("", n(s.bytes_fetched))]);
     metric("blocks_fetched_total", "counter", "Blocks fetched and verified.", &[("", n(s.blocks_fetched))]);
     metric("blocks_bad_total", "counter", "Blocks that failed verification.", &[("", n(s.blocks_bad))]);
+    metric("blocks_filled_total", "counter", "Blocks filled from outside and kept.", &[("", n(s.blocks_filled))]);
+    metric("fills_rejected_total", "counter", "Filled blocks that failed verification.", &[("", n(s.fills_rejected))]);
     metric("blocks_present", "gauge", "Blocks of the image present locally.", &[("", n(s.blocks_present))]);
     metric("blocks_total", "gauge", "Blocks of the image.", &[("", n(s.blocks_total))]);
     metric("complete", "gauge", "1 when every block is present.", &[("", if s.complete { 1.0 } else { 0.0 })]);
