@@ -97,6 +97,18 @@ enum Command {
         #[arg(required = true)]
         files: Vec<PathBuf>,
     },
+    /// Remove old versions from a repository directory, keeping the newest --keep, and every
+    /// object that only removed versions read from. Clients still on a removed version can no
+    /// longer fetch what they lack of it; `incfs update` moves them on.
+    Prune {
+        repo_dir: PathBuf,
+        /// How many of the newest versions to keep (at least 1).
+        #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+        keep: u64,
+        /// Say what would be removed; remove nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
     /// Sign a file's fs-verity digest for `incfs add`: writes the signature over the fs-verity
     /// formatted digest ("FSVerity", algorithm, size, digest), in the key's scheme, to OUT.
     SignFile {
@@ -409,6 +421,7 @@ fn main() {
             force,
         ),
         Command::Digest { files } => digest::run(&files),
+        Command::Prune { repo_dir, keep, dry_run } => publish::prune(&repo_dir, keep as usize, dry_run),
         Command::SignFile { file, key, out } => introspect::sign_file(&file, &key, out.as_deref()),
         Command::Pack {
             src_dir,

@@ -61,3 +61,24 @@ pub fn pack(src: &Path, repo: &Path, key: &Path, opts: &PackOptions, quiet: bool
     );
     Ok(0)
 }
+
+/// `incfs prune`.
+pub fn prune(repo: &Path, keep: usize, dry_run: bool) -> Result<i32> {
+    let r = incfs_pack::prune(repo, keep, dry_run)?;
+    let list = |v: &[u64]| {
+        if v.is_empty() {
+            "none".to_string()
+        } else {
+            v.iter().map(u64::to_string).collect::<Vec<_>>().join(", ")
+        }
+    };
+    let verb = if dry_run { "would remove" } else { "removed" };
+    println!(
+        "kept versions {}; {verb} versions {} and {} objects ({})",
+        list(&r.kept),
+        list(&r.removed_versions),
+        r.removed_objects,
+        indicatif::HumanBytes(r.freed_bytes)
+    );
+    Ok(0)
+}

@@ -246,3 +246,48 @@ fn python_stdlib_round_trips_through_incfs_serve_and_nginx() {
         assert!(out.status.success(), "{name}: {}", text(&out.stderr));
     }
 }
+
+#[test]
+fn prune_removes_old_versions_and_only_their_objects() {
+    let dir = tempdir();
+    let (private, public) = ed25519_key(dir.path());
+    let (repo, src) = (dir.path().join("repo"), dir.path().join("src"));
+    let pubkey = public.to_str().unwrap();
+    fs::create_dir(&src).unwrap();
+    // v1: a.bin alone (its own object); v2: a.bin replaced, b.bin added; v3: c.txt added.
+    fs::write(src.join("a.bin"), random_bytes(1, 1 << 20)).unwrap();
+    pack(&src, &repo, &private, &["--compression", "none"]);
+    fs::write(src.join("a.bin"), random_bytes(2, 1 << 20)).unwrap();
+    fs::write(src.join("b.bin"), random_bytes(3, 300_000)).unwrap();
+    pack(&src, &repo, &private, &["--compression", "none"]);
+    fs::write(src.join("c.txt"), "v3\n").unwrap();
+    pack(&src, &repo, &private, &["--compression", "none"]);
+    let before = object_bytes(&repo);
+
+    let out = incfs_ok(&["prune", repo.to_str().unwrap(), "--keep", "2", "--dry-run"]);
+    assert!(out.contains("kept versions 2, 3; would remove versions 1 and 1 objects"), "{out}");
+    assert_eq!(object_bytes(&repo), before);
+    let out = incfs_ok(&["prune", repo.to_str().unwrap(), "--keep", "2"]);
+    assert!(out.contains("removed versions 1 and 1 objects"), "{out}");
+    let freed = before - object_bytes(&repo);
+    assert!((1 << 20..(1 << 20) + 64 * 1024).contains(&freed), "freed {freed} bytes");
+    assert!(!repo.join("versions/1.manifest").exists());
+
+    // The kept versions verify and extract whole; the removed one is gone.
+    for version in ["2", "3"] {
+        let out = incfs(&["verify", repo.to_str().unwrap(), "--trust", pubkey, "--version", version, "-q"]);
+        assert!(out.status.success(), "version {version}: {}", text(&out.stdout));
+    }
+    let out = incfs(&["verify", repo.to_str().unwrap(), "--trust", pubkey, "--version", "1", "-q"]);
+    assert!(!out.status.success());
+    let copy = dir.path().join("copy");
+    incfs_ok(&["extract", repo.to_str().unwrap(), copy.to_str().unwrap(), "--trust", pubkey, "-q"]);
+    assert_eq!(read_tree(&copy), read_tree(&src));
+    // Packing goes on after a prune, reusing what is kept.
+    fs::write(src.join("d.txt"), "v4\n").unwrap();
+    let out = pack(&src, &repo, &private, &["--compression", "none"]);
+    assert!(out.contains("version 4"), "{out}");
+    let out = incfs(&["verify", repo.to_str().unwrap(), "--trust", pubkey, "-q"]);
+    assert!(out.status.success(), "{}", text(&out.stdout));
+    assert!(object_bytes(&repo) - (before - freed) < 16 * 1024, "v4 stored more than d.txt");
+}

@@ -61,27 +61,35 @@ pub async fn verify_image(image: &Image, progress: &dyn ByteProgress) -> VerifyR
     let problems = Mutex::new(Vec::new());
     let blocks = AtomicU64::new(0);
 
-    // Objects first: a missing or truncated object explains the block errors that follow.
+    // Objects first: a missing or truncated object explains the block errors that follow. A
+    // missing object is a problem only if this version reads from it: `incfs prune` removes
+    // those only older versions used, which later tables still list.
     let sizes: Vec<_> = stream::iter(m.objects.iter())
         .map(|o| async move {
             let key = layout::object(&o.digest);
             match image.source().size(&key).await {
                 Ok(size) if size == o.size => None,
                 Ok(size) => {
-                    Some(format!("{key} is {size} bytes but the manifest says {} (truncated or replaced)", o.size))
+                    Some(Ok(format!("{key} is {size} bytes but the manifest says {} (truncated or replaced)", o.size)))
                 }
-                Err(SourceError::NotFound { .. }) => Some(format!("{key} is missing")),
-                Err(e) => Some(e.to_string()),
+                Err(SourceError::NotFound { .. }) => Some(Err(format!("{key} is missing"))),
+                Err(e) => Some(Ok(e.to_string())),
             }
         })
         .buffered(16)
         .collect()
         .await;
+    let mut missing = Vec::new();
     for (i, p) in sizes.into_iter().enumerate() {
-        if let Some(message) = p {
-            problems.lock().unwrap().push(Problem { subject: format!("object {i}"), blocks: None, message });
+        match p {
+            Some(Err(message)) => missing.push((i as u32, message)),
+            Some(Ok(message)) => {
+                problems.lock().unwrap().push(Problem { subject: format!("object {i}"), blocks: None, message })
+            }
+            None => {}
         }
     }
+    let used = Mutex::new(std::collections::HashSet::new());
 
     // One check per distinct file content (hard links and duplicate files share a region).
     let mut files: HashMap<Option<MetaRef>, (Vec<u8>, FileData)> = HashMap::new();
@@ -101,8 +109,9 @@ pub async fn verify_image(image: &Image, progress: &dyn ByteProgress) -> VerifyR
         .for_each_concurrent(FILE_CONCURRENCY, |(path, f)| {
             let problems = &problems;
             let blocks = &blocks;
+            let used = &used;
             async move {
-                let found = verify_file(image, f, progress).await;
+                let found = verify_file(image, f, progress, used).await;
                 blocks.fetch_add(incfs_verity::block_count(f.size), Ordering::Relaxed);
                 let subject = display_path(path);
                 problems.lock().unwrap().extend(found.into_iter().map(|(blocks, message)| Problem {
@@ -114,7 +123,11 @@ pub async fn verify_image(image: &Image, progress: &dyn ByteProgress) -> VerifyR
         })
         .await;
 
+    let used = used.into_inner().unwrap();
     let mut problems = problems.into_inner().unwrap();
+    for (i, message) in missing.into_iter().filter(|(i, _)| used.contains(i)) {
+        problems.push(Problem { subject: format!("object {i}"), blocks: None, message });
+    }
     problems.sort_by(|a, b| {
         (&a.subject, a.blocks.as_ref().map(|r| r.start)).cmp(&(&b.subject, b.blocks.as_ref().map(|r| r.start)))
     });
@@ -122,7 +135,15 @@ pub async fn verify_image(image: &Image, progress: &dyn ByteProgress) -> VerifyR
 }
 
 /// Problems of one file, consecutive blocks with the same fault merged into one range.
-async fn verify_file(image: &Image, f: &FileData, progress: &dyn ByteProgress) -> Vec<(Option<Range<u64>>, String)> {
+async fn verify_file(
+    image: &Image,
+    f: &FileData,
+    progress: &dyn ByteProgress,
+    used: &Mutex<std::collections::HashSet<u32>>,
+) -> Vec<(Option<Range<u64>>, String)> {
+    if let Some(m) = f.meta {
+        used.lock().unwrap().insert(m.object);
+    }
     let meta = match image.file_meta(f).await {
         Ok(m) => m,
         Err(e) => {
@@ -130,6 +151,7 @@ async fn verify_file(image: &Image, f: &FileData, progress: &dyn ByteProgress) -
             return vec![(None, e.to_string())];
         }
     };
+    used.lock().unwrap().extend(meta.records.iter().filter(|r| r.codec != Codec::Zero).map(|r| r.object));
     let n = meta.records.len() as u64;
     let mut out: Vec<(Option<Range<u64>>, String)> = Vec::new();
     let mut start = 0;

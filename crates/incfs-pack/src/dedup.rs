@@ -44,8 +44,8 @@ pub(crate) struct DedupIndex {
 }
 
 /// The repository's newest version, if any, and the reuse index over all its versions.
-pub(crate) fn load(repo: &Path) -> Result<(Option<Manifest>, DedupIndex), PackError> {
-    let mut index = DedupIndex { repo: repo.to_path_buf(), ..Default::default() };
+/// The versions published in `repo`, ascending.
+pub(crate) fn versions(repo: &Path) -> Result<Vec<u64>, PackError> {
     let dir = repo.join(layout::VERSIONS_DIR);
     let mut versions: Vec<u64> = match fs::read_dir(&dir) {
         Ok(rd) => rd
@@ -56,20 +56,44 @@ pub(crate) fn load(repo: &Path) -> Result<(Option<Manifest>, DedupIndex), PackEr
         Err(source) => return Err(PackError::Io { path: dir, source }),
     };
     versions.sort_unstable();
+    Ok(versions)
+}
+
+/// Version `v`'s manifest, decoded (the publisher's own repository: not checked against a key).
+pub(crate) fn read_manifest(repo: &Path, v: u64) -> Result<Manifest, String> {
+    let path = repo.join(layout::version_manifest(v));
+    let bytes = fs::read(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let env = wire::open_envelope(&bytes).map_err(|e| format!("{}: {e}", path.display()))?;
+    let m = wire::decode_body(env.body).map_err(|e| format!("{}: {e}", path.display()))?;
+    if m.version != v {
+        return Err(format!("{} says it is version {}", path.display(), m.version));
+    }
+    Ok(m)
+}
+
+/// The block records of a file, read from its metadata region in `repo` (bounds-checked against
+/// `m`'s object table).
+pub(crate) fn read_records(repo: &Path, m: &Manifest, size: u64, meta: MetaRef) -> Result<Vec<BlockRecord>, String> {
+    let layout = FileMetaLayout::new(size);
+    let len = layout.len().ok_or("metadata too large")?;
+    let object = m.objects.get(meta.object as usize).ok_or("metadata in a missing object")?;
+    let path = repo.join(layout::object(&object.digest));
+    let mut map = vec![0u8; (len - layout.map_offset()) as usize];
+    File::open(&path)
+        .and_then(|f| f.read_exact_at(&mut map, meta.offset + layout.map_offset()))
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    map.chunks_exact(BLOCK_RECORD_SIZE)
+        .map(|c| BlockRecord::decode(c.try_into().unwrap()).map_err(|e| e.to_string()))
+        .collect()
+}
+
+pub(crate) fn load(repo: &Path) -> Result<(Option<Manifest>, DedupIndex), PackError> {
+    let mut index = DedupIndex { repo: repo.to_path_buf(), ..Default::default() };
+    let versions = versions(repo)?;
     let Some(&newest) = versions.last() else {
         return Ok((None, index));
     };
-
-    let read_manifest = |v: u64| -> Result<Manifest, String> {
-        let path = repo.join(layout::version_manifest(v));
-        let bytes = fs::read(&path).map_err(|e| format!("{}: {e}", path.display()))?;
-        let env = wire::open_envelope(&bytes).map_err(|e| format!("{}: {e}", path.display()))?;
-        let m = wire::decode_body(env.body).map_err(|e| format!("{}: {e}", path.display()))?;
-        if m.version != v {
-            return Err(format!("{} says it is version {}", path.display(), m.version));
-        }
-        Ok(m)
-    };
+    let read_manifest = |v: u64| read_manifest(repo, v);
     let latest = read_manifest(newest).map_err(|reason| PackError::DamagedRepository { reason })?;
     index.old_table = latest.objects.clone();
     index.old_objects = latest.objects.len() as u32;

@@ -10,6 +10,7 @@
 
 mod dedup;
 mod objects;
+mod prune;
 mod scan;
 
 use std::fs::{self, File};
@@ -147,6 +148,8 @@ fn clean_leftovers(dir: &Path) -> Result<(), PackError> {
     }
     Ok(())
 }
+
+pub use prune::{prune, PruneReport};
 
 /// Pack the tree at `src` as the next version of the repository at `repo` (created if needed).
 pub fn pack(
