@@ -24,6 +24,7 @@ HTTP server, S3-compatible store or directory; read it back with every block che
 file's fs-verity Merkle tree.\n\nTypical use:\n  incfs keygen --out publisher\n  incfs pack ./tree ./repo --key publisher.pem\n  \
 incfs serve ./repo --listen 127.0.0.1:8080\n  incfs verify http://127.0.0.1:8080 --trust publisher.pub.pem\n  \
 incfs mount http://127.0.0.1:8080 /mnt/app --trust publisher.pub.pem\n  incfs status /mnt/app\n  \
+incfs pack ./tree ./repo --key publisher.pem   # version 2\n  incfs update /mnt/app\n  \
 incfs unmount /mnt/app"
 )]
 struct Cli {
@@ -97,29 +98,6 @@ enum Command {
         #[arg(required = true)]
         files: Vec<PathBuf>,
     },
-    /// Remove old versions from a repository directory, keeping the newest --keep, and every
-    /// object that only removed versions read from. Clients still on a removed version can no
-    /// longer fetch what they lack of it; `incfs update` moves them on.
-    Prune {
-        repo_dir: PathBuf,
-        /// How many of the newest versions to keep (at least 1).
-        #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
-        keep: u64,
-        /// Say what would be removed; remove nothing.
-        #[arg(long)]
-        dry_run: bool,
-    },
-    /// Sign a file's fs-verity digest for `incfs add`: writes the signature over the fs-verity
-    /// formatted digest ("FSVerity", algorithm, size, digest), in the key's scheme, to OUT.
-    SignFile {
-        file: PathBuf,
-        /// Publisher private key (PEM), as for `incfs pack`.
-        #[arg(long)]
-        key: PathBuf,
-        /// Where to write the raw signature [default: FILE.sig].
-        #[arg(long)]
-        out: Option<PathBuf>,
-    },
     /// Publish SRC_DIR as the next version of the repository REPO_DIR (created if missing).
     ///
     /// Blocks are deduplicated by content against everything already in the repository, so a
@@ -191,6 +169,29 @@ enum Command {
         /// Address to listen on; port 0 picks a free port.
         #[arg(long, default_value = "127.0.0.1:8080")]
         listen: std::net::SocketAddr,
+    },
+    /// Remove old versions from a repository directory, keeping the newest --keep, and every
+    /// object that only removed versions read from. Clients still on a removed version can no
+    /// longer fetch what they lack of it; `incfs update` moves them on.
+    Prune {
+        repo_dir: PathBuf,
+        /// How many of the newest versions to keep (at least 1).
+        #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+        keep: u64,
+        /// Say what would be removed; remove nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Sign a file's fs-verity digest for `incfs add`: writes the signature over the fs-verity
+    /// formatted digest ("FSVerity", algorithm, size, digest), in the key's scheme, to OUT.
+    SignFile {
+        file: PathBuf,
+        /// Publisher private key (PEM), as for `incfs pack`.
+        #[arg(long)]
+        key: PathBuf,
+        /// Where to write the raw signature [default: FILE.sig].
+        #[arg(long)]
+        out: Option<PathBuf>,
     },
     /// Mount an image: every file is visible at once, blocks are fetched on first read, verified
     /// against the file's Merkle tree, kept in the local cache and never fetched again.
