@@ -304,28 +304,6 @@ impl Control {
         Ok(report)
     }
 
-    async fn add(
-        &self,
-        path: &str,
-        mode: u16,
-        size: u64,
-        root: &str,
-        tree: &str,
-        signature: &str,
-    ) -> Result<serde_json::Value, String> {
-        use base64::Engine;
-        let b64 = base64::engine::general_purpose::STANDARD;
-        let raw = incfs_format::profile::unescape_path(path).ok_or_else(|| format!("{path}: badly escaped path"))?;
-        let root: incfs_format::Hash = hex::decode(root)
-            .ok()
-            .and_then(|v| v.try_into().ok())
-            .ok_or_else(|| "root_hash: 64 hex digits expected".to_string())?;
-        let tree = b64.decode(tree).map_err(|e| format!("tree is not base64: {e}"))?;
-        let signature = b64.decode(signature).map_err(|e| format!("signature is not base64: {e}"))?;
-        let digest = self.live.add(&raw, mode, size, root, &tree, &signature).await.map_err(|e| e.to_string())?;
-        Ok(serde_json::json!({ "path": path, "digest": incfs_verity::format_digest(&digest) }))
-    }
-
     async fn answer(&self, line: &str) -> String {
         let reply = match serde_json::from_str::<Request>(line) {
             Ok(Request::Status) => serde_json::to_value(self.status()).map_err(|e| e.to_string()),
@@ -354,7 +332,7 @@ impl Control {
                 .await
                 .and_then(|r| serde_json::to_value(r).map_err(|e| e.to_string())),
             Ok(Request::Add { path, mode, size, root_hash, tree, signature }) => {
-                self.add(&path, mode, size, &root_hash, &tree, &signature).await
+                loader::add(&self.live, &path, mode, size, &root_hash, &tree, &signature).await
             }
             Ok(Request::Log | Request::Loader) => Err("log and loader open a stream: send them first".into()),
             Err(e) => Err(format!("bad request: {e}")),
@@ -369,10 +347,10 @@ impl Control {
     /// behind gets `{"lost":N}` for the records it missed.
     async fn stream_log(&self, mut w: tokio::net::unix::OwnedWriteHalf) {
         use tokio::sync::broadcast::error::RecvError;
-        let mut rx = self.reader.pending.subscribe_log();
+        let mut sub = self.reader.pending.subscribe_log();
         let _ = w.write_all(b"{\"ok\":\"log\"}\n").await;
         loop {
-            let line = match rx.recv().await {
+            let line = match sub.rx.recv().await {
                 Ok(r) => serde_json::to_string(&r).expect("records serialize"),
                 Err(RecvError::Lagged(n)) => serde_json::json!({ "lost": n }).to_string(),
                 Err(RecvError::Closed) => return,

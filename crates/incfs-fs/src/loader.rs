@@ -38,6 +38,8 @@ enum FromLoader {
         #[serde(default)]
         data: String,
     },
+    /// A file pushed in (as `incfs add`).
+    Add { path: String, mode: u16, size: u64, root_hash: String, tree: String, signature: String },
 }
 
 /// A message to a loader.
@@ -48,6 +50,10 @@ enum ToLoader<'a> {
     Filled {
         path: &'a str,
         block: u64,
+    },
+    Added {
+        path: &'a str,
+        digest: &'a str,
     },
     Rejected {
         path: Option<&'a str>,
@@ -81,6 +87,29 @@ pub fn resolve(live: &Live, id: Option<&str>, path: Option<&str>) -> Result<File
     let what = path.or(id).unwrap_or_default();
     let idx = idx.ok_or_else(|| format!("{what}: not in the image"))?;
     view.file(idx).ok_or_else(|| format!("{what}: not a regular file"))
+}
+
+/// Push a file in (`incfs add`, a loader's `add`) from its encoded fields: the escaped path, the
+/// root hash in hex, the compact tree and the signature in base64. Returns `{path, digest}`.
+pub async fn add(
+    live: &Live,
+    path: &str,
+    mode: u16,
+    size: u64,
+    root: &str,
+    tree: &str,
+    signature: &str,
+) -> Result<serde_json::Value, String> {
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let raw = incfs_format::profile::unescape_path(path).ok_or_else(|| format!("{path}: badly escaped path"))?;
+    let root: incfs_format::Hash = hex::decode(root)
+        .ok()
+        .and_then(|v| v.try_into().ok())
+        .ok_or_else(|| "root_hash: 64 hex digits expected".to_string())?;
+    let tree = b64.decode(tree).map_err(|e| format!("tree is not base64: {e}"))?;
+    let signature = b64.decode(signature).map_err(|e| format!("signature is not base64: {e}"))?;
+    let digest = live.add(&raw, mode, size, root, &tree, &signature).await.map_err(|e| e.to_string())?;
+    Ok(serde_json::json!({ "path": path, "digest": incfs_verity::format_digest(&digest) }))
 }
 
 /// Decode and apply one fill; `Ok` names what was filled.
@@ -130,7 +159,8 @@ pub async fn session(live: Arc<Live>, mut from: impl AsyncBufRead + Unpin, mut t
                 let reply = answer(&live, &line).await;
                 line.clear();
                 let msg = match &reply {
-                    Ok((path, block)) => ToLoader::Filled { path, block: *block },
+                    Ok(Answered::Filled(path, block)) => ToLoader::Filled { path, block: *block },
+                    Ok(Answered::Added(path, digest)) => ToLoader::Added { path, digest },
                     Err((path, block, reason)) => {
                         ToLoader::Rejected { path: path.as_deref(), block: *block, reason: reason.clone() }
                     }
@@ -161,16 +191,30 @@ pub async fn session(live: Arc<Live>, mut from: impl AsyncBufRead + Unpin, mut t
     }
 }
 
-type Answer = Result<(String, u64), (Option<String>, Option<u64>, String)>;
+enum Answered {
+    Filled(String, u64),
+    Added(String, String),
+}
+
+type Answer = Result<Answered, (Option<String>, Option<u64>, String)>;
 
 async fn answer(live: &Live, line: &[u8]) -> Answer {
     let msg: FromLoader = serde_json::from_slice(line).map_err(|e| (None, None, format!("bad message: {e}")))?;
-    let FromLoader::Fill { id, path, block, codec, data } = msg;
-    let f = resolve(live, id.as_deref(), path.as_deref()).map_err(|e| (path.clone(), Some(block), e))?;
-    let label = f.label.to_string();
-    match fill(live, &f, block, codec.as_deref(), &data).await {
-        Ok(()) => Ok((label, block)),
-        Err(e) => Err((Some(label), Some(block), e)),
+    match msg {
+        FromLoader::Fill { id, path, block, codec, data } => {
+            let f = resolve(live, id.as_deref(), path.as_deref()).map_err(|e| (path.clone(), Some(block), e))?;
+            let label = f.label.to_string();
+            match fill(live, &f, block, codec.as_deref(), &data).await {
+                Ok(()) => Ok(Answered::Filled(label, block)),
+                Err(e) => Err((Some(label), Some(block), e)),
+            }
+        }
+        FromLoader::Add { path, mode, size, root_hash, tree, signature } => {
+            match add(live, &path, mode, size, &root_hash, &tree, &signature).await {
+                Ok(v) => Ok(Answered::Added(path, v["digest"].as_str().unwrap_or_default().to_string())),
+                Err(e) => Err((Some(path), None, e)),
+            }
+        }
     }
 }
 

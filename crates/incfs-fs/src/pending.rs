@@ -7,7 +7,7 @@
 //! broadcast: a slow listener loses records (and is told how many), never slows reads down.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -61,6 +61,20 @@ pub struct Pending {
     serial: AtomicU64,
     began: broadcast::Sender<PendingRead>,
     log: broadcast::Sender<ReadRecord>,
+    /// Log listeners now: checked on every read without taking the channel's lock.
+    listeners: AtomicUsize,
+}
+
+/// A read-log listener; unsubscribed when dropped.
+pub struct LogSubscription<'a> {
+    pub rx: broadcast::Receiver<ReadRecord>,
+    owner: &'a Pending,
+}
+
+impl Drop for LogSubscription<'_> {
+    fn drop(&mut self) {
+        self.owner.listeners.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl Default for Pending {
@@ -70,6 +84,7 @@ impl Default for Pending {
             serial: AtomicU64::new(1),
             began: broadcast::channel(CHANNEL_DEPTH).0,
             log: broadcast::channel(CHANNEL_DEPTH).0,
+            listeners: AtomicUsize::new(0),
         }
     }
 }
@@ -109,7 +124,7 @@ impl Pending {
 
     /// Log an answered read; costs nothing when nobody listens.
     pub fn log(&self, path: &Arc<str>, block: u64, count: u64, waited: bool) {
-        if self.log.receiver_count() == 0 {
+        if self.listeners.load(Ordering::Relaxed) == 0 {
             return;
         }
         let serial = self.serial.fetch_add(1, Ordering::Relaxed);
@@ -124,8 +139,9 @@ impl Pending {
         });
     }
 
-    pub fn subscribe_log(&self) -> broadcast::Receiver<ReadRecord> {
-        self.log.subscribe()
+    pub fn subscribe_log(&self) -> LogSubscription<'_> {
+        self.listeners.fetch_add(1, Ordering::Relaxed);
+        LogSubscription { rx: self.log.subscribe(), owner: self }
     }
 }
 
@@ -153,11 +169,13 @@ mod tests {
     fn the_log_reaches_listeners_and_ids_are_stable() {
         let p = Pending::default();
         p.log(&Arc::from("nobody listens"), 0, 1, false);
-        let mut rx = p.subscribe_log();
+        let mut sub = p.subscribe_log();
         p.log(&Arc::from("x"), 3, 4, true);
-        let r = rx.try_recv().unwrap();
+        let r = sub.rx.try_recv().unwrap();
         assert_eq!((r.block, r.count, r.waited), (3, 4, true));
-        assert!(rx.try_recv().is_err());
+        assert!(sub.rx.try_recv().is_err());
+        drop(sub);
+        assert_eq!(p.listeners.load(Ordering::Relaxed), 0);
         assert_eq!(file_id("x"), file_id("x"));
         assert_ne!(file_id("x"), file_id("y"));
         assert_eq!(file_id("x").len(), 32);
