@@ -257,4 +257,13 @@ fn a_pushed_file_reads_once_filled_and_nothing_unsigned_or_wrong_gets_in() {
     incfs_ok(&["update", &mnt]);
     assert_eq!(fs::read_to_string(m.path("lang/es.txt")).unwrap(), "hola\n");
     assert!(fs::read(m.path("lang/fr.pak")).unwrap() == fs::read(&fr).unwrap());
+
+    // And through a restart: the cache keeps them (checked again) with their blocks.
+    drop(m);
+    let m = p.mount(&serve.url, "push", &[]);
+    let before = m.stat("bytes_fetched");
+    assert!(fs::read(m.path("lang/fr.pak")).unwrap() == fs::read(&fr).unwrap());
+    assert!(fs::read(m.path("lang/de.pak")).unwrap() == fs::read(&de).unwrap());
+    assert_eq!(m.stat("bytes_fetched"), before);
+    assert_eq!(fs::read_to_string(m.path("lang/es.txt")).unwrap(), "hola\n");
 }

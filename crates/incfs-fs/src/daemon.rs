@@ -278,10 +278,15 @@ pub fn mount(opts: MountOptions, on_ready: impl FnOnce()) -> Result<(), MountErr
     let manifest = Arc::new(manifest);
     let profile = rt.block_on(load_profile(&opts, &sources, offline))?;
     let recording = opts.settings.record_profile.is_some();
-    let view = View::first(manifest.clone(), recording);
-
     let stats = Arc::new(Stats::default());
     let reader = Arc::new(Reader::new(&manifest.objects, store.clone(), Arc::new(Mirrors::new(sources)), stats));
+    // Files pushed into earlier mounts of this image are shown again, checked again.
+    let pushed = crate::live::restore_pushed(&reader, &opts.trust, &manifest);
+    let (served, skipped) = crate::live::with_pushed(&manifest, &pushed);
+    for s in skipped {
+        tracing::warn!("pushed file {s} has no place in version {}: not shown", manifest.version);
+    }
+    let view = View::first(Arc::new(served), recording);
     reader.presence.load(&store, view.contents.iter().map(|(k, _)| *k))?;
     let views = Arc::new(Views::new(view));
 
@@ -317,6 +322,8 @@ pub fn mount(opts: MountOptions, on_ready: impl FnOnce()) -> Result<(), MountErr
         opts.trust.clone(),
         BackgroundOptions { enabled: background, bandwidth: opts.settings.bandwidth, profile },
         recording,
+        manifest.clone(),
+        pushed,
     );
     let recorder = opts.settings.record_profile.as_ref().map(|_| Arc::new(Mutex::new(Recorder::default())));
     let plain = if opts.settings.passthrough && recorder.is_some() {

@@ -24,6 +24,7 @@ use incfs_format::layout;
 use incfs_format::manifest::{is_valid_name, Dirent, FileData, Inode, InodeKind, Manifest, MetaRef, Metadata};
 use incfs_format::Hash;
 use incfs_sign::TrustedKeys;
+use incfs_store::PushedFile;
 use serde::{Deserialize, Serialize};
 
 use crate::background::{Background, BackgroundOptions};
@@ -58,15 +59,73 @@ pub enum UpdateError {
 
 /// A file pushed into the mount.
 #[derive(Debug, Clone)]
-struct Pushed {
+pub struct Pushed {
     /// Raw path components.
     parent: Vec<u8>,
     name: Vec<u8>,
     inode: Inode,
 }
 
+/// Check a file to push: a valid path, a size, a tree matching its root, a trusted key's
+/// signature over its formatted digest. Its tree is then kept by the reader.
+fn check_push(f: &PushedFile, trust: &TrustedKeys, reader: &Reader) -> Result<(Pushed, Hash), String> {
+    let shown = incfs_format::manifest::display_path(&f.path);
+    let parts: Vec<&[u8]> = f.path.split(|&b| b == b'/').filter(|p| !p.is_empty()).collect();
+    let Some((name, dirs)) = parts.split_last() else {
+        return Err("an empty path; name the file to add".into());
+    };
+    if let Some(p) = parts.iter().find(|p| !is_valid_name(p)) {
+        let p = incfs_format::manifest::display_path(p);
+        return Err(format!("{shown}: {p:?} is not a valid file name"));
+    }
+    if f.size == 0 || f.size > incfs_format::manifest::MAX_FILE_SIZE {
+        return Err(format!("{shown}: size {} cannot be pushed (1 byte to 1 PiB)", f.size));
+    }
+    incfs_verity::MerkleTree::from_compact(f.size, &f.tree, &f.root)
+        .map_err(|e| format!("{shown}: its Merkle tree does not match its root hash: {e}"))?;
+    let digest = incfs_verity::file_digest(&f.root, f.size);
+    let signer = trust.verify_any(&incfs_verity::formatted_digest(&digest), &f.signature).ok_or_else(|| {
+        format!(
+            "{shown}: the signature over {} does not verify with any trusted key",
+            incfs_verity::format_digest(&digest)
+        )
+    })?;
+    tracing::info!("{shown}: pushed, digest {} signed by {}", incfs_verity::format_digest(&digest), signer.id_hex());
+    let offset = reader.push_tree(f.tree.clone());
+    let inode = Inode {
+        meta: Metadata { mode: f.mode & 0o7777, uid: 0, gid: 0, mtime_sec: f.mtime_sec, mtime_nsec: f.mtime_nsec },
+        xattrs: vec![],
+        kind: InodeKind::File(FileData {
+            size: f.size,
+            root_hash: f.root,
+            meta: Some(MetaRef { object: crate::reader::PUSHED_OBJECT, offset }),
+        }),
+    };
+    Ok((Pushed { parent: dirs.join(&b'/'), name: name.to_vec(), inode }, digest))
+}
+
+/// The files pushed into earlier mounts of `base`'s image, from the cache, each checked again
+/// (one that no longer checks, say under another set of trusted keys, is left out and logged).
+pub fn restore_pushed(reader: &Reader, trust: &TrustedKeys, base: &Manifest) -> Vec<Pushed> {
+    let records = match reader.store().pushed(&base.name) {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::warn!("cannot read the pushed files of {}: {e}", base.name);
+            return Vec::new();
+        }
+    };
+    let mut out = Vec::new();
+    for r in records {
+        match check_push(&r, trust, reader) {
+            Ok((p, _)) => out.push(p),
+            Err(e) => tracing::warn!("pushed file left out: {e}"),
+        }
+    }
+    out
+}
+
 /// `base` with the pushed files whose place is free in it (the others are returned by path).
-fn with_pushed(base: &Manifest, pushed: &[Pushed]) -> (Manifest, Vec<String>) {
+pub fn with_pushed(base: &Manifest, pushed: &[Pushed]) -> (Manifest, Vec<String>) {
     let mut m = base.clone();
     let mut skipped = Vec::new();
     for p in pushed {
@@ -124,18 +183,20 @@ pub struct Live {
 }
 
 impl Live {
+    /// `views` shows `base` with `pushed` (as [`with_pushed`] made it).
     pub fn new(
         views: Arc<Views>,
         reader: Arc<Reader>,
         trust: TrustedKeys,
         background_opts: BackgroundOptions,
         recording: bool,
+        base: Arc<Manifest>,
+        pushed: Vec<Pushed>,
     ) -> Arc<Live> {
         let background = Background::new(reader.clone(), views.current().manifest.clone(), background_opts.clone());
-        let base = Mutex::new(views.current().manifest.clone());
         Arc::new(Live {
-            base,
-            pushed: Mutex::new(Vec::new()),
+            base: Mutex::new(base),
+            pushed: Mutex::new(pushed),
             views,
             reader,
             trust,
@@ -277,56 +338,27 @@ impl Live {
         signature: &[u8],
     ) -> Result<Hash, UpdateError> {
         let _one = self.switching.lock().await;
-        let bad = |m: String| UpdateError::Add(m);
-        let shown = incfs_format::manifest::display_path(path);
-        let parts: Vec<&[u8]> = path.split(|&b| b == b'/').filter(|p| !p.is_empty()).collect();
-        let Some((name, dirs)) = parts.split_last() else {
-            return Err(bad("an empty path; name the file to add".into()));
-        };
-        if let Some(p) = parts.iter().find(|p| !is_valid_name(p)) {
-            let p = incfs_format::manifest::display_path(p);
-            return Err(bad(format!("{shown}: {p:?} is not a valid file name")));
-        }
-        if size == 0 || size > incfs_format::manifest::MAX_FILE_SIZE {
-            return Err(bad(format!("{shown}: size {size} cannot be pushed (1 byte to 1 PiB)")));
-        }
-        incfs_verity::MerkleTree::from_compact(size, tree, &root)
-            .map_err(|e| bad(format!("{shown}: its Merkle tree does not match its root hash: {e}")))?;
-        let digest = incfs_verity::file_digest(&root, size);
-        let signer = self.trust.verify_any(&incfs_verity::formatted_digest(&digest), signature).ok_or_else(|| {
-            bad(format!(
-                "{shown}: the signature over {} does not verify with any trusted key",
-                incfs_verity::format_digest(&digest)
-            ))
-        })?;
-        tracing::info!(
-            "{shown}: pushed, digest {} signed by {}",
-            incfs_verity::format_digest(&digest),
-            signer.id_hex()
-        );
-        let offset = self.reader.push_tree(tree.to_vec());
         let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
-        let inode = Inode {
-            meta: Metadata {
-                mode: mode & 0o7777,
-                uid: 0,
-                gid: 0,
-                mtime_sec: now.as_secs() as i64,
-                mtime_nsec: now.subsec_nanos(),
-            },
-            xattrs: vec![],
-            kind: InodeKind::File(FileData {
-                size,
-                root_hash: root,
-                meta: Some(MetaRef { object: crate::reader::PUSHED_OBJECT, offset }),
-            }),
+        let record = PushedFile {
+            path: path.to_vec(),
+            mode,
+            size,
+            mtime_sec: now.as_secs() as i64,
+            mtime_nsec: now.subsec_nanos(),
+            root,
+            tree: tree.to_vec(),
+            signature: signature.to_vec(),
         };
-        let p = Pushed { parent: dirs.join(&b'/'), name: name.to_vec(), inode };
+        let (p, digest) = check_push(&record, &self.trust, &self.reader).map_err(UpdateError::Add)?;
         let current = self.views.current();
         let (served, skipped) = with_pushed(&current.manifest, std::slice::from_ref(&p));
         if !skipped.is_empty() {
-            return Err(bad(format!("{shown}: the name is taken or its directory does not exist")));
+            let shown = incfs_format::manifest::display_path(path);
+            return Err(UpdateError::Add(format!("{shown}: the name is taken or its directory does not exist")));
         }
+        // Kept before it is shown: a file a reader saw is one a restarted mount shows again.
+        let image = self.base.lock().unwrap().name.clone();
+        self.reader.store().put_pushed(&image, &record)?;
         self.pushed.lock().unwrap().push(p);
         let (view, changes) = current.next(Arc::new(served), self.views.max_ino() + 1, self.recording);
         self.reader.presence.load(self.reader.store(), view.contents.iter().map(|(k, _)| *k))?;

@@ -74,7 +74,24 @@ CREATE TABLE IF NOT EXISTS sources (source TEXT PRIMARY KEY, key_id BLOB NOT NUL
 CREATE TABLE IF NOT EXISTS totals (id INTEGER PRIMARY KEY CHECK (id = 1), blocks INTEGER NOT NULL,
     block_bytes INTEGER NOT NULL);
 INSERT OR IGNORE INTO totals VALUES (1, 0, 0);
+CREATE TABLE IF NOT EXISTS pushed (image TEXT NOT NULL, path BLOB NOT NULL, mode INTEGER NOT NULL,
+    size INTEGER NOT NULL, mtime_sec INTEGER NOT NULL, mtime_nsec INTEGER NOT NULL, root BLOB NOT NULL,
+    tree BLOB NOT NULL, signature BLOB NOT NULL, PRIMARY KEY (image, path));
 ";
+
+/// A file pushed into mounts of an image (`incfs add`), kept so that a restarted mount shows it
+/// again (its signature is checked again then: the record is trusted no more than the network).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PushedFile {
+    pub path: Vec<u8>,
+    pub mode: u16,
+    pub size: u64,
+    pub mtime_sec: i64,
+    pub mtime_nsec: u32,
+    pub root: Hash,
+    pub tree: Vec<u8>,
+    pub signature: Vec<u8>,
+}
 
 /// A stored block as found on disk: (key, codec byte, stored bytes), nothing checked.
 pub type RawBlock = (Vec<u8>, u8, Vec<u8>);
@@ -346,6 +363,51 @@ impl Store {
 }
 
 impl Store {
+    /// Keep a pushed file of `image`.
+    pub fn put_pushed(&self, image: &str, f: &PushedFile) -> Result<(), StoreError> {
+        self.with(|c| {
+            c.execute(
+                "INSERT OR REPLACE INTO pushed VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+                params![
+                    image,
+                    &f.path,
+                    f.mode,
+                    f.size as i64,
+                    f.mtime_sec,
+                    f.mtime_nsec,
+                    &f.root[..],
+                    &f.tree,
+                    &f.signature
+                ],
+            )
+            .map(|_| ())
+        })
+    }
+
+    /// The pushed files of `image`, in the order they were pushed (unchecked).
+    pub fn pushed(&self, image: &str) -> Result<Vec<PushedFile>, StoreError> {
+        self.with(|c| {
+            let mut st = c.prepare(
+                "SELECT path, mode, size, mtime_sec, mtime_nsec, root, tree, signature FROM pushed \
+                 WHERE image = ?1 ORDER BY rowid",
+            )?;
+            let rows = st.query_map(params![image], |r| {
+                let root: Vec<u8> = r.get(5)?;
+                Ok(PushedFile {
+                    path: r.get(0)?,
+                    mode: r.get(1)?,
+                    size: r.get::<_, i64>(2)? as u64,
+                    mtime_sec: r.get(3)?,
+                    mtime_nsec: r.get(4)?,
+                    root: root.try_into().unwrap_or([0; 32]),
+                    tree: r.get(6)?,
+                    signature: r.get(7)?,
+                })
+            })?;
+            rows.collect()
+        })
+    }
+
     /// Record `manifest` as accepted even though a newer version was: a rollback the user asked
     /// for (`incfs update --allow-rollback`), so that a restart mounts what was chosen.
     pub fn accept_rollback(&self, key_id: &Hash, name: &str, version: u64, manifest: &[u8]) -> Result<(), StoreError> {
