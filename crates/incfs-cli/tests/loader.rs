@@ -40,8 +40,10 @@ fn the_example_loader_serves_a_whole_mount() {
     let data_blocks = (3 << 20) / 4096 + 1 + 200_000 / 4096 + 1;
     assert!(s["blocks_filled"].as_u64().unwrap() >= data_blocks, "{s}");
     assert_eq!(s["fills_rejected"], 0);
-    // The source gave the manifest and Merkle trees only: 32 + 16 bytes a block, not the data.
-    assert!(s["bytes_fetched"].as_u64().unwrap() < 64 * 1024, "{s}");
+    // The source gave the manifest and Merkle trees only (48 bytes a block, 40 KiB here), not
+    // the 3.4 MiB of data. Concurrent first reads of a file may each fetch its tree piece (metadata
+    // fetches are not shared between readers), hence the margin.
+    assert!(s["bytes_fetched"].as_u64().unwrap() < 3 * 64 * 1024, "{s}");
     assert_eq!(s["reads_failed_timeout"], 0);
 }
 

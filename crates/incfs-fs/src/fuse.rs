@@ -165,10 +165,6 @@ impl IncFs {
         }
     }
 
-    fn file(&self, view: &View, idx: u32) -> Option<FileRef> {
-        view.file(idx)
-    }
-
     fn errno_for(&self, e: &ReadFailure) -> Errno {
         self.reader.stats.failed(e.cause);
         tracing::warn!("read failed ({:?}): {}", e.cause, e.message);
@@ -281,7 +277,7 @@ impl Filesystem for IncFs {
         if flags.acc_mode() != OpenAccMode::O_RDONLY {
             return reply.error(Errno::EROFS);
         }
-        let Some(f) = self.file(&view, idx) else {
+        let Some(f) = view.file(idx) else {
             return reply.error(Errno::EINVAL);
         };
         let i = ino.0;
@@ -344,7 +340,7 @@ impl Filesystem for IncFs {
         };
         // The version the handle was opened on; without a handle (cannot happen with the
         // kernel's protocol, but cheap to be exact), the inode's own.
-        let Some(f) = f.or_else(|| self.inode(ino).and_then(|(view, i)| self.file(&view, i))) else {
+        let Some(f) = f.or_else(|| self.inode(ino).and_then(|(view, i)| view.file(i))) else {
             return reply.error(Errno::ENOENT);
         };
         if let Some(rec) = &self.recorder {

@@ -29,7 +29,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::background::{Background, BackgroundOptions};
 use crate::reader::Reader;
-use crate::view::{Inval, Views};
+use crate::view::{Changes, Inval, View, Views};
 
 #[derive(Debug, thiserror::Error)]
 pub enum UpdateError {
@@ -299,12 +299,9 @@ impl Live {
         for s in skipped {
             tracing::warn!("pushed file {s} has no place in version {}: no longer shown", new.version);
         }
-        let (view, changes) = current.next(Arc::new(served), self.views.max_ino() + 1, self.recording);
-        self.reader.presence.load(store, view.contents.iter().map(|(k, _)| *k))?;
         self.reader.extend_objects(&new.objects);
+        let changes = self.show(&current, served)?;
         *self.base.lock().unwrap() = new.clone();
-        self.views.switch(view);
-        self.invalidate(&changes.invalidate);
         {
             let mut r = self.running.lock().unwrap();
             r.background = Background::new(self.reader.clone(), new.clone(), self.background_opts.clone());
@@ -360,11 +357,18 @@ impl Live {
         let image = self.base.lock().unwrap().name.clone();
         self.reader.store().put_pushed(&image, &record)?;
         self.pushed.lock().unwrap().push(p);
+        self.show(&current, served)?;
+        Ok(digest)
+    }
+
+    /// Make `served` the tree shown, as the view after `current`: presence of its files loaded,
+    /// then switched in one step, then the kernel told what went stale.
+    fn show(&self, current: &View, served: Manifest) -> Result<Changes, UpdateError> {
         let (view, changes) = current.next(Arc::new(served), self.views.max_ino() + 1, self.recording);
         self.reader.presence.load(self.reader.store(), view.contents.iter().map(|(k, _)| *k))?;
         self.views.switch(view);
         self.invalidate(&changes.invalidate);
-        Ok(digest)
+        Ok(changes)
     }
 
     fn invalidate(&self, what: &[Inval]) {
