@@ -204,7 +204,7 @@ impl Control {
             blocks_present,
             complete: blocks_present == blocks_total,
             bytes_fetched: Stats::get(&s.bytes_fetched),
-            bytes_stored: self.reader.store().totals().map(|t| t.block_bytes).unwrap_or(0),
+            bytes_stored: self.reader.store().totals().block_bytes,
             reads_served: Stats::get(&s.reads_served),
             reads_waited: Stats::get(&s.reads_waited),
             reads_failed_timeout: Stats::get(&s.reads_failed_timeout),

@@ -23,9 +23,6 @@ use crate::reader::Reader;
 use crate::stats::Stats;
 use crate::view::{View, Views};
 
-/// Size of the store's write-ahead log at which it is checkpointed.
-const WAL_CHECKPOINT_BYTES: u64 = 32 << 20;
-
 /// Everything `incfs mount` was asked.
 #[derive(Debug, Clone)]
 pub struct MountOptions {
@@ -244,20 +241,6 @@ pub fn mount(opts: MountOptions, on_ready: impl FnOnce()) -> Result<(), MountErr
     let cache_lock = std::fs::File::options().create(true).truncate(false).write(true).open(&lock_file)?;
     if cache_lock.try_lock_shared().is_err() {
         return Err(MountError::CacheBusy(opts.cache.display().to_string()));
-    }
-    {
-        // Commits only append to the write-ahead log; it is moved into the database here,
-        // off the read path, whenever it has grown.
-        let store = store.clone();
-        std::thread::spawn(move || loop {
-            std::thread::sleep(Duration::from_millis(200));
-            let wal = store.wal_size();
-            if wal > WAL_CHECKPOINT_BYTES {
-                if let Err(e) = store.checkpoint(wal > 4 * WAL_CHECKPOINT_BYTES) {
-                    tracing::warn!("store checkpoint: {e}");
-                }
-            }
-        });
     }
     // Requests may outlive the read that started them (the block is still worth having), but
     // not by much; the read itself is bounded by read_timeout.

@@ -35,7 +35,7 @@ impl Presence {
                 continue;
             }
             let mut p = FilePresence::default();
-            for (c, bits) in store.presence(&key)? {
+            for (c, bits) in store.presence(&key) {
                 p.count += bits.iter().map(|b| b.count_ones() as u64).sum::<u64>();
                 p.chunks.insert(c, bits);
             }

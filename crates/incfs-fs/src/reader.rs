@@ -103,7 +103,6 @@ pub struct Reader {
     verified: Cache<Hash, Arc<[u8; BLOCK_SIZE]>>,
     inflight: Mutex<HashMap<Hash, SharedRun>>,
     recent_failures: Mutex<HashMap<FileKey, (Instant, ReadFailure)>>,
-    persist: Mutex<()>,
     zero_hash: Hash,
     /// Reads waiting for the network now: background fetching holds back while any do.
     demand: AtomicUsize,
@@ -158,7 +157,6 @@ impl Reader {
             verified: Cache::new(8 << 10),
             inflight: Mutex::new(HashMap::new()),
             recent_failures: Mutex::new(HashMap::new()),
-            persist: Mutex::new(()),
             zero_hash: hash_data_block(&[]),
             demand: AtomicUsize::new(0),
             demand_began: tokio::sync::Notify::new(),
@@ -494,21 +492,23 @@ impl Reader {
         }
     }
 
-    /// Store verified blocks and mark `present` blocks of `key`, in one transaction. Writers are
-    /// serialized so that each persists presence bits that include all earlier writers' bits.
+    /// Store verified blocks and mark `present` blocks of `key`: one data write and one journal
+    /// write.
     fn store_blocks(
         &self,
         key: &FileKey,
         blocks: &[NewBlock<'_>],
         present: Vec<u64>,
     ) -> Result<(), incfs_store::StoreError> {
-        let _writer = self.persist.lock().unwrap();
-        let changed = self.presence.staged(key, present.iter().copied());
-        if blocks.is_empty() && changed.is_empty() {
+        let mut new: Vec<u64> = present.into_iter().filter(|&i| !self.presence.is_present(key, i)).collect();
+        new.sort_unstable();
+        new.dedup();
+        if blocks.is_empty() && new.is_empty() {
             return Ok(());
         }
-        self.store.put_blocks(blocks, &changed)?;
-        self.presence.mark(key, present);
+        // Persisted first, then marked in memory: memory never claims more than the store holds.
+        self.store.put_blocks(blocks, Some((key, &new)))?;
+        self.presence.mark(key, new);
         Ok(())
     }
 
@@ -648,7 +648,7 @@ impl Reader {
             leaves.push((i, self.leaf(f, &geo, i)?));
         }
         let hashes: Vec<Hash> = leaves.iter().map(|(_, h)| *h).filter(|h| *h != self.zero_hash).collect();
-        let stored = self.store.stored_among(&hashes).map_err(|e| fail(FailCause::Other, e.to_string()))?;
+        let stored = self.store.stored_among(&hashes);
         let mut out = Vec::new();
         let mut present = Vec::new();
         for (i, leaf) in leaves {
@@ -691,7 +691,7 @@ impl Reader {
             // `inflight`, so a block is always either stored or in flight here.
             let candidates: Vec<Hash> =
                 plan.iter().filter(|(_, h, _)| !inflight.contains_key(h)).map(|(_, h, _)| *h).collect();
-            let stored = self.store.stored_among(&candidates).unwrap_or_default();
+            let stored = self.store.stored_among(&candidates);
             // Needed blocks and readahead go in separate runs: the read waits only for its own.
             let (mut now, mut ahead) = (Vec::new(), Vec::new());
             for item in plan {

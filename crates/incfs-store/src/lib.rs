@@ -1,27 +1,33 @@
-//! The local backing store of incfs mounts: one SQLite database per cache directory.
+//! The local backing store of incfs mounts, one per cache directory.
 //!
-//! What it keeps, and why SQLite: fetched blocks, compressed exactly as they arrived and keyed by
-//! their leaf hash (so a block shared by files, images or versions is stored once); fetched
-//! pieces of file metadata regions; which blocks of each file content are present; and, per
-//! publisher key and image name, the newest manifest accepted (rollback protection, offline
-//! mounts). SQLite in WAL mode gives atomic, crash-safe transactions with bounded memory, and its
-//! WAL frames carry checksums, so a write torn by a crash is discarded at recovery, never read.
-//! `synchronous=NORMAL` means a committed transaction survives the daemon being killed at any
-//! instant (it is in the WAL file); only a power loss can roll back the last few transactions,
-//! which costs a refetch, never a wrong byte.
+//! Two parts with different needs. Data (fetched blocks, compressed exactly as they arrived and
+//! keyed by their leaf hash, so a block shared by files, images or versions is stored once;
+//! pieces of file metadata regions; which blocks of each file content are present) is written on
+//! every cold read and lives in append-only segment files with journals ([`segments`]): a fetched
+//! run costs two writes, whatever its length. Records that change rarely (per publisher key and
+//! image name the newest manifest accepted, for rollback protection and offline mounts; which
+//! image each source served; files pushed into mounts) stay in a small SQLite database,
+//! `store.db`, where transactions are worth their cost.
 //!
-//! The store does not trust itself either: callers re-hash every block they read from it against
-//! its key before serving it, and remove it ([`Store::remove_block`]) if it does not match.
+//! The store does not trust itself: callers verify every block and metadata piece they read from
+//! it against the Merkle tree before use, and drop it ([`Store::remove_block`]) if it fails.
+//! Layout and crash safety: `docs/cache.md`.
+
+pub mod journal;
+pub mod segments;
 
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
-use std::time::Duration;
 
 use incfs_format::{Codec, Hash};
 use rusqlite::{params, Connection, OptionalExtension};
 
-/// Bits per presence chunk: one row covers 16 MiB of a file.
-pub const PRESENCE_CHUNK_BITS: u64 = 4096;
+pub use journal::{FileKey, PRESENCE_CHUNK_BITS};
+use segments::Segments;
+
+/// The cache layout this build writes: `PRAGMA user_version` of `store.db`. Version 1 (blocks,
+/// metadata and presence in SQLite tables) is migrated at open.
+pub const LAYOUT_VERSION: i64 = 2;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -29,12 +35,13 @@ pub enum StoreError {
     Db { path: PathBuf, source: rusqlite::Error },
     #[error("cannot create cache directory {}: {source}", path.display())]
     Dir { path: PathBuf, source: std::io::Error },
-    #[error("cache database {} holds a bad value: {what}", path.display())]
+    #[error("cache file {}: {source}", path.display())]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("cache {} holds a bad value: {what}", path.display())]
     Corrupt { path: PathBuf, what: String },
+    #[error("cache {} was written by a newer incfs (layout {found}, this one knows {LAYOUT_VERSION}); upgrade incfs, or use another --cache", path.display())]
+    Newer { path: PathBuf, found: i64 },
 }
-
-/// Identity of a file's content: root hash and size. Identical files share presence.
-pub type FileKey = [u8; 40];
 
 pub fn file_key(root: &Hash, size: u64) -> FileKey {
     let mut k = [0u8; 40];
@@ -60,20 +67,13 @@ pub struct StoreTotals {
 pub struct Store {
     path: PathBuf,
     pool: Mutex<Vec<Connection>>,
+    data: Segments,
 }
 
 const SCHEMA: &str = "
-CREATE TABLE IF NOT EXISTS blocks (hash BLOB PRIMARY KEY, codec INTEGER NOT NULL, data BLOB NOT NULL);
-CREATE TABLE IF NOT EXISTS meta (object BLOB NOT NULL, region INTEGER NOT NULL, chunk INTEGER NOT NULL,
-    data BLOB NOT NULL, PRIMARY KEY (object, region, chunk)) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS presence (file BLOB NOT NULL, chunk INTEGER NOT NULL, bits BLOB NOT NULL,
-    PRIMARY KEY (file, chunk)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS images (key_id BLOB NOT NULL, name TEXT NOT NULL, version INTEGER NOT NULL,
     manifest BLOB NOT NULL, PRIMARY KEY (key_id, name)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS sources (source TEXT PRIMARY KEY, key_id BLOB NOT NULL, name TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS totals (id INTEGER PRIMARY KEY CHECK (id = 1), blocks INTEGER NOT NULL,
-    block_bytes INTEGER NOT NULL);
-INSERT OR IGNORE INTO totals VALUES (1, 0, 0);
 CREATE TABLE IF NOT EXISTS pushed (image TEXT NOT NULL, path BLOB NOT NULL, mode INTEGER NOT NULL,
     size INTEGER NOT NULL, mtime_sec INTEGER NOT NULL, mtime_nsec INTEGER NOT NULL, root BLOB NOT NULL,
     tree BLOB NOT NULL, signature BLOB NOT NULL, PRIMARY KEY (image, path));
@@ -93,9 +93,6 @@ pub struct PushedFile {
     pub signature: Vec<u8>,
 }
 
-/// A stored block as found on disk: (key, codec byte, stored bytes), nothing checked.
-pub type RawBlock = (Vec<u8>, u8, Vec<u8>);
-
 /// A block to store: its leaf hash, codec and stored bytes.
 pub struct NewBlock<'a> {
     pub hash: Hash,
@@ -104,30 +101,42 @@ pub struct NewBlock<'a> {
 }
 
 impl Store {
-    /// Open (creating if needed) the store in `dir`.
+    /// Open (creating if needed) the store in `dir`, migrating a cache of layout 1.
     pub fn open(dir: &Path) -> Result<Store, StoreError> {
         std::fs::create_dir_all(dir).map_err(|source| StoreError::Dir { path: dir.to_path_buf(), source })?;
         let path = dir.join("store.db");
-        let store = Store { path: path.clone(), pool: Mutex::new(Vec::new()) };
-        let conn = store.connect()?;
-        conn.execute_batch(SCHEMA).map_err(|e| store.err(e))?;
-        store.pool.lock().unwrap().push(conn);
-        Ok(store)
+        let conn = connect(&path)?;
+        let db = |source| StoreError::Db { path: path.clone(), source };
+        let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0)).map_err(db)?;
+        if version > LAYOUT_VERSION {
+            return Err(StoreError::Newer { path: dir.to_path_buf(), found: version });
+        }
+        let v1: bool = conn
+            .query_row("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'blocks'", [], |_| Ok(()))
+            .optional()
+            .map_err(db)?
+            .is_some();
+        let data_dir = dir.join("data");
+        if v1 && version < LAYOUT_VERSION {
+            // Whatever an interrupted migration left is redone from the database.
+            if data_dir.exists() {
+                std::fs::remove_dir_all(&data_dir).map_err(|source| StoreError::Io { path: data_dir.clone(), source })?;
+            }
+        }
+        let data = Segments::open(&data_dir)?;
+        if v1 {
+            migrate_v1(&conn, &data).map_err(|e| match e {
+                StoreError::Db { source, .. } => db(source),
+                e => e,
+            })?;
+        }
+        conn.execute_batch(SCHEMA).map_err(db)?;
+        conn.execute_batch(&format!("PRAGMA user_version = {LAYOUT_VERSION}")).map_err(db)?;
+        Ok(Store { path, pool: Mutex::new(vec![conn]), data })
     }
 
     fn err(&self, source: rusqlite::Error) -> StoreError {
         StoreError::Db { path: self.path.clone(), source }
-    }
-
-    fn connect(&self) -> Result<Connection, StoreError> {
-        let conn = Connection::open(&self.path).map_err(|e| self.err(e))?;
-        conn.busy_timeout(Duration::from_secs(10)).map_err(|e| self.err(e))?;
-        conn.execute_batch(
-            "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL; PRAGMA cache_size=-4096; \
-             PRAGMA wal_autocheckpoint=0;",
-        )
-        .map_err(|e| self.err(e))?;
-        Ok(conn)
     }
 
     /// Run `f` with a pooled connection.
@@ -135,185 +144,84 @@ impl Store {
         let conn = self.pool.lock().unwrap().pop();
         let mut conn = match conn {
             Some(c) => c,
-            None => self.connect()?,
+            None => connect(&self.path)?,
         };
         let r = f(&mut conn).map_err(|e| self.err(e));
         let mut pool = self.pool.lock().unwrap();
-        if pool.len() < 16 {
+        if pool.len() < 4 {
             pool.push(conn);
         }
         r
     }
 
+    /// The SQLite database's path.
     pub fn path(&self) -> &Path {
         &self.path
     }
 
     /// The stored form of the block with leaf hash `hash`, if present (not yet verified).
     pub fn get_block(&self, hash: &Hash) -> Result<Option<(Codec, Vec<u8>)>, StoreError> {
-        let row = self.with(|c| {
-            c.prepare_cached("SELECT codec, data FROM blocks WHERE hash = ?1")?
-                .query_row([&hash[..]], |r| Ok((r.get::<_, u8>(0)?, r.get::<_, Vec<u8>>(1)?)))
-                .optional()
-        })?;
-        match row {
-            None => Ok(None),
-            Some((c, data)) => match Codec::from_u8(c) {
-                Some(codec) => Ok(Some((codec, data))),
-                None => Err(StoreError::Corrupt { path: self.path.clone(), what: format!("codec {c}") }),
-            },
-        }
+        self.data.get_block(hash)
     }
 
-    /// Which of `hashes` are stored, in one query per 500.
-    pub fn stored_among(&self, hashes: &[Hash]) -> Result<std::collections::HashSet<Hash>, StoreError> {
-        let mut out = std::collections::HashSet::new();
-        for chunk in hashes.chunks(500) {
-            self.with(|c| {
-                let marks = vec!["?"; chunk.len()].join(",");
-                let mut st = c.prepare_cached(&format!("SELECT hash FROM blocks WHERE hash IN ({marks})"))?;
-                let rows =
-                    st.query_map(rusqlite::params_from_iter(chunk.iter().map(|h| &h[..])), |r| r.get::<_, Vec<u8>>(0))?;
-                for h in rows {
-                    if let Ok(h) = <Hash>::try_from(h?) {
-                        out.insert(h);
-                    }
-                }
-                Ok(())
-            })?;
-        }
-        Ok(out)
+    /// Which of `hashes` are stored (an in-memory lookup).
+    pub fn stored_among(&self, hashes: &[Hash]) -> std::collections::HashSet<Hash> {
+        self.data.stored_among(hashes)
     }
 
-    /// Move the write-ahead log into the database. Connections do not do it on commit (that
-    /// would stall the read that committed), so the daemon calls this from a thread of its own.
-    /// `truncate` also waits for readers and empties the log file (it only ever grows while
-    /// readers keep old snapshots, as a busy mount's do); otherwise readers are not waited for.
-    pub fn checkpoint(&self, truncate: bool) -> Result<(), StoreError> {
-        let mode = if truncate { "TRUNCATE" } else { "PASSIVE" };
-        self.with(|c| c.query_row(&format!("PRAGMA wal_checkpoint({mode})"), [], |_| Ok(())))
+    pub fn has_block(&self, hash: &Hash) -> bool {
+        self.data.has_block(hash)
     }
 
-    /// Size of the write-ahead log, to decide when to checkpoint.
-    pub fn wal_size(&self) -> u64 {
-        let mut wal = self.path.clone().into_os_string();
-        wal.push("-wal");
-        std::fs::metadata(wal).map_or(0, |m| m.len())
-    }
-
-    pub fn has_block(&self, hash: &Hash) -> Result<bool, StoreError> {
-        self.with(|c| {
-            c.prepare_cached("SELECT 1 FROM blocks WHERE hash = ?1")?.query_row([&hash[..]], |_| Ok(())).optional()
-        })
-        .map(|r| r.is_some())
-    }
-
-    /// Store verified blocks and mark their presence, in one transaction.
-    pub fn put_blocks(&self, blocks: &[NewBlock<'_>], presence: &[(FileKey, u64, Vec<u8>)]) -> Result<(), StoreError> {
-        self.with(|c| {
-            let tx = c.transaction()?;
-            let (mut n, mut bytes) = (0i64, 0i64);
-            {
-                let mut ins =
-                    tx.prepare_cached("INSERT OR IGNORE INTO blocks (hash, codec, data) VALUES (?1, ?2, ?3)")?;
-                for b in blocks {
-                    if ins.execute(params![&b.hash[..], b.codec as u8, b.data])? == 1 {
-                        n += 1;
-                        bytes += b.data.len() as i64;
-                    }
-                }
-                let mut pres =
-                    tx.prepare_cached("INSERT OR REPLACE INTO presence (file, chunk, bits) VALUES (?1, ?2, ?3)")?;
-                for (file, chunk, bits) in presence {
-                    pres.execute(params![&file[..], *chunk as i64, bits])?;
-                }
-            }
-            tx.execute("UPDATE totals SET blocks = blocks + ?1, block_bytes = block_bytes + ?2", params![n, bytes])?;
-            tx.commit()
-        })
+    /// Store verified blocks and mark blocks `present` of a file content (sorted indices),
+    /// with one data write and one journal write.
+    pub fn put_blocks(&self, blocks: &[NewBlock<'_>], present: Option<(&FileKey, &[u64])>) -> Result<(), StoreError> {
+        let b: Vec<(Hash, Codec, &[u8])> = blocks.iter().map(|b| (b.hash, b.codec, b.data)).collect();
+        self.data.put_blocks(&b, present)
     }
 
     /// Drop a block found damaged (it will be fetched again when needed).
     pub fn remove_block(&self, hash: &Hash) -> Result<(), StoreError> {
-        self.remove_raw_block(hash)
+        self.data.drop_block(hash)
     }
 
-    pub fn totals(&self) -> Result<StoreTotals, StoreError> {
-        self.with(|c| {
-            c.query_row("SELECT blocks, block_bytes FROM totals WHERE id = 1", [], |r| {
-                Ok(StoreTotals { blocks: r.get::<_, i64>(0)? as u64, block_bytes: r.get::<_, i64>(1)? as u64 })
-            })
-        })
+    pub fn totals(&self) -> StoreTotals {
+        let (blocks, block_bytes) = self.data.totals();
+        StoreTotals { blocks, block_bytes }
+    }
+
+    /// Bytes the data files take on disk (segments and journals, dropped blocks included).
+    pub fn data_disk_bytes(&self) -> u64 {
+        self.data.disk_bytes()
     }
 
     /// Presence chunks of a file content: (chunk index, bits), bit `i` of chunk `c` being block
     /// `c * 4096 + i` (least significant bit first).
-    pub fn presence(&self, file: &FileKey) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
-        self.with(|c| {
-            let mut st = c.prepare_cached("SELECT chunk, bits FROM presence WHERE file = ?1")?;
-            let rows = st.query_map([&file[..]], |r| Ok((r.get::<_, i64>(0)? as u64, r.get::<_, Vec<u8>>(1)?)))?;
-            rows.collect()
-        })
+    pub fn presence(&self, file: &FileKey) -> Vec<(u64, Vec<u8>)> {
+        self.data.presence(file)
     }
 
-    /// Up to `limit` stored blocks with keys above `after`, in key order (to walk them all in
-    /// bounded memory): (key, codec byte, stored bytes). Keys are raw: a damaged row may hold
-    /// one that is not 32 bytes long.
-    pub fn blocks_after(&self, after: &[u8], limit: usize) -> Result<Vec<RawBlock>, StoreError> {
-        self.with(|c| {
-            let mut st =
-                c.prepare_cached("SELECT hash, codec, data FROM blocks WHERE hash > ?1 ORDER BY hash LIMIT ?2")?;
-            let rows = st.query_map(params![after, limit as i64], |r| {
-                Ok((r.get::<_, Vec<u8>>(0)?, r.get::<_, u8>(1)?, r.get::<_, Vec<u8>>(2)?))
-            })?;
-            rows.collect()
-        })
+    /// Every stored block's leaf hash, sorted (to walk them all: `fsck`).
+    pub fn block_hashes(&self) -> Vec<Hash> {
+        self.data.block_hashes()
     }
 
-    /// Remove a block by its raw key (also one that is not 32 bytes long), keeping totals right.
-    pub fn remove_raw_block(&self, key: &[u8]) -> Result<(), StoreError> {
-        self.with(|c| {
-            let tx = c.transaction()?;
-            let len: Option<i64> =
-                tx.query_row("SELECT length(data) FROM blocks WHERE hash = ?1", [key], |r| r.get(0)).optional()?;
-            if let Some(len) = len {
-                tx.execute("DELETE FROM blocks WHERE hash = ?1", [key])?;
-                tx.execute("UPDATE totals SET blocks = blocks - 1, block_bytes = block_bytes - ?1", [len])?;
-            }
-            tx.commit()
-        })
-    }
-
-    /// Replace presence chunks.
+    /// Replace presence chunks exactly.
     pub fn set_presence(&self, chunks: &[(FileKey, u64, Vec<u8>)]) -> Result<(), StoreError> {
-        self.put_blocks(&[], chunks)
+        self.data.set_presence(chunks)
     }
 
     /// A cached piece of a file metadata region (unverified bytes).
     pub fn get_meta(&self, object: &Hash, region: u64, chunk: u64) -> Result<Option<Vec<u8>>, StoreError> {
-        self.with(|c| {
-            c.prepare_cached("SELECT data FROM meta WHERE object = ?1 AND region = ?2 AND chunk = ?3")?
-                .query_row(params![&object[..], region as i64, chunk as i64], |r| r.get(0))
-                .optional()
-        })
+        self.data.get_meta(object, region, chunk)
     }
 
     pub fn put_meta(&self, object: &Hash, region: u64, chunk: u64, data: &[u8]) -> Result<(), StoreError> {
-        self.with(|c| {
-            c.prepare_cached("INSERT OR REPLACE INTO meta (object, region, chunk, data) VALUES (?1, ?2, ?3, ?4)")?
-                .execute(params![&object[..], region as i64, chunk as i64, data])
-                .map(|_| ())
-        })
+        self.data.put_meta(object, region, chunk, data)
     }
 
     pub fn remove_meta(&self, object: &Hash, region: u64, chunk: u64) -> Result<(), StoreError> {
-        self.with(|c| {
-            c.execute(
-                "DELETE FROM meta WHERE object = ?1 AND region = ?2 AND chunk = ?3",
-                params![&object[..], region as i64, chunk as i64],
-            )
-            .map(|_| ())
-        })
+        self.data.drop_meta(object, region, chunk)
     }
 
     /// The newest manifest accepted for (`key_id`, `name`).
@@ -445,6 +353,75 @@ impl Store {
     }
 }
 
+fn connect(path: &Path) -> Result<Connection, StoreError> {
+    let db = |source| StoreError::Db { path: path.to_path_buf(), source };
+    let conn = Connection::open(path).map_err(db)?;
+    conn.busy_timeout(std::time::Duration::from_secs(10)).map_err(db)?;
+    // Small and rarely written now: WAL with automatic checkpoints keeps the log small.
+    conn.execute_batch("PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;").map_err(db)?;
+    Ok(conn)
+}
+
+/// Move the data of a layout-1 cache (blocks, metadata pieces, presence in SQLite tables) into
+/// segments, then drop those tables. Idempotent: interrupted, it is redone at the next open.
+fn migrate_v1(conn: &Connection, data: &Segments) -> Result<(), StoreError> {
+    let db = |source| StoreError::Db { path: PathBuf::new(), source };
+    tracing::info!("migrating a cache of layout 1 to layout {LAYOUT_VERSION}");
+    let mut after: Vec<u8> = Vec::new();
+    loop {
+        let mut st = conn
+            .prepare("SELECT hash, codec, data FROM blocks WHERE hash > ?1 ORDER BY hash LIMIT 1024")
+            .map_err(db)?;
+        let rows: Vec<(Vec<u8>, u8, Vec<u8>)> = st
+            .query_map([&after], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+            .map_err(db)?
+            .collect::<Result<_, _>>()
+            .map_err(db)?;
+        let Some(last) = rows.last() else { break };
+        after = last.0.clone();
+        // A row that does not even look like a block is left behind (fetched again if needed).
+        let blocks: Vec<(Hash, Codec, &[u8])> = rows
+            .iter()
+            .filter_map(|(h, c, d)| {
+                let ok = d.len() <= incfs_format::BLOCK_SIZE;
+                Some((<Hash>::try_from(h.as_slice()).ok()?, Codec::from_u8(*c)?, d.as_slice())).filter(|_| ok)
+            })
+            .collect();
+        data.put_blocks(&blocks, None)?;
+    }
+    {
+        let mut st = conn.prepare("SELECT object, region, chunk, data FROM meta").map_err(db)?;
+        let rows = st
+            .query_map([], |r| Ok((r.get::<_, Vec<u8>>(0)?, r.get::<_, i64>(1)?, r.get::<_, i64>(2)?, r.get::<_, Vec<u8>>(3)?)))
+            .map_err(db)?;
+        for row in rows {
+            let (object, region, chunk, bytes) = row.map_err(db)?;
+            if let Ok(object) = <Hash>::try_from(object.as_slice()) {
+                data.put_meta(&object, region as u64, chunk as u64, &bytes)?;
+            }
+        }
+        let mut st = conn.prepare("SELECT file, chunk, bits FROM presence").map_err(db)?;
+        let rows = st
+            .query_map([], |r| Ok((r.get::<_, Vec<u8>>(0)?, r.get::<_, i64>(1)?, r.get::<_, Vec<u8>>(2)?)))
+            .map_err(db)?;
+        let mut chunks = Vec::new();
+        for row in rows {
+            let (file, chunk, bits) = row.map_err(db)?;
+            if let Ok(file) = <FileKey>::try_from(file.as_slice()) {
+                chunks.push((file, chunk as u64, bits));
+            }
+        }
+        data.set_presence(&chunks)?;
+    }
+    conn.execute_batch(&format!(
+        "BEGIN; DROP TABLE IF EXISTS blocks; DROP TABLE IF EXISTS meta; DROP TABLE IF EXISTS presence;
+         DROP TABLE IF EXISTS totals; PRAGMA user_version = {LAYOUT_VERSION}; COMMIT; VACUUM;"
+    ))
+    .map_err(db)?;
+    tracing::info!("cache migrated: {} blocks", data.totals().0);
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -456,14 +433,16 @@ mod tests {
         let h = [1u8; 32];
         assert_eq!(s.get_block(&h).unwrap(), None);
         let key = file_key(&[2; 32], 5000);
-        s.put_blocks(&[NewBlock { hash: h, codec: Codec::Lz4, data: b"abc" }], &[(key, 0, vec![0b11])]).unwrap();
-        s.put_blocks(&[NewBlock { hash: h, codec: Codec::Lz4, data: b"abc" }], &[]).unwrap();
+        s.put_blocks(&[NewBlock { hash: h, codec: Codec::Lz4, data: b"abc" }], Some((&key, &[0, 1]))).unwrap();
+        s.put_blocks(&[NewBlock { hash: h, codec: Codec::Lz4, data: b"abc" }], None).unwrap();
         assert_eq!(s.get_block(&h).unwrap(), Some((Codec::Lz4, b"abc".to_vec())));
-        assert_eq!(s.totals().unwrap(), StoreTotals { blocks: 1, block_bytes: 3 });
-        assert_eq!(s.presence(&key).unwrap(), vec![(0, vec![0b11])]);
+        assert_eq!(s.totals(), StoreTotals { blocks: 1, block_bytes: 3 }, "stored once");
+        assert_eq!(s.presence(&key)[0].1[0], 0b11);
         s.remove_block(&h).unwrap();
-        assert!(!s.has_block(&h).unwrap());
-        assert_eq!(s.totals().unwrap(), StoreTotals::default());
+        assert!(!s.has_block(&h));
+        assert_eq!(s.totals(), StoreTotals::default());
+        let h2 = [9u8; 32];
+        s.put_blocks(&[NewBlock { hash: h2, codec: Codec::Raw, data: b"xyz" }], Some((&key, &[4]))).unwrap();
 
         s.put_meta(&h, 10, 0, b"meta").unwrap();
         assert_eq!(s.get_meta(&h, 10, 0).unwrap(), Some(b"meta".to_vec()));
@@ -474,12 +453,95 @@ mod tests {
         assert!(s.accept(&h, "img", 3, b"m3").unwrap());
         assert_eq!(s.accepted(&h, "img").unwrap(), Some(AcceptedManifest { version: 3, bytes: b"m3".to_vec() }));
         drop(s);
-        // Everything survives reopening.
+        // Everything survives reopening, removals included.
         let s = Store::open(dir.path()).unwrap();
         assert_eq!(s.accepted(&h, "img").unwrap().unwrap().version, 3);
         assert_eq!(s.get_meta(&h, 10, 0).unwrap(), Some(b"meta".to_vec()));
+        assert!(!s.has_block(&h));
+        assert_eq!(s.get_block(&h2).unwrap(), Some((Codec::Raw, b"xyz".to_vec())));
+        assert_eq!(s.presence(&key)[0].1[0], 0b1_0011);
+        s.remove_meta(&h, 10, 0).unwrap();
+        assert_eq!(s.get_meta(&h, 10, 0).unwrap(), None);
         assert_eq!(s.manifest_for_source("http://x").unwrap(), None);
         s.remember_source("http://x", &h, "img").unwrap();
         assert_eq!(s.manifest_for_source("http://x").unwrap().unwrap().bytes, b"m3");
+        drop(s);
+        assert_eq!(Store::open(dir.path()).unwrap().get_meta(&h, 10, 0).unwrap(), None);
+    }
+
+    #[test]
+    fn a_torn_journal_tail_loses_only_the_torn_run() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path()).unwrap();
+        let key = file_key(&[2; 32], 1 << 20);
+        s.put_blocks(&[NewBlock { hash: [1; 32], codec: Codec::Raw, data: b"one" }], Some((&key, &[0]))).unwrap();
+        s.put_blocks(&[NewBlock { hash: [2; 32], codec: Codec::Raw, data: b"two" }], Some((&key, &[1]))).unwrap();
+        drop(s);
+        let jnl = dir.path().join("data/00000001.jnl");
+        let len = std::fs::metadata(&jnl).unwrap().len();
+        // Cut the last record (the second run's presence) in half, as a kill during write would.
+        std::fs::OpenOptions::new().write(true).open(&jnl).unwrap().set_len(len - 30).unwrap();
+        let s = Store::open(dir.path()).unwrap();
+        assert!(s.has_block(&[1; 32]) && s.has_block(&[2; 32]));
+        assert_eq!(s.presence(&key)[0].1[0], 0b01, "presence of the torn record is not claimed");
+        // New writes go to a new segment; both are read.
+        s.put_blocks(&[NewBlock { hash: [3; 32], codec: Codec::Raw, data: b"three" }], None).unwrap();
+        drop(s);
+        let s = Store::open(dir.path()).unwrap();
+        assert_eq!(s.get_block(&[3; 32]).unwrap().unwrap().1, b"three");
+        assert_eq!(s.get_block(&[1; 32]).unwrap().unwrap().1, b"one");
+    }
+
+    #[test]
+    fn a_truncated_segment_reads_as_absent() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path()).unwrap();
+        s.put_blocks(&[NewBlock { hash: [1; 32], codec: Codec::Raw, data: &[7; 100] }], None).unwrap();
+        drop(s);
+        std::fs::OpenOptions::new().write(true).open(dir.path().join("data/00000001.seg")).unwrap().set_len(50).unwrap();
+        let s = Store::open(dir.path()).unwrap();
+        assert_eq!(s.get_block(&[1; 32]).unwrap(), None);
+    }
+
+    #[test]
+    fn a_layout_1_cache_is_migrated_and_a_newer_one_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let c = Connection::open(dir.path().join("store.db")).unwrap();
+            c.execute_batch(
+                "CREATE TABLE blocks (hash BLOB PRIMARY KEY, codec INTEGER NOT NULL, data BLOB NOT NULL);
+                 CREATE TABLE meta (object BLOB NOT NULL, region INTEGER NOT NULL, chunk INTEGER NOT NULL,
+                   data BLOB NOT NULL, PRIMARY KEY (object, region, chunk)) WITHOUT ROWID;
+                 CREATE TABLE presence (file BLOB NOT NULL, chunk INTEGER NOT NULL, bits BLOB NOT NULL,
+                   PRIMARY KEY (file, chunk)) WITHOUT ROWID;
+                 CREATE TABLE images (key_id BLOB NOT NULL, name TEXT NOT NULL, version INTEGER NOT NULL,
+                   manifest BLOB NOT NULL, PRIMARY KEY (key_id, name)) WITHOUT ROWID;
+                 CREATE TABLE totals (id INTEGER PRIMARY KEY, blocks INTEGER, block_bytes INTEGER);",
+            )
+            .unwrap();
+            for i in 0..3000u32 {
+                let mut h = [0u8; 32];
+                h[..4].copy_from_slice(&i.to_le_bytes());
+                c.execute("INSERT INTO blocks VALUES (?1, 2, ?2)", params![&h[..], &i.to_le_bytes()[..]]).unwrap();
+            }
+            c.execute("INSERT INTO meta VALUES (?1, 5, 0, x'aabb')", [&[4u8; 32][..]]).unwrap();
+            c.execute("INSERT INTO presence VALUES (?1, 0, x'07')", [&[6u8; 40][..]]).unwrap();
+            c.execute("INSERT INTO images VALUES (?1, 'img', 4, x'00')", [&[1u8; 32][..]]).unwrap();
+        }
+        let s = Store::open(dir.path()).unwrap();
+        assert_eq!(s.totals().blocks, 3000);
+        let mut h = [0u8; 32];
+        h[..4].copy_from_slice(&2999u32.to_le_bytes());
+        assert_eq!(s.get_block(&h).unwrap(), Some((Codec::Lz4, 2999u32.to_le_bytes().to_vec())));
+        assert_eq!(s.get_meta(&[4; 32], 5, 0).unwrap(), Some(vec![0xaa, 0xbb]));
+        assert_eq!(s.presence(&[6; 40])[0].1[0], 7);
+        assert_eq!(s.accepted(&[1; 32], "img").unwrap().unwrap().version, 4);
+        drop(s);
+        let s = Store::open(dir.path()).unwrap();
+        assert_eq!(s.totals().blocks, 3000, "migrated once");
+        drop(s);
+        Connection::open(dir.path().join("store.db")).unwrap().execute_batch("PRAGMA user_version = 3").unwrap();
+        let e = Store::open(dir.path()).err().expect("a newer layout is refused");
+        assert!(e.to_string().contains("newer incfs"), "{e}");
     }
 }
