@@ -223,6 +223,11 @@ enum Command {
         /// FUSE request threads.
         #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=64))]
         threads: u32,
+        /// Ranged GETs in flight at once for readahead and background completion (each up to
+        /// 2 MiB, so this also bounds the fetched bytes they buffer); a read's own requests
+        /// come on top.
+        #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=64))]
+        parallel: u32,
         /// Fetch every missing block in the background, at low priority (reads that wait for
         /// data always go first), so that the mount ends up needing no network at all.
         #[arg(long, value_enum, default_value = "on")]
@@ -463,6 +468,7 @@ fn main() {
             read_timeout,
             foreground,
             threads,
+            parallel,
             background,
             bandwidth,
             offline,
@@ -479,6 +485,7 @@ fn main() {
             let settings = incfs_fs::MountSettings {
                 read_timeout,
                 threads: threads as usize,
+                parallel: parallel as usize,
                 background: background == OnOff::On,
                 bandwidth,
                 offline,

@@ -288,7 +288,8 @@ fn kill_9_mid_read(p: &Published, name: &str, url: &str, env: &[(String, String)
     reader.join().unwrap();
     m.wait_gone();
 
-    let m2 = Mount::start_with_env(url, &mnt, &p.public, &cache, &[], env);
+    // Background completion off: every byte fetched now is one the read asked for.
+    let m2 = Mount::start_with_env(url, &mnt, &p.public, &cache, &["--background", "off"], env);
     let present_before = m2.stat("blocks_present");
     assert!(present_before >= total_blocks / 4, "{name}: {present_before} blocks survived");
     assert!(fs::read(m2.path("large.bin")).unwrap() == data, "{name}: content differs after the crash");

@@ -30,10 +30,8 @@ use crate::stats::{FailCause, Stats};
 
 /// Largest ranged GET for a span of small files (blocks and metadata together).
 pub const SPAN_MAX: u64 = 2 << 20;
-/// Blocks of a large file fetched per job.
-const BLOCKS_PER_JOB: u64 = 256;
-/// Background requests in flight at once.
-const PARALLEL: usize = 2;
+/// Blocks of a large file fetched per job (2 MiB, one request).
+const BLOCKS_PER_JOB: u64 = 512;
 /// Files taken from the general order at a time, so a prefetch request waits little.
 const ROUND: usize = 64;
 /// After a failed request, wait this long (doubling up to [`MAX_RETRY`]) before the next.
@@ -296,7 +294,7 @@ impl Background {
                 }
             };
             let jobs = self.jobs(work);
-            futures::stream::iter(jobs).for_each_concurrent(PARALLEL, |job| self.clone().run_job(job)).await;
+            futures::stream::iter(jobs).for_each_concurrent(self.reader.parallel(), |job| self.clone().run_job(job)).await;
         }
     }
 
@@ -345,6 +343,10 @@ impl Background {
             if yields && self.reader.demand() > 0 {
                 continue;
             }
+            // A slot shared with readahead: together they stay within `--parallel` requests.
+            let Ok(_slot) = self.reader.slots.clone().acquire_owned().await else {
+                return Err(ReadFailure { cause: FailCause::Other, message: "shutting down".into() });
+            };
             let t = Instant::now();
             let fetch = self.reader.mirrors().get_range(&key, range.clone());
             let result = if yields {
@@ -441,7 +443,7 @@ impl Background {
             let (inside, outside): (Vec<_>, Vec<_>) = plan
                 .into_iter()
                 .partition(|(_, _, r)| r.object == object && r.offset >= range.start && r.range().end <= range.end);
-            let outcome = self.reader.accept(f, &inside, &bytes, range.start, mirror, false);
+            let outcome = self.reader.accept_off_thread(f, inside, bytes.clone(), range.start, mirror).await;
             ok &= outcome.failed.is_empty();
             if !outside.is_empty() {
                 // Blocks shared with files packed elsewhere (deduplicated): fetched from there.
@@ -486,7 +488,7 @@ impl Background {
             let (first, last) = (items[0].2, items[items.len() - 1].2);
             match self.get(first.object, first.offset..last.range().end, yields).await {
                 Ok((bytes, mirror)) => {
-                    let outcome = self.reader.accept(f, items, &bytes, first.offset, mirror, false);
+                    let outcome = self.reader.accept_off_thread(f, items.to_vec(), bytes, first.offset, mirror).await;
                     ok &= outcome.failed.is_empty();
                 }
                 Err(e) => {

@@ -41,6 +41,8 @@ pub struct MountSettings {
     pub read_timeout: Duration,
     /// FUSE request threads.
     pub threads: usize,
+    /// Readahead and background requests in flight at once.
+    pub parallel: usize,
     /// Complete the image in the background.
     pub background: bool,
     /// Cap on background fetching, bytes per second.
@@ -68,6 +70,7 @@ impl Default for MountSettings {
         MountSettings {
             read_timeout: Duration::from_secs(5),
             threads: 8,
+            parallel: crate::reader::DEFAULT_PARALLEL,
             background: true,
             bandwidth: None,
             offline: false,
@@ -227,6 +230,26 @@ fn save_profile(recorder: &Mutex<Recorder>, path: &Path) {
     }
 }
 
+/// Kernel readahead for the mount, in KiB. FUSE offers at most the kernel default (128 KiB) at
+/// INIT, which keeps sequential reads to 128 KiB requests, one or two in flight; raised here,
+/// the kernel sends 1 MiB requests (the `max_pages` limit) several at a time.
+const KERNEL_READAHEAD_KB: u32 = 4096;
+
+/// Raise the mount's readahead through sysfs (root only; without it reads stay correct, only
+/// smaller).
+fn raise_readahead(mountpoint: &Path) {
+    use std::os::unix::fs::MetadataExt;
+    let dev = match std::fs::metadata(mountpoint) {
+        Ok(m) => m.dev(),
+        Err(e) => return tracing::warn!("cannot stat {}: {e}", mountpoint.display()),
+    };
+    let path = format!("/sys/class/bdi/{}:{}/read_ahead_kb", libc::major(dev), libc::minor(dev));
+    match std::fs::write(&path, KERNEL_READAHEAD_KB.to_string()) {
+        Ok(()) => tracing::info!("kernel readahead {KERNEL_READAHEAD_KB} KiB ({path})"),
+        Err(e) => tracing::info!("kernel readahead left at its default ({path}: {e})"),
+    }
+}
+
 /// Mount and serve until unmounted. `on_ready` runs once the mount is usable.
 pub fn mount(opts: MountOptions, on_ready: impl FnOnce()) -> Result<(), MountError> {
     let mountpoint = std::fs::canonicalize(&opts.mountpoint)
@@ -262,7 +285,8 @@ pub fn mount(opts: MountOptions, on_ready: impl FnOnce()) -> Result<(), MountErr
     let profile = rt.block_on(load_profile(&opts, &sources, offline))?;
     let recording = opts.settings.record_profile.is_some();
     let stats = Arc::new(Stats::default());
-    let reader = Arc::new(Reader::new(&manifest.objects, store.clone(), Arc::new(Mirrors::new(sources)), stats));
+    let mirrors = Arc::new(Mirrors::new(sources));
+    let reader = Arc::new(Reader::new(&manifest.objects, store.clone(), mirrors, stats, opts.settings.parallel));
     // Files pushed into earlier mounts of this image are shown again, checked again.
     let pushed = crate::live::restore_pushed(&reader, &opts.trust, &manifest);
     let (served, skipped) = crate::live::with_pushed(&manifest, &pushed);
@@ -400,6 +424,11 @@ pub fn mount(opts: MountOptions, on_ready: impl FnOnce()) -> Result<(), MountErr
         }
     });
 
+    {
+        // The first stat waits for FUSE_INIT to be done, which would undo a larger setting.
+        let mountpoint = mountpoint.clone();
+        std::thread::spawn(move || raise_readahead(&mountpoint));
+    }
     tracing::info!("mounted at {}", mountpoint.display());
     on_ready();
     let result = session.run();

@@ -27,9 +27,14 @@ use crate::view::{View, Views};
 /// An inode never changes (a new version gives changed inodes new numbers, and the kernel is
 /// told to forget the names that moved), so the kernel may cache names and attributes long.
 const TTL: Duration = Duration::from_secs(24 * 3600);
-/// Readahead window bounds, in blocks: it doubles on sequential reads, resets on random ones.
+/// Readahead window bounds, in blocks: it doubles on sequential reads up to 16 MiB (about what
+/// a 1 GB/s link delivers in one 20 ms round trip, fetched as several parallel requests: see
+/// [`crate::reader`]), and drops to nothing on random reads.
 const READAHEAD_START: u64 = 16;
-const READAHEAD_MAX: u64 = 512;
+const READAHEAD_MAX: u64 = 4096;
+/// A read this close to where the last one ended still counts as sequential: the kernel sends
+/// readahead as several asynchronous requests that FUSE threads may take out of order.
+const SEQUENTIAL_SLACK: u64 = 512;
 
 /// errno for a read whose data could not be had in time (as kernel incfs: "timer expired").
 pub const ETIME: i32 = libc::ETIME;
@@ -89,6 +94,16 @@ pub struct IncFs {
     /// Plain copies being written in the background.
     copying: Arc<Mutex<HashSet<[u8; 40]>>>,
     recorder: Option<Arc<Mutex<Recorder>>>,
+}
+
+/// The errno for a failed read, counted and logged.
+fn errno_for(reader: &Reader, e: &ReadFailure) -> Errno {
+    reader.stats.failed(e.cause);
+    tracing::warn!("read failed ({:?}): {}", e.cause, e.message);
+    match e.cause {
+        FailCause::Timeout => Errno::from_i32(ETIME),
+        _ => Errno::EIO,
+    }
 }
 
 fn file_type(kind: &InodeKind) -> FileType {
@@ -165,14 +180,6 @@ impl IncFs {
         }
     }
 
-    fn errno_for(&self, e: &ReadFailure) -> Errno {
-        self.reader.stats.failed(e.cause);
-        tracing::warn!("read failed ({:?}): {}", e.cause, e.message);
-        match e.cause {
-            FailCause::Timeout => Errno::from_i32(ETIME),
-            _ => Errno::EIO,
-        }
-    }
 
     /// A backing id for passthrough of complete file `f` (kernel inode `i`), if it can be had now:
     /// its verified plain copy, written during this open when small, else in the background.
@@ -333,9 +340,9 @@ impl Filesystem for IncFs {
         let (f, readahead) = {
             let mut h = self.handles.lock().unwrap();
             let ra = h.entry(fh.0).or_insert(Handle::new(None, READAHEAD_START, None));
-            let sequential = first_block == ra.next_block || first_block + 1 == ra.next_block;
+            let sequential = first_block.abs_diff(ra.next_block) <= SEQUENTIAL_SLACK.max(ra.window);
             ra.window = if sequential { (ra.window * 2).clamp(READAHEAD_START, READAHEAD_MAX) } else { 0 };
-            ra.next_block = next_block;
+            ra.next_block = if sequential { ra.next_block.max(next_block) } else { next_block };
             (ra.file.clone(), ra.window)
         };
         // The version the handle was opened on; without a handle (cannot happen with the
@@ -348,27 +355,32 @@ impl Filesystem for IncFs {
                 rec.lock().unwrap().read(&path, first_block..next_block.min(incfs_verity::block_count(f.data.size)));
             }
         }
-        let result = match self.reader.read_local(&f, offset, size) {
-            Ok(data) => Ok((data, false)),
-            Err(Local::Fail(e)) => Err(e),
+        let label = f.label.clone();
+        let served = move |reader: &Reader, result: Result<Vec<u8>, ReadFailure>, waited: bool, reply: ReplyData| {
+            match result {
+                Ok(data) => {
+                    Stats::add(&reader.stats.reads_served, 1);
+                    let count = (offset + data.len() as u64).div_ceil(4096).saturating_sub(first_block).max(1);
+                    reader.pending.log(&label, first_block, count, waited);
+                    reply.data(&data)
+                }
+                Err(e) => reply.error(errno_for(reader, &e)),
+            }
+        };
+        match self.reader.read_local(&f, offset, size) {
+            Ok(data) => served(&self.reader, Ok(data), false, reply),
+            Err(Local::Fail(e)) => served(&self.reader, Err(e), false, reply),
             Err(Local::Need(_)) => {
+                // Answered by the task that completes the read: this FUSE thread goes back to
+                // the kernel at once, so reads waiting for the network never starve the others.
                 Stats::add(&self.reader.stats.reads_waited, 1);
                 let reader = self.reader.clone();
                 let deadline = Instant::now() + self.read_timeout;
-                let f2 = f.clone();
-                self.rt
-                    .block_on(async move { reader.read(&f2, offset, size, readahead, deadline).await })
-                    .map(|d| (d, true))
+                self.rt.spawn(async move {
+                    let result = reader.read(&f, offset, size, readahead, deadline).await;
+                    served(&reader, result, true, reply);
+                });
             }
-        };
-        match result {
-            Ok((data, waited)) => {
-                Stats::add(&self.reader.stats.reads_served, 1);
-                let count = (offset + data.len() as u64).div_ceil(4096).saturating_sub(first_block).max(1);
-                self.reader.pending.log(&f.label, first_block, count, waited);
-                reply.data(&data)
-            }
-            Err(e) => reply.error(self.errno_for(&e)),
         }
     }
 

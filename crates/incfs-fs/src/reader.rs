@@ -36,8 +36,12 @@ pub const PUSHED_OBJECT: u32 = u32::MAX;
 
 /// Metadata regions are fetched and cached in pieces of this size.
 pub const META_CHUNK: u64 = 64 << 10;
-/// Largest ranged GET for a run of blocks.
-const MAX_RUN_BYTES: u64 = 4 << 20;
+/// Largest ranged GET for a run of blocks. A readahead window is cut into requests of this size
+/// that run in parallel: one HTTP stream rarely fills a link, several do.
+pub const MAX_RUN_BYTES: u64 = 2 << 20;
+/// Readahead and background requests in flight at once, by default (`--parallel`). With
+/// [`MAX_RUN_BYTES`], the bound on fetched bytes buffered for them: 16 MiB.
+pub const DEFAULT_PARALLEL: usize = 8;
 /// After a read of a file fails for want of data, further reads of that file that need the
 /// network fail at once for this long. The kernel retries a failed readahead with a synchronous
 /// read right away; without this, one `read(2)` would wait out the timeout twice.
@@ -122,6 +126,10 @@ pub struct Reader {
     fills_only: AtomicBool,
     /// Compact Merkle trees of pushed files (checked against their roots when pushed).
     pushed: RwLock<Vec<Arc<Vec<u8>>>>,
+    /// Requests that are not a read's own (readahead, background completion) take a slot
+    /// each: bounds their number in flight, and so the bytes they buffer.
+    pub(crate) slots: Arc<tokio::sync::Semaphore>,
+    parallel: usize,
 }
 
 /// A block a fill got wrong: the fill count and instant then, and the failure to report.
@@ -143,7 +151,16 @@ pub enum FillError {
 }
 
 impl Reader {
-    pub fn new(objects: &[ObjectRef], store: Arc<Store>, mirrors: Arc<Mirrors>, stats: Arc<Stats>) -> Self {
+    /// `parallel`: requests in flight for readahead and background work (reads' own requests
+    /// are bounded by the kernel's outstanding reads instead).
+    pub fn new(
+        objects: &[ObjectRef],
+        store: Arc<Store>,
+        mirrors: Arc<Mirrors>,
+        stats: Arc<Stats>,
+        parallel: usize,
+    ) -> Self {
+        let parallel = parallel.max(1);
         Reader {
             objects: RwLock::new(Arc::from(objects)),
             store,
@@ -165,7 +182,19 @@ impl Reader {
             bad_fills: Mutex::new(HashMap::new()),
             fills_only: AtomicBool::new(false),
             pushed: RwLock::new(Vec::new()),
+            slots: Arc::new(tokio::sync::Semaphore::new(parallel)),
+            parallel,
         }
+    }
+
+    /// Requests in flight for readahead and background work, at most.
+    pub fn parallel(&self) -> usize {
+        self.parallel
+    }
+
+    /// Readahead and background requests in flight now.
+    pub fn requests_in_flight(&self) -> usize {
+        self.parallel - self.slots.available_permits()
     }
 
     /// Keep the (verified) compact tree of a pushed file; returns its metadata offset.
@@ -711,7 +740,8 @@ impl Reader {
                     let me = self.clone();
                     let file = f.clone();
                     let leaves: Vec<Hash> = items.iter().map(|(_, h, _)| *h).collect();
-                    let handle = tokio::spawn(async move { me.fetch_run(file, items, keep_decoded).await });
+                    let slot = if wait { None } else { Some(self.slots.clone()) };
+                    let handle = tokio::spawn(async move { me.fetch_run(file, items, keep_decoded, slot).await });
                     let shared = async move { handle.await.unwrap_or_else(|_| Arc::new(RunOutcome::default())) }
                         .boxed()
                         .shared();
@@ -733,36 +763,62 @@ impl Reader {
         Ok(())
     }
 
-    /// One ranged GET for blocks lying back to back in one object; verify, store, report.
+    /// One ranged GET for blocks lying back to back in one object; verify, store, report. With
+    /// `slot`, the request waits for a slot of it first (readahead).
     async fn fetch_run(
         self: Arc<Self>,
         f: FileRef,
         items: Vec<(u64, Hash, BlockRecord)>,
         keep_decoded: bool,
+        slot: Option<Arc<tokio::sync::Semaphore>>,
     ) -> Arc<RunOutcome> {
+        let _permit = match &slot {
+            Some(s) => s.clone().acquire_owned().await.ok(),
+            None => None,
+        };
         let first = items[0].2;
         let end = items.last().unwrap().2.range().end;
         let key = layout::object(&self.digest(first.object));
         let t = Instant::now();
-        let mut outcome = RunOutcome::default();
-        match self.mirrors.get_range(&key, first.offset..end).await {
+        let outcome = match self.mirrors.get_range(&key, first.offset..end).await {
             Err(e) => {
                 Stats::add(&self.stats.fetch_failures, 1);
                 let failure = ReadFailure { cause: FailCause::Source, message: e.to_string() };
+                let mut outcome = RunOutcome::default();
                 for (_, h, _) in &items {
                     outcome.failed.insert(*h, failure.clone());
                 }
+                outcome
             }
             Ok((bytes, mirror)) => {
                 self.stats.fetched(bytes.len() as u64, t.elapsed());
-                outcome = self.accept(&f, &items, &bytes, first.offset, mirror, keep_decoded);
+                // Decoding, hashing and storing are CPU and disk work: off the async workers.
+                let (me, f, items2) = (self.clone(), f.clone(), items.clone());
+                tokio::task::spawn_blocking(move || {
+                    me.accept(&f, &items2, &bytes, first.offset, mirror, keep_decoded)
+                })
+                .await
+                .unwrap_or_default()
             }
-        }
+        };
         let mut inflight = self.inflight.lock().unwrap();
         for (_, h, _) in &items {
             inflight.remove(h);
         }
         Arc::new(outcome)
+    }
+
+    /// [`Reader::accept`] on the blocking pool (background work: nothing kept decoded).
+    pub(crate) async fn accept_off_thread(
+        self: &Arc<Self>,
+        f: &FileRef,
+        items: Vec<(u64, Hash, BlockRecord)>,
+        bytes: bytes::Bytes,
+        base: u64,
+        mirror: usize,
+    ) -> RunOutcome {
+        let (me, f) = (self.clone(), f.clone());
+        tokio::task::spawn_blocking(move || me.accept(&f, &items, &bytes, base, mirror, false)).await.unwrap_or_default()
     }
 
     /// Verify blocks `items` of `f` out of `bytes` (which start at object offset `base`, as
