@@ -47,6 +47,8 @@ const PLAIN_IN_OPEN_MAX: u64 = 8 << 20;
 struct Handle {
     next_block: u64,
     window: u64,
+    /// Readahead was asked for up to here (blocks).
+    ahead_until: u64,
     /// Inode whose passthrough this handle holds.
     passthrough: Option<u64>,
     /// The file as opened: reads stay on this version whatever is switched meanwhile.
@@ -55,7 +57,7 @@ struct Handle {
 
 impl Handle {
     fn new(file: Option<FileRef>, window: u64, passthrough: Option<u64>) -> Handle {
-        Handle { next_block: 0, window, passthrough, file }
+        Handle { next_block: 0, window, ahead_until: 0, passthrough, file }
     }
 }
 
@@ -337,13 +339,23 @@ impl Filesystem for IncFs {
     ) {
         let first_block = offset / 4096;
         let next_block = (offset + size as u64).div_ceil(4096);
-        let (f, readahead) = {
+        let (f, ahead, window) = {
             let mut h = self.handles.lock().unwrap();
             let ra = h.entry(fh.0).or_insert(Handle::new(None, READAHEAD_START, None));
             let sequential = first_block.abs_diff(ra.next_block) <= SEQUENTIAL_SLACK.max(ra.window);
             ra.window = if sequential { (ra.window * 2).clamp(READAHEAD_START, READAHEAD_MAX) } else { 0 };
+            if !sequential {
+                ra.ahead_until = 0;
+            }
             ra.next_block = if sequential { ra.next_block.max(next_block) } else { next_block };
-            (ra.file.clone(), ra.window)
+            // Only what was not asked for yet: the window slides, it is not planned again.
+            let ahead = next_block.max(ra.ahead_until)..next_block + ra.window;
+            (ra.file.clone(), ahead, ra.window)
+        };
+        let asked_ahead = |until: u64| {
+            if let Some(h) = self.handles.lock().unwrap().get_mut(&fh.0) {
+                h.ahead_until = h.ahead_until.max(until);
+            }
         };
         // The version the handle was opened on; without a handle (cannot happen with the
         // kernel's protocol, but cheap to be exact), the inode's own.
@@ -368,16 +380,26 @@ impl Filesystem for IncFs {
             }
         };
         match self.reader.read_local(&f, offset, size) {
-            Ok(data) => served(&self.reader, Ok(data), false, reply),
+            Ok(data) => {
+                // Local, but keep the window ahead full, a quarter at a time, so that a
+                // sequential reader never catches up with the network.
+                if window > 0 && ahead.end.saturating_sub(ahead.start) >= (window / 4).max(1) {
+                    asked_ahead(ahead.end);
+                    let _guard = self.rt.enter();
+                    self.reader.read_ahead(f.clone(), ahead);
+                }
+                served(&self.reader, Ok(data), false, reply)
+            }
             Err(Local::Fail(e)) => served(&self.reader, Err(e), false, reply),
             Err(Local::Need(_)) => {
                 // Answered by the task that completes the read: this FUSE thread goes back to
                 // the kernel at once, so reads waiting for the network never starve the others.
                 Stats::add(&self.reader.stats.reads_waited, 1);
+                asked_ahead(ahead.end);
                 let reader = self.reader.clone();
                 let deadline = Instant::now() + self.read_timeout;
                 self.rt.spawn(async move {
-                    let result = reader.read(&f, offset, size, readahead, deadline).await;
+                    let result = reader.read(&f, offset, size, ahead, deadline).await;
                     served(&reader, result, true, reply);
                 });
             }

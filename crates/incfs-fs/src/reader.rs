@@ -34,8 +34,11 @@ use crate::stats::{FailCause, Stats};
 /// come only from fills.
 pub const PUSHED_OBJECT: u32 = u32::MAX;
 
-/// Metadata regions are fetched and cached in pieces of this size.
+/// Metadata regions are cached in pieces of this size.
 pub const META_CHUNK: u64 = 64 << 10;
+/// ... and fetched this many pieces at a time (1 MiB: the leaves of 128 MiB of data, or the
+/// block records of 256 MiB), so a sequential read of a large file waits for metadata rarely.
+const META_PIECES_PER_FETCH: u64 = 16;
 /// Largest ranged GET for a run of blocks. A readahead window is cut into requests of this size
 /// that run in parallel: one HTTP stream rarely fills a link, several do.
 pub const MAX_RUN_BYTES: u64 = 2 << 20;
@@ -89,6 +92,7 @@ pub(crate) struct RunOutcome {
 }
 
 type SharedRun = Shared<BoxFuture<'static, Arc<RunOutcome>>>;
+type SharedMeta = Shared<BoxFuture<'static, Result<Arc<Vec<Arc<Vec<u8>>>>, ReadFailure>>>;
 
 pub struct Reader {
     /// The object table of the newest version mounted. Tables only grow from one version to the
@@ -106,6 +110,11 @@ pub struct Reader {
     /// here without a store round trip and a second hash.
     verified: Cache<Hash, Arc<[u8; BLOCK_SIZE]>>,
     inflight: Mutex<HashMap<Hash, SharedRun>>,
+    /// Metadata fetches in flight: (object, region offset, piece group).
+    inflight_meta: Arc<Mutex<HashMap<(u32, u64, u64), SharedMeta>>>,
+    /// Blocks fetched ahead of a sequential reader, decoded and verified, until it reads them
+    /// (taken then) or [`STAGED_MAX`] newer ones push them out: no second decode and hash.
+    staged: Mutex<Staged>,
     recent_failures: Mutex<HashMap<FileKey, (Instant, ReadFailure)>>,
     zero_hash: Hash,
     /// Reads waiting for the network now: background fetching holds back while any do.
@@ -130,6 +139,41 @@ pub struct Reader {
     /// each: bounds their number in flight, and so the bytes they buffer.
     pub(crate) slots: Arc<tokio::sync::Semaphore>,
     parallel: usize,
+}
+
+/// Decoded blocks kept for a reader, at most this many (24 MiB): more than a readahead window.
+const STAGED_MAX: usize = 6144;
+
+/// Blocks verified and decoded ahead of their read, oldest pushed out first.
+#[derive(Default)]
+struct Staged {
+    blocks: HashMap<Hash, Arc<[u8; BLOCK_SIZE]>>,
+    order: std::collections::VecDeque<Hash>,
+}
+
+impl Staged {
+    fn put(&mut self, leaf: Hash, block: Arc<[u8; BLOCK_SIZE]>) {
+        if self.blocks.insert(leaf, block).is_none() {
+            self.order.push_back(leaf);
+        }
+        while self.blocks.len() > STAGED_MAX {
+            match self.order.pop_front() {
+                Some(old) => {
+                    self.blocks.remove(&old);
+                }
+                None => break,
+            }
+        }
+        // Taken entries leave stale names behind: drop them once they dominate.
+        if self.order.len() > 2 * STAGED_MAX {
+            let blocks = &self.blocks;
+            self.order.retain(|h| blocks.contains_key(h));
+        }
+    }
+
+    fn take(&mut self, leaf: &Hash) -> Option<Arc<[u8; BLOCK_SIZE]>> {
+        self.blocks.remove(leaf)
+    }
 }
 
 /// A block a fill got wrong: the fill count and instant then, and the failure to report.
@@ -168,11 +212,15 @@ impl Reader {
             stats,
             presence: Presence::default(),
             // Memory bounds, whatever the image size: 16 MiB of verified hash blocks (each
-            // covers 512 KiB of file data), 16 MiB of metadata pieces, 32 MiB of blocks.
+            // covers 512 KiB of file data), 16 MiB of metadata pieces, 8 MiB of blocks read
+            // from the store (the kernel's page cache keeps what is read again), and
+            // [`STAGED_MAX`] blocks fetched ahead.
             hashes: Cache::new(4 << 10),
             meta: Cache::new(256),
-            verified: Cache::new(8 << 10),
+            verified: Cache::new(2 << 10),
             inflight: Mutex::new(HashMap::new()),
+            inflight_meta: Arc::new(Mutex::new(HashMap::new())),
+            staged: Mutex::new(Staged::default()),
             recent_failures: Mutex::new(HashMap::new()),
             zero_hash: hash_data_block(&[]),
             demand: AtomicUsize::new(0),
@@ -449,6 +497,9 @@ impl Reader {
 
     /// A stored block, decoded and verified; a damaged one is removed and reported absent.
     fn stored_block(&self, leaf: &Hash) -> Result<Option<Arc<[u8; BLOCK_SIZE]>>, Local> {
+        if let Some(b) = self.staged.lock().unwrap().take(leaf) {
+            return Ok(Some(b));
+        }
         if let Some(b) = self.verified.get(leaf) {
             return Ok(Some(b));
         }
@@ -494,8 +545,12 @@ impl Reader {
             // Presence is a hint that saves a store lookup for a block surely absent (a block
             // stored for another file with the same content is found by `plan`, which asks the
             // store, and then marked present here too).
-            let block =
-                if self.presence.is_present(&f.key, i) { self.stored_block(&leaf)? } else { self.verified.get(&leaf) };
+            let present = self.presence.is_present(&f.key, i);
+            if present && !missing.is_empty() {
+                found.push(i); // not served this time: not read (nor taken from `staged`)
+                continue;
+            }
+            let block = if present { self.stored_block(&leaf)? } else { self.verified.get(&leaf) };
             match block {
                 Some(block) if missing.is_empty() => {
                     out.extend_from_slice(&block[from as usize..to as usize]);
@@ -542,13 +597,13 @@ impl Reader {
     }
 
     /// Serve a read, fetching whatever is missing, failing with [`FailCause::Timeout`] at
-    /// `deadline`. `readahead` more blocks after the last missing one are fetched along.
+    /// `deadline`. Blocks `ahead` (readahead) are fetched along, not waited for.
     pub async fn read(
         self: &Arc<Self>,
         f: &FileRef,
         offset: u64,
         size: u32,
-        readahead: u64,
+        ahead: Range<u64>,
         deadline: Instant,
     ) -> Result<Vec<u8>, ReadFailure> {
         if let Some((at, e)) = self.recent_failures.lock().unwrap().get(&f.key) {
@@ -563,7 +618,7 @@ impl Reader {
         self.demand.fetch_add(1, Ordering::Relaxed);
         self.demand_began.notify_waiters();
         let result =
-            match tokio::time::timeout_at(deadline.into(), self.read_fetching(f, offset, size, readahead)).await {
+            match tokio::time::timeout_at(deadline.into(), self.read_fetching(f, offset, size, ahead)).await {
                 Ok(r) => r,
                 Err(_) => Err(ReadFailure {
                     cause: FailCause::Timeout,
@@ -590,7 +645,7 @@ impl Reader {
         f: &FileRef,
         offset: u64,
         size: u32,
-        readahead: u64,
+        mut ahead: Range<u64>,
     ) -> Result<Vec<u8>, ReadFailure> {
         // Subscribed before the first look, so that no fill can slip between a look and the wait.
         let mut fills = self.filled.subscribe();
@@ -618,13 +673,25 @@ impl Reader {
                     rounds += 1;
                     // A fill may bring the blocks before the fetch does.
                     tokio::select! {
-                        r = self.fetch_blocks(f, &list, readahead, true) => r?,
+                        r = self.fetch_blocks(f, &list, std::mem::take(&mut ahead), true) => r?,
                         _ = fills.changed() => {}
                     }
                 }
             }
         }
         Err(ReadFailure { cause: FailCause::Other, message: format!("{}: read made no progress", f.label) })
+    }
+
+    /// Fetch blocks `ahead` of `f` for a sequential reader, in the background (readahead of a
+    /// read that needed nothing from the network). Failures are left to the read that comes.
+    pub fn read_ahead(self: &Arc<Self>, f: FileRef, ahead: Range<u64>) {
+        if ahead.is_empty() || self.fills_only.load(Ordering::Relaxed) || Self::is_pushed(&f) || self.is_complete(&f) {
+            return;
+        }
+        let me = self.clone();
+        tokio::spawn(async move {
+            let _ = me.fetch_blocks(&f, &[], ahead, true).await;
+        });
     }
 
     /// Cache a whole metadata region fetched along with other bytes (unverified, as any piece:
@@ -647,25 +714,58 @@ impl Reader {
         }
     }
 
+    /// Fetch the group of metadata pieces holding piece `chunk` of `f`'s region; concurrent
+    /// callers for one group share one request.
     pub(crate) async fn fetch_meta(&self, f: &FileRef, chunk: u64) -> Result<(), ReadFailure> {
         let (object, offset, len) = self.region(f);
         if object == PUSHED_OBJECT {
             let message = format!("{}: pushed file without its tree", f.label);
             return Err(ReadFailure { cause: FailCause::Other, message });
         }
-        let digest = self.digest(object);
-        let start = offset + chunk * META_CHUNK;
-        let end = offset + len.min((chunk + 1) * META_CHUNK);
-        let t = Instant::now();
-        let (bytes, _) = self.mirrors.get_range(&layout::object(&digest), start..end).await.map_err(|e| {
-            Stats::add(&self.stats.fetch_failures, 1);
-            ReadFailure { cause: FailCause::Source, message: e.to_string() }
-        })?;
-        self.stats.fetched(bytes.len() as u64, t.elapsed());
-        if let Err(e) = self.store.put_meta(&digest, offset, chunk, &bytes) {
-            tracing::warn!("cannot cache metadata: {e}");
+        let group = chunk / META_PIECES_PER_FETCH;
+        let key = (object, offset, group);
+        let shared = {
+            let mut inflight = self.inflight_meta.lock().unwrap();
+            match inflight.get(&key) {
+                Some(s) => s.clone(),
+                None => {
+                    let flights = self.inflight_meta.clone();
+                    let digest = self.digest(object);
+                    let (mirrors, stats, store) = (self.mirrors.clone(), self.stats.clone(), self.store.clone());
+                    let first = group * META_PIECES_PER_FETCH;
+                    let start = offset + first * META_CHUNK;
+                    let end = offset + len.min((first + META_PIECES_PER_FETCH) * META_CHUNK);
+                    let fut = async move {
+                        let t = Instant::now();
+                        let got = mirrors.get_range(&layout::object(&digest), start..end).await;
+                        // Done (whoever polled it to the end): later callers start afresh.
+                        flights.lock().unwrap().remove(&key);
+                        let (bytes, _) = got.map_err(|e| {
+                            Stats::add(&stats.fetch_failures, 1);
+                            ReadFailure { cause: FailCause::Source, message: e.to_string() }
+                        })?;
+                        stats.fetched(bytes.len() as u64, t.elapsed());
+                        let pieces: Vec<Arc<Vec<u8>>> =
+                            bytes.chunks(META_CHUNK as usize).map(|p| Arc::new(p.to_vec())).collect();
+                        for (k, piece) in pieces.iter().enumerate() {
+                            if let Err(e) = store.put_meta(&digest, offset, first + k as u64, piece) {
+                                tracing::warn!("cannot cache metadata: {e}");
+                            }
+                        }
+                        Ok(Arc::new(pieces))
+                    }
+                    .boxed()
+                    .shared();
+                    inflight.insert(key, fut.clone());
+                    fut
+                }
+            }
+        };
+        let pieces = shared.await?;
+        let first = group * META_PIECES_PER_FETCH;
+        for (k, piece) in pieces.iter().enumerate() {
+            self.meta.insert((object, offset, first + k as u64), piece.clone());
         }
-        self.meta.insert((object, offset, chunk), Arc::new(bytes.to_vec()));
         Ok(())
     }
 
@@ -697,13 +797,15 @@ impl Reader {
         self: &Arc<Self>,
         f: &FileRef,
         needed: &[u64],
-        readahead: u64,
+        ahead: Range<u64>,
         keep_decoded: bool,
     ) -> Result<(), ReadFailure> {
         let blocks_total = incfs_verity::block_count(f.data.size);
-        let last = *needed.last().unwrap();
         let mut wanted: Vec<u64> = needed.to_vec();
-        wanted.extend(last + 1..(last + 1 + readahead).min(blocks_total));
+        wanted.extend(ahead.start.max(needed.last().map_or(0, |l| l + 1))..ahead.end.min(blocks_total));
+        if wanted.is_empty() {
+            return Ok(());
+        }
         let plan = loop {
             match self.plan(f, &wanted) {
                 Ok(p) => break p,
@@ -870,8 +972,9 @@ impl Reader {
                 Stats::add(&self.stats.blocks_fetched, blocks.len() as u64);
                 // Only once durable: a block served is a block kept, even if killed now.
                 if keep_decoded {
+                    let mut staged = self.staged.lock().unwrap();
                     for (leaf, block) in decoded {
-                        self.verified.insert(leaf, Arc::from(block));
+                        staged.put(leaf, Arc::from(block));
                     }
                 }
             }
