@@ -27,14 +27,43 @@ fn tree(src: &Path) {
     }
 }
 
-/// Damage stored rows with Python's sqlite3 (a user's accident or a bad disk, in miniature).
-fn damage(cache: &Path, sql_python: &str) {
-    let db = cache.join("store.db");
-    let script = format!(
-        "import sqlite3; c = sqlite3.connect({db:?}); {sql_python}; c.commit(); c.close()",
-        db = db.to_str().unwrap()
-    );
-    run("python3", &["-c", &script]);
+/// Flip the first byte of the first `blocks` stored blocks, and of one metadata piece longer
+/// than 8 KiB, in the cache's segment files (a user's accident or a bad disk, in miniature).
+/// Where they lie is read from the journals, with the store's own record decoder.
+fn damage(cache: &Path, blocks: usize) {
+    use incfs_store::journal::{replay, Record, MAGIC};
+    use std::os::unix::fs::FileExt;
+    let data = cache.join("data");
+    let mut journals: Vec<_> = fs::read_dir(&data)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "jnl"))
+        .collect();
+    journals.sort();
+    let (mut blocks_left, mut meta_left) = (blocks, 1);
+    for j in journals {
+        let bytes = fs::read(&j).unwrap();
+        let seg = fs::OpenOptions::new().read(true).write(true).open(j.with_extension("seg")).unwrap();
+        let flip = |offset: u64| {
+            let mut b = [0u8; 1];
+            seg.read_exact_at(&mut b, offset).unwrap();
+            seg.write_all_at(&[b[0] ^ 1], offset).unwrap();
+        };
+        for r in replay(&bytes[MAGIC.len()..]).0 {
+            match r {
+                Record::Block { len, offset, .. } if blocks_left > 0 && len > 0 => {
+                    flip(offset);
+                    blocks_left -= 1;
+                }
+                Record::Meta { len, offset, .. } if meta_left > 0 && len > 8192 => {
+                    flip(offset);
+                    meta_left -= 1;
+                }
+                _ => {}
+            }
+        }
+    }
+    assert_eq!((blocks_left, meta_left), (0, 0), "found enough to damage");
 }
 
 fn fsck(cache: &Path, extra: &[&str]) -> (i32, String) {
@@ -67,14 +96,7 @@ fn fsck_drops_damaged_blocks_and_trees_and_the_mount_heals() {
 
     // Three blocks get a byte flipped; one cached tree piece (of random.bin, 768 blocks, so a
     // real tree) gets its first hash changed.
-    damage(
-        &cache,
-        "rows = c.execute('SELECT rowid, data FROM blocks ORDER BY rowid LIMIT 3').fetchall(); \
-         [c.execute('UPDATE blocks SET data = ? WHERE rowid = ?', (bytes([d[0] ^ 1]) + d[1:], r)) for r, d in rows]; \
-         rows = c.execute('SELECT object, region, chunk, data FROM meta WHERE length(data) > 8192 LIMIT 1').fetchall(); \
-         [c.execute('UPDATE meta SET data = ? WHERE object = ? AND region = ? AND chunk = ?', \
-                    (bytes([d[0] ^ 1]) + d[1:], o, r, k)) for o, r, k, d in rows]",
-    );
+    damage(&cache, 3);
     let (code, out) = fsck(&cache, &["--dry-run"]);
     assert_eq!(code, 1, "{out}");
     assert_eq!(number_before(&out, "damaged (found)"), 3, "{out}");

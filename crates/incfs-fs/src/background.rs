@@ -113,6 +113,7 @@ impl Background {
         // metadata ended (its blocks lie in between when it was packed in this object).
         files.sort_by_key(|f| f.data.meta.map(|m| (m.object, m.offset)));
         by_key = files.iter().enumerate().map(|(i, f)| (f.key, i)).collect();
+        reader.add_regions(files.iter().filter_map(|f| reader.meta_region(f)).map(|(o, off, len)| (o, off, off + len)));
         let mut spans = Vec::with_capacity(files.len());
         let mut prev: Option<(u32, u64)> = None;
         for f in &files {
@@ -443,7 +444,7 @@ impl Background {
             let (inside, outside): (Vec<_>, Vec<_>) = plan
                 .into_iter()
                 .partition(|(_, _, r)| r.object == object && r.offset >= range.start && r.range().end <= range.end);
-            let outcome = self.reader.accept_off_thread(f, inside, bytes.clone(), range.start, mirror).await;
+            let outcome = self.reader.accept_off_thread(f, inside, bytes.clone(), range.start, mirror, false).await;
             ok &= outcome.failed.is_empty();
             if !outside.is_empty() {
                 // Blocks shared with files packed elsewhere (deduplicated): fetched from there.
@@ -488,7 +489,7 @@ impl Background {
             let (first, last) = (items[0].2, items[items.len() - 1].2);
             match self.get(first.object, first.offset..last.range().end, yields).await {
                 Ok((bytes, mirror)) => {
-                    let outcome = self.reader.accept_off_thread(f, items.to_vec(), bytes, first.offset, mirror).await;
+                    let outcome = self.reader.accept_off_thread(f, items.to_vec(), bytes, first.offset, mirror, false).await;
                     ok &= outcome.failed.is_empty();
                 }
                 Err(e) => {

@@ -257,6 +257,11 @@ pub fn mount(opts: MountOptions, on_ready: impl FnOnce()) -> Result<(), MountErr
     if !mountpoint.is_dir() {
         return Err(MountError::Mountpoint { path: mountpoint, reason: "not a directory".into() });
     }
+    // glibc gives each thread that allocates an arena of its own and keeps what is freed there:
+    // with FUSE, async and blocking threads all passing buffers around, RSS grew to several
+    // times what is live (measured 332 MiB at peak). Two arenas keep it near the live set.
+    // SAFETY: mallopt only tunes the allocator; it is safe to call at any time.
+    unsafe { libc::mallopt(libc::M_ARENA_MAX, 2) };
     // Blocking threads verify and store fetched runs: a few per core is enough, and each idle one
     // keeps a malloc arena (RSS).
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).max_blocking_threads(8).enable_all().build()?;

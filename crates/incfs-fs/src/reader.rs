@@ -36,6 +36,11 @@ pub const PUSHED_OBJECT: u32 = u32::MAX;
 
 /// Metadata regions are cached in pieces of this size.
 pub const META_CHUNK: u64 = 64 << 10;
+/// A file whose span (its blocks and metadata region, back to back as pack writes them) is at
+/// most this long is fetched whole at its first read: one request instead of two round trips.
+pub const SMALL_SPAN: u64 = 1 << 20;
+/// The in-flight key of a span fetch (a metadata "group" no region has).
+const SPAN_GROUP: u64 = u64::MAX;
 /// ... and fetched this many pieces at a time (1 MiB: the leaves of 128 MiB of data, or the
 /// block records of 256 MiB), so a sequential read of a large file waits for metadata rarely.
 const META_PIECES_PER_FETCH: u64 = 16;
@@ -109,7 +114,10 @@ pub struct Reader {
     /// Blocks verified recently (fetched or read), decoded: a sequential reader is served from
     /// here without a store round trip and a second hash.
     verified: Cache<Hash, Arc<[u8; BLOCK_SIZE]>>,
-    inflight: Mutex<HashMap<Hash, SharedRun>>,
+    inflight: Mutex<HashMap<Hash, SharedRun, rustc_hash::FxBuildHasher>>,
+    /// Every known metadata region, as (object, start, end), sorted: where a file's span begins
+    /// (the end of the region before it in the same object, as pack lays them out).
+    regions: RwLock<Arc<Vec<(u32, u64, u64)>>>,
     /// Metadata fetches in flight: (object, region offset, piece group).
     inflight_meta: Arc<Mutex<HashMap<(u32, u64, u64), SharedMeta>>>,
     /// Blocks fetched ahead of a sequential reader, decoded and verified, until it reads them
@@ -147,12 +155,12 @@ const STAGED_MAX: usize = 6144;
 /// Blocks verified and decoded ahead of their read, oldest pushed out first.
 #[derive(Default)]
 struct Staged {
-    blocks: HashMap<Hash, Arc<[u8; BLOCK_SIZE]>>,
+    blocks: HashMap<Hash, Box<[u8; BLOCK_SIZE]>, rustc_hash::FxBuildHasher>,
     order: std::collections::VecDeque<Hash>,
 }
 
 impl Staged {
-    fn put(&mut self, leaf: Hash, block: Arc<[u8; BLOCK_SIZE]>) {
+    fn put(&mut self, leaf: Hash, block: Box<[u8; BLOCK_SIZE]>) {
         if self.blocks.insert(leaf, block).is_none() {
             self.order.push_back(leaf);
         }
@@ -171,8 +179,24 @@ impl Staged {
         }
     }
 
-    fn take(&mut self, leaf: &Hash) -> Option<Arc<[u8; BLOCK_SIZE]>> {
+    fn take(&mut self, leaf: &Hash) -> Option<Box<[u8; BLOCK_SIZE]>> {
         self.blocks.remove(leaf)
+    }
+}
+
+/// A verified, decoded block: taken from [`Staged`] (owned) or shared with the cache.
+enum Block {
+    Owned(Box<[u8; BLOCK_SIZE]>),
+    Shared(Arc<[u8; BLOCK_SIZE]>),
+}
+
+impl std::ops::Deref for Block {
+    type Target = [u8; BLOCK_SIZE];
+    fn deref(&self) -> &Self::Target {
+        match self {
+            Block::Owned(b) => b,
+            Block::Shared(b) => b,
+        }
     }
 }
 
@@ -218,8 +242,9 @@ impl Reader {
             hashes: Cache::new(4 << 10),
             meta: Cache::new(256),
             verified: Cache::new(2 << 10),
-            inflight: Mutex::new(HashMap::new()),
+            inflight: Mutex::new(HashMap::default()),
             inflight_meta: Arc::new(Mutex::new(HashMap::new())),
+            regions: RwLock::new(Arc::new(Vec::new())),
             staged: Mutex::new(Staged::default()),
             recent_failures: Mutex::new(HashMap::new()),
             zero_hash: hash_data_block(&[]),
@@ -496,12 +521,12 @@ impl Reader {
     }
 
     /// A stored block, decoded and verified; a damaged one is removed and reported absent.
-    fn stored_block(&self, leaf: &Hash) -> Result<Option<Arc<[u8; BLOCK_SIZE]>>, Local> {
+    fn stored_block(&self, leaf: &Hash) -> Result<Option<Block>, Local> {
         if let Some(b) = self.staged.lock().unwrap().take(leaf) {
-            return Ok(Some(b));
+            return Ok(Some(Block::Owned(b)));
         }
         if let Some(b) = self.verified.get(leaf) {
-            return Ok(Some(b));
+            return Ok(Some(Block::Shared(b)));
         }
         let Some((codec, data)) = self.store.get_block(leaf).map_err(|e| fail(FailCause::Other, e.to_string()))? else {
             return Ok(None);
@@ -511,7 +536,7 @@ impl Reader {
             Ok(b) => {
                 let b: Arc<[u8; BLOCK_SIZE]> = Arc::from(b);
                 self.verified.insert(*leaf, b.clone());
-                Ok(Some(b))
+                Ok(Some(Block::Shared(b)))
             }
             Err(e) => {
                 tracing::error!("local store block {} is damaged ({e}); dropping it", hex::encode(leaf));
@@ -550,7 +575,7 @@ impl Reader {
                 found.push(i); // not served this time: not read (nor taken from `staged`)
                 continue;
             }
-            let block = if present { self.stored_block(&leaf)? } else { self.verified.get(&leaf) };
+            let block = if present { self.stored_block(&leaf)? } else { self.verified.get(&leaf).map(Block::Shared) };
             match block {
                 Some(block) if missing.is_empty() => {
                     out.extend_from_slice(&block[from as usize..to as usize]);
@@ -592,6 +617,26 @@ impl Reader {
         }
         // Persisted first, then marked in memory: memory never claims more than the store holds.
         self.store.put_blocks(blocks, Some((key, &new)))?;
+        self.presence.mark(key, new);
+        Ok(())
+    }
+
+    /// [`Reader::store_blocks`] for a fetched run: `blocks` are ranges of `bytes`, written as
+    /// they are.
+    fn store_run(
+        &self,
+        key: &FileKey,
+        bytes: &[u8],
+        blocks: &[(Hash, Codec, Range<usize>)],
+        present: Vec<u64>,
+    ) -> Result<(), incfs_store::StoreError> {
+        let mut new: Vec<u64> = present.into_iter().filter(|&i| !self.presence.is_present(key, i)).collect();
+        new.sort_unstable();
+        new.dedup();
+        if blocks.is_empty() && new.is_empty() {
+            return Ok(());
+        }
+        self.store.put_run(bytes, blocks, Some((key, &new)))?;
         self.presence.mark(key, new);
         Ok(())
     }
@@ -660,7 +705,11 @@ impl Reader {
                 Err(Local::Fail(e)) => return Err(e),
                 Err(Local::Need(Need::Meta { chunk })) => {
                     rounds += 1;
-                    self.fetch_meta(f, chunk).await?
+                    match self.small_span(f) {
+                        // A cold small file: its blocks and its metadata in one request.
+                        Some(span) if rounds == 1 => self.fetch_span(f, span).await?,
+                        _ => self.fetch_meta(f, chunk).await?,
+                    }
                 }
                 Err(Local::Need(Need::Blocks(list))) => {
                     if let Some(e) = self.bad_fill(f, &list, since) {
@@ -712,6 +761,81 @@ impl Reader {
             }
             self.meta.insert((object, offset, chunk), Arc::new(piece.to_vec()));
         }
+    }
+
+    /// Learn where the metadata regions of a manifest's files lie (each version's, kept: open
+    /// files of older versions read on).
+    pub fn add_regions(&self, regions: impl IntoIterator<Item = (u32, u64, u64)>) {
+        let mut all: Vec<(u32, u64, u64)> = self.regions.read().unwrap().to_vec();
+        all.extend(regions);
+        all.sort_unstable();
+        all.dedup();
+        *self.regions.write().unwrap() = Arc::new(all);
+    }
+
+    /// The span of a small file not pushed: its object and byte range, if known and at most
+    /// [`SMALL_SPAN`] long.
+    fn small_span(&self, f: &FileRef) -> Option<(u32, Range<u64>)> {
+        if Self::is_pushed(f) || f.data.meta.is_none() || self.fills_only.load(Ordering::Relaxed) {
+            return None;
+        }
+        let (object, offset, len) = self.region(f);
+        let regions = self.regions.read().unwrap().clone();
+        let k = regions.binary_search(&(object, offset, offset + len)).ok()?;
+        let start = match k.checked_sub(1).map(|p| regions[p]) {
+            Some((o, _, end)) if o == object && end <= offset => end,
+            Some((o, _, _)) if o == object => return None, // overlapping regions: not pack's layout
+            _ => 0,
+        };
+        (offset + len - start <= SMALL_SPAN).then_some((object, start..offset + len))
+    }
+
+    /// Fetch a small file's whole span: metadata region and the blocks that lie in the span,
+    /// verified and stored; single-flighted with other readers of the file.
+    async fn fetch_span(self: &Arc<Self>, f: &FileRef, (object, span): (u32, Range<u64>)) -> Result<(), ReadFailure> {
+        let (_, offset, len) = self.region(f);
+        let key = (object, offset, SPAN_GROUP);
+        let shared = {
+            let mut inflight = self.inflight_meta.lock().unwrap();
+            match inflight.get(&key) {
+                Some(s) => s.clone(),
+                None => {
+                    let (me, f, flights) = (self.clone(), f.clone(), self.inflight_meta.clone());
+                    let fut = async move {
+                        let t = Instant::now();
+                        let digest = me.digest(object);
+                        let got = me.mirrors.get_range(&layout::object(&digest), span.clone()).await;
+                        flights.lock().unwrap().remove(&key);
+                        let (bytes, mirror) = got.map_err(|e| {
+                            Stats::add(&me.stats.fetch_failures, 1);
+                            ReadFailure { cause: FailCause::Source, message: e.to_string() }
+                        })?;
+                        me.stats.fetched(bytes.len() as u64, t.elapsed());
+                        let at = (offset - span.start) as usize;
+                        me.put_meta_region(&f, &bytes[at..at + len as usize]);
+                        let missing: Vec<u64> = (0..incfs_verity::block_count(f.data.size))
+                            .filter(|&b| !me.presence.is_present(&f.key, b))
+                            .collect();
+                        // Blocks stored elsewhere (deduplicated) are left to the read's next step.
+                        if let Ok(plan) = me.plan(&f, &missing) {
+                            let inside: Vec<_> = plan
+                                .into_iter()
+                                .filter(|(_, _, r)| r.object == object && r.offset >= span.start && r.range().end <= span.end)
+                                .collect();
+                            if !inside.is_empty() {
+                                me.accept_off_thread(&f, inside, bytes, span.start, mirror, true).await;
+                            }
+                        }
+                        Ok(Arc::new(Vec::new()))
+                    }
+                    .boxed()
+                    .shared();
+                    inflight.insert(key, fut.clone());
+                    fut
+                }
+            }
+        };
+        shared.await.map(|_| ())
     }
 
     /// Fetch the group of metadata pieces holding piece `chunk` of `f`'s region; concurrent
@@ -918,9 +1042,12 @@ impl Reader {
         bytes: bytes::Bytes,
         base: u64,
         mirror: usize,
+        keep_decoded: bool,
     ) -> RunOutcome {
         let (me, f) = (self.clone(), f.clone());
-        tokio::task::spawn_blocking(move || me.accept(&f, &items, &bytes, base, mirror, false)).await.unwrap_or_default()
+        tokio::task::spawn_blocking(move || me.accept(&f, &items, &bytes, base, mirror, keep_decoded))
+            .await
+            .unwrap_or_default()
     }
 
     /// Verify blocks `items` of `f` out of `bytes` (which start at object offset `base`, as
@@ -943,7 +1070,8 @@ impl Reader {
             match verify_block(r, stored, leaf) {
                 Ok(block) => {
                     decoded.push((*leaf, block));
-                    good.push((*i, NewBlock { hash: *leaf, codec: r.codec, data: stored }))
+                    let at = (r.offset - base) as usize;
+                    good.push((*i, (*leaf, r.codec, at..at + stored.len())))
                 }
                 Err(e) => {
                     Stats::add(&self.stats.blocks_bad, 1);
@@ -966,22 +1094,22 @@ impl Reader {
             }
         }
         let present: Vec<u64> = good.iter().map(|(i, _)| *i).collect();
-        let blocks: Vec<NewBlock<'_>> = good.into_iter().map(|(_, b)| b).collect();
-        match self.store_blocks(&f.key, &blocks, present) {
+        let blocks: Vec<(Hash, Codec, Range<usize>)> = good.into_iter().map(|(_, b)| b).collect();
+        match self.store_run(&f.key, bytes, &blocks, present) {
             Ok(()) => {
                 Stats::add(&self.stats.blocks_fetched, blocks.len() as u64);
-                // Only once durable: a block served is a block kept, even if killed now.
+                // Only once written: a block served is a block kept, even if killed now.
                 if keep_decoded {
                     let mut staged = self.staged.lock().unwrap();
                     for (leaf, block) in decoded {
-                        staged.put(leaf, Arc::from(block));
+                        staged.put(leaf, block);
                     }
                 }
             }
             Err(e) => {
                 tracing::error!("cannot store blocks: {e}");
-                for b in &blocks {
-                    outcome.failed.insert(b.hash, ReadFailure { cause: FailCause::Other, message: e.to_string() });
+                for (hash, _, _) in &blocks {
+                    outcome.failed.insert(*hash, ReadFailure { cause: FailCause::Other, message: e.to_string() });
                 }
             }
         }

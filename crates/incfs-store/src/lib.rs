@@ -180,6 +180,17 @@ impl Store {
         self.data.put_blocks(&b, present)
     }
 
+    /// Store the verified blocks of a fetched run, `blocks` naming their ranges in `bytes`, and
+    /// mark blocks `present`: one data write (the run as fetched) and one journal write.
+    pub fn put_run(
+        &self,
+        bytes: &[u8],
+        blocks: &[(Hash, Codec, std::ops::Range<usize>)],
+        present: Option<(&FileKey, &[u64])>,
+    ) -> Result<(), StoreError> {
+        self.data.put_run(bytes, blocks, present)
+    }
+
     /// Drop a block found damaged (it will be fetched again when needed).
     pub fn remove_block(&self, hash: &Hash) -> Result<(), StoreError> {
         self.data.drop_block(hash)

@@ -19,6 +19,8 @@
 //! is not seen until the next open (it costs a refetch, never a wrong byte).
 
 use std::collections::{BTreeMap, HashMap};
+
+use rustc_hash::FxBuildHasher;
 use std::fs::File;
 use std::io::{Read, Write};
 use std::os::unix::fs::FileExt;
@@ -53,7 +55,8 @@ type Chunks = BTreeMap<u64, Box<[u8; PRESENCE_CHUNK_BYTES]>>;
 
 #[derive(Default)]
 struct Index {
-    blocks: HashMap<Hash, BlockLoc>,
+    /// Keys are SHA-256 digests: a fast hash of them is as good as SipHash.
+    blocks: HashMap<Hash, BlockLoc, FxBuildHasher>,
     meta: HashMap<MetaKey, Loc>,
     presence: HashMap<FileKey, Chunks>,
     block_bytes: u64,
@@ -240,6 +243,44 @@ impl Segments {
             index.apply(w.id, r, w.tail);
         }
         Ok(())
+    }
+
+    /// Store the blocks of a fetched run: `blocks` (leaf hash, codec, range in `bytes`) verified,
+    /// and mark blocks `present` of content `file`. The bytes from the first block's start to
+    /// the last one's end go in one write, as fetched (no copy); blocks already stored are not
+    /// indexed again (their bytes are written along: cheaper than cutting the run).
+    pub fn put_run(
+        &self,
+        bytes: &[u8],
+        blocks: &[(Hash, Codec, std::ops::Range<usize>)],
+        present: Option<(&FileKey, &[u64])>,
+    ) -> Result<(), StoreError> {
+        let new: Vec<&(Hash, Codec, std::ops::Range<usize>)> = {
+            let index = self.index.read().unwrap();
+            let mut seen = std::collections::HashSet::new();
+            blocks.iter().filter(|(h, _, _)| !index.blocks.contains_key(h) && seen.insert(*h)).collect()
+        };
+        let present_runs = present.map(|(f, b)| (*f, journal::runs(b))).filter(|(_, r)| !r.is_empty());
+        if new.is_empty() && present_runs.is_none() {
+            return Ok(());
+        }
+        let span = match (new.iter().map(|b| b.2.start).min(), new.iter().map(|b| b.2.end).max()) {
+            (Some(a), Some(b)) => a..b,
+            _ => 0..0,
+        };
+        self.append(&bytes[span.clone()], |_, base| {
+            let mut records = Vec::with_capacity(new.len() + 1);
+            for (hash, codec, r) in &new {
+                let offset = base + (r.start - span.start) as u64;
+                records.push(Record::Block { hash: *hash, codec: *codec, len: r.len() as u16, offset });
+            }
+            if let Some((file, runs)) = present_runs {
+                for (first, count) in runs {
+                    records.push(Record::Present { file, first, count });
+                }
+            }
+            records
+        })
     }
 
     /// Store blocks (leaf hash, codec, stored bytes) not yet stored, and mark blocks `present`
