@@ -184,6 +184,13 @@ pub fn status(mountpoint: &Path, path: Option<&Path>, json: bool) -> Result<i32>
     );
     println!("latency:   mean {:.1} ms, p99 {:.1} ms", s.fetch_latency_mean_ms, s.fetch_latency_p99_ms);
     println!(
+        "pipeline:  {}/{} readahead and background requests in flight (2 MiB each at most), {} of {} fetched ahead",
+        s.requests_in_flight,
+        s.parallel,
+        HumanBytes(s.staged_bytes),
+        HumanBytes(s.staged_limit)
+    );
+    println!(
         "reads:     {} served by the daemon, {} waited for the network, {} pending; {} opens passed through",
         s.reads_served, s.reads_waited, s.pending_reads, s.opens_passthrough
     );

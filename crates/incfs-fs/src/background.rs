@@ -32,7 +32,9 @@ use crate::stats::{FailCause, Stats};
 pub const SPAN_MAX: u64 = 2 << 20;
 /// Blocks of a large file fetched per job (2 MiB, one request).
 const BLOCKS_PER_JOB: u64 = 512;
-/// Files taken from the general order at a time, so a prefetch request waits little.
+/// Bytes of neighbours fetched ahead when a read finds a file cold ([`Background::hint`]).
+const NEIGHBOURS: u64 = 4 << 20;
+/// Files taken from the general order at a time (turned into jobs lazily).
 const ROUND: usize = 64;
 /// After a failed request, wait this long (doubling up to [`MAX_RETRY`]) before the next.
 const FIRST_RETRY: Duration = Duration::from_secs(1);
@@ -84,6 +86,8 @@ pub struct Background {
     by_key: HashMap<FileKey, usize>,
     opts: BackgroundOptions,
     urgent: Mutex<VecDeque<Vec<Work>>>,
+    /// Files already fetched ahead as neighbours of a cold read.
+    hinted: Mutex<std::collections::HashSet<usize>>,
     wake: tokio::sync::Notify,
     /// Next instant the bandwidth cap lets a request start.
     next_slot: Mutex<Instant>,
@@ -125,20 +129,30 @@ impl Background {
             spans.push(Span { object, range: start..offset + len });
             prev = Some((object, offset + len));
         }
-        Arc::new(Background {
-            reader,
+        let bg = Arc::new(Background {
+            reader: reader.clone(),
             manifest,
             files,
             spans,
             by_key,
             opts,
             urgent: Mutex::new(VecDeque::new()),
+            hinted: Mutex::new(Default::default()),
             wake: tokio::sync::Notify::new(),
             next_slot: Mutex::new(Instant::now()),
             active: Mutex::new(Vec::new()),
             complete_logged: AtomicBool::new(false),
             failures: Mutex::new(0),
-        })
+        });
+        if bg.opts.enabled {
+            let weak = Arc::downgrade(&bg);
+            reader.on_cold_file(Arc::new(move |key: &FileKey| {
+                if let Some(bg) = weak.upgrade() {
+                    bg.hint(key);
+                }
+            }));
+        }
+        bg
     }
 
     fn manifest(&self) -> &Manifest {
@@ -265,37 +279,84 @@ impl Background {
         }
     }
 
-    /// Run until the runtime shuts down.
+    /// Run until the runtime shuts down. Up to `--parallel` jobs run at once; each free place
+    /// goes to urgent work first (prefetch requests, neighbours of files being read), then to
+    /// the general order, so urgent work waits for at most one job (2 MiB), never for a round.
     pub async fn run(self: Arc<Self>) {
+        use futures::stream::FuturesUnordered;
         let mut general = if self.opts.enabled { self.general_order() } else { VecDeque::new() };
+        let mut urgent_jobs: VecDeque<Job> = VecDeque::new();
+        let mut general_jobs: VecDeque<Job> = VecDeque::new();
+        let mut running = FuturesUnordered::new();
         loop {
-            let urgent = self.urgent.lock().unwrap().pop_front();
-            let work: Vec<(Work, bool)> = match urgent {
-                Some(w) => w.into_iter().map(|w| (w, false)).collect(),
-                None if !general.is_empty() => general.drain(..ROUND.min(general.len())).collect(),
-                None => {
-                    if self.opts.enabled {
-                        let missing: Vec<usize> = (0..self.files.len()).filter(|&i| !self.complete(i)).collect();
-                        if missing.is_empty() {
-                            if !self.complete_logged.swap(true, Ordering::Relaxed) {
-                                tracing::info!("image complete: every block is present and verified");
-                            }
-                        } else {
-                            // Some requests failed: go over what is missing again, later.
-                            tokio::select! {
-                                _ = self.wake.notified() => {}
-                                _ = tokio::time::sleep(MAX_RETRY) => {}
-                            }
-                            general = missing.into_iter().map(|i| (Work::Whole(i), true)).collect();
-                            continue;
-                        }
-                    }
-                    self.wake.notified().await;
+            loop {
+                let work = self.urgent.lock().unwrap().pop_front();
+                match work {
+                    Some(w) => urgent_jobs.extend(self.jobs(w.into_iter().map(|w| (w, false)).collect())),
+                    None => break,
+                }
+            }
+            if urgent_jobs.is_empty() && general_jobs.is_empty() && !general.is_empty() {
+                general_jobs.extend(self.jobs(general.drain(..ROUND.min(general.len())).collect()));
+                continue;
+            }
+            if running.len() < self.reader.parallel() {
+                if let Some(job) = urgent_jobs.pop_front().or_else(|| general_jobs.pop_front()) {
+                    running.push(self.clone().run_job(job));
                     continue;
                 }
-            };
-            let jobs = self.jobs(work);
-            futures::stream::iter(jobs).for_each_concurrent(self.reader.parallel(), |job| self.clone().run_job(job)).await;
+            }
+            if !running.is_empty() {
+                tokio::select! {
+                    _ = running.next() => {}
+                    _ = self.wake.notified() => {}
+                }
+                continue;
+            }
+            // Nothing to do, nothing running.
+            if self.opts.enabled {
+                let missing: Vec<usize> = (0..self.files.len()).filter(|&i| !self.complete(i)).collect();
+                if missing.is_empty() {
+                    if !self.complete_logged.swap(true, Ordering::Relaxed) {
+                        tracing::info!("image complete: every block is present and verified");
+                    }
+                } else {
+                    // Some requests failed: go over what is missing again, later.
+                    tokio::select! {
+                        _ = self.wake.notified() => {}
+                        _ = tokio::time::sleep(MAX_RETRY) => {}
+                    }
+                    general = missing.into_iter().map(|i| (Work::Whole(i), true)).collect();
+                    continue;
+                }
+            }
+            self.wake.notified().await;
+        }
+    }
+
+    /// A read found file `key` cold: fetch the files packed after it (its neighbours in the
+    /// tree, which programs tend to read next) ahead of the general order, about
+    /// [`NEIGHBOURS`] bytes of them. Only while completing the image (never with
+    /// `--background off`: then a read fetches only what it reads).
+    pub fn hint(&self, key: &FileKey) {
+        let Some(&i) = self.by_key.get(key) else { return };
+        let mut work = Vec::new();
+        let mut bytes = 0;
+        {
+            let mut hinted = self.hinted.lock().unwrap();
+            for j in i + 1..self.files.len() {
+                if bytes >= NEIGHBOURS {
+                    break;
+                }
+                bytes += self.span_len(j);
+                if hinted.insert(j) && !self.complete(j) {
+                    work.push(Work::Whole(j));
+                }
+            }
+        }
+        if !work.is_empty() {
+            self.urgent.lock().unwrap().push_back(work);
+            self.wake.notify_one();
         }
     }
 

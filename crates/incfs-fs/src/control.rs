@@ -161,6 +161,17 @@ pub struct Status {
     /// Plain copies kept for passthrough (files, bytes); `None`: passthrough off.
     pub plain_files: Option<u64>,
     pub plain_bytes: Option<u64>,
+    /// Readahead and background requests in flight now, and their bound (`--parallel`; each
+    /// up to [`crate::reader::MAX_RUN_BYTES`]).
+    #[serde(default)]
+    pub requests_in_flight: u64,
+    #[serde(default)]
+    pub parallel: u64,
+    /// Verified blocks fetched ahead of a reader, held in memory until read (bounded).
+    #[serde(default)]
+    pub staged_bytes: u64,
+    #[serde(default)]
+    pub staged_limit: u64,
 }
 
 /// One file's local state, for `incfs status MNT PATH`.
@@ -225,6 +236,10 @@ impl Control {
             background_cancelled: Stats::get(&s.background_cancelled),
             plain_files: self.plain.as_ref().map(|p| p.usage().0),
             plain_bytes: self.plain.as_ref().map(|p| p.usage().1),
+            requests_in_flight: self.reader.requests_in_flight() as u64,
+            parallel: self.reader.parallel() as u64,
+            staged_bytes: self.reader.staged_bytes(),
+            staged_limit: crate::reader::STAGED_LIMIT_BYTES,
         }
     }
 

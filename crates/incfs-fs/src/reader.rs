@@ -97,6 +97,7 @@ pub(crate) struct RunOutcome {
 }
 
 type SharedRun = Shared<BoxFuture<'static, Arc<RunOutcome>>>;
+type ColdHook = Arc<dyn Fn(&FileKey) + Send + Sync>;
 type SharedMeta = Shared<BoxFuture<'static, Result<Arc<Vec<Arc<Vec<u8>>>>, ReadFailure>>>;
 
 pub struct Reader {
@@ -118,6 +119,9 @@ pub struct Reader {
     /// Every known metadata region, as (object, start, end), sorted: where a file's span begins
     /// (the end of the region before it in the same object, as pack lays them out).
     regions: RwLock<Arc<Vec<(u32, u64, u64)>>>,
+    /// Told when a read finds a file cold (its metadata not local): background completion
+    /// fetches its neighbours next.
+    cold_hook: RwLock<Option<ColdHook>>,
     /// Metadata fetches in flight: (object, region offset, piece group).
     inflight_meta: Arc<Mutex<HashMap<(u32, u64, u64), SharedMeta>>>,
     /// Blocks fetched ahead of a sequential reader, decoded and verified, until it reads them
@@ -149,8 +153,9 @@ pub struct Reader {
     parallel: usize,
 }
 
-/// Decoded blocks kept for a reader, at most this many (24 MiB): more than a readahead window.
-const STAGED_MAX: usize = 6144;
+/// Decoded blocks kept for a reader, at most this many (16 MiB): a readahead window.
+const STAGED_MAX: usize = 4096;
+pub const STAGED_LIMIT_BYTES: u64 = (STAGED_MAX * BLOCK_SIZE) as u64;
 
 /// Blocks verified and decoded ahead of their read, oldest pushed out first.
 #[derive(Default)]
@@ -235,16 +240,17 @@ impl Reader {
             mirrors,
             stats,
             presence: Presence::default(),
-            // Memory bounds, whatever the image size: 16 MiB of verified hash blocks (each
-            // covers 512 KiB of file data), 16 MiB of metadata pieces, 8 MiB of blocks read
+            // Memory bounds, whatever the image size: 8 MiB of verified hash blocks (each
+            // covers 512 KiB of file data), 8 MiB of metadata pieces, 8 MiB of blocks read
             // from the store (the kernel's page cache keeps what is read again), and
             // [`STAGED_MAX`] blocks fetched ahead.
-            hashes: Cache::new(4 << 10),
-            meta: Cache::new(256),
+            hashes: Cache::new(2 << 10),
+            meta: Cache::new(128),
             verified: Cache::new(2 << 10),
             inflight: Mutex::new(HashMap::default()),
             inflight_meta: Arc::new(Mutex::new(HashMap::new())),
             regions: RwLock::new(Arc::new(Vec::new())),
+            cold_hook: RwLock::new(None),
             staged: Mutex::new(Staged::default()),
             recent_failures: Mutex::new(HashMap::new()),
             zero_hash: hash_data_block(&[]),
@@ -263,6 +269,11 @@ impl Reader {
     /// Requests in flight for readahead and background work, at most.
     pub fn parallel(&self) -> usize {
         self.parallel
+    }
+
+    /// Bytes of verified blocks fetched ahead and not read yet.
+    pub fn staged_bytes(&self) -> u64 {
+        (self.staged.lock().unwrap().blocks.len() * BLOCK_SIZE) as u64
     }
 
     /// Readahead and background requests in flight now.
@@ -705,6 +716,12 @@ impl Reader {
                 Err(Local::Fail(e)) => return Err(e),
                 Err(Local::Need(Need::Meta { chunk })) => {
                     rounds += 1;
+                    if rounds == 1 {
+                        let hook = self.cold_hook.read().unwrap().clone();
+                        if let Some(hook) = hook {
+                            hook(&f.key);
+                        }
+                    }
                     match self.small_span(f) {
                         // A cold small file: its blocks and its metadata in one request.
                         Some(span) if rounds == 1 => self.fetch_span(f, span).await?,
@@ -761,6 +778,11 @@ impl Reader {
             }
             self.meta.insert((object, offset, chunk), Arc::new(piece.to_vec()));
         }
+    }
+
+    /// Call `hook` whenever a read finds a file cold (replacing the previous hook).
+    pub fn on_cold_file(&self, hook: ColdHook) {
+        *self.cold_hook.write().unwrap() = Some(hook);
     }
 
     /// Learn where the metadata regions of a manifest's files lie (each version's, kept: open
@@ -1149,6 +1171,6 @@ mod tests {
             vec![item(0, 0, 0, 10), item(1, 0, 10, 5), item(2, 0, 100, 5), item(3, 1, 105, 5), item(9, 1, 110, 1)];
         assert_eq!(group_runs(&items), vec![0..2, 2..3, 3..5]);
         let big: Vec<_> = (0..2000).map(|i| item(i, 0, i * 4096, 4096)).collect();
-        assert_eq!(group_runs(&big).len(), 2);
+        assert_eq!(group_runs(&big).len(), 4, "8 MiB in runs of 2 MiB");
     }
 }
