@@ -240,13 +240,13 @@ impl Reader {
             mirrors,
             stats,
             presence: Presence::default(),
-            // Memory bounds, whatever the image size: 8 MiB of verified hash blocks (each
-            // covers 512 KiB of file data), 8 MiB of metadata pieces, 8 MiB of blocks read
+            // Memory bounds, whatever the image size: 4 MiB of verified hash blocks (each
+            // covers 512 KiB of file data), 4 MiB of metadata pieces, 4 MiB of blocks read
             // from the store (the kernel's page cache keeps what is read again), and
             // [`STAGED_MAX`] blocks fetched ahead.
-            hashes: Cache::new(2 << 10),
-            meta: Cache::new(128),
-            verified: Cache::new(2 << 10),
+            hashes: Cache::new(1 << 10),
+            meta: Cache::new(64),
+            verified: Cache::new(1 << 10),
             inflight: Mutex::new(HashMap::default()),
             inflight_meta: Arc::new(Mutex::new(HashMap::new())),
             regions: RwLock::new(Arc::new(Vec::new())),
