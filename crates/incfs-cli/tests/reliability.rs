@@ -122,6 +122,71 @@ fn fsck_drops_damaged_blocks_and_trees_and_the_mount_heals() {
     assert_eq!(m.stat("blocks_bad"), 0, "nothing damaged was left for the mount to find");
 }
 
+/// The acceptance, literally: `kill -9` at random instants of a cold sequential read;
+/// after each restart every block the reader had been served is still local (so it is never
+/// fetched again), and the file reads byte-exact.
+#[test]
+fn kill_9_during_a_cold_sequential_read_keeps_every_served_block() {
+    const SIZE: usize = 24 << 20;
+    let p = Published::new(|src| fs::write(src.join("big.bin"), random_bytes(24, SIZE)).unwrap(), &[]);
+    let serve = IncfsServer::start(&p.repo);
+    let want = fs::read(p.src.join("big.bin")).unwrap();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(0x73657175);
+    let iterations = env_count("INCFS_CRASH_ITERATIONS", 20);
+    let mut served_total = 0;
+    for i in 0..iterations {
+        let name = format!("seq-{i}");
+        let m = p.mount(&serve.url, &name, &["--background", "off"]);
+        // A reader that takes a while (1 MiB, then a pause), so that the kill lands mid-read.
+        let path = m.path("big.bin");
+        let want2 = want.clone();
+        let opened = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let opened2 = opened.clone();
+        let reader = std::thread::spawn(move || {
+            use std::io::Read;
+            let mut f = fs::File::open(path).unwrap();
+            opened2.store(true, std::sync::atomic::Ordering::SeqCst);
+            let mut buf = vec![0u8; 1 << 20];
+            let mut served = 0usize;
+            loop {
+                match f.read(&mut buf) {
+                    Ok(0) | Err(_) => return served,
+                    Ok(n) => {
+                        assert_eq!(&buf[..n], &want2[served..served + n], "bytes served at {served}");
+                        served += n;
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        });
+        // The kill lands during the read: after the open (the mount is serving), at a random
+        // instant of the next 300 ms.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !opened.load(std::sync::atomic::Ordering::SeqCst) {
+            assert!(Instant::now() < deadline, "iteration {i}: open did not return");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        std::thread::sleep(Duration::from_millis(rng.gen_range(0..300)));
+        // SAFETY: kill(2) on the daemon this test started.
+        unsafe { libc::kill(m.pid as i32, libc::SIGKILL) };
+        let served = reader.join().unwrap() as u64;
+        m.wait_gone();
+        served_total += served;
+
+        let m = p.mount(&serve.url, &name, &["--background", "off"]);
+        let served_blocks = served / 4096;
+        let present = m.present("big.bin");
+        for b in 0..served_blocks {
+            assert!(
+                present.iter().any(|&(s, e)| s <= b && b < e),
+                "iteration {i}: block {b} was served before the kill but is not local after it ({present:?})"
+            );
+        }
+        assert!(fs::read(m.path("big.bin")).unwrap() == want, "iteration {i}: content differs after the crash");
+    }
+    assert!(served_total > 0, "some kill landed after the reader got data");
+}
+
 #[test]
 fn kill_9_at_random_instants_loses_nothing_and_serves_nothing_wrong() {
     let p = Published::new(tree, &["--compression", "lz4"]);
