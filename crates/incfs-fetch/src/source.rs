@@ -94,6 +94,14 @@ impl Source {
         }
     }
 
+    /// A source over any `object_store` implementation, with the repository at its root.
+    ///
+    /// For tests and embedders: an in-memory store, a store wrapped to add latency or faults,
+    /// or one configured in ways [`Source::parse`] does not offer. `name` is used in messages.
+    pub fn from_object_store(name: &str, store: Arc<dyn ObjectStore>) -> Source {
+        Source { store, prefix: String::new(), name: name.to_string() }
+    }
+
     /// The source as the user wrote it (for messages).
     pub fn name(&self) -> &str {
         &self.name

@@ -550,7 +550,8 @@ impl Background {
             let (first, last) = (items[0].2, items[items.len() - 1].2);
             match self.get(first.object, first.offset..last.range().end, yields).await {
                 Ok((bytes, mirror)) => {
-                    let outcome = self.reader.accept_off_thread(f, items.to_vec(), bytes, first.offset, mirror, false).await;
+                    let outcome =
+                        self.reader.accept_off_thread(f, items.to_vec(), bytes, first.offset, mirror, false).await;
                     ok &= outcome.failed.is_empty();
                 }
                 Err(e) => {

@@ -269,7 +269,8 @@ pub fn mount(opts: MountOptions, on_ready: impl FnOnce()) -> Result<(), MountErr
     }
     // Blocking threads verify and store fetched runs: a few per core is enough, and each idle one
     // keeps a malloc arena (RSS).
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).max_blocking_threads(8).enable_all().build()?;
+    let rt =
+        tokio::runtime::Builder::new_multi_thread().worker_threads(2).max_blocking_threads(8).enable_all().build()?;
     let store = Arc::new(Store::open(&opts.cache)?);
     // Shared with other mounts of this cache; `incfs fsck` takes it exclusively.
     let lock_file = crate::fsck::lock_path(&opts.cache);

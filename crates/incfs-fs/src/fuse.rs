@@ -182,7 +182,6 @@ impl IncFs {
         }
     }
 
-
     /// A backing id for passthrough of complete file `f` (kernel inode `i`), if it can be had now:
     /// its verified plain copy, written during this open when small, else in the background.
     fn plain_backing(&self, i: u64, f: &FileRef, reply: &ReplyOpen) -> Option<BackingId> {
@@ -368,8 +367,8 @@ impl Filesystem for IncFs {
             }
         }
         let label = f.label.clone();
-        let served = move |reader: &Reader, result: Result<Vec<u8>, ReadFailure>, waited: bool, reply: ReplyData| {
-            match result {
+        let served =
+            move |reader: &Reader, result: Result<Vec<u8>, ReadFailure>, waited: bool, reply: ReplyData| match result {
                 Ok(data) => {
                     Stats::add(&reader.stats.reads_served, 1);
                     let count = (offset + data.len() as u64).div_ceil(4096).saturating_sub(first_block).max(1);
@@ -377,8 +376,7 @@ impl Filesystem for IncFs {
                     reply.data(&data)
                 }
                 Err(e) => reply.error(errno_for(reader, &e)),
-            }
-        };
+            };
         match self.reader.read_local(&f, offset, size) {
             Ok(data) => {
                 // Local, but keep the window ahead full, a quarter at a time, so that a

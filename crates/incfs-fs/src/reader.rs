@@ -97,6 +97,7 @@ pub(crate) struct RunOutcome {
 }
 
 type SharedRun = Shared<BoxFuture<'static, Arc<RunOutcome>>>;
+type MetaFlights = Mutex<HashMap<(u32, u64, u64), SharedMeta>>;
 type ColdHook = Arc<dyn Fn(&FileKey) + Send + Sync>;
 type SharedMeta = Shared<BoxFuture<'static, Result<Arc<Vec<Arc<Vec<u8>>>>, ReadFailure>>>;
 
@@ -123,7 +124,7 @@ pub struct Reader {
     /// fetches its neighbours next.
     cold_hook: RwLock<Option<ColdHook>>,
     /// Metadata fetches in flight: (object, region offset, piece group).
-    inflight_meta: Arc<Mutex<HashMap<(u32, u64, u64), SharedMeta>>>,
+    inflight_meta: Arc<MetaFlights>,
     /// Blocks fetched ahead of a sequential reader, decoded and verified, until it reads them
     /// (taken then) or [`STAGED_MAX`] newer ones push them out: no second decode and hash.
     staged: Mutex<Staged>,
@@ -673,14 +674,13 @@ impl Reader {
         let _listed = self.pending.begin(&f.label, f.data.size, first, end.div_ceil(BLOCK_SIZE as u64) - first);
         self.demand.fetch_add(1, Ordering::Relaxed);
         self.demand_began.notify_waiters();
-        let result =
-            match tokio::time::timeout_at(deadline.into(), self.read_fetching(f, offset, size, ahead)).await {
-                Ok(r) => r,
-                Err(_) => Err(ReadFailure {
-                    cause: FailCause::Timeout,
-                    message: format!("{}: data not available within {timeout:?}", f.label),
-                }),
-            };
+        let result = match tokio::time::timeout_at(deadline.into(), self.read_fetching(f, offset, size, ahead)).await {
+            Ok(r) => r,
+            Err(_) => Err(ReadFailure {
+                cause: FailCause::Timeout,
+                message: format!("{}: data not available within {timeout:?}", f.label),
+            }),
+        };
         self.demand.fetch_sub(1, Ordering::Relaxed);
         // Only waits are remembered: a verification failure costs no waiting, and the next
         // attempt should go to the network at once (to another mirror, or a repaired one).
@@ -734,6 +734,14 @@ impl Reader {
                     }
                     if self.fills_only.load(Ordering::Relaxed) || Self::is_pushed(f) {
                         let _ = fills.changed().await;
+                        continue;
+                    }
+                    // A span fetch of this file in flight brings these blocks: wait for it.
+                    let (o, off, _) = self.region(f);
+                    let span = self.inflight_meta.lock().unwrap().get(&(o, off, SPAN_GROUP)).cloned();
+                    if let Some(span) = span {
+                        rounds += 1;
+                        let _ = span.await;
                         continue;
                     }
                     rounds += 1;
@@ -821,14 +829,16 @@ impl Reader {
             let mut inflight = self.inflight_meta.lock().unwrap();
             match inflight.get(&key) {
                 Some(s) => s.clone(),
+                // Checked again under the lock: a span fetch leaves only once all is cached.
+                None if matches!(self.meta_chunk_local(f, 0), Ok(Some(_))) => return Ok(()),
                 None => {
                     let (me, f, flights) = (self.clone(), f.clone(), self.inflight_meta.clone());
                     let fut = async move {
                         let t = Instant::now();
                         let digest = me.digest(object);
                         let got = me.mirrors.get_range(&layout::object(&digest), span.clone()).await;
-                        flights.lock().unwrap().remove(&key);
                         let (bytes, mirror) = got.map_err(|e| {
+                            flights.lock().unwrap().remove(&key);
                             Stats::add(&me.stats.fetch_failures, 1);
                             ReadFailure { cause: FailCause::Source, message: e.to_string() }
                         })?;
@@ -842,12 +852,15 @@ impl Reader {
                         if let Ok(plan) = me.plan(&f, &missing) {
                             let inside: Vec<_> = plan
                                 .into_iter()
-                                .filter(|(_, _, r)| r.object == object && r.offset >= span.start && r.range().end <= span.end)
+                                .filter(|(_, _, r)| {
+                                    r.object == object && r.offset >= span.start && r.range().end <= span.end
+                                })
                                 .collect();
                             if !inside.is_empty() {
                                 me.accept_off_thread(&f, inside, bytes, span.start, mirror, true).await;
                             }
                         }
+                        flights.lock().unwrap().remove(&key);
                         Ok(Arc::new(Vec::new()))
                     }
                     .boxed()
@@ -874,6 +887,7 @@ impl Reader {
             let mut inflight = self.inflight_meta.lock().unwrap();
             match inflight.get(&key) {
                 Some(s) => s.clone(),
+                None if matches!(self.meta_chunk_local(f, chunk), Ok(Some(_))) => return Ok(()),
                 None => {
                     let flights = self.inflight_meta.clone();
                     let digest = self.digest(object);
@@ -885,8 +899,8 @@ impl Reader {
                         let t = Instant::now();
                         let got = mirrors.get_range(&layout::object(&digest), start..end).await;
                         // Done (whoever polled it to the end): later callers start afresh.
-                        flights.lock().unwrap().remove(&key);
                         let (bytes, _) = got.map_err(|e| {
+                            flights.lock().unwrap().remove(&key);
                             Stats::add(&stats.fetch_failures, 1);
                             ReadFailure { cause: FailCause::Source, message: e.to_string() }
                         })?;
@@ -898,6 +912,7 @@ impl Reader {
                                 tracing::warn!("cannot cache metadata: {e}");
                             }
                         }
+                        flights.lock().unwrap().remove(&key);
                         Ok(Arc::new(pieces))
                     }
                     .boxed()
@@ -1042,11 +1057,9 @@ impl Reader {
                 self.stats.fetched(bytes.len() as u64, t.elapsed());
                 // Decoding, hashing and storing are CPU and disk work: off the async workers.
                 let (me, f, items2) = (self.clone(), f.clone(), items.clone());
-                tokio::task::spawn_blocking(move || {
-                    me.accept(&f, &items2, &bytes, first.offset, mirror, keep_decoded)
-                })
-                .await
-                .unwrap_or_default()
+                tokio::task::spawn_blocking(move || me.accept(&f, &items2, &bytes, first.offset, mirror, keep_decoded))
+                    .await
+                    .unwrap_or_default()
             }
         };
         let mut inflight = self.inflight.lock().unwrap();

@@ -150,9 +150,13 @@ impl Record {
                 chunk: u64_at(40),
                 bits: Box::new(p[48..48 + PRESENCE_CHUNK_BYTES].try_into().unwrap()),
             },
-            META => {
-                Record::Meta { object: h(0), region: u64_at(32), chunk: u64_at(40), len: u32_at(48), offset: u64_at(52) }
-            }
+            META => Record::Meta {
+                object: h(0),
+                region: u64_at(32),
+                chunk: u64_at(40),
+                len: u32_at(48),
+                offset: u64_at(52),
+            },
             DROP_BLOCK => Record::DropBlock { hash: h(0), segment: u32_at(32), offset: u64_at(36) },
             DROP_META => Record::DropMeta { object: h(0), region: u64_at(32), chunk: u64_at(40) },
             _ => unreachable!("payload_len knows only these kinds"),

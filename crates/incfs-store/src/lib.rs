@@ -120,7 +120,8 @@ impl Store {
         if v1 && version < LAYOUT_VERSION {
             // Whatever an interrupted migration left is redone from the database.
             if data_dir.exists() {
-                std::fs::remove_dir_all(&data_dir).map_err(|source| StoreError::Io { path: data_dir.clone(), source })?;
+                std::fs::remove_dir_all(&data_dir)
+                    .map_err(|source| StoreError::Io { path: data_dir.clone(), source })?;
             }
         }
         let data = Segments::open(&data_dir)?;
@@ -403,7 +404,9 @@ fn migrate_v1(conn: &Connection, data: &Segments) -> Result<(), StoreError> {
     {
         let mut st = conn.prepare("SELECT object, region, chunk, data FROM meta").map_err(db)?;
         let rows = st
-            .query_map([], |r| Ok((r.get::<_, Vec<u8>>(0)?, r.get::<_, i64>(1)?, r.get::<_, i64>(2)?, r.get::<_, Vec<u8>>(3)?)))
+            .query_map([], |r| {
+                Ok((r.get::<_, Vec<u8>>(0)?, r.get::<_, i64>(1)?, r.get::<_, i64>(2)?, r.get::<_, Vec<u8>>(3)?))
+            })
             .map_err(db)?;
         for row in rows {
             let (object, region, chunk, bytes) = row.map_err(db)?;
@@ -509,7 +512,12 @@ mod tests {
         let s = Store::open(dir.path()).unwrap();
         s.put_blocks(&[NewBlock { hash: [1; 32], codec: Codec::Raw, data: &[7; 100] }], None).unwrap();
         drop(s);
-        std::fs::OpenOptions::new().write(true).open(dir.path().join("data/00000001.seg")).unwrap().set_len(50).unwrap();
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(dir.path().join("data/00000001.seg"))
+            .unwrap()
+            .set_len(50)
+            .unwrap();
         let s = Store::open(dir.path()).unwrap();
         assert_eq!(s.get_block(&[1; 32]).unwrap(), None);
     }

@@ -163,7 +163,9 @@ impl Segments {
             let jpath = dir.join(jnl_name(id));
             let mut bytes = Vec::new();
             match File::open(&jpath) {
-                Ok(mut f) => f.read_to_end(&mut bytes).map_err(|source| StoreError::Io { path: jpath.clone(), source })?,
+                Ok(mut f) => {
+                    f.read_to_end(&mut bytes).map_err(|source| StoreError::Io { path: jpath.clone(), source })?
+                }
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
                 Err(source) => return Err(StoreError::Io { path: jpath, source }),
             };
@@ -285,7 +287,11 @@ impl Segments {
 
     /// Store blocks (leaf hash, codec, stored bytes) not yet stored, and mark blocks `present`
     /// of content `file`, with one data write and one journal write.
-    pub fn put_blocks(&self, blocks: &[(Hash, Codec, &[u8])], present: Option<(&FileKey, &[u64])>) -> Result<(), StoreError> {
+    pub fn put_blocks(
+        &self,
+        blocks: &[(Hash, Codec, &[u8])],
+        present: Option<(&FileKey, &[u64])>,
+    ) -> Result<(), StoreError> {
         let new: Vec<&(Hash, Codec, &[u8])> = {
             let index = self.index.read().unwrap();
             let mut seen = std::collections::HashSet::new();
