@@ -230,24 +230,19 @@ fn save_profile(recorder: &Mutex<Recorder>, path: &Path) {
     }
 }
 
-/// Kernel readahead for the mount, in KiB. FUSE offers at most the kernel default (128 KiB) at
-/// INIT, which keeps sequential reads to 128 KiB requests, one or two in flight; raised here,
-/// the kernel sends 1 MiB requests (the `max_pages` limit) several at a time.
-const KERNEL_READAHEAD_KB: u32 = 4096;
-
-/// Raise the mount's readahead through sysfs (root only; without it reads stay correct, only
-/// smaller).
-fn raise_readahead(mountpoint: &Path) {
-    use std::os::unix::fs::MetadataExt;
-    let dev = match std::fs::metadata(mountpoint) {
-        Ok(m) => m.dev(),
-        Err(e) => return tracing::warn!("cannot stat {}: {e}", mountpoint.display()),
-    };
-    let path = format!("/sys/class/bdi/{}:{}/read_ahead_kb", libc::major(dev), libc::minor(dev));
-    match std::fs::write(&path, KERNEL_READAHEAD_KB.to_string()) {
-        Ok(()) => tracing::info!("kernel readahead {KERNEL_READAHEAD_KB} KiB ({path})"),
-        Err(e) => tracing::info!("kernel readahead left at its default ({path}: {e})"),
-    }
+/// The sysfs readahead knob of the filesystem mounted at `mountpoint`, from
+/// `/proc/self/mountinfo` (its device number; not a stat, which would be a request to our own
+/// mount before it serves).
+fn readahead_knob(mountpoint: &Path) -> Option<PathBuf> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    // Mount points are written with spaces, tabs, newlines and backslashes as octal escapes.
+    let want =
+        mountpoint.to_str()?.replace('\\', "\\134").replace(' ', "\\040").replace('\t', "\\011").replace('\n', "\\012");
+    let dev = info.lines().filter_map(|l| {
+        let f: Vec<&str> = l.split(' ').collect();
+        (f.get(4) == Some(&want.as_str())).then(|| f.get(2).map(|d| d.to_string())).flatten()
+    });
+    dev.last().map(|d| PathBuf::from(format!("/sys/class/bdi/{d}/read_ahead_kb")))
 }
 
 /// Mount and serve until unmounted. `on_ready` runs once the mount is usable.
@@ -355,8 +350,13 @@ pub fn mount(opts: MountOptions, on_ready: impl FnOnce()) -> Result<(), MountErr
     } else {
         None
     };
-    let fs_opts =
-        FsOptions { read_timeout: opts.settings.read_timeout, plain: plain.clone(), recorder: recorder.clone() };
+    let readahead = Arc::new(std::sync::OnceLock::new());
+    let fs_opts = FsOptions {
+        read_timeout: opts.settings.read_timeout,
+        plain: plain.clone(),
+        recorder: recorder.clone(),
+        readahead: readahead.clone(),
+    };
     let fs = IncFs::new(views, reader.clone(), rt.handle().clone(), fs_opts);
     // Bound before mounting, so that a taken address is an error with nothing mounted.
     let metrics_listener = match opts.settings.metrics {
@@ -437,11 +437,8 @@ pub fn mount(opts: MountOptions, on_ready: impl FnOnce()) -> Result<(), MountErr
         }
     });
 
-    {
-        // The first stat waits for FUSE_INIT to be done, which would undo a larger setting.
-        let mountpoint = mountpoint.clone();
-        std::thread::spawn(move || raise_readahead(&mountpoint));
-    }
+    // Written by the first request after FUSE_INIT (INIT itself would undo a larger setting).
+    let _ = readahead.set(readahead_knob(&mountpoint));
     tracing::info!("mounted at {}", mountpoint.display());
     on_ready();
     let result = session.run();

@@ -79,7 +79,14 @@ pub struct FsOptions {
     pub plain: Option<Arc<PlainCopies>>,
     /// Records the first read of each block (an access profile).
     pub recorder: Option<Arc<Mutex<Recorder>>>,
+    /// The mount's sysfs readahead knob, once known (set after mounting).
+    pub readahead: Arc<std::sync::OnceLock<Option<std::path::PathBuf>>>,
 }
+
+/// Kernel readahead for the mount, in KiB. FUSE offers at most the kernel default (128 KiB) at
+/// INIT, which keeps sequential reads to 128 KiB requests, one or two in flight; raised, the
+/// kernel sends 1 MiB requests (the `max_pages` limit) several at a time.
+const KERNEL_READAHEAD_KB: u32 = 4096;
 
 pub struct IncFs {
     views: Arc<Views>,
@@ -96,6 +103,8 @@ pub struct IncFs {
     /// Plain copies being written in the background.
     copying: Arc<Mutex<HashSet<[u8; 40]>>>,
     recorder: Option<Arc<Mutex<Recorder>>>,
+    readahead: Arc<std::sync::OnceLock<Option<std::path::PathBuf>>>,
+    readahead_done: AtomicBool,
 }
 
 /// The errno for a failed read, counted and logged.
@@ -141,6 +150,27 @@ impl IncFs {
             modes: Mutex::new(HashMap::new()),
             copying: Arc::new(Mutex::new(HashSet::new())),
             recorder: opts.recorder,
+            readahead: opts.readahead,
+            readahead_done: AtomicBool::new(false),
+        }
+    }
+
+    /// On the first requests after FUSE_INIT: raise the kernel's readahead for this mount
+    /// through sysfs (root only; without it reads stay correct, only smaller).
+    fn raise_readahead(&self) {
+        if self.readahead_done.load(Ordering::Relaxed) {
+            return;
+        }
+        let Some(knob) = self.readahead.get() else { return };
+        if self.readahead_done.swap(true, Ordering::Relaxed) {
+            return;
+        }
+        match knob {
+            Some(path) => match std::fs::write(path, KERNEL_READAHEAD_KB.to_string()) {
+                Ok(()) => tracing::info!("kernel readahead {KERNEL_READAHEAD_KB} KiB ({})", path.display()),
+                Err(e) => tracing::info!("kernel readahead left at its default ({}: {e})", path.display()),
+            },
+            None => tracing::info!("kernel readahead left at its default (mount not found in mountinfo)"),
         }
     }
 
@@ -252,6 +282,7 @@ impl Filesystem for IncFs {
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        self.raise_readahead();
         let Some((view, p)) = self.inode(parent) else {
             return reply.error(Errno::ENOENT);
         };
@@ -262,6 +293,7 @@ impl Filesystem for IncFs {
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        self.raise_readahead();
         match self.inode(ino) {
             Some((view, i)) => reply.attr(&TTL, &self.attr(&view, i)),
             None => reply.error(Errno::ENOENT),
@@ -279,6 +311,7 @@ impl Filesystem for IncFs {
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        self.raise_readahead();
         let Some((view, idx)) = self.inode(ino) else {
             return reply.error(Errno::ENOENT);
         };

@@ -538,11 +538,13 @@ mod tests {
                  CREATE TABLE totals (id INTEGER PRIMARY KEY, blocks INTEGER, block_bytes INTEGER);",
             )
             .unwrap();
+            c.execute_batch("BEGIN").unwrap();
             for i in 0..3000u32 {
                 let mut h = [0u8; 32];
                 h[..4].copy_from_slice(&i.to_le_bytes());
                 c.execute("INSERT INTO blocks VALUES (?1, 2, ?2)", params![&h[..], &i.to_le_bytes()[..]]).unwrap();
             }
+            c.execute_batch("COMMIT").unwrap();
             c.execute("INSERT INTO meta VALUES (?1, 5, 0, x'aabb')", [&[4u8; 32][..]]).unwrap();
             c.execute("INSERT INTO presence VALUES (?1, 0, x'07')", [&[6u8; 40][..]]).unwrap();
             c.execute("INSERT INTO images VALUES (?1, 'img', 4, x'00')", [&[1u8; 32][..]]).unwrap();
