@@ -238,11 +238,16 @@ fn readahead_knob(mountpoint: &Path) -> Option<PathBuf> {
     // Mount points are written with spaces, tabs, newlines and backslashes as octal escapes.
     let want =
         mountpoint.to_str()?.replace('\\', "\\134").replace(' ', "\\040").replace('\t', "\\011").replace('\n', "\\012");
-    let dev = info.lines().filter_map(|l| {
+    // The newest mount there is ours (mountinfo lists mounts in the order they were made).
+    let dev = info.lines().rev().find_map(|l| {
         let f: Vec<&str> = l.split(' ').collect();
-        (f.get(4) == Some(&want.as_str())).then(|| f.get(2).map(|d| d.to_string())).flatten()
+        if f.get(4) == Some(&want.as_str()) {
+            f.get(2).map(|d| d.to_string())
+        } else {
+            None
+        }
     });
-    dev.last().map(|d| PathBuf::from(format!("/sys/class/bdi/{d}/read_ahead_kb")))
+    dev.map(|d| PathBuf::from(format!("/sys/class/bdi/{d}/read_ahead_kb")))
 }
 
 /// Mount and serve until unmounted. `on_ready` runs once the mount is usable.
