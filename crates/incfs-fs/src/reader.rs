@@ -621,20 +621,18 @@ impl Reader {
         blocks: &[NewBlock<'_>],
         present: Vec<u64>,
     ) -> Result<(), incfs_store::StoreError> {
-        let mut new: Vec<u64> = present.into_iter().filter(|&i| !self.presence.is_present(key, i)).collect();
-        new.sort_unstable();
-        new.dedup();
-        if blocks.is_empty() && new.is_empty() {
-            return Ok(());
+        let mut data = Vec::with_capacity(blocks.iter().map(|b| b.data.len()).sum());
+        let mut ranges = Vec::with_capacity(blocks.len());
+        for b in blocks {
+            ranges.push((b.hash, b.codec, data.len()..data.len() + b.data.len()));
+            data.extend_from_slice(b.data);
         }
-        // Persisted first, then marked in memory: memory never claims more than the store holds.
-        self.store.put_blocks(blocks, Some((key, &new)))?;
-        self.presence.mark(key, new);
-        Ok(())
+        self.store_run(key, &data, &ranges, present)
     }
 
-    /// [`Reader::store_blocks`] for a fetched run: `blocks` are ranges of `bytes`, written as
-    /// they are.
+    /// Store the verified blocks of a fetched run (`blocks` are ranges of `bytes`, written as
+    /// they are) and mark `present` blocks of `key`. Persisted first, then marked in memory:
+    /// memory never claims more than the store holds.
     fn store_run(
         &self,
         key: &FileKey,

@@ -292,33 +292,13 @@ impl Segments {
         blocks: &[(Hash, Codec, &[u8])],
         present: Option<(&FileKey, &[u64])>,
     ) -> Result<(), StoreError> {
-        let new: Vec<&(Hash, Codec, &[u8])> = {
-            let index = self.index.read().unwrap();
-            let mut seen = std::collections::HashSet::new();
-            blocks.iter().filter(|(h, _, _)| !index.blocks.contains_key(h) && seen.insert(*h)).collect()
-        };
-        let present_runs = present.map(|(f, b)| (*f, journal::runs(b))).filter(|(_, r)| !r.is_empty());
-        if new.is_empty() && present_runs.is_none() {
-            return Ok(());
-        }
-        let mut data = Vec::with_capacity(new.iter().map(|(_, _, d)| d.len()).sum());
-        for (_, _, d) in &new {
+        let mut data = Vec::with_capacity(blocks.iter().map(|(_, _, d)| d.len()).sum());
+        let mut ranges = Vec::with_capacity(blocks.len());
+        for (hash, codec, d) in blocks {
+            ranges.push((*hash, *codec, data.len()..data.len() + d.len()));
             data.extend_from_slice(d);
         }
-        self.append(&data, |_, base| {
-            let mut records = Vec::with_capacity(new.len() + 1);
-            let mut at = base;
-            for (hash, codec, d) in &new {
-                records.push(Record::Block { hash: *hash, codec: *codec, len: d.len() as u16, offset: at });
-                at += d.len() as u64;
-            }
-            if let Some((file, runs)) = present_runs {
-                for (first, count) in runs {
-                    records.push(Record::Present { file, first, count });
-                }
-            }
-            records
-        })
+        self.put_run(&data, &ranges, present)
     }
 
     fn file(&self, segment: u32) -> Result<Arc<File>, StoreError> {
