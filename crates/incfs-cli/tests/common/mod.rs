@@ -354,14 +354,61 @@ impl Mount {
         while is_mounted(&self.dir) || self.daemon_alive() {
             assert!(
                 Instant::now() < deadline,
-                "mount {} did not go away (mounted: {}, daemon alive: {})",
+                "mount {} did not go away (mounted: {}, daemon alive: {}); daemon state: {}; holders of \
+                 /dev/fuse: {}; daemon log:\n{}",
                 self.dir.display(),
                 is_mounted(&self.dir),
-                self.daemon_alive()
+                self.daemon_alive(),
+                fs::read_to_string(format!("/proc/{}/status", self.pid))
+                    .map(|s| s.lines().filter(|l| l.starts_with("State") || l.starts_with("Threads")).collect())
+                    .unwrap_or_else(|_| "gone".to_string()),
+                fuse_holders(),
+                self.log()
             );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
+}
+
+/// Processes holding a /dev/fuse descriptor, with their state and command line (diagnostics
+/// for a mount that outlives its daemon).
+fn fuse_holders() -> String {
+    let mut out = Vec::new();
+    for e in fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let p = e.path();
+        let holds = fs::read_dir(p.join("fd"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .any(|fd| fs::read_link(fd.path()).is_ok_and(|t| t == Path::new("/dev/fuse")));
+        let cmd = fs::read(p.join("cmdline")).unwrap_or_default();
+        if String::from_utf8_lossy(&cmd).contains("fusermount") {
+            let fds: Vec<String> = fs::read_dir(p.join("fd"))
+                .into_iter()
+                .flatten()
+                .flatten()
+                .filter_map(|fd| fs::read_link(fd.path()).ok().map(|t| t.display().to_string()))
+                .collect();
+            let stat = fs::read_to_string(p.join("stat")).unwrap_or_default();
+            out.push(format!(
+                "fusermount {} [{}] ppid {} fds {fds:?} {}",
+                e.file_name().to_string_lossy(),
+                stat.split(' ').nth(2).unwrap_or("?"),
+                stat.split(' ').nth(3).unwrap_or("?"),
+                String::from_utf8_lossy(&cmd).replace('\0', " ")
+            ));
+        }
+        if holds {
+            let stat = fs::read_to_string(p.join("stat")).unwrap_or_default();
+            out.push(format!(
+                "{} [{}] {}",
+                e.file_name().to_string_lossy(),
+                stat.split(' ').nth(2).unwrap_or("?"),
+                String::from_utf8_lossy(&cmd).replace('\0', " ")
+            ));
+        }
+    }
+    out.join("; ")
 }
 
 impl Drop for Mount {
