@@ -341,7 +341,12 @@ py_mount() {
   l1=$(log_lines)
   if timed workload "$work/mnt-$name/stdlib"; then P_T=$T_REAL; else note "5: workload on $name failed: $(tail -1 "$work/last.err")"; fi
   P_REQ=$(json_field "$work/mnt-$name" fetch_requests)
-  P_NG_MOUNT=$(tail -n +$((l0 + 1)) "$ng/access.log" | head -n $((l1 - l0)) | awk '{n++; b += $2} END {printf "%d %d\n", n, b}')
+  # Lines l0+1..l1 (sed, not tail | head: head stopping early fails the pipe under pipefail).
+  if [ "$l1" -gt "$l0" ]; then
+    P_NG_MOUNT=$(sed -n "$((l0 + 1)),${l1}p" "$ng/access.log" | awk '{n++; b += $2} END {printf "%d %d\n", n, b}')
+  else
+    P_NG_MOUNT="0 0"
+  fi
   P_NG_RUN=$(log_since "$l1")
   incfs_unmount "$name"
 }

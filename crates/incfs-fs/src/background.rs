@@ -287,7 +287,10 @@ impl Background {
         let mut general = if self.opts.enabled { self.general_order() } else { VecDeque::new() };
         let mut urgent_jobs: VecDeque<Job> = VecDeque::new();
         let mut general_jobs: VecDeque<Job> = VecDeque::new();
-        let mut running = FuturesUnordered::new();
+        // Two pools: general jobs waiting for reads to stop (they yield) must not keep urgent
+        // jobs from starting. Requests themselves share the reader's slots either way.
+        let mut urgent_running = FuturesUnordered::new();
+        let mut general_running = FuturesUnordered::new();
         loop {
             loop {
                 let work = self.urgent.lock().unwrap().pop_front();
@@ -296,19 +299,26 @@ impl Background {
                     None => break,
                 }
             }
-            if urgent_jobs.is_empty() && general_jobs.is_empty() && !general.is_empty() {
+            if general_jobs.is_empty() && !general.is_empty() {
                 general_jobs.extend(self.jobs(general.drain(..ROUND.min(general.len())).collect()));
                 continue;
             }
-            if running.len() < self.reader.parallel() {
-                if let Some(job) = urgent_jobs.pop_front().or_else(|| general_jobs.pop_front()) {
-                    running.push(self.clone().run_job(job));
+            if urgent_running.len() < self.reader.parallel() {
+                if let Some(job) = urgent_jobs.pop_front() {
+                    urgent_running.push(self.clone().run_job(job));
                     continue;
                 }
             }
-            if !running.is_empty() {
+            if general_running.len() < self.reader.parallel() {
+                if let Some(job) = general_jobs.pop_front() {
+                    general_running.push(self.clone().run_job(job));
+                    continue;
+                }
+            }
+            if !urgent_running.is_empty() || !general_running.is_empty() {
                 tokio::select! {
-                    _ = running.next() => {}
+                    Some(_) = urgent_running.next(), if !urgent_running.is_empty() => {}
+                    Some(_) = general_running.next(), if !general_running.is_empty() => {}
                     _ = self.wake.notified() => {}
                 }
                 continue;
