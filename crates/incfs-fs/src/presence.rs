@@ -48,25 +48,13 @@ impl Presence {
         self.files.lock().unwrap().get(key).is_some_and(|p| bit(&p.chunks, block))
     }
 
-    /// The chunks that marking `blocks` would change, as they would be afterwards, without
-    /// changing anything: persist these first, then [`Presence::mark`], so memory never claims
-    /// more than the store holds.
-    pub fn staged(&self, key: &FileKey, blocks: impl IntoIterator<Item = u64>) -> Vec<(FileKey, u64, Vec<u8>)> {
+    /// Whether each block of `blocks` is present, with one look at the map.
+    pub fn mask(&self, key: &FileKey, blocks: Range<u64>) -> Vec<bool> {
         let files = self.files.lock().unwrap();
-        let empty = BTreeMap::new();
-        let current = files.get(key).map_or(&empty, |p| &p.chunks);
-        let mut changed: BTreeMap<u64, Vec<u8>> = BTreeMap::new();
-        for i in blocks {
-            if bit(current, i) {
-                continue;
-            }
-            let (c, b) = (i / PRESENCE_CHUNK_BITS, i % PRESENCE_CHUNK_BITS);
-            let bits = changed.entry(c).or_insert_with(|| {
-                current.get(&c).cloned().unwrap_or_else(|| vec![0u8; (PRESENCE_CHUNK_BITS / 8) as usize])
-            });
-            bits[(b / 8) as usize] |= 1 << (b % 8);
+        match files.get(key) {
+            Some(p) => blocks.map(|i| bit(&p.chunks, i)).collect(),
+            None => vec![false; (blocks.end - blocks.start) as usize],
         }
-        changed.into_iter().map(|(c, bits)| (*key, c, bits)).collect()
     }
 
     /// Mark blocks present; returns the chunks that changed, to persist.
@@ -125,9 +113,7 @@ mod tests {
         assert_eq!(p.count(&k), 5);
         assert!(p.is_present(&k, 5000) && !p.is_present(&k, 3));
         assert_eq!(p.ranges(&k, 6000), vec![0..3, 5..6, 5000..5001]);
-        let staged = p.staged(&k, [3, 5]);
-        assert_eq!(staged.len(), 1);
-        assert_eq!(staged[0].2[0], 0b0010_1111, "existing bits kept, new bit added");
-        assert!(!p.is_present(&k, 3), "staging changes nothing");
+        assert_eq!(p.mask(&k, 0..6), vec![true, true, true, false, false, true]);
+        assert_eq!(p.mask(&[8u8; 40], 0..2), vec![false, false]);
     }
 }

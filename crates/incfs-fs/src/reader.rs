@@ -570,8 +570,25 @@ impl Reader {
         let mut out = Vec::with_capacity((end - offset) as usize);
         let mut missing = Vec::new();
         let mut found = Vec::new();
-        for i in offset / bs..=(end - 1) / bs {
-            let leaf = self.leaf(f, &geo, i)?;
+        let (first, last) = (offset / bs, (end - 1) / bs);
+        // One look at presence and one hash block per 128 blocks, not one per block.
+        let present_mask = self.presence.mask(&f.key, first..last + 1);
+        let mut hash_block: Option<(u64, Arc<Vec<Hash>>)> = None;
+        for i in first..=last {
+            let leaf = if geo.data_blocks() == 1 {
+                f.data.root_hash
+            } else {
+                let hb = i / HASHES_PER_BLOCK as u64;
+                let hashes = match &hash_block {
+                    Some((at, h)) if *at == hb => h.clone(),
+                    _ => {
+                        let h = self.hash_block(f, &geo, 0, hb)?;
+                        hash_block = Some((hb, h.clone()));
+                        h
+                    }
+                };
+                hashes[(i % HASHES_PER_BLOCK as u64) as usize]
+            };
             let from = offset.max(i * bs) - i * bs;
             let to = end.min((i + 1) * bs) - i * bs;
             if leaf == self.zero_hash {
@@ -582,7 +599,7 @@ impl Reader {
             // Presence is a hint that saves a store lookup for a block surely absent (a block
             // stored for another file with the same content is found by `plan`, which asks the
             // store, and then marked present here too).
-            let present = self.presence.is_present(&f.key, i);
+            let present = present_mask[(i - first) as usize];
             if present && !missing.is_empty() {
                 found.push(i); // not served this time: not read (nor taken from `staged`)
                 continue;
@@ -597,7 +614,7 @@ impl Reader {
                 None => missing.push(i),
             }
         }
-        if found.iter().any(|&i| !self.presence.is_present(&f.key, i)) {
+        if found.iter().any(|&i| !present_mask[(i - first) as usize]) {
             self.persist_presence(&f.key, found);
         }
         if missing.is_empty() {
