@@ -25,7 +25,7 @@ use incfs_format::profile::Profile;
 use incfs_format::Hash;
 use incfs_store::{file_key, FileKey};
 
-use crate::reader::{group_runs, FileRef, Local, Need, ReadFailure, Reader};
+use crate::reader::{get_counted, group_runs, FileRef, Local, Need, ReadFailure, Reader};
 use crate::stats::{FailCause, Stats};
 
 /// Largest ranged GET for a span of small files (blocks and metadata together).
@@ -419,8 +419,7 @@ impl Background {
             let Ok(_slot) = self.reader.slots.clone().acquire_owned().await else {
                 return Err(ReadFailure { cause: FailCause::Other, message: "shutting down".into() });
             };
-            let t = Instant::now();
-            let fetch = self.reader.mirrors().get_range(&key, range.clone());
+            let fetch = get_counted(self.reader.mirrors(), &self.reader.stats, &key, range.clone());
             let result = if yields {
                 tokio::select! {
                     r = fetch => r,
@@ -432,16 +431,7 @@ impl Background {
             } else {
                 fetch.await
             };
-            return match result {
-                Ok((bytes, mirror)) => {
-                    self.reader.stats.fetched(bytes.len() as u64, t.elapsed());
-                    Ok((bytes, mirror))
-                }
-                Err(e) => {
-                    Stats::add(&self.reader.stats.fetch_failures, 1);
-                    Err(ReadFailure { cause: FailCause::Source, message: e.to_string() })
-                }
-            };
+            return result;
         }
     }
 

@@ -501,11 +501,27 @@ impl Reader {
 
     /// The verified leaf hash of data block `i`.
     fn leaf(&self, f: &FileRef, geo: &Geometry, i: u64) -> Result<Hash, Local> {
+        self.leaf_in(f, geo, i, &mut None)
+    }
+
+    /// [`Reader::leaf`] for a walk over consecutive blocks: `memo` keeps the level-0 hash
+    /// block last used, so it is looked up once per 128 blocks, not once per block.
+    fn leaf_in(
+        &self,
+        f: &FileRef,
+        geo: &Geometry,
+        i: u64,
+        memo: &mut Option<(u64, Arc<Vec<Hash>>)>,
+    ) -> Result<Hash, Local> {
         if geo.data_blocks() == 1 {
             return Ok(f.data.root_hash);
         }
-        let hb = self.hash_block(f, geo, 0, i / HASHES_PER_BLOCK as u64)?;
-        Ok(hb[(i % HASHES_PER_BLOCK as u64) as usize])
+        let index = i / HASHES_PER_BLOCK as u64;
+        let hashes = match memo {
+            Some((at, h)) if *at == index => h,
+            _ => &mut memo.insert((index, self.hash_block(f, geo, 0, index)?)).1,
+        };
+        Ok(hashes[(i % HASHES_PER_BLOCK as u64) as usize])
     }
 
     fn record(&self, f: &FileRef, i: u64) -> Result<BlockRecord, Local> {
@@ -573,22 +589,9 @@ impl Reader {
         let (first, last) = (offset / bs, (end - 1) / bs);
         // One look at presence and one hash block per 128 blocks, not one per block.
         let present_mask = self.presence.mask(&f.key, first..last + 1);
-        let mut hash_block: Option<(u64, Arc<Vec<Hash>>)> = None;
+        let mut memo = None;
         for i in first..=last {
-            let leaf = if geo.data_blocks() == 1 {
-                f.data.root_hash
-            } else {
-                let hb = i / HASHES_PER_BLOCK as u64;
-                let hashes = match &hash_block {
-                    Some((at, h)) if *at == hb => h.clone(),
-                    _ => {
-                        let h = self.hash_block(f, &geo, 0, hb)?;
-                        hash_block = Some((hb, h.clone()));
-                        h
-                    }
-                };
-                hashes[(i % HASHES_PER_BLOCK as u64) as usize]
-            };
+            let leaf = self.leaf_in(f, &geo, i, &mut memo)?;
             let from = offset.max(i * bs) - i * bs;
             let to = end.min((i + 1) * bs) - i * bs;
             if leaf == self.zero_hash {
@@ -638,18 +641,11 @@ impl Reader {
         blocks: &[NewBlock<'_>],
         present: Vec<u64>,
     ) -> Result<(), incfs_store::StoreError> {
-        let mut data = Vec::with_capacity(blocks.iter().map(|b| b.data.len()).sum());
-        let mut ranges = Vec::with_capacity(blocks.len());
-        for b in blocks {
-            ranges.push((b.hash, b.codec, data.len()..data.len() + b.data.len()));
-            data.extend_from_slice(b.data);
-        }
-        self.store_run(key, &data, &ranges, present)
+        self.store_marking(key, present, blocks.is_empty(), |new| self.store.put_blocks(blocks, Some((key, new))))
     }
 
     /// Store the verified blocks of a fetched run (`blocks` are ranges of `bytes`, written as
-    /// they are) and mark `present` blocks of `key`. Persisted first, then marked in memory:
-    /// memory never claims more than the store holds.
+    /// they are) and mark `present` blocks of `key`.
     fn store_run(
         &self,
         key: &FileKey,
@@ -657,13 +653,26 @@ impl Reader {
         blocks: &[(Hash, Codec, Range<usize>)],
         present: Vec<u64>,
     ) -> Result<(), incfs_store::StoreError> {
+        self.store_marking(key, present, blocks.is_empty(), |new| self.store.put_run(bytes, blocks, Some((key, new))))
+    }
+
+    /// Call `put` with the blocks of `present` not marked yet (sorted), then mark them: persisted
+    /// first, so memory never claims more than the store holds. Nothing to store and nothing new
+    /// to mark: no write at all.
+    fn store_marking(
+        &self,
+        key: &FileKey,
+        present: Vec<u64>,
+        no_blocks: bool,
+        put: impl FnOnce(&[u64]) -> Result<(), incfs_store::StoreError>,
+    ) -> Result<(), incfs_store::StoreError> {
         let mut new: Vec<u64> = present.into_iter().filter(|&i| !self.presence.is_present(key, i)).collect();
         new.sort_unstable();
         new.dedup();
-        if blocks.is_empty() && new.is_empty() {
+        if no_blocks && new.is_empty() {
             return Ok(());
         }
-        self.store.put_run(bytes, blocks, Some((key, &new)))?;
+        put(&new)?;
         self.presence.mark(key, new);
         Ok(())
     }
@@ -731,16 +740,18 @@ impl Reader {
                 Err(Local::Fail(e)) => return Err(e),
                 Err(Local::Need(Need::Meta { chunk })) => {
                     rounds += 1;
+                    let mut span = None;
                     if rounds == 1 {
                         let hook = self.cold_hook.read().unwrap().clone();
                         if let Some(hook) = hook {
                             hook(&f.key);
                         }
+                        span = self.small_span(f);
                     }
-                    match self.small_span(f) {
+                    match span {
                         // A cold small file: its blocks and its metadata in one request.
-                        Some(span) if rounds == 1 => self.fetch_span(f, span).await?,
-                        _ => self.fetch_meta(f, chunk).await?,
+                        Some(span) => self.fetch_span(f, span).await?,
+                        None => self.fetch_meta(f, chunk).await?,
                     }
                 }
                 Err(Local::Need(Need::Blocks(list))) => {
@@ -835,57 +846,70 @@ impl Reader {
         (offset + len - start <= SMALL_SPAN).then_some((object, start..offset + len))
     }
 
+    /// Join the metadata (or span) flight `key`, or start it with `fetch`, unless `local()`
+    /// says its data is cached already. Looked at under the lock, and a flight leaves the map
+    /// only once it has cached its data (or failed): a piece is always either cached or in
+    /// flight, so concurrent readers cause one request. `None`: nothing to wait for.
+    fn meta_flight(
+        &self,
+        key: (u32, u64, u64),
+        local: impl FnOnce() -> bool,
+        fetch: impl FnOnce() -> BoxFuture<'static, Result<Arc<Vec<Arc<Vec<u8>>>>, ReadFailure>>,
+    ) -> Option<SharedMeta> {
+        let mut inflight = self.inflight_meta.lock().unwrap();
+        if let Some(s) = inflight.get(&key) {
+            return Some(s.clone());
+        }
+        if local() {
+            return None;
+        }
+        let (fetch, flights) = (fetch(), self.inflight_meta.clone());
+        let shared = async move {
+            let result = fetch.await;
+            // Done (whoever polled it to the end): later callers find the data cached.
+            flights.lock().unwrap().remove(&key);
+            result
+        }
+        .boxed()
+        .shared();
+        inflight.insert(key, shared.clone());
+        Some(shared)
+    }
+
     /// Fetch a small file's whole span: metadata region and the blocks that lie in the span,
     /// verified and stored; single-flighted with other readers of the file.
     async fn fetch_span(self: &Arc<Self>, f: &FileRef, (object, span): (u32, Range<u64>)) -> Result<(), ReadFailure> {
         let (_, offset, len) = self.region(f);
         let key = (object, offset, SPAN_GROUP);
-        let shared = {
-            let mut inflight = self.inflight_meta.lock().unwrap();
-            match inflight.get(&key) {
-                Some(s) => s.clone(),
-                // Checked again under the lock: a span fetch leaves only once all is cached.
-                None if matches!(self.meta_chunk_local(f, 0), Ok(Some(_))) => return Ok(()),
-                None => {
-                    let (me, f, flights) = (self.clone(), f.clone(), self.inflight_meta.clone());
-                    let fut = async move {
-                        let t = Instant::now();
-                        let digest = me.digest(object);
-                        let got = me.mirrors.get_range(&layout::object(&digest), span.clone()).await;
-                        let (bytes, mirror) = got.map_err(|e| {
-                            flights.lock().unwrap().remove(&key);
-                            Stats::add(&me.stats.fetch_failures, 1);
-                            ReadFailure { cause: FailCause::Source, message: e.to_string() }
-                        })?;
-                        me.stats.fetched(bytes.len() as u64, t.elapsed());
-                        let at = (offset - span.start) as usize;
-                        me.put_meta_region(&f, &bytes[at..at + len as usize]);
-                        let missing: Vec<u64> = (0..incfs_verity::block_count(f.data.size))
-                            .filter(|&b| !me.presence.is_present(&f.key, b))
-                            .collect();
-                        // Blocks stored elsewhere (deduplicated) are left to the read's next step.
-                        if let Ok(plan) = me.plan(&f, &missing) {
-                            let inside: Vec<_> = plan
-                                .into_iter()
-                                .filter(|(_, _, r)| {
-                                    r.object == object && r.offset >= span.start && r.range().end <= span.end
-                                })
-                                .collect();
-                            if !inside.is_empty() {
-                                me.accept_off_thread(&f, inside, bytes, span.start, mirror, true).await;
-                            }
-                        }
-                        flights.lock().unwrap().remove(&key);
-                        Ok(Arc::new(Vec::new()))
+        let local = || matches!(self.meta_chunk_local(f, 0), Ok(Some(_)));
+        let shared = self.meta_flight(key, local, || {
+            let (me, f) = (self.clone(), f.clone());
+            async move {
+                let key = layout::object(&me.digest(object));
+                let (bytes, mirror) = get_counted(&me.mirrors, &me.stats, &key, span.clone()).await?;
+                let at = (offset - span.start) as usize;
+                me.put_meta_region(&f, &bytes[at..at + len as usize]);
+                let missing: Vec<u64> = (0..incfs_verity::block_count(f.data.size))
+                    .filter(|&b| !me.presence.is_present(&f.key, b))
+                    .collect();
+                // Blocks stored elsewhere (deduplicated) are left to the read's next step.
+                if let Ok(plan) = me.plan(&f, &missing) {
+                    let inside: Vec<_> = plan
+                        .into_iter()
+                        .filter(|(_, _, r)| r.object == object && r.offset >= span.start && r.range().end <= span.end)
+                        .collect();
+                    if !inside.is_empty() {
+                        me.accept_off_thread(&f, inside, bytes, span.start, mirror, true).await;
                     }
-                    .boxed()
-                    .shared();
-                    inflight.insert(key, fut.clone());
-                    fut
                 }
+                Ok(Arc::new(Vec::new()))
             }
-        };
-        shared.await.map(|_| ())
+            .boxed()
+        });
+        match shared {
+            Some(s) => s.await.map(|_| ()),
+            None => Ok(()),
+        }
     }
 
     /// Fetch the group of metadata pieces holding piece `chunk` of `f`'s region; concurrent
@@ -898,45 +922,27 @@ impl Reader {
         }
         let group = chunk / META_PIECES_PER_FETCH;
         let key = (object, offset, group);
-        let shared = {
-            let mut inflight = self.inflight_meta.lock().unwrap();
-            match inflight.get(&key) {
-                Some(s) => s.clone(),
-                None if matches!(self.meta_chunk_local(f, chunk), Ok(Some(_))) => return Ok(()),
-                None => {
-                    let flights = self.inflight_meta.clone();
-                    let digest = self.digest(object);
-                    let (mirrors, stats, store) = (self.mirrors.clone(), self.stats.clone(), self.store.clone());
-                    let first = group * META_PIECES_PER_FETCH;
-                    let start = offset + first * META_CHUNK;
-                    let end = offset + len.min((first + META_PIECES_PER_FETCH) * META_CHUNK);
-                    let fut = async move {
-                        let t = Instant::now();
-                        let got = mirrors.get_range(&layout::object(&digest), start..end).await;
-                        // Done (whoever polled it to the end): later callers start afresh.
-                        let (bytes, _) = got.map_err(|e| {
-                            flights.lock().unwrap().remove(&key);
-                            Stats::add(&stats.fetch_failures, 1);
-                            ReadFailure { cause: FailCause::Source, message: e.to_string() }
-                        })?;
-                        stats.fetched(bytes.len() as u64, t.elapsed());
-                        let pieces: Vec<Arc<Vec<u8>>> =
-                            bytes.chunks(META_CHUNK as usize).map(|p| Arc::new(p.to_vec())).collect();
-                        for (k, piece) in pieces.iter().enumerate() {
-                            if let Err(e) = store.put_meta(&digest, offset, first + k as u64, piece) {
-                                tracing::warn!("cannot cache metadata: {e}");
-                            }
-                        }
-                        flights.lock().unwrap().remove(&key);
-                        Ok(Arc::new(pieces))
+        let local = || matches!(self.meta_chunk_local(f, chunk), Ok(Some(_)));
+        let shared = self.meta_flight(key, local, || {
+            let digest = self.digest(object);
+            let (mirrors, stats, store) = (self.mirrors.clone(), self.stats.clone(), self.store.clone());
+            let first = group * META_PIECES_PER_FETCH;
+            let start = offset + first * META_CHUNK;
+            let end = offset + len.min((first + META_PIECES_PER_FETCH) * META_CHUNK);
+            async move {
+                let (bytes, _) = get_counted(&mirrors, &stats, &layout::object(&digest), start..end).await?;
+                let pieces: Vec<Arc<Vec<u8>>> =
+                    bytes.chunks(META_CHUNK as usize).map(|p| Arc::new(p.to_vec())).collect();
+                for (k, piece) in pieces.iter().enumerate() {
+                    if let Err(e) = store.put_meta(&digest, offset, first + k as u64, piece) {
+                        tracing::warn!("cannot cache metadata: {e}");
                     }
-                    .boxed()
-                    .shared();
-                    inflight.insert(key, fut.clone());
-                    fut
                 }
+                Ok(Arc::new(pieces))
             }
-        };
+            .boxed()
+        });
+        let Some(shared) = shared else { return Ok(()) };
         let pieces = shared.await?;
         let first = group * META_PIECES_PER_FETCH;
         for (k, piece) in pieces.iter().enumerate() {
@@ -949,8 +955,9 @@ impl Reader {
     pub(crate) fn plan(&self, f: &FileRef, blocks: &[u64]) -> Result<Vec<(u64, Hash, BlockRecord)>, Local> {
         let geo = Geometry::new(f.data.size);
         let mut leaves = Vec::with_capacity(blocks.len());
+        let mut memo = None;
         for &i in blocks {
-            leaves.push((i, self.leaf(f, &geo, i)?));
+            leaves.push((i, self.leaf_in(f, &geo, i, &mut memo)?));
         }
         let hashes: Vec<Hash> = leaves.iter().map(|(_, h)| *h).filter(|h| *h != self.zero_hash).collect();
         let stored = self.store.stored_among(&hashes);
@@ -1057,11 +1064,8 @@ impl Reader {
         let first = items[0].2;
         let end = items.last().unwrap().2.range().end;
         let key = layout::object(&self.digest(first.object));
-        let t = Instant::now();
-        let outcome = match self.mirrors.get_range(&key, first.offset..end).await {
-            Err(e) => {
-                Stats::add(&self.stats.fetch_failures, 1);
-                let failure = ReadFailure { cause: FailCause::Source, message: e.to_string() };
+        let outcome = match get_counted(&self.mirrors, &self.stats, &key, first.offset..end).await {
+            Err(failure) => {
                 let mut outcome = RunOutcome::default();
                 for (_, h, _) in &items {
                     outcome.failed.insert(*h, failure.clone());
@@ -1069,12 +1073,7 @@ impl Reader {
                 outcome
             }
             Ok((bytes, mirror)) => {
-                self.stats.fetched(bytes.len() as u64, t.elapsed());
-                // Decoding, hashing and storing are CPU and disk work: off the async workers.
-                let (me, f, items2) = (self.clone(), f.clone(), items.clone());
-                tokio::task::spawn_blocking(move || me.accept(&f, &items2, &bytes, first.offset, mirror, keep_decoded))
-                    .await
-                    .unwrap_or_default()
+                self.accept_off_thread(&f, items.clone(), bytes, first.offset, mirror, keep_decoded).await
             }
         };
         let mut inflight = self.inflight.lock().unwrap();
@@ -1084,7 +1083,8 @@ impl Reader {
         Arc::new(outcome)
     }
 
-    /// [`Reader::accept`] on the blocking pool (background work: nothing kept decoded).
+    /// [`Reader::accept`] on the blocking pool: decoding, hashing and storing are CPU and disk
+    /// work, kept off the async workers.
     pub(crate) async fn accept_off_thread(
         self: &Arc<Self>,
         f: &FileRef,
@@ -1164,6 +1164,26 @@ impl Reader {
             }
         }
         outcome
+    }
+}
+
+/// One ranged GET from the mirrors, counted in `stats`: bytes and latency, or a failure.
+pub(crate) async fn get_counted(
+    mirrors: &Mirrors,
+    stats: &Stats,
+    key: &str,
+    range: Range<u64>,
+) -> Result<(bytes::Bytes, usize), ReadFailure> {
+    let t = Instant::now();
+    match mirrors.get_range(key, range).await {
+        Ok((bytes, mirror)) => {
+            stats.fetched(bytes.len() as u64, t.elapsed());
+            Ok((bytes, mirror))
+        }
+        Err(e) => {
+            Stats::add(&stats.fetch_failures, 1);
+            Err(ReadFailure { cause: FailCause::Source, message: e.to_string() })
+        }
     }
 }
 

@@ -202,11 +202,6 @@ impl Store {
         StoreTotals { blocks, block_bytes }
     }
 
-    /// Bytes the data files take on disk (segments and journals, dropped blocks included).
-    pub fn data_disk_bytes(&self) -> u64 {
-        self.data.disk_bytes()
-    }
-
     /// Presence chunks of a file content: (chunk index, bits), bit `i` of chunk `c` being block
     /// `c * 4096 + i` (least significant bit first).
     pub fn presence(&self, file: &FileKey) -> Vec<(u64, Vec<u8>)> {

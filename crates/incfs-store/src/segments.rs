@@ -364,11 +364,6 @@ impl Segments {
         index.presence.get(file).map_or_else(Vec::new, |c| c.iter().map(|(k, v)| (*k, v.to_vec())).collect())
     }
 
-    /// Mark blocks of `file` present (their data stored earlier, or zero).
-    pub fn mark_present(&self, file: &FileKey, blocks: &[u64]) -> Result<(), StoreError> {
-        self.put_blocks(&[], Some((file, blocks)))
-    }
-
     /// Replace presence chunks exactly (`fsck`).
     pub fn set_presence(&self, chunks: &[(FileKey, u64, Vec<u8>)]) -> Result<(), StoreError> {
         let mut records = Vec::new();
@@ -402,12 +397,5 @@ impl Segments {
             return Ok(());
         }
         self.append(&[], |_, _| vec![Record::DropMeta { object: *object, region, chunk }])
-    }
-
-    /// Bytes the segment and journal files take (what `du` would count, roughly).
-    pub fn disk_bytes(&self) -> u64 {
-        std::fs::read_dir(&self.dir)
-            .map(|d| d.filter_map(|e| e.ok()?.metadata().ok()).map(|m| m.len()).sum())
-            .unwrap_or(0)
     }
 }
