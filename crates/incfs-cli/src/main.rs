@@ -228,6 +228,13 @@ enum Command {
         /// come on top.
         #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=64))]
         parallel: u32,
+        /// When a read finds a small file cold, also fetch the small files packed within SIZE
+        /// before and after it, in the same request (kept in memory, unverified, at most 1 MiB,
+        /// until they are read, then verified like any fetched data). Files used together are
+        /// usually packed together (a package's modules, a directory's icons): one round trip
+        /// instead of one per file. 0 fetches only the file itself.
+        #[arg(long, value_name = "SIZE", default_value = "64K", value_parser = parse_size)]
+        nearby: u64,
         /// Fetch every missing block in the background, at low priority (reads that wait for
         /// data always go first), so that the mount ends up needing no network at all.
         #[arg(long, value_enum, default_value = "on")]
@@ -469,6 +476,7 @@ fn main() {
             foreground,
             threads,
             parallel,
+            nearby,
             background,
             bandwidth,
             offline,
@@ -486,6 +494,7 @@ fn main() {
                 read_timeout,
                 threads: threads as usize,
                 parallel: parallel as usize,
+                nearby,
                 background: background == OnOff::On,
                 bandwidth,
                 offline,

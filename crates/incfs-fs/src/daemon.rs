@@ -43,6 +43,9 @@ pub struct MountSettings {
     pub threads: usize,
     /// Readahead and background requests in flight at once.
     pub parallel: usize,
+    /// How far on either side of a cold small file the spans of its neighbours in the pack are
+    /// fetched with it, in bytes (0: only its own).
+    pub nearby: u64,
     /// Complete the image in the background.
     pub background: bool,
     /// Cap on background fetching, bytes per second.
@@ -71,6 +74,7 @@ impl Default for MountSettings {
             read_timeout: Duration::from_secs(5),
             threads: 8,
             parallel: crate::reader::DEFAULT_PARALLEL,
+            nearby: crate::nearby::DEFAULT_NEARBY,
             background: true,
             bandwidth: None,
             offline: false,
@@ -304,6 +308,7 @@ pub fn mount(opts: MountOptions, on_ready: impl FnOnce()) -> Result<(), MountErr
     let stats = Arc::new(Stats::default());
     let mirrors = Arc::new(Mirrors::new(sources));
     let reader = Arc::new(Reader::new(&manifest.objects, store.clone(), mirrors, stats, opts.settings.parallel));
+    reader.set_nearby(opts.settings.nearby);
     // Files pushed into earlier mounts of this image are shown again, checked again.
     let pushed = crate::live::restore_pushed(&reader, &opts.trust, &manifest);
     let (served, skipped) = crate::live::with_pushed(&manifest, &pushed);

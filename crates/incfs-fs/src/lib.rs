@@ -5,6 +5,7 @@
 //! - [`view`]: a version as the kernel sees it (inode numbers kept across versions).
 //! - [`live`]: the version being served and switching it (`incfs update`, `--follow`).
 //! - [`reader`]: the data path: local store first, else fetch, verify, store.
+//! - [`nearby`]: small files packed next to a cold small file, fetched with it.
 //! - [`background`]: completes the image at low priority (profile first), and `incfs prefetch`.
 //! - [`plain`]: verified plain copies of complete files, the backing files of FUSE passthrough.
 //! - [`mirrors`]: several sources with backoff.
@@ -25,6 +26,7 @@ pub mod live;
 pub mod loader;
 pub mod metrics;
 pub mod mirrors;
+pub mod nearby;
 pub mod pending;
 pub mod plain;
 pub mod presence;

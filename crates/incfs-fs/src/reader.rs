@@ -11,7 +11,7 @@
 
 use std::collections::HashMap;
 use std::ops::Range;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
@@ -25,6 +25,7 @@ use incfs_verity::{check_hash_block, hash_data_block, Geometry, HASHES_PER_BLOCK
 use quick_cache::sync::Cache;
 
 use crate::mirrors::Mirrors;
+use crate::nearby::Nearby;
 use crate::pending::Pending;
 use crate::presence::Presence;
 use crate::stats::{FailCause, Stats};
@@ -120,6 +121,10 @@ pub struct Reader {
     /// Every known metadata region, as (object, start, end), sorted: where a file's span begins
     /// (the end of the region before it in the same object, as pack lays them out).
     regions: RwLock<Arc<Vec<(u32, u64, u64)>>>,
+    /// Neighbours' spans fetched along with a cold small file's, and how far to reach for them
+    /// on either side (`--nearby`).
+    nearby: Nearby,
+    nearby_reach: AtomicU64,
     /// Told when a read finds a file cold (its metadata not local): background completion
     /// fetches its neighbours next.
     cold_hook: RwLock<Option<ColdHook>>,
@@ -156,7 +161,7 @@ pub struct Reader {
 
 /// Decoded blocks kept for a reader, at most this many (16 MiB): a readahead window.
 const STAGED_MAX: usize = 4096;
-pub const STAGED_LIMIT_BYTES: u64 = (STAGED_MAX * BLOCK_SIZE) as u64;
+pub const STAGED_LIMIT_BYTES: u64 = (STAGED_MAX * BLOCK_SIZE) as u64 + crate::nearby::NEARBY_LIMIT;
 
 /// Blocks verified and decoded ahead of their read, oldest pushed out first.
 #[derive(Default)]
@@ -251,6 +256,8 @@ impl Reader {
             inflight: Mutex::new(HashMap::default()),
             inflight_meta: Arc::new(Mutex::new(HashMap::new())),
             regions: RwLock::new(Arc::new(Vec::new())),
+            nearby: Nearby::default(),
+            nearby_reach: AtomicU64::new(crate::nearby::DEFAULT_NEARBY),
             cold_hook: RwLock::new(None),
             staged: Mutex::new(Staged::default()),
             recent_failures: Mutex::new(HashMap::new()),
@@ -272,9 +279,16 @@ impl Reader {
         self.parallel
     }
 
-    /// Bytes of verified blocks fetched ahead and not read yet.
+    /// Bytes fetched ahead and not read yet: verified blocks of readahead, and the spans of
+    /// cold small files' neighbours (at most [`STAGED_LIMIT_BYTES`] in all).
     pub fn staged_bytes(&self) -> u64 {
-        (self.staged.lock().unwrap().blocks.len() * BLOCK_SIZE) as u64
+        (self.staged.lock().unwrap().blocks.len() * BLOCK_SIZE) as u64 + self.nearby.bytes()
+    }
+
+    /// How far on either side of a cold small file its neighbours' spans are fetched with it
+    /// (`--nearby`; 0: only its own).
+    pub fn set_nearby(&self, reach: u64) {
+        self.nearby_reach.store(reach, Ordering::Relaxed);
     }
 
     /// Readahead and background requests in flight now.
@@ -471,6 +485,8 @@ impl Reader {
             self.meta.remove(&(object, offset, chunk));
             let _ = self.store.remove_meta(&digest, offset, chunk);
         }
+        // Neighbours' bytes from the same answer are as suspect: the next try asks a source.
+        self.nearby.forget(object);
     }
 
     /// Hash block `index` of `level`, checked up to the root.
@@ -740,15 +756,7 @@ impl Reader {
                 Err(Local::Fail(e)) => return Err(e),
                 Err(Local::Need(Need::Meta { chunk })) => {
                     rounds += 1;
-                    let mut span = None;
-                    if rounds == 1 {
-                        let hook = self.cold_hook.read().unwrap().clone();
-                        if let Some(hook) = hook {
-                            hook(&f.key);
-                        }
-                        span = self.small_span(f);
-                    }
-                    match span {
+                    match if rounds == 1 { self.cold_file(f) } else { None } {
                         // A cold small file: its blocks and its metadata in one request.
                         Some(span) => self.fetch_span(f, span).await?,
                         None => self.fetch_meta(f, chunk).await?,
@@ -761,6 +769,15 @@ impl Reader {
                     if self.fills_only.load(Ordering::Relaxed) || Self::is_pushed(f) {
                         let _ = fills.changed().await;
                         continue;
+                    }
+                    // A one-block file needs no tree (its root is its leaf), only its block
+                    // record: cold all the same if its metadata is not local.
+                    if rounds == 0 && !matches!(self.meta_chunk_local(f, 0), Ok(Some(_))) {
+                        rounds += 1;
+                        if let Some(span) = self.cold_file(f) {
+                            self.fetch_span(f, span).await?;
+                            continue;
+                        }
                     }
                     // A span fetch of this file in flight brings these blocks: wait for it.
                     let (o, off, _) = self.region(f);
@@ -829,9 +846,19 @@ impl Reader {
         *self.regions.write().unwrap() = Arc::new(all);
     }
 
+    /// A read found `f` cold (its metadata not local): tell the hook, and return its span (and
+    /// the range to fetch for it) if it is small.
+    fn cold_file(&self, f: &FileRef) -> Option<(u32, Range<u64>, Range<u64>)> {
+        let hook = self.cold_hook.read().unwrap().clone();
+        if let Some(hook) = hook {
+            hook(&f.key);
+        }
+        self.small_span(f)
+    }
+
     /// The span of a small file not pushed: its object and byte range, if known and at most
-    /// [`SMALL_SPAN`] long.
-    fn small_span(&self, f: &FileRef) -> Option<(u32, Range<u64>)> {
+    /// [`SMALL_SPAN`] long, and the range to fetch for it (widened to its neighbours' spans).
+    fn small_span(&self, f: &FileRef) -> Option<(u32, Range<u64>, Range<u64>)> {
         if Self::is_pushed(f) || f.data.meta.is_none() || self.fills_only.load(Ordering::Relaxed) {
             return None;
         }
@@ -843,7 +870,12 @@ impl Reader {
             Some((o, _, _)) if o == object => return None, // overlapping regions: not pack's layout
             _ => 0,
         };
-        (offset + len - start <= SMALL_SPAN).then_some((object, start..offset + len))
+        if offset + len - start > SMALL_SPAN {
+            return None;
+        }
+        let span = start..offset + len;
+        let fetch = crate::nearby::widen(&regions, k, span.clone(), self.nearby_reach.load(Ordering::Relaxed));
+        Some((object, span, fetch))
     }
 
     /// Join the metadata (or span) flight `key`, or start it with `fetch`, unless `local()`
@@ -878,15 +910,29 @@ impl Reader {
 
     /// Fetch a small file's whole span: metadata region and the blocks that lie in the span,
     /// verified and stored; single-flighted with other readers of the file.
-    async fn fetch_span(self: &Arc<Self>, f: &FileRef, (object, span): (u32, Range<u64>)) -> Result<(), ReadFailure> {
+    async fn fetch_span(
+        self: &Arc<Self>,
+        f: &FileRef,
+        (object, span, widened): (u32, Range<u64>, Range<u64>),
+    ) -> Result<(), ReadFailure> {
         let (_, offset, len) = self.region(f);
         let key = (object, offset, SPAN_GROUP);
         let local = || matches!(self.meta_chunk_local(f, 0), Ok(Some(_)));
         let shared = self.meta_flight(key, local, || {
             let (me, f) = (self.clone(), f.clone());
             async move {
-                let key = layout::object(&me.digest(object));
-                let (bytes, mirror) = get_counted(&me.mirrors, &me.stats, &key, span.clone()).await?;
+                let (bytes, mirror) = match me.nearby.get(object, &span) {
+                    Some(found) => found,
+                    None => {
+                        let key = layout::object(&me.digest(object));
+                        let (bytes, mirror) = get_counted(&me.mirrors, &me.stats, &key, widened.clone()).await?;
+                        let own = (span.start - widened.start) as usize..(span.end - widened.start) as usize;
+                        if widened != span {
+                            me.nearby.put(object, widened, bytes.clone(), mirror);
+                        }
+                        (bytes.slice(own), mirror)
+                    }
+                };
                 let at = (offset - span.start) as usize;
                 me.put_meta_region(&f, &bytes[at..at + len as usize]);
                 let missing: Vec<u64> = (0..incfs_verity::block_count(f.data.size))
@@ -1064,7 +1110,12 @@ impl Reader {
         let first = items[0].2;
         let end = items.last().unwrap().2.range().end;
         let key = layout::object(&self.digest(first.object));
-        let outcome = match get_counted(&self.mirrors, &self.stats, &key, first.offset..end).await {
+        let found = self.nearby.get(first.object, &(first.offset..end)).map(Ok);
+        let fetched = match found {
+            Some(found) => found,
+            None => get_counted(&self.mirrors, &self.stats, &key, first.offset..end).await,
+        };
+        let outcome = match fetched {
             Err(failure) => {
                 let mut outcome = RunOutcome::default();
                 for (_, h, _) in &items {

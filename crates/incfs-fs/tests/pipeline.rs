@@ -125,6 +125,74 @@ async fn cold_small_file_costs_one_request() {
     assert_eq!(fx.store.requests().len(), 1);
 }
 
+/// Five small files packed side by side: 10 KiB each, their spans about 10.3 KiB.
+fn neighbours() -> Vec<(String, Vec<u8>)> {
+    (1..=5).map(|k| (format!("d/{k}"), random_bytes(40 + k, 10 * KIB))).collect()
+}
+
+async fn neighbours_fixture(files: &[(String, Vec<u8>)]) -> Fixture {
+    let list: Vec<(&str, &[u8])> = files.iter().map(|(p, c)| (p.as_str(), c.as_slice())).collect();
+    Fixture::new(&list, 4).await
+}
+
+/// A cold small file brings its neighbours in the pack (within `--nearby`) in its request:
+/// reading all five costs one request, and each is verified and kept when read. With
+/// `--nearby 0`, one request each.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn neighbours_of_a_cold_small_file_come_in_its_request() {
+    let files = neighbours();
+    let mut fx = neighbours_fixture(&files).await;
+    for (reach, expected) in [(64 * KIB as u64, 1), (0, files.len())] {
+        fx.renew();
+        fx.reader.set_nearby(reach);
+        let _bg = fx.background(BackgroundOptions { enabled: false, ..Default::default() });
+        for k in [2, 0, 4, 1, 3] {
+            let (path, content) = &files[k];
+            let f = fx.file(path);
+            let got = bounded("read", fx.reader.read(&f, 0, content.len() as u32, 0..0, deadline())).await;
+            assert!(got.unwrap() == *content, "{path}: wrong bytes");
+            assert!(fx.reader.is_complete(&f), "{path}: verified and kept");
+        }
+        let requests = fx.store.requests();
+        assert_eq!(requests.len(), expected, "--nearby {reach}: {requests:#?}");
+        if reach == 0 {
+            assert_eq!(fx.reader.staged_bytes(), 0, "nothing held for neighbours");
+        }
+    }
+}
+
+/// Neighbours' bytes are not trusted because they came along: a bit flipped in one of them
+/// fails its verification when that file is read (counted), the held bytes are dropped, and the
+/// file is fetched again from the source; nothing wrong is returned or kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_bad_neighbour_is_fetched_again_not_served() {
+    let files = neighbours();
+    let fx = neighbours_fixture(&files).await;
+    let _bg = fx.background(BackgroundOptions { enabled: false, ..Default::default() });
+    // One response for all five, its middle byte flipped: inside the third file's span.
+    fx.store.set_flip(true);
+    let first = fx.file(&files[0].0);
+    let got = bounded("first read", fx.reader.read(&first, 0, (10 * KIB) as u32, 0..0, deadline())).await;
+    assert!(got.unwrap() == files[0].1, "the first file's own bytes were fine");
+    assert_eq!(fx.store.requests().len(), 1, "all five in one request");
+    fx.store.set_flip(false);
+    let mut failures = 0;
+    for (path, content) in &files[1..] {
+        let f = fx.file(path);
+        let mut got = bounded("read", fx.reader.read(&f, 0, content.len() as u32, 0..0, deadline())).await;
+        // A damaged hash block fails its read once (EIO); the next read asks the source.
+        if let Err(e) = &got {
+            assert_eq!(e.cause, FailCause::Verification, "{path}: {e:?}");
+            failures += 1;
+            got = bounded("read again", fx.reader.read(&f, 0, content.len() as u32, 0..0, deadline())).await;
+        }
+        assert!(got.unwrap() == *content, "{path}: wrong bytes");
+    }
+    assert!(failures <= 1, "one damaged file at most fails once");
+    assert!(Stats::get(&fx.reader.stats.blocks_bad) >= 1, "the damage was detected");
+    assert!(fx.store.requests().len() >= 2, "the damaged file came again from the source");
+}
+
 /// A block that fails verification is never returned nor kept; once the source serves it
 /// right, the same read succeeds.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
