@@ -69,7 +69,7 @@ pub fn fsck(cache: &Path, repair: bool, progress: &dyn Fn(&str)) -> Result<FsckR
     let mut report = FsckReport::default();
 
     progress("checking blocks");
-    for hash in store.block_hashes() {
+    for hash in store.block_hashes()? {
         report.blocks_checked += 1;
         // Unreadable (a segment cut short) counts as damaged too: the index claims it.
         let good = match store.get_block(&hash)? {

@@ -414,7 +414,12 @@ impl Filesystem for IncFs {
             Ok(data) => {
                 // Local, but keep the window ahead full, a quarter at a time, so that a
                 // sequential reader never catches up with the network.
-                if window > 0 && ahead.end.saturating_sub(ahead.start) >= (window / 4).max(1) {
+                // Not while half the staging bound is fetched and unread: the network is ahead
+                // of this reader, and more would only sit in memory (or be pushed out unread).
+                if window > 0
+                    && ahead.end.saturating_sub(ahead.start) >= (window / 4).max(1)
+                    && self.reader.staged_bytes() < crate::reader::STAGED_LIMIT_BYTES / 2
+                {
                     asked_ahead(ahead.end);
                     let _guard = self.rt.enter();
                     self.reader.read_ahead(f.clone(), ahead);

@@ -247,12 +247,12 @@ impl Reader {
             stats,
             presence: Presence::default(),
             // Memory bounds, whatever the image size: 4 MiB of verified hash blocks (each
-            // covers 512 KiB of file data), 4 MiB of metadata pieces, 4 MiB of blocks read
-            // from the store (the kernel's page cache keeps what is read again), and
-            // [`STAGED_MAX`] blocks fetched ahead.
+            // covers 512 KiB of file data), 4 MiB of metadata pieces, 1 MiB of blocks read
+            // from the store (the kernel's page cache keeps what is read again: these serve
+            // the block two unaligned reads share), and [`STAGED_MAX`] blocks fetched ahead.
             hashes: Cache::new(1 << 10),
             meta: Cache::new(64),
-            verified: Cache::new(1 << 10),
+            verified: Cache::new(1 << 8),
             inflight: Mutex::new(HashMap::default()),
             inflight_meta: Arc::new(Mutex::new(HashMap::new())),
             regions: RwLock::new(Arc::new(Vec::new())),

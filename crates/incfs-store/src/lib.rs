@@ -209,7 +209,7 @@ impl Store {
     }
 
     /// Every stored block's leaf hash, sorted (to walk them all: `fsck`).
-    pub fn block_hashes(&self) -> Vec<Hash> {
+    pub fn block_hashes(&self) -> Result<Vec<Hash>, StoreError> {
         self.data.block_hashes()
     }
 

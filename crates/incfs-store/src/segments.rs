@@ -5,7 +5,12 @@
 //! B-tree insert and lookup per block). Here a fetched run costs two `write`s whatever its length:
 //! its stored bytes appended to the process's current segment in one `pwrite`, then one journal
 //! append naming each block and the presence it brings. The index (leaf hash -> where) lives in
-//! memory, rebuilt at open by replaying the journals (48 bytes per block: 12 MB per GiB cached).
+//! memory, rebuilt at open by replaying the journals: keyed by the first 16 bytes of the leaf
+//! hash, 28 bytes an entry (about 14 MiB per GiB cached at the table's lowest load, 7 at its
+//! highest; a full 32-byte key and 64-bit offsets took twice that, which was the largest part of
+//! the daemon's memory during a cold read). 128 bits of a SHA-256 digest tell blocks apart as
+//! well as all 256 can here: a wrong pairing would take a collision of 2^64 work, and every block
+//! read from the store is verified against its full leaf hash anyway.
 //!
 //! Crash safety: data is written before the journal records that point at it, and both are in
 //! the kernel's page cache before a read that needed them is answered, so `kill -9` at any
@@ -44,10 +49,60 @@ struct Loc {
     len: u32,
 }
 
+/// Where a block lies: 12 bytes (segments stay far below 4 GiB, stored blocks at most 4 KiB).
 #[derive(Debug, Clone, Copy)]
 struct BlockLoc {
-    at: Loc,
+    segment: u32,
+    offset: u32,
+    len: u16,
     codec: Codec,
+}
+
+impl BlockLoc {
+    fn at(&self) -> Loc {
+        Loc { segment: self.segment, offset: self.offset as u64, len: self.len as u32 }
+    }
+}
+
+/// The index key of a block: the first half of its leaf hash.
+type BlockKey = [u8; 16];
+
+fn block_key(hash: &Hash) -> BlockKey {
+    hash[..16].try_into().expect("a hash has 32 bytes")
+}
+
+/// The block index, in shards by the key's first byte: a table grows by doubling, and while it
+/// does the old and new tables are both allocated; one shard at a time, that peak is a 64th of
+/// what one big table's would be (8 MiB at 1 GiB cached).
+struct BlockIndex {
+    shards: Vec<HashMap<BlockKey, BlockLoc, FxBuildHasher>>,
+}
+
+impl Default for BlockIndex {
+    fn default() -> Self {
+        BlockIndex { shards: (0..64).map(|_| HashMap::default()).collect() }
+    }
+}
+
+impl BlockIndex {
+    fn shard(key: &BlockKey) -> usize {
+        (key[0] & 63) as usize
+    }
+    fn get(&self, key: &BlockKey) -> Option<&BlockLoc> {
+        self.shards[Self::shard(key)].get(key)
+    }
+    fn contains_key(&self, key: &BlockKey) -> bool {
+        self.shards[Self::shard(key)].contains_key(key)
+    }
+    fn insert(&mut self, key: BlockKey, loc: BlockLoc) -> Option<BlockLoc> {
+        self.shards[Self::shard(&key)].insert(key, loc)
+    }
+    fn remove(&mut self, key: &BlockKey) -> Option<BlockLoc> {
+        self.shards[Self::shard(key)].remove(key)
+    }
+    fn len(&self) -> usize {
+        self.shards.iter().map(|s| s.len()).sum()
+    }
 }
 
 type MetaKey = (Hash, u64, u64);
@@ -56,7 +111,7 @@ type Chunks = BTreeMap<u64, Box<[u8; PRESENCE_CHUNK_BYTES]>>;
 #[derive(Default)]
 struct Index {
     /// Keys are SHA-256 digests: a fast hash of them is as good as SipHash.
-    blocks: HashMap<Hash, BlockLoc, FxBuildHasher>,
+    blocks: BlockIndex,
     meta: HashMap<MetaKey, Loc>,
     presence: HashMap<FileKey, Chunks>,
     block_bytes: u64,
@@ -69,9 +124,10 @@ impl Index {
                 if offset + len as u64 > segment_len {
                     return; // its bytes never reached the disk (power loss): fetched again
                 }
-                let new = BlockLoc { at: Loc { segment, offset, len: len as u32 }, codec };
-                if let Some(old) = self.blocks.insert(hash, new) {
-                    self.block_bytes -= old.at.len as u64;
+                let Ok(offset) = u32::try_from(offset) else { return }; // not written so: ignored
+                let new = BlockLoc { segment, offset, len, codec };
+                if let Some(old) = self.blocks.insert(block_key(&hash), new) {
+                    self.block_bytes -= old.len as u64;
                 }
                 self.block_bytes += len as u64;
             }
@@ -97,10 +153,11 @@ impl Index {
                 }
             }
             Record::DropBlock { hash, segment, offset } => {
-                if let Some(b) = self.blocks.get(&hash) {
-                    if b.at.segment == segment && b.at.offset == offset {
-                        self.block_bytes -= b.at.len as u64;
-                        self.blocks.remove(&hash);
+                let key = block_key(&hash);
+                if let Some(b) = self.blocks.get(&key) {
+                    if b.segment == segment && b.offset as u64 == offset {
+                        self.block_bytes -= b.len as u64;
+                        self.blocks.remove(&key);
                     }
                 }
             }
@@ -128,6 +185,53 @@ pub struct Segments {
     files: RwLock<HashMap<u32, Arc<File>>>,
 }
 
+/// Replay every journal in `dir` in segment order, calling `each(segment, record, segment
+/// length)`; returns the segment ids found (with or without a journal).
+fn replay_dir(dir: &Path, mut each: impl FnMut(u32, Record, u64)) -> Result<Vec<u32>, StoreError> {
+    let io = |source| StoreError::Io { path: dir.to_path_buf(), source };
+    let mut ids: Vec<u32> = Vec::new();
+    for e in std::fs::read_dir(dir).map_err(io)? {
+        let name = e.map_err(io)?.file_name();
+        let name = name.to_string_lossy();
+        if let Some(id) = name.strip_suffix(".jnl").and_then(|n| n.parse::<u32>().ok()) {
+            ids.push(id);
+        } else if let Some(id) = name.strip_suffix(".seg").and_then(|n| n.parse::<u32>().ok()) {
+            // A segment whose journal was never created holds nothing reachable; its id
+            // is still taken.
+            ids.push(id);
+        }
+    }
+    ids.sort_unstable();
+    ids.dedup();
+    for &id in &ids {
+        let jpath = dir.join(jnl_name(id));
+        let mut bytes = Vec::new();
+        match File::open(&jpath) {
+            Ok(mut f) => f.read_to_end(&mut bytes).map_err(|source| StoreError::Io { path: jpath.clone(), source })?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(source) => return Err(StoreError::Io { path: jpath, source }),
+        };
+        if bytes.len() < journal::MAGIC.len() {
+            continue; // created, killed before its magic was written
+        }
+        if bytes[..journal::MAGIC.len()] != journal::MAGIC {
+            return Err(StoreError::Corrupt {
+                path: jpath,
+                what: "not an incfs journal of this layout; move the cache directory away and mount again".into(),
+            });
+        }
+        let seg_len = std::fs::metadata(dir.join(seg_name(id))).map(|m| m.len()).unwrap_or(0);
+        let (records, stopped) = journal::replay(&bytes[journal::MAGIC.len()..]);
+        if let Some(e) = stopped {
+            tracing::info!("journal {}: replay stopped after {} records ({e})", jpath.display(), records.len());
+        }
+        for r in records {
+            each(id, r, seg_len);
+        }
+    }
+    Ok(ids)
+}
+
 fn seg_name(id: u32) -> String {
     format!("{id:08}.seg")
 }
@@ -144,49 +248,8 @@ impl Segments {
     pub fn open(dir: &Path) -> Result<Segments, StoreError> {
         let io = |source| StoreError::Io { path: dir.to_path_buf(), source };
         std::fs::create_dir_all(dir).map_err(io)?;
-        let mut ids: Vec<u32> = Vec::new();
-        for e in std::fs::read_dir(dir).map_err(io)? {
-            let name = e.map_err(io)?.file_name();
-            let name = name.to_string_lossy();
-            if let Some(id) = name.strip_suffix(".jnl").and_then(|n| n.parse::<u32>().ok()) {
-                ids.push(id);
-            } else if let Some(id) = name.strip_suffix(".seg").and_then(|n| n.parse::<u32>().ok()) {
-                // A segment whose journal was never created holds nothing reachable; its id
-                // is still taken.
-                ids.push(id);
-            }
-        }
-        ids.sort_unstable();
-        ids.dedup();
         let mut index = Index::default();
-        for &id in &ids {
-            let jpath = dir.join(jnl_name(id));
-            let mut bytes = Vec::new();
-            match File::open(&jpath) {
-                Ok(mut f) => {
-                    f.read_to_end(&mut bytes).map_err(|source| StoreError::Io { path: jpath.clone(), source })?
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-                Err(source) => return Err(StoreError::Io { path: jpath, source }),
-            };
-            if bytes.len() < journal::MAGIC.len() {
-                continue; // created, killed before its magic was written
-            }
-            if bytes[..journal::MAGIC.len()] != journal::MAGIC {
-                return Err(StoreError::Corrupt {
-                    path: jpath,
-                    what: "not an incfs journal of this layout; move the cache directory away and mount again".into(),
-                });
-            }
-            let seg_len = std::fs::metadata(dir.join(seg_name(id))).map(|m| m.len()).unwrap_or(0);
-            let (records, stopped) = journal::replay(&bytes[journal::MAGIC.len()..]);
-            if let Some(e) = stopped {
-                tracing::info!("journal {}: replay stopped after {} records ({e})", jpath.display(), records.len());
-            }
-            for r in records {
-                index.apply(id, r, seg_len);
-            }
-        }
+        let ids = replay_dir(dir, |id, r, seg_len| index.apply(id, r, seg_len))?;
         Ok(Segments {
             dir: dir.to_path_buf(),
             index: RwLock::new(index),
@@ -260,7 +323,7 @@ impl Segments {
         let new: Vec<&(Hash, Codec, std::ops::Range<usize>)> = {
             let index = self.index.read().unwrap();
             let mut seen = std::collections::HashSet::new();
-            blocks.iter().filter(|(h, _, _)| !index.blocks.contains_key(h) && seen.insert(*h)).collect()
+            blocks.iter().filter(|(h, _, _)| !index.blocks.contains_key(&block_key(h)) && seen.insert(*h)).collect()
         };
         let present_runs = present.map(|(f, b)| (*f, journal::runs(b))).filter(|(_, r)| !r.is_empty());
         if new.is_empty() && present_runs.is_none() {
@@ -324,33 +387,46 @@ impl Segments {
 
     /// The stored form of block `hash`, if stored (not verified).
     pub fn get_block(&self, hash: &Hash) -> Result<Option<StoredBlock>, StoreError> {
-        let loc = self.index.read().unwrap().blocks.get(hash).copied();
+        let loc = self.index.read().unwrap().blocks.get(&block_key(hash)).copied();
         let Some(loc) = loc else { return Ok(None) };
-        Ok(self.read(loc.at)?.map(|d| (loc.codec, d)))
+        Ok(self.read(loc.at())?.map(|d| (loc.codec, d)))
     }
 
     pub fn has_block(&self, hash: &Hash) -> bool {
-        self.index.read().unwrap().blocks.contains_key(hash)
+        self.index.read().unwrap().blocks.contains_key(&block_key(hash))
     }
 
     /// Which of `hashes` are stored.
     pub fn stored_among(&self, hashes: &[Hash]) -> std::collections::HashSet<Hash> {
         let index = self.index.read().unwrap();
-        hashes.iter().filter(|h| index.blocks.contains_key(*h)).copied().collect()
+        hashes.iter().filter(|h| index.blocks.contains_key(&block_key(h))).copied().collect()
     }
 
     /// Forget block `hash` (found damaged); it will be fetched again when needed.
     pub fn drop_block(&self, hash: &Hash) -> Result<(), StoreError> {
-        let loc = self.index.read().unwrap().blocks.get(hash).copied();
+        let loc = self.index.read().unwrap().blocks.get(&block_key(hash)).copied();
         let Some(loc) = loc else { return Ok(()) };
-        self.append(&[], |_, _| vec![Record::DropBlock { hash: *hash, segment: loc.at.segment, offset: loc.at.offset }])
+        self.append(&[], |_, _| {
+            vec![Record::DropBlock { hash: *hash, segment: loc.segment, offset: loc.offset as u64 }]
+        })
     }
 
-    /// Every stored block's leaf hash (for `fsck`).
-    pub fn block_hashes(&self) -> Vec<Hash> {
-        let mut v: Vec<Hash> = self.index.read().unwrap().blocks.keys().copied().collect();
+    /// Every stored block's full leaf hash (for `fsck`). The index keeps half of each, so the
+    /// journals are read again for the rest: the records that put the blocks where they are now.
+    pub fn block_hashes(&self) -> Result<Vec<Hash>, StoreError> {
+        let index = self.index.read().unwrap();
+        let mut v = Vec::with_capacity(index.blocks.len());
+        replay_dir(&self.dir, |segment, r, _| {
+            if let Record::Block { hash, offset, .. } = r {
+                let here = index.blocks.get(&block_key(&hash));
+                if here.is_some_and(|b| b.segment == segment && b.offset as u64 == offset) {
+                    v.push(hash);
+                }
+            }
+        })?;
         v.sort_unstable();
-        v
+        v.dedup();
+        Ok(v)
     }
 
     /// (blocks, stored bytes).
