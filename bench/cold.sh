@@ -2,7 +2,7 @@
 # Benchmark of cold reads through a fresh mount (the block store and fetch pipeline), every figure
 # against a baseline measured in the same run, median of RUNS runs:
 #   1. cold sequential read (cat) of a 1 GiB file, half random / half compressible text, packed
-#      with zstd, from one nginx on 127.0.0.1, direct (loopback) and through bench/delay_proxy.py
+#      with zstd, from one nginx on 127.0.0.1, direct (loopback) and through tools/delay-proxy
 #      (20 ms RTT), --background off, fresh cache, page cache dropped
 #        vs  curl of every object of the repository from the same nginx (same path)
 #   2. daemon CPU seconds (utime+stime) per GiB and peak RSS (VmHWM) during the loopback cold read
@@ -19,28 +19,44 @@
 #   6. (SKIP_SCALE=1 skips) an image of 100,000 files of 100 bytes (100 dirs x 1000): time for
 #      `incfs mount` to return, `find MNT | wc -l`, daemon VmRSS/VmHWM after the find
 #        vs  curl of the manifest, and find on the local tree
-# Usage: [RUNS=3] [PERF=1] [SKIP_SCALE=1] [NO_BUILD=1] bench/cold.sh
+# 20 ms RTT: this kernel has no netem, so the 20 ms runs go through tools/delay-proxy, a TCP proxy
+# on 127.0.0.1 that forwards every chunk RTT/2 after it arrived, in each direction, in order, without
+# a bandwidth limit. It is in Rust because the asyncio one (bench/delay_proxy.py, still used by
+# bench/mount.sh and bench/complete.sh) tops out at ~0.5-0.6 GiB/s on the 2-core VM, so the 20 ms
+# curl and incfs figures measured it; through tools/delay-proxy curl gets ~1.2 GiB/s from a hot
+# page cache, about what it gets from nginx directly.
+# Usage: [RUNS=3] [PERF=1] [SKIP_SCALE=1] [NO_BUILD=1] [INCFS=PATH] [DELAY_PROXY=PATH] bench/cold.sh
 #        (root; with the ~60 MiB/s build at d871580: ~2.5 minutes at RUNS=1, ~6 at RUNS=3;
 #        uses /var/tmp, ~4 GiB)
-# NO_BUILD=1 uses target/release/incfs as it is instead of running cargo build first.
+# The binaries are target/release/incfs and target/release/delay-proxy, built first (cargo build
+# --release --locked) unless NO_BUILD=1 (then used as they are); INCFS= or DELAY_PROXY= use the
+# given binary instead (not built).
 set -euo pipefail
+# Given paths resolved before the cd below, so that relative ones work.
+[ -z "${INCFS:-}" ] || INCFS=$(realpath -m -- "$INCFS")
+[ -z "${DELAY_PROXY:-}" ] || DELAY_PROXY=$(realpath -m -- "$DELAY_PROXY")
 cd "$(dirname "$0")/.."
 RUNS=${RUNS:-3}
 PERF=${PERF:-0}
 SKIP_SCALE=${SKIP_SCALE:-0}
 if [ "$PERF" = 1 ]; then scripts/deps.sh nginx curl linux-perf; else scripts/deps.sh nginx curl; fi
-if [ "${NO_BUILD:-0}" != 1 ]; then
-  cargo build --release --locked -p incfs-cli >/dev/null 2>&1 || { echo "cargo build failed" >&2; exit 1; }
+build=()
+[ -n "${INCFS:-}" ] || build+=(-p incfs-cli)
+[ -n "${DELAY_PROXY:-}" ] || build+=(-p delay-proxy)
+if [ "${NO_BUILD:-0}" != 1 ] && [ ${#build[@]} -gt 0 ]; then
+  cargo build --release --locked "${build[@]}" >/dev/null 2>&1 || { echo "cargo build ${build[*]} failed" >&2; exit 1; }
 fi
-INCFS=$PWD/target/release/incfs
+INCFS=${INCFS:-$PWD/target/release/incfs}
+DELAY_PROXY=${DELAY_PROXY:-$PWD/target/release/delay-proxy}
 [ -x "$INCFS" ] || { echo "no $INCFS (build it, or drop NO_BUILD=1)" >&2; exit 1; }
+[ -x "$DELAY_PROXY" ] || { echo "no $DELAY_PROXY (build it, or drop NO_BUILD=1)" >&2; exit 1; }
 # The real interpreter, not a pyenv shim (a shim adds its own start-up to every timed run).
 PY=$(python3 -c 'import sys; print(sys.executable)')
 start=$(date +%s)
 dirty=
 [ -n "$(git status --porcelain -- crates/ 2>/dev/null)" ] && dirty=+dirty
 [ -n "$(find crates -type f -newer "$INCFS" -print -quit 2>/dev/null)" ] && dirty+=" (crates/ has files newer than the binary)"
-header="incfs bench/cold.sh: $(date -u '+%Y-%m-%d %H:%M:%S UTC'), kernel $(uname -r), $(nproc) cores, commit $(git rev-parse --short HEAD 2>/dev/null || echo '?')$dirty, binary built $(date -u -r "$INCFS" '+%Y-%m-%d %H:%M:%S UTC'), RUNS=$RUNS"
+header="incfs bench/cold.sh: $(date -u '+%Y-%m-%d %H:%M:%S UTC'), kernel $(uname -r), $(nproc) cores, commit $(git rev-parse --short HEAD 2>/dev/null || echo '?')$dirty, binary $INCFS built $(date -u -r "$INCFS" '+%Y-%m-%d %H:%M:%S UTC'), RUNS=$RUNS"
 echo "== $header" >&2
 
 work=$(mktemp -d /var/tmp/incfs-bench-cold.XXXXXX)
@@ -196,7 +212,7 @@ pids+=($!)
 url=http://127.0.0.1:$port
 wait_http "$url/repo/manifest" || { echo "nginx did not start: $(cat "$ng/error.log")" >&2; exit 1; }
 pport=$(free_port)
-"$PY" bench/delay_proxy.py "$pport" "$port" 20 &
+"$DELAY_PROXY" "$pport" "$port" 20 &
 pids+=($!)
 url20=http://127.0.0.1:$pport
 wait_http "$url20/repo/manifest" || { echo "delay proxy did not start" >&2; exit 1; }
@@ -424,7 +440,7 @@ printf '%s\n' "${rows[@]}"
 echo
 echo "Median of $RUNS run(s); every incfs run on a fresh mount with a fresh cache, page cache dropped"
 echo "before each timed command (curl included). loopback = nginx on 127.0.0.1 directly; 20 ms RTT ="
-echo "through bench/delay_proxy.py. Ratios: higher is better where the baseline is curl's speed (1.00 ="
+echo "through tools/delay-proxy. Ratios: higher is better where the baseline is curl's speed (1.00 ="
 echo "as fast as curl), lower is better for incfs/local times and CPU (1.00 = as fast as local disk)."
 printf '%s\n' "${notes[@]}"
 echo "run time: $(( $(date +%s) - start )) s"
