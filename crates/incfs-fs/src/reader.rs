@@ -455,10 +455,18 @@ impl Reader {
 
     /// Bytes `range` of the file's metadata region, from memory or the store.
     fn meta_local(&self, f: &FileRef, range: Range<u64>) -> Result<Vec<u8>, Local> {
-        let mut out = Vec::with_capacity((range.end - range.start) as usize);
+        let mut out = vec![0; (range.end - range.start) as usize];
+        self.meta_local_into(f, range, &mut out)?;
+        Ok(out)
+    }
+
+    /// [`Reader::meta_local`] into `out` (`range`'s length): no allocation, for the block
+    /// record every planned block reads.
+    fn meta_local_into(&self, f: &FileRef, range: Range<u64>, out: &mut [u8]) -> Result<(), Local> {
         if range.is_empty() {
-            return Ok(out);
+            return Ok(());
         }
+        let mut at = 0;
         for chunk in range.start / META_CHUNK..=(range.end - 1) / META_CHUNK {
             let Some(bytes) = self.meta_chunk_local(f, chunk)? else {
                 return Err(Local::Need(Need::Meta { chunk }));
@@ -469,9 +477,14 @@ impl Reader {
             if from > to || to > bytes.len() as u64 {
                 return Err(fail(FailCause::Other, "cached metadata piece is too short"));
             }
-            out.extend_from_slice(&bytes[from as usize..to as usize]);
+            let piece = &bytes[from as usize..to as usize];
+            out[at..at + piece.len()].copy_from_slice(piece);
+            at += piece.len();
         }
-        Ok(out)
+        if at != out.len() {
+            return Err(fail(FailCause::Other, "cached metadata piece is too short"));
+        }
+        Ok(())
     }
 
     /// Forget a cached metadata piece that produced a hash mismatch, so it is fetched again.
@@ -547,14 +560,14 @@ impl Reader {
         let layout = FileMetaLayout::new(f.data.size);
         let at = layout.record_offset(i);
         let range = at..at + BLOCK_RECORD_SIZE as u64;
-        let bytes = self.meta_local(f, range.clone())?;
+        let mut bytes = [0; BLOCK_RECORD_SIZE];
+        self.meta_local_into(f, range.clone(), &mut bytes)?;
         let bad = |what: String| {
             // Unverified bytes from a server: forget the piece so it is fetched afresh.
             self.drop_meta(f, range.clone());
             fail(FailCause::Verification, format!("{}: block {i}: {what}", f.label))
         };
-        let r = BlockRecord::decode(bytes.as_slice().try_into().unwrap())
-            .map_err(|e| bad(format!("bad block record: {e}")))?;
+        let r = BlockRecord::decode(&bytes).map_err(|e| bad(format!("bad block record: {e}")))?;
         if r.codec != Codec::Zero {
             let size = self.object(r.object).map(|o| o.size);
             if size.is_none_or(|s| r.range().end > s) {

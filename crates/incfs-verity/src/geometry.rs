@@ -2,6 +2,9 @@
 
 use crate::{block_count, HASHES_PER_BLOCK, HASH_SIZE};
 
+/// Levels of the largest tree: ceil(52 / 7) for 2^52 blocks of 4 KiB in a u64 size.
+const MAX_LEVELS: usize = 8;
+
 /// Shape of the Merkle tree of a file of a given size.
 ///
 /// `levels()[0]` is the number of data blocks (one hash each); `levels()[i + 1]` is the number of
@@ -12,22 +15,28 @@ use crate::{block_count, HASHES_PER_BLOCK, HASH_SIZE};
 pub struct Geometry {
     size: u64,
     blocks: u64,
-    levels: Vec<u64>,
+    /// Inline, not a `Vec`: a read path makes a geometry per block, and a u64 size has at most
+    /// 8 levels (2^52 blocks, 7 bits of fan-out per level).
+    levels: [u64; MAX_LEVELS],
+    depth: usize,
 }
 
 impl Geometry {
     pub fn new(size: u64) -> Self {
         let blocks = block_count(size);
-        let mut levels = Vec::new();
+        let mut levels = [0; MAX_LEVELS];
+        let mut depth = 0;
         let mut n = blocks;
         if n > 1 {
-            levels.push(n);
+            levels[0] = n;
+            depth = 1;
             while n > HASHES_PER_BLOCK as u64 {
                 n = n.div_ceil(HASHES_PER_BLOCK as u64);
-                levels.push(n);
+                levels[depth] = n;
+                depth += 1;
             }
         }
-        Geometry { size, blocks, levels }
+        Geometry { size, blocks, levels, depth }
     }
 
     /// File size the tree covers.
@@ -43,12 +52,12 @@ impl Geometry {
     /// Hashes per stored level, level 0 (data block hashes) first; empty for files of at most
     /// one block.
     pub fn levels(&self) -> &[u64] {
-        &self.levels
+        &self.levels[..self.depth]
     }
 
     /// Number of hash blocks that make up `level` in the padded (fs-verity) layout.
     pub fn hash_blocks_in_level(&self, level: usize) -> u64 {
-        self.levels[level].div_ceil(HASHES_PER_BLOCK as u64)
+        self.levels()[level].div_ceil(HASHES_PER_BLOCK as u64)
     }
 
     /// Byte offset of `level`'s first hash in the compact tree.
@@ -56,12 +65,12 @@ impl Geometry {
     /// The compact tree stores the levels from the top level down to level 0, each as its hashes
     /// back to back with no padding, so it is `32 * sum(levels)` bytes long.
     pub fn compact_offset(&self, level: usize) -> u64 {
-        self.levels[level + 1..].iter().sum::<u64>() * HASH_SIZE as u64
+        self.levels()[level + 1..].iter().sum::<u64>() * HASH_SIZE as u64
     }
 
     /// Length in bytes of the compact tree.
     pub fn compact_len(&self) -> u64 {
-        self.levels.iter().sum::<u64>() * HASH_SIZE as u64
+        self.levels().iter().sum::<u64>() * HASH_SIZE as u64
     }
 
     /// Byte range, within the compact tree, of hash block `index` of `level`: the hashes that
@@ -69,7 +78,7 @@ impl Geometry {
     pub fn hash_block_range(&self, level: usize, index: u64) -> std::ops::Range<u64> {
         let per = HASHES_PER_BLOCK as u64;
         let first = index * per;
-        let last = (first + per).min(self.levels[level]);
+        let last = (first + per).min(self.levels()[level]);
         let base = self.compact_offset(level);
         base + first * HASH_SIZE as u64..base + last * HASH_SIZE as u64
     }
@@ -90,6 +99,8 @@ mod tests {
         assert_eq!(Geometry::new(128 * 4096 + 1).levels(), &[129, 2]);
         assert_eq!(Geometry::new(16384 * 4096).levels(), &[16384, 128]);
         assert_eq!(Geometry::new(16384 * 4096 + 1).levels(), &[16385, 129, 2]);
+        // The largest size there is fits.
+        assert_eq!(Geometry::new(u64::MAX).levels().len(), MAX_LEVELS);
     }
 
     #[test]
