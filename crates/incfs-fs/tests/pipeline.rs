@@ -161,6 +161,23 @@ async fn neighbours_of_a_cold_small_file_come_in_its_request() {
     }
 }
 
+/// A one-block file has no tree (its root is its leaf), only a block record: cold, its record
+/// and its data still come in one request, not one for each.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn cold_one_block_file_costs_one_request() {
+    let files: Vec<(String, Vec<u8>)> = (1..=3).map(|k| (format!("s/{k}"), random_bytes(60 + k, 3000))).collect();
+    let fx = neighbours_fixture(&files).await;
+    fx.reader.set_nearby(0);
+    let _bg = fx.background(BackgroundOptions { enabled: false, ..Default::default() });
+    let (path, content) = &files[1];
+    let f = fx.file(path);
+    let got = bounded("read", fx.reader.read(&f, 0, 4096, 0..0, deadline())).await.unwrap();
+    assert!(got == *content, "wrong bytes");
+    let requests = fx.store.requests();
+    assert_eq!(requests.len(), 1, "record and data in one request: {requests:#?}");
+    assert!(fx.reader.is_complete(&f));
+}
+
 /// Neighbours' bytes are not trusted because they came along: a bit flipped in one of them
 /// fails its verification when that file is read (counted), the held bytes are dropped, and the
 /// file is fetched again from the source; nothing wrong is returned or kept.
