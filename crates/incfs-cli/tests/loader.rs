@@ -131,15 +131,24 @@ fn waiting_readers_are_listed_logged_and_woken_by_fill() {
     let deadline = Instant::now() + Duration::from_secs(10);
     let pending = loop {
         let v: Vec<serde_json::Value> = serde_json::from_str(&incfs_ok(&["pending", &mnt, "--json"])).unwrap();
-        let paths: std::collections::BTreeSet<&str> = v.iter().map(|p| p["path"].as_str().unwrap()).collect();
+        // Every file's read from block 0 (the kernel may send a file's later blocks apart).
+        let paths: std::collections::BTreeSet<&str> =
+            v.iter().filter(|p| p["block"] == 0).map(|p| p["path"].as_str().unwrap()).collect();
         if paths.len() == 3 {
             break v;
         }
         assert!(Instant::now() < deadline, "not every file's read is pending: {v:?}");
         std::thread::sleep(Duration::from_millis(50));
     };
+    // Each file's first read waits from block 0; the kernel may also have split a file's reads
+    // (a second reader finding the first pages locked asks for the rest), so more entries of
+    // one file may be listed, all within the file.
+    for f in &files {
+        let first = pending.iter().filter(|r| r["path"] == *f).map(|r| r["block"].as_u64().unwrap()).min();
+        assert_eq!(first, Some(0), "{f}: {pending:?}");
+    }
     for r in &pending {
-        assert_eq!(r["block"], 0, "{r}");
+        assert!(r["block"].as_u64().unwrap() + r["count"].as_u64().unwrap() <= 16, "{r}");
         assert_eq!(r["id"].as_str().unwrap().len(), 32);
         assert!(r["serial"].as_u64().unwrap() > 0);
     }
