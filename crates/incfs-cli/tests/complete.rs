@@ -105,7 +105,7 @@ fn interrupted_background_fetching_resumes_without_refetching() {
     assert!(present < total, "the bandwidth cap holds fetching back: {present}/{total}");
     // SAFETY: kill(2) on the daemon this test started.
     unsafe { libc::kill(m.pid as i32, libc::SIGKILL) };
-    m.wait_gone();
+    m.wait_killed();
     drop(m);
     let m = p.mount(&serve.url, "resume", &["--background", "on"]);
     m.wait_complete(Duration::from_secs(60));

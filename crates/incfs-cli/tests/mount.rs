@@ -286,7 +286,7 @@ fn kill_9_mid_read(p: &Published, name: &str, url: &str, env: &[(String, String)
     // SAFETY: kill(2) on the daemon this test started.
     unsafe { libc::kill(m.pid as i32, libc::SIGKILL) };
     reader.join().unwrap();
-    m.wait_gone();
+    m.wait_killed();
 
     // Background completion off: every byte fetched now is one the read asked for.
     let m2 = Mount::start_with_env(url, &mnt, &p.public, &cache, &["--background", "off"], env);

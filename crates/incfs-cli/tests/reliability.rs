@@ -229,7 +229,7 @@ fn kill_9_at_random_instants_loses_nothing_and_serves_nothing_wrong() {
         if let Ok(bytes) = reader.join().unwrap() {
             assert_eq!(bytes, fs::read(p.src.join(&victim)).unwrap(), "iteration {i}: a read racing the kill");
         }
-        m.wait_gone();
+        m.wait_killed();
     }
     let m = p.mount(&serve.url, "crash", &["--background", "on"]);
     m.wait_complete(Duration::from_secs(60));
