@@ -20,34 +20,39 @@ pub const DEFAULT_NEARBY: u64 = 64 << 10;
 /// Bytes kept here at most (oldest dropped first).
 pub const NEARBY_LIMIT: u64 = 1 << 20;
 
-/// The range to fetch for the span of region `k` of `regions` (sorted `(object, start, end)`
-/// metadata regions; a file's span runs from the end of the region before it in the same object
-/// to the end of its own), widened to the whole spans of its neighbours that end within `reach`
-/// bytes after it or start within `reach` bytes before it. Overlapping regions (not pack's
-/// layout) stop the widening.
-pub fn widen(regions: &[(u32, u64, u64)], k: usize, span: Range<u64>, reach: u64) -> Range<u64> {
+/// The span of region `k` of `regions` (sorted `(object, start, end)` metadata regions): from
+/// the end of the region before it in the same object (or the object's start) to the end of its
+/// own, which is where pack lays out a file's blocks and then its metadata. `None` if that region
+/// overlaps this one (not pack's layout).
+pub fn span(regions: &[(u32, u64, u64)], k: usize) -> Option<Range<u64>> {
+    let (object, start, end) = regions[k];
+    match k.checked_sub(1).map(|p| regions[p]) {
+        Some((o, _, before)) if o == object && before > start => None,
+        Some((o, _, before)) if o == object => Some(before..end),
+        _ => Some(0..end),
+    }
+}
+
+/// The range to fetch for `own`, the [`span`] of region `k`, widened to the whole spans of its
+/// neighbours in the same object that start within `reach` bytes before it or end within
+/// `reach` bytes after it. Overlapping regions stop the widening.
+pub fn widen(regions: &[(u32, u64, u64)], k: usize, own: Range<u64>, reach: u64) -> Range<u64> {
     let object = regions[k].0;
-    let span_start = |j: usize| match j.checked_sub(1).map(|p| regions[p]) {
-        Some((o, _, end)) if o == object => end,
-        _ => 0,
-    };
-    let mut out = span.clone();
+    let mut out = own.clone();
+    // Backward: region j-1's span joins only if j's does not overlap it.
     let mut j = k;
-    while j > 0 {
-        let (o, start, _) = regions[j - 1];
-        let s = span_start(j - 1);
-        if o != object || regions[j - 1].2 > regions[j].1 || start < s || span.start - s > reach {
-            break;
+    while j > 0 && regions[j - 1].0 == object && span(regions, j).is_some() {
+        match span(regions, j - 1) {
+            Some(s) if own.start - s.start <= reach => out.start = s.start,
+            _ => break,
         }
-        out.start = s;
         j -= 1;
     }
     for j in k + 1..regions.len() {
-        let (o, start, end) = regions[j];
-        if o != object || start < regions[j - 1].2 || end - span.end > reach {
-            break;
+        match span(regions, j) {
+            Some(s) if regions[j].0 == object && s.end - own.end <= reach => out.end = s.end,
+            _ => break,
         }
-        out.end = end;
     }
     out
 }
@@ -120,6 +125,14 @@ mod tests {
         // Never past another object's regions.
         assert_eq!(widen(REGIONS, 1, 0..100, 10_000), 0..1000);
         assert_eq!(widen(REGIONS, 5, 0..20, 10_000), 0..20);
+    }
+
+    #[test]
+    fn a_span_starts_where_the_region_before_it_in_its_object_ends() {
+        assert_eq!(span(REGIONS, 0), Some(0..90));
+        assert_eq!(span(REGIONS, 1), Some(0..100));
+        assert_eq!(span(REGIONS, 2), Some(100..250));
+        assert_eq!(span(&[(1, 0, 100), (1, 50, 150)], 1), None, "overlapping");
     }
 
     #[test]

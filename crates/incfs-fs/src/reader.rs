@@ -891,15 +891,10 @@ impl Reader {
         let (object, offset, len) = self.region(f);
         let regions = self.regions.read().unwrap().clone();
         let k = regions.binary_search(&(object, offset, offset + len)).ok()?;
-        let start = match k.checked_sub(1).map(|p| regions[p]) {
-            Some((o, _, end)) if o == object && end <= offset => end,
-            Some((o, _, _)) if o == object => return None, // overlapping regions: not pack's layout
-            _ => 0,
-        };
-        if offset + len - start > SMALL_SPAN {
+        let span = crate::nearby::span(&regions, k)?;
+        if span.end - span.start > SMALL_SPAN {
             return None;
         }
-        let span = start..offset + len;
         let fetch = crate::nearby::widen(&regions, k, span.clone(), self.nearby_reach.load(Ordering::Relaxed));
         Some((object, span, fetch))
     }
