@@ -59,6 +59,11 @@ struct BlockLoc {
 }
 
 impl BlockLoc {
+    /// Whether this is the place a record names (a later record may have moved the block).
+    fn is_at(&self, segment: u32, offset: u64) -> bool {
+        self.segment == segment && self.offset as u64 == offset
+    }
+
     fn at(&self) -> Loc {
         Loc { segment: self.segment, offset: self.offset as u64, len: self.len as u32 }
     }
@@ -155,7 +160,7 @@ impl Index {
             Record::DropBlock { hash, segment, offset } => {
                 let key = block_key(&hash);
                 if let Some(b) = self.blocks.get(&key) {
-                    if b.segment == segment && b.offset as u64 == offset {
+                    if b.is_at(segment, offset) {
                         self.block_bytes -= b.len as u64;
                         self.blocks.remove(&key);
                     }
@@ -419,7 +424,7 @@ impl Segments {
         replay_dir(&self.dir, |segment, r, _| {
             if let Record::Block { hash, offset, .. } = r {
                 let here = index.blocks.get(&block_key(&hash));
-                if here.is_some_and(|b| b.segment == segment && b.offset as u64 == offset) {
+                if here.is_some_and(|b| b.is_at(segment, offset)) {
                     v.push(hash);
                 }
             }
