@@ -4,6 +4,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{Context, Result};
+use incfs_fetch::image::ImageError;
 use incfs_fetch::{Image, Source, SourceOptions};
 use indicatif::HumanBytes;
 
@@ -23,6 +24,9 @@ pub async fn verify(repo: &str, trust: &[PathBuf], version: Option<u64>, quiet: 
     let started = Instant::now();
     let image = match open(repo, trust, version).await {
         Ok(i) => i,
+        // The source could not give a manifest at all (unreachable, missing, a response refused
+        // as too large...): an error (exit 2), not a finding about the image.
+        Err(e) if matches!(e.downcast_ref::<ImageError>(), Some(ImageError::Source(_))) => return Err(e),
         Err(e) => {
             eprintln!("problem: manifest: {e:#}");
             println!("FAILED: the manifest of {repo} cannot be trusted; nothing else was checked");

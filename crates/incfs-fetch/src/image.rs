@@ -82,13 +82,13 @@ pub struct Image {
 impl Image {
     /// Open the newest version published at `source`.
     pub async fn open(source: Source, trust: &TrustedKeys) -> Result<Image, ImageError> {
-        let bytes = source.get(layout::LATEST_MANIFEST).await?;
+        let bytes = source.get(layout::LATEST_MANIFEST, layout::MAX_MANIFEST_BYTES).await?;
         Self::from_manifest_bytes(source, bytes, trust)
     }
 
     /// Open version `version` published at `source`.
     pub async fn open_version(source: Source, version: u64, trust: &TrustedKeys) -> Result<Image, ImageError> {
-        let bytes = source.get(&layout::version_manifest(version)).await?;
+        let bytes = source.get(&layout::version_manifest(version), layout::MAX_MANIFEST_BYTES).await?;
         Self::from_manifest_bytes(source, bytes, trust)
     }
 

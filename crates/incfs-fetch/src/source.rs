@@ -5,9 +5,10 @@ use std::ops::Range;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
+use futures::StreamExt;
 use object_store::path::Path as StorePath;
-use object_store::{ClientOptions, ObjectStore, RetryConfig};
+use object_store::{ClientOptions, GetOptions, GetRange, GetResult, ObjectStore, RetryConfig};
 
 /// Why bytes could not be had from a source.
 #[derive(Debug, thiserror::Error)]
@@ -16,6 +17,10 @@ pub enum SourceError {
     NotFound { source_name: String, key: String },
     #[error("{source_name}: {key}: asked for bytes {start}..{end}, got {got}")]
     ShortRead { source_name: String, key: String, start: u64, end: u64, got: usize },
+    #[error("{source_name}: {key}: asked for bytes {start}..{end}, the server sent more; refused")]
+    LongRead { source_name: String, key: String, start: u64, end: u64 },
+    #[error("{source_name}: {key} is larger than the {limit}-byte limit ({what}); refused")]
+    TooLarge { source_name: String, key: String, limit: u64, what: String },
     #[error("{source_name}: {key}: {message}")]
     Other { source_name: String, key: String, message: String },
     #[error("cannot use {spec:?} as a source: {reason}")]
@@ -124,25 +129,71 @@ impl Source {
         }
     }
 
-    /// The whole of `key`.
-    pub async fn get(&self, key: &str) -> Result<Bytes, SourceError> {
+    /// The whole of `key`, refused ([`SourceError::TooLarge`]) past `limit` bytes: the
+    /// server's declared size is checked first, then the body is read with that cap, so neither
+    /// an absurd `Content-Length` nor an endless body makes us hold more than `limit`.
+    pub async fn get(&self, key: &str, limit: u64) -> Result<Bytes, SourceError> {
         let r = self.store.get(&self.path(key)).await.map_err(|e| self.map_err(key, e))?;
-        r.bytes().await.map_err(|e| self.map_err(key, e))
+        let too_large =
+            |what: String| SourceError::TooLarge { source_name: self.name.clone(), key: key.to_string(), limit, what };
+        if r.meta.size > limit {
+            return Err(too_large(format!("the server declares {} bytes", r.meta.size)));
+        }
+        self.read_capped(key, r, limit).await?.ok_or_else(|| too_large("the body went on past it".into()))
     }
 
-    /// Bytes `range` of `key`; anything but exactly that many bytes is an error.
+    /// Bytes `range` of `key`; anything but exactly that many bytes is an error (a body that
+    /// goes on past the range is not read further).
     pub async fn get_range(&self, key: &str, range: Range<u64>) -> Result<Bytes, SourceError> {
-        let b = self.store.get_range(&self.path(key), range.clone()).await.map_err(|e| self.map_err(key, e))?;
-        if b.len() as u64 != range.end - range.start {
+        let opts = GetOptions { range: Some(GetRange::Bounded(range.clone())), ..Default::default() };
+        let r = self.store.get_opts(&self.path(key), opts).await.map_err(|e| self.map_err(key, e))?;
+        let (start, end) = (range.start, range.end);
+        if r.range != range {
+            let message = format!("asked for bytes {start}..{end}, the server answered with bytes {:?}", r.range);
+            return Err(SourceError::Other { source_name: self.name.clone(), key: key.to_string(), message });
+        }
+        let len = end - start;
+        let b = self.read_capped(key, r, len).await?.ok_or_else(|| SourceError::LongRead {
+            source_name: self.name.clone(),
+            key: key.to_string(),
+            start,
+            end,
+        })?;
+        if b.len() as u64 != len {
             return Err(SourceError::ShortRead {
                 source_name: self.name.clone(),
                 key: key.to_string(),
-                start: range.start,
-                end: range.end,
+                start,
+                end,
                 got: b.len(),
             });
         }
         Ok(b)
+    }
+
+    /// The body of `r`, or `None` once it passes `limit` bytes (reading stops there). Nothing
+    /// is allocated from what the server declares: chunks are kept as they come (one chunk, the
+    /// common case for a ranged GET, is returned without a copy).
+    async fn read_capped(&self, key: &str, r: GetResult, limit: u64) -> Result<Option<Bytes>, SourceError> {
+        let mut stream = r.into_stream();
+        let mut chunks = Vec::new();
+        let mut total = 0u64;
+        while let Some(chunk) = stream.next().await.transpose().map_err(|e| self.map_err(key, e))? {
+            total += chunk.len() as u64;
+            if total > limit {
+                return Ok(None);
+            }
+            chunks.push(chunk);
+        }
+        Ok(Some(match chunks.len() {
+            0 => Bytes::new(),
+            1 => chunks.pop().expect("one chunk"),
+            _ => {
+                let mut buf = BytesMut::with_capacity(total as usize);
+                chunks.iter().for_each(|c| buf.extend_from_slice(c));
+                buf.freeze()
+            }
+        }))
     }
 
     /// Size of `key`.

@@ -9,6 +9,11 @@ pub const LATEST_MANIFEST: &str = "manifest";
 /// The access profile published with the newest version (optional; see [`crate::profile`]).
 pub const PROFILE: &str = "profile";
 
+/// Largest manifest a client accepts (`manifest` and `versions/<N>.manifest`): about a million
+/// files' entries. A server that declares or sends more is refused before its bytes are held, so
+/// a hostile one cannot make a client allocate what it announces.
+pub const MAX_MANIFEST_BYTES: u64 = 128 << 20;
+
 /// Directory holding every published version's manifest.
 pub const VERSIONS_DIR: &str = "versions";
 

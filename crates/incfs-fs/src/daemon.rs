@@ -126,7 +126,7 @@ pub enum MountError {
 async fn open_image(opts: &MountOptions, sources: &[Source], store: &Store) -> Result<(Manifest, bool), MountError> {
     let mut unreachable = Vec::new();
     for source in sources {
-        let bytes = match source.get(layout::LATEST_MANIFEST).await {
+        let bytes = match source.get(layout::LATEST_MANIFEST, layout::MAX_MANIFEST_BYTES).await {
             Ok(b) => b,
             Err(e @ SourceError::NotFound { .. }) => return Err(e.into()),
             Err(e) => {
@@ -197,7 +197,7 @@ async fn load_profile(opts: &MountOptions, sources: &[Source], offline: bool) ->
                 continue;
             }
         }
-        match source.get(layout::PROFILE).await.map(|b| Profile::parse(&b)) {
+        match source.get(layout::PROFILE, MAX_PROFILE_BYTES as u64).await.map(|b| Profile::parse(&b)) {
             Ok(Ok(p)) => {
                 tracing::info!("fetching in the order of the published profile ({} entries)", p.entries.len());
                 return Ok(Some(p));

@@ -235,7 +235,7 @@ impl Live {
         let key = version.map_or(layout::LATEST_MANIFEST.to_string(), layout::version_manifest);
         let mut unreachable = Vec::new();
         for source in self.reader.mirrors().sources() {
-            match source.get(&key).await {
+            match source.get(&key, layout::MAX_MANIFEST_BYTES).await {
                 Ok(bytes) => return Ok(Image::from_manifest_bytes(source.clone(), bytes, &self.trust)?),
                 Err(e @ SourceError::NotFound { .. }) => return Err(e.into()),
                 Err(e) => unreachable.push(e.to_string()),

@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use rand::{RngCore, SeedableRng};
 
 pub mod faults;
+pub mod hostile;
 pub mod proxy;
 pub mod runner;
 
@@ -649,4 +650,18 @@ pub fn python_stdlib_copy(dest: &Path) {
         dest.display()
     );
     run("sh", &["-c", &tar]);
+}
+
+/// Poll `cond` every 50 ms until it holds (true) or `within` has passed (false).
+pub fn wait_for(within: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let t = Instant::now();
+    loop {
+        if cond() {
+            return true;
+        }
+        if t.elapsed() > within {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }

@@ -1,0 +1,151 @@
+//! A hostile server cannot make a client allocate what it announces, read forever, or crash:
+//! against `verify`, `extract`, `mount` and `update`, each lie ends in exit status 2 with a line
+//! naming the source and what was wrong, within a bounded time and peak RSS
+//! (`tests/common/hostile.rs` is the server; the limits are in docs/format.md).
+
+mod common;
+
+use std::os::unix::process::ExitStatusExt;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::hostile::{HostileServer, Lie};
+use common::*;
+
+/// Peak RSS allowed to a command talking to a hostile server: the manifest limit (128 MiB)
+/// is never reached by these lies, so a client that holds only what it has checked stays far
+/// below; one that believed a declared size would abort or pass it.
+const RSS_BOUND_KIB: i64 = 96 * 1024;
+
+/// Run incfs with `args`; (exit code, stdout+stderr, peak RSS in KiB, wall time). Killed after
+/// 60 s (then the code is -1): a hang fails the test rather than the suite.
+fn run_measured(args: &[&str]) -> (i32, String, i64, Duration) {
+    let t = Instant::now();
+    let out_path = tempdir();
+    let log = out_path.path().join("out");
+    // Reaped below by wait4 (not Child::wait), which also gives the child's own peak RSS.
+    #[allow(clippy::zombie_processes)]
+    let child = Command::new(incfs_bin())
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(std::fs::File::create(&log).unwrap())
+        .stderr(std::fs::File::create(out_path.path().join("err")).unwrap())
+        .spawn()
+        .unwrap();
+    let pid = child.id() as i32;
+    let (mut status, mut usage) = (0i32, std::mem::MaybeUninit::<libc::rusage>::zeroed());
+    loop {
+        // SAFETY: wait4 on our own child with valid pointers; WNOHANG so the loop can time out.
+        let r = unsafe { libc::wait4(pid, &mut status, libc::WNOHANG, usage.as_mut_ptr()) };
+        if r == pid {
+            break;
+        }
+        if t.elapsed() > Duration::from_secs(60) {
+            // SAFETY: kill and reap our own child.
+            unsafe {
+                libc::kill(pid, libc::SIGKILL);
+                libc::wait4(pid, &mut status, 0, usage.as_mut_ptr());
+            }
+            status = 0xff00; // exit code 255 below: "killed"
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // SAFETY: wait4 returned our child, so it filled `usage`.
+    let usage = unsafe { usage.assume_init() };
+    let status = std::process::ExitStatus::from_raw(status);
+    let text = format!(
+        "{}{}",
+        std::fs::read_to_string(&log).unwrap_or_default(),
+        std::fs::read_to_string(out_path.path().join("err")).unwrap_or_default()
+    );
+    (status.code().unwrap_or(-1), text, usage.ru_maxrss, t.elapsed())
+}
+
+fn small_tree(src: &Path) {
+    std::fs::write(src.join("a.bin"), random_bytes(3, 64 * 1024)).unwrap();
+    std::fs::write(src.join("b.txt"), "hostile servers\n".repeat(500)).unwrap();
+}
+
+/// Expect a clean refusal: status 2, the source named, `what` in the message, bounded RSS.
+fn refused(args: &[&str], source: &str, what: &[&str]) {
+    refused_with(2, args, source, what)
+}
+
+/// [`refused`] with another exit status (`verify` says 1 when it found problems in what a
+/// source serves, as opposed to getting no manifest at all).
+fn refused_with(status: i32, args: &[&str], source: &str, what: &[&str]) {
+    let (code, out, rss_kib, took) = run_measured(args);
+    assert_eq!(code, status, "incfs {args:?} (after {took:?}): expected exit {status}, got {code}:\n{out}");
+    assert!(out.contains(source), "incfs {args:?}: the message does not name {source}:\n{out}");
+    assert!(what.iter().any(|w| out.contains(w)), "incfs {args:?}: expected one of {what:?} in:\n{out}");
+    assert!(!out.contains("panicked"), "incfs {args:?} panicked:\n{out}");
+    assert!(rss_kib < RSS_BOUND_KIB, "incfs {args:?}: peak RSS {rss_kib} KiB >= {RSS_BOUND_KIB} KiB:\n{out}");
+}
+
+#[test]
+fn lying_manifest_responses_are_refused_by_verify_extract_and_mount() {
+    let p = Published::new(small_tree, &[]);
+    let server = HostileServer::start(p.dir.path(), Lie::Honest);
+    let url = server.url("repo");
+    let public = p.public.to_str().unwrap();
+    for (lie, what) in [
+        (Lie::AbsurdLength, &["declares 1099511627776 bytes"][..]),
+        (Lie::TenGibBody, &["declares 10737418240 bytes"][..]),
+        // No length declared: the cap stops the read (or the client refuses the framing).
+        (Lie::EndlessChunked, &["limit", "content length", "Content-Length", "content-length"][..]),
+    ] {
+        server.set(lie);
+        refused(&["verify", &url, "--trust", public, "-q"], &url, what);
+        let dest = p.dir.path().join(format!("extract-{lie:?}"));
+        refused(&["extract", &url, dest.to_str().unwrap(), "--trust", public, "-q"], &url, what);
+        let mnt = p.dir.path().join(format!("mnt-{lie:?}"));
+        std::fs::create_dir_all(&mnt).unwrap();
+        let cache = p.dir.path().join(format!("cache-{lie:?}"));
+        let mount = ["mount", &url, mnt.to_str().unwrap(), "--trust", public, "--cache", cache.to_str().unwrap()];
+        refused(&mount, &url, what);
+        assert!(!is_mounted(&mnt), "{lie:?}: a refused mount left {} mounted", mnt.display());
+    }
+}
+
+#[test]
+fn an_update_from_a_lying_server_is_refused_and_the_mount_keeps_serving() {
+    let p = Published::new(small_tree, &[]);
+    let server = HostileServer::start(p.dir.path(), Lie::Honest);
+    let url = server.url("repo");
+    let m = p.mount(&url, "u", &[]);
+    assert_eq!(std::fs::read(m.path("b.txt")).unwrap(), std::fs::read(p.src.join("b.txt")).unwrap());
+    for lie in [Lie::AbsurdLength, Lie::TenGibBody] {
+        server.set(lie);
+        refused(&["update", m.dir.to_str().unwrap()], &url, &["limit"]);
+        assert!(m.daemon_alive(), "{lie:?}: the daemon died:\n{}", m.log());
+    }
+    server.set(Lie::Honest);
+    assert_eq!(std::fs::read(m.path("a.bin")).unwrap(), std::fs::read(p.src.join("a.bin")).unwrap());
+}
+
+#[test]
+fn a_ranged_body_longer_than_its_range_is_refused_and_never_served() {
+    let p = Published::new(small_tree, &[]);
+    let server = HostileServer::start(p.dir.path(), Lie::LongRangeBody);
+    let url = server.url("repo");
+    let public = p.public.to_str().unwrap();
+    // verify checks every object and reports each bad answer as a problem it found (status 1).
+    refused_with(1, &["verify", &url, "--trust", public, "-q"], &url, &["the server sent more"]);
+    let dest = p.dir.path().join("extract");
+    refused(&["extract", &url, dest.to_str().unwrap(), "--trust", public, "-q"], &url, &["the server sent more"]);
+    // A mount (the manifest is a whole GET, honest here): reads fail with EIO, nothing is kept,
+    // and once the server is honest the same read succeeds.
+    let m = p.mount(&url, "r", &["--read-timeout", "5s"]);
+    let err = std::fs::read(m.path("a.bin")).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}\n{}", m.log());
+    assert!(m.log().contains("the server sent more"), "{}", m.log());
+    server.set(Lie::Honest);
+    assert!(
+        common::wait_for(Duration::from_secs(10), || std::fs::read(m.path("a.bin")).is_ok()),
+        "reads did not recover once the server was honest:\n{}",
+        m.log()
+    );
+    assert_eq!(std::fs::read(m.path("a.bin")).unwrap(), std::fs::read(p.src.join("a.bin")).unwrap());
+}
