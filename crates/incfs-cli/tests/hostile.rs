@@ -126,26 +126,30 @@ fn an_update_from_a_lying_server_is_refused_and_the_mount_keeps_serving() {
 }
 
 #[test]
-fn a_ranged_body_longer_than_its_range_is_refused_and_never_served() {
-    let p = Published::new(small_tree, &[]);
-    let server = HostileServer::start(p.dir.path(), Lie::LongRangeBody);
-    let url = server.url("repo");
-    let public = p.public.to_str().unwrap();
-    // verify checks every object and reports each bad answer as a problem it found (status 1).
-    refused_with(1, &["verify", &url, "--trust", public, "-q"], &url, &["the server sent more"]);
-    let dest = p.dir.path().join("extract");
-    refused(&["extract", &url, dest.to_str().unwrap(), "--trust", public, "-q"], &url, &["the server sent more"]);
-    // A mount (the manifest is a whole GET, honest here): reads fail with EIO, nothing is kept,
-    // and once the server is honest the same read succeeds.
-    let m = p.mount(&url, "r", &["--read-timeout", "5s"]);
-    let err = std::fs::read(m.path("a.bin")).unwrap_err();
-    assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}\n{}", m.log());
-    assert!(m.log().contains("the server sent more"), "{}", m.log());
-    server.set(Lie::Honest);
-    assert!(
-        common::wait_for(Duration::from_secs(10), || std::fs::read(m.path("a.bin")).is_ok()),
-        "reads did not recover once the server was honest:\n{}",
-        m.log()
-    );
-    assert_eq!(std::fs::read(m.path("a.bin")).unwrap(), std::fs::read(p.src.join("a.bin")).unwrap());
+fn a_ranged_answer_other_than_the_range_is_refused_and_never_served() {
+    for (lie, what) in
+        [(Lie::LongRangeBody, "the server sent more"), (Lie::WholeForRange, "Range request not supported")]
+    {
+        let p = Published::new(small_tree, &[]);
+        let server = HostileServer::start(p.dir.path(), lie);
+        let url = server.url("repo");
+        let public = p.public.to_str().unwrap();
+        // verify checks every object and reports each bad answer as a problem it found (status 1).
+        refused_with(1, &["verify", &url, "--trust", public, "-q"], &url, &[what]);
+        let dest = p.dir.path().join("extract");
+        refused(&["extract", &url, dest.to_str().unwrap(), "--trust", public, "-q"], &url, &[what]);
+        // A mount (the manifest is a whole GET, honest here): reads fail with EIO, nothing is
+        // kept, and once the server is honest the same read succeeds.
+        let m = p.mount(&url, "r", &["--read-timeout", "5s"]);
+        let err = std::fs::read(m.path("a.bin")).unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::EIO), "{lie:?}: {err}\n{}", m.log());
+        assert!(m.log().contains(what), "{lie:?}: {}", m.log());
+        server.set(Lie::Honest);
+        assert!(
+            common::wait_for(Duration::from_secs(10), || std::fs::read(m.path("a.bin")).is_ok()),
+            "{lie:?}: reads did not recover once the server was honest:\n{}",
+            m.log()
+        );
+        assert_eq!(std::fs::read(m.path("a.bin")).unwrap(), std::fs::read(p.src.join("a.bin")).unwrap());
+    }
 }

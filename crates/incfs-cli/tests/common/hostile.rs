@@ -29,6 +29,8 @@ pub enum Lie {
     /// Ranged GETs: `206` with the right `Content-Range` but a body (and `Content-Length`) 1 MiB
     /// longer than the range.
     LongRangeBody,
+    /// Ranged GETs: `200` with the whole file, as a server without range support would.
+    WholeForRange,
 }
 
 pub struct HostileServer {
@@ -136,6 +138,9 @@ fn serve(conn: TcpStream, root: &Path, lie: &Mutex<Lie>) -> std::io::Result<()> 
                 }
             }
             (None, _) => {
+                write!(out, "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n", body.len())?;
+            }
+            (Some(_), Lie::WholeForRange) => {
                 write!(out, "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n", body.len())?;
             }
             (Some((a, b)), _) => {
