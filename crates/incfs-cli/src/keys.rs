@@ -2,7 +2,7 @@
 
 use std::fs::OpenOptions;
 use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
@@ -29,6 +29,9 @@ fn write_new(path: &Path, bytes: &[u8], mode: u32, force: bool) -> Result<()> {
             format!("cannot create {}", path.display())
         }
     })?;
+    // An existing file keeps its mode through open(): a private key replaced with --force must
+    // end up `mode` all the same.
+    f.set_permissions(std::fs::Permissions::from_mode(mode)).with_context(|| format!("chmod {}", path.display()))?;
     f.write_all(bytes).and_then(|_| f.sync_all()).with_context(|| format!("writing {}", path.display()))
 }
 

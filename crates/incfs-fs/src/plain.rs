@@ -62,7 +62,7 @@ pub enum PlainError {
 impl PlainCopies {
     /// Open `dir`, taking stock of copies left by an earlier daemon (not trusted until checked).
     pub fn open(dir: &Path, limit: u64) -> Result<PlainCopies, std::io::Error> {
-        fs::create_dir_all(dir)?;
+        incfs_store::private_dir(dir)?;
         let mut copies = HashMap::new();
         for e in fs::read_dir(dir)? {
             let e = e?;

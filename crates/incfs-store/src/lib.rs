@@ -103,9 +103,10 @@ pub struct NewBlock<'a> {
 impl Store {
     /// Open (creating if needed) the store in `dir`, migrating a cache of layout 1.
     pub fn open(dir: &Path) -> Result<Store, StoreError> {
-        std::fs::create_dir_all(dir).map_err(|source| StoreError::Dir { path: dir.to_path_buf(), source })?;
+        private_dir(dir).map_err(|source| StoreError::Dir { path: dir.to_path_buf(), source })?;
         let path = dir.join("store.db");
         let conn = connect(&path)?;
+        private_files(dir).map_err(|source| StoreError::Dir { path: dir.to_path_buf(), source })?;
         let db = |source| StoreError::Db { path: path.clone(), source };
         let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0)).map_err(db)?;
         if version > LAYOUT_VERSION {
@@ -358,6 +359,37 @@ impl Store {
             .optional()
         })
     }
+}
+
+/// Create `dir` (and missing parents) readable by its owner only, and make it so if it exists:
+/// the cache holds the content of files whose modes may hide it from other users, and blocks,
+/// metadata and the database are readable by whoever can reach them. One closed directory
+/// closes all of it, whatever the modes below (cache layouts of before 2026-12 had 0755/0644).
+pub fn private_dir(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)?;
+    let mode = std::fs::metadata(dir)?.permissions().mode() & 0o777;
+    if mode != 0o700 {
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+    }
+    Ok(())
+}
+
+/// The database and its WAL/shared-memory files, owner only (SQLite creates them with the
+/// process umask, and the WAL and -shm files with the database's mode).
+fn private_files(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    for name in ["store.db", "store.db-wal", "store.db-shm"] {
+        match std::fs::metadata(dir.join(name)) {
+            Ok(m) if m.permissions().mode() & 0o077 != 0 => {
+                std::fs::set_permissions(dir.join(name), std::fs::Permissions::from_mode(0o600))?
+            }
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 fn connect(path: &Path) -> Result<Connection, StoreError> {

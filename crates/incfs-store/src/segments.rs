@@ -28,7 +28,7 @@ use std::collections::{BTreeMap, HashMap};
 use rustc_hash::FxBuildHasher;
 use std::fs::File;
 use std::io::{Read, Write};
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
 
@@ -252,7 +252,7 @@ impl Segments {
     /// Open the segments in `dir` (created if missing), replaying every journal.
     pub fn open(dir: &Path) -> Result<Segments, StoreError> {
         let io = |source| StoreError::Io { path: dir.to_path_buf(), source };
-        std::fs::create_dir_all(dir).map_err(io)?;
+        crate::private_dir(dir).map_err(io)?;
         let mut index = Index::default();
         let ids = replay_dir(dir, |id, r, seg_len| index.apply(id, r, seg_len))?;
         Ok(Segments {
@@ -275,14 +275,18 @@ impl Segments {
             *last += 1;
             let id = *last;
             let spath = self.dir.join(seg_name(id));
-            let data = match File::options().read(true).write(true).create_new(true).open(&spath) {
+            let data = match File::options().read(true).write(true).create_new(true).mode(0o600).open(&spath) {
                 Ok(f) => f,
                 Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue, // another process
                 Err(e) => return Err(self.io(spath)(e)),
             };
             let jpath = self.dir.join(jnl_name(id));
-            let mut journal =
-                File::options().append(true).create_new(true).open(&jpath).map_err(self.io(jpath.clone()))?;
+            let mut journal = File::options()
+                .append(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&jpath)
+                .map_err(self.io(jpath.clone()))?;
             journal.write_all(&journal::MAGIC).map_err(self.io(jpath))?;
             return Ok(Writer { id, data, journal, tail: 0 });
         }
