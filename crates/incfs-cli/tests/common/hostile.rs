@@ -31,6 +31,8 @@ pub enum Lie {
     LongRangeBody,
     /// Ranged GETs: `200` with the whole file, as a server without range support would.
     WholeForRange,
+    /// Ranged GETs: no answer at all; the connection is held until the client closes it.
+    StallRange,
 }
 
 pub struct HostileServer {
@@ -139,6 +141,11 @@ fn serve(conn: TcpStream, root: &Path, lie: &Mutex<Lie>) -> std::io::Result<()> 
             }
             (None, _) => {
                 write!(out, "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n", body.len())?;
+            }
+            (Some(_), Lie::StallRange) => {
+                let mut sink = [0u8; 1];
+                while matches!(reader.read(&mut sink), Ok(1)) {}
+                return Ok(());
             }
             (Some(_), Lie::WholeForRange) => {
                 write!(out, "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n", body.len())?;
