@@ -486,7 +486,7 @@ impl Background {
             }
             let (_, offset, len) = self.reader.meta_region(f).expect("files with data have metadata");
             let at = (offset - range.start) as usize;
-            self.reader.put_meta_region(f, &bytes[at..at + len as usize]);
+            self.reader.put_meta_region(f, &bytes[at..at + len as usize], mirror);
             let missing: Vec<u64> = (0..incfs_verity::block_count(f.data.size))
                 .filter(|&b| !self.reader.presence.is_present(&f.key, b))
                 .collect();

@@ -120,39 +120,37 @@ pub enum MountError {
     Io(#[from] std::io::Error),
 }
 
-/// Get the manifest: from the first source that answers, checked against the trusted keys and
-/// the cache's rollback record; from the cache if no source can be reached at all (then the
-/// flag is true: offline).
+/// Get the manifest: from the first source whose answer holds (signed by a trusted key,
+/// well-formed, not older than what this cache accepted); from the cache if no source can be
+/// reached at all (then the flag is true: offline). A source that answers wrongly (missing,
+/// malformed, badly signed, a rollback) does not stop the others from being tried; when every
+/// source answered and none held, the first one's error is the mount's (a broken or attacked
+/// publication is reported, not hidden behind the cache).
 async fn open_image(opts: &MountOptions, sources: &[Source], store: &Store) -> Result<(Manifest, bool), MountError> {
     let mut unreachable = Vec::new();
+    let mut refused: Option<MountError> = None;
     for source in sources {
-        let bytes = match source.get(layout::LATEST_MANIFEST, layout::MAX_MANIFEST_BYTES).await {
-            Ok(b) => b,
-            Err(e @ SourceError::NotFound { .. }) => return Err(e.into()),
+        let answer = match source.get(layout::LATEST_MANIFEST, layout::MAX_MANIFEST_BYTES).await {
+            Ok(bytes) => accept_manifest(opts, sources, store, source, bytes),
+            Err(e @ SourceError::NotFound { .. }) => Err(e.into()),
             Err(e) => {
                 tracing::warn!("{e}");
                 unreachable.push(e.to_string());
                 continue;
             }
         };
-        let image = Image::from_manifest_bytes(source.clone(), bytes.clone(), &opts.trust)?;
-        let m = image.manifest();
-        let key_id = *image.signer().id();
-        if let Some(acc) = store.accepted(&key_id, &m.name)? {
-            if acc.version > m.version {
-                return Err(MountError::Rollback {
-                    source_name: source.name().to_string(),
-                    name: m.name.clone(),
-                    offered: m.version,
-                    accepted: acc.version,
-                });
+        match answer {
+            Ok(m) => return Ok((m, false)),
+            Err(e) => {
+                if sources.len() > 1 {
+                    tracing::warn!("{e}; trying the next source");
+                }
+                refused.get_or_insert(e);
             }
         }
-        store.accept(&key_id, &m.name, m.version, &bytes)?;
-        for s in sources {
-            store.remember_source(s.name(), &key_id, &m.name)?;
-        }
-        return Ok(((**m).clone(), false));
+    }
+    if let Some(e) = refused {
+        return Err(e);
     }
     match cached_image(opts, sources, store)? {
         Some(m) => {
@@ -161,6 +159,34 @@ async fn open_image(opts: &MountOptions, sources: &[Source], store: &Store) -> R
         }
         None => Err(MountError::Offline(unreachable.join("; "), opts.cache.display().to_string())),
     }
+}
+
+/// Check a manifest `source` sent (signature, rollback record) and record it as accepted.
+fn accept_manifest(
+    opts: &MountOptions,
+    sources: &[Source],
+    store: &Store,
+    source: &Source,
+    bytes: bytes::Bytes,
+) -> Result<Manifest, MountError> {
+    let image = Image::from_manifest_bytes(source.clone(), bytes.clone(), &opts.trust)?;
+    let m = image.manifest();
+    let key_id = *image.signer().id();
+    if let Some(acc) = store.accepted(&key_id, &m.name)? {
+        if acc.version > m.version {
+            return Err(MountError::Rollback {
+                source_name: source.name().to_string(),
+                name: m.name.clone(),
+                offered: m.version,
+                accepted: acc.version,
+            });
+        }
+    }
+    store.accept(&key_id, &m.name, m.version, &bytes)?;
+    for s in sources {
+        store.remember_source(s.name(), &key_id, &m.name)?;
+    }
+    Ok((**m).clone())
 }
 
 /// The newest manifest this cache accepted for the primary source, its signature checked again.

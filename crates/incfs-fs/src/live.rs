@@ -233,15 +233,28 @@ impl Live {
     /// Fetch a version's signed manifest (the newest: `None`) from the first source that answers.
     async fn fetch(&self, version: Option<u64>) -> Result<Image, UpdateError> {
         let key = version.map_or(layout::LATEST_MANIFEST.to_string(), layout::version_manifest);
+        // A source that answers wrongly (missing, malformed, badly signed) does not stop the
+        // others from being tried; with none holding, the first wrong answer is the error.
         let mut unreachable = Vec::new();
+        let mut refused: Option<UpdateError> = None;
         for source in self.reader.mirrors().sources() {
-            match source.get(&key, layout::MAX_MANIFEST_BYTES).await {
-                Ok(bytes) => return Ok(Image::from_manifest_bytes(source.clone(), bytes, &self.trust)?),
-                Err(e @ SourceError::NotFound { .. }) => return Err(e.into()),
-                Err(e) => unreachable.push(e.to_string()),
+            let answer = match source.get(&key, layout::MAX_MANIFEST_BYTES).await {
+                Ok(bytes) => Image::from_manifest_bytes(source.clone(), bytes, &self.trust).map_err(UpdateError::from),
+                Err(e @ SourceError::NotFound { .. }) => Err(e.into()),
+                Err(e) => {
+                    unreachable.push(e.to_string());
+                    continue;
+                }
+            };
+            match answer {
+                Ok(image) => return Ok(image),
+                Err(e) => {
+                    tracing::warn!("{e}");
+                    refused.get_or_insert(e);
+                }
             }
         }
-        Err(UpdateError::Unreachable(unreachable.join("; ")))
+        Err(refused.unwrap_or_else(|| UpdateError::Unreachable(unreachable.join("; "))))
     }
 
     /// Switch to version `to` (default: the newest published).

@@ -1,9 +1,13 @@
 //! Several sources of one repository, tried healthy-first.
 //!
-//! A mirror that fails a request, or serves a block that fails verification, is skipped for a
-//! backoff period (doubling from 1 s to 60 s) while others are tried; it is tried again once the
-//! period is over, and a success clears its record. With every mirror in backoff, the one whose
-//! period ends first is tried anyway: a read never waits on a timer when it could try.
+//! A mirror that fails a request is skipped for a backoff period (doubling from 1 s to 60 s)
+//! while others are tried; it is tried again once the period is over, and an answer clears that
+//! record. A mirror that *lied* (sent bytes that failed verification: a data block, a block
+//! record, a hash block) is put behind every mirror that did not, for a longer period (doubling
+//! from 60 s to an hour) that an answer does not clear: only bytes from it that verify do. A
+//! liar therefore keeps its place at the back however fast it answers, while a mirror with a
+//! passing fault is back in a second. With every mirror in backoff, the one whose period ends
+//! first is tried anyway: a read never waits on a timer when it could try.
 
 use std::ops::Range;
 use std::sync::Mutex;
@@ -14,10 +18,23 @@ use incfs_fetch::{Source, SourceError};
 
 const FIRST_BACKOFF: Duration = Duration::from_secs(1);
 const MAX_BACKOFF: Duration = Duration::from_secs(60);
+const FIRST_LIE_BACKOFF: Duration = Duration::from_secs(60);
+const MAX_LIE_BACKOFF: Duration = Duration::from_secs(3600);
 
+#[derive(Default)]
 struct Health {
+    /// Failed requests in a row, and when the mirror may be tried first again.
     failures: u32,
     retry_at: Option<Instant>,
+    /// Answers that failed verification since its last verified one, and until when it stays
+    /// behind the mirrors that did not lie.
+    lies: u32,
+    lied_until: Option<Instant>,
+}
+
+/// `first`, doubled for each of `count` - 1 events, at most `max`.
+fn backoff(first: Duration, max: Duration, count: u32) -> Duration {
+    first.saturating_mul(1 << count.min(12).saturating_sub(1)).min(max)
 }
 
 pub struct Mirrors {
@@ -27,7 +44,7 @@ pub struct Mirrors {
 
 impl Mirrors {
     pub fn new(sources: Vec<Source>) -> Self {
-        let health = sources.iter().map(|_| Health { failures: 0, retry_at: None }).collect();
+        let health = sources.iter().map(|_| Health::default()).collect();
         Mirrors { sources, health: Mutex::new(health) }
     }
 
@@ -40,9 +57,10 @@ impl Mirrors {
         let now = Instant::now();
         let h = self.health.lock().unwrap();
         let mut idx: Vec<usize> = (0..self.sources.len()).collect();
-        idx.sort_by_key(|&i| match h[i].retry_at {
-            Some(t) if t > now => (1, t, i),
-            _ => (0, now, i),
+        let until = |t: Option<Instant>| t.filter(|&t| t > now);
+        idx.sort_by_key(|&i| {
+            let (lied, backoff) = (until(h[i].lied_until), until(h[i].retry_at));
+            (lied.is_some(), backoff.is_some(), lied.max(backoff).unwrap_or(now), i)
         });
         idx
     }
@@ -52,14 +70,41 @@ impl Mirrors {
         let mut h = self.health.lock().unwrap();
         let e = &mut h[i];
         e.failures = e.failures.saturating_add(1);
-        let backoff = FIRST_BACKOFF.saturating_mul(1 << e.failures.min(6).saturating_sub(1)).min(MAX_BACKOFF);
+        let backoff = backoff(FIRST_BACKOFF, MAX_BACKOFF, e.failures);
         e.retry_at = Some(Instant::now() + backoff);
         tracing::warn!("source {} put in backoff for {:?}", self.sources[i].name(), backoff);
     }
 
+    /// Mirror `i` sent bytes that failed verification: behind every mirror that did not lie,
+    /// for a period that grows with each lie until it sends bytes that verify.
+    pub fn lied(&self, i: usize) {
+        let mut h = self.health.lock().unwrap();
+        let e = &mut h[i];
+        e.lies = e.lies.saturating_add(1);
+        let backoff = backoff(FIRST_LIE_BACKOFF, MAX_LIE_BACKOFF, e.lies);
+        e.lied_until = Some(Instant::now() + backoff);
+        tracing::warn!(
+            "source {} sent data that failed verification ({} time(s) in a row): used only when no other source can answer, for {:?}",
+            self.sources[i].name(),
+            e.lies,
+            backoff
+        );
+    }
+
+    /// Bytes from mirror `i` verified: whatever it lied before is forgiven.
+    pub fn vouch(&self, i: usize) {
+        let mut h = self.health.lock().unwrap();
+        if h[i].lies > 0 {
+            h[i].lies = 0;
+            h[i].lied_until = None;
+        }
+    }
+
+    /// Mirror `i` answered (what it sent is judged by [`Mirrors::lied`] / [`Mirrors::vouch`]).
     fn succeeded(&self, i: usize) {
         let mut h = self.health.lock().unwrap();
-        h[i] = Health { failures: 0, retry_at: None };
+        h[i].failures = 0;
+        h[i].retry_at = None;
     }
 
     /// Bytes `range` of `key` from the first mirror that has them; also returns which mirror.

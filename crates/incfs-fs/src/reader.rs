@@ -51,6 +51,9 @@ pub const MAX_RUN_BYTES: u64 = 2 << 20;
 /// Readahead and background requests in flight at once, by default (`--parallel`). With
 /// [`MAX_RUN_BYTES`], the bound on fetched bytes buffered for them: 16 MiB.
 pub const DEFAULT_PARALLEL: usize = 8;
+
+/// Most metadata pieces whose mirror [`Reader`] remembers.
+const META_FROM_MAX: usize = 1 << 16;
 /// After a read of a file fails for want of data, further reads of that file that need the
 /// network fail at once for this long. The kernel retries a failed readahead with a synchronous
 /// read right away; without this, one `read(2)` would wait out the timeout twice.
@@ -99,6 +102,8 @@ pub(crate) struct RunOutcome {
 
 type SharedRun = Shared<BoxFuture<'static, Arc<RunOutcome>>>;
 type MetaFlights = Mutex<HashMap<(u32, u64, u64), SharedMeta>>;
+/// (object, region offset, piece) -> the mirror that sent it.
+type MetaFrom = Mutex<HashMap<(u32, u64, u64), usize>>;
 type ColdHook = Arc<dyn Fn(&FileKey) + Send + Sync>;
 type SharedMeta = Shared<BoxFuture<'static, Result<Arc<Vec<Arc<Vec<u8>>>>, ReadFailure>>>;
 
@@ -130,6 +135,11 @@ pub struct Reader {
     cold_hook: RwLock<Option<ColdHook>>,
     /// Metadata fetches in flight: (object, region offset, piece group).
     inflight_meta: Arc<MetaFlights>,
+    /// Which mirror sent each metadata piece fetched by this daemon: a piece that fails
+    /// verification (a hash block, or a block record that named wrong bytes) is held against
+    /// it ([`Mirrors::lied`]). Bounded by [`META_FROM_MAX`] (then forgotten wholesale: only the
+    /// attribution is lost, never a check).
+    meta_from: Arc<MetaFrom>,
     /// Blocks fetched ahead of a sequential reader, decoded and verified, until it reads them
     /// (taken then) or [`STAGED_MAX`] newer ones push them out: no second decode and hash.
     staged: Mutex<Staged>,
@@ -268,6 +278,7 @@ impl Reader {
             verified: Cache::new(1 << 8),
             inflight: Mutex::new(HashMap::default()),
             inflight_meta: Arc::new(Mutex::new(HashMap::new())),
+            meta_from: Arc::new(Mutex::new(HashMap::new())),
             regions: RwLock::new(Arc::new(Vec::new())),
             nearby: Nearby::default(),
             nearby_reach: AtomicU64::new(crate::nearby::DEFAULT_NEARBY),
@@ -507,9 +518,16 @@ impl Reader {
             return; // checked whole when pushed; nothing fetched to drop
         }
         let digest = self.digest(object);
+        let mut liars = Vec::new();
         for chunk in range.start / META_CHUNK..=(range.end.max(1) - 1) / META_CHUNK {
             self.meta.remove(&(object, offset, chunk));
             let _ = self.store.remove_meta(&digest, offset, chunk);
+            liars.extend(self.meta_from.lock().unwrap().remove(&(object, offset, chunk)));
+        }
+        liars.sort_unstable();
+        liars.dedup();
+        for m in liars {
+            self.mirrors.lied(m);
         }
         // Neighbours' bytes from the same answer are as suspect: the next try asks a source.
         self.nearby.forget(object);
@@ -839,7 +857,7 @@ impl Reader {
 
     /// Cache a whole metadata region fetched along with other bytes (unverified, as any piece:
     /// each hash block is checked against its parent when used).
-    pub(crate) fn put_meta_region(&self, f: &FileRef, region: &[u8]) {
+    pub(crate) fn put_meta_region(&self, f: &FileRef, region: &[u8], mirror: usize) {
         let (object, offset, len) = self.region(f);
         if region.len() as u64 != len || object == PUSHED_OBJECT {
             return;
@@ -847,6 +865,7 @@ impl Reader {
         let digest = self.digest(object);
         for (chunk, piece) in region.chunks(META_CHUNK as usize).enumerate() {
             let chunk = chunk as u64;
+            remember_mirror(&self.meta_from, (object, offset, chunk), mirror);
             if self.meta.get(&(object, offset, chunk)).is_some() {
                 continue;
             }
@@ -955,7 +974,7 @@ impl Reader {
                     }
                 };
                 let at = (offset - span.start) as usize;
-                me.put_meta_region(&f, &bytes[at..at + len as usize]);
+                me.put_meta_region(&f, &bytes[at..at + len as usize], mirror);
                 let missing: Vec<u64> = (0..incfs_verity::block_count(f.data.size))
                     .filter(|&b| !me.presence.is_present(&f.key, b))
                     .collect();
@@ -993,11 +1012,15 @@ impl Reader {
         let shared = self.meta_flight(key, local, || {
             let digest = self.digest(object);
             let (mirrors, stats, store) = (self.mirrors.clone(), self.stats.clone(), self.store.clone());
+            let meta_from = self.meta_from.clone();
             let first = group * META_PIECES_PER_FETCH;
             let start = offset + first * META_CHUNK;
             let end = offset + len.min((first + META_PIECES_PER_FETCH) * META_CHUNK);
             async move {
-                let (bytes, _) = get_counted(&mirrors, &stats, &layout::object(&digest), start..end).await?;
+                let (bytes, mirror) = get_counted(&mirrors, &stats, &layout::object(&digest), start..end).await?;
+                for k in 0..bytes.len().div_ceil(META_CHUNK as usize) as u64 {
+                    remember_mirror(&meta_from, (object, offset, first + k), mirror);
+                }
                 let pieces: Vec<Arc<Vec<u8>>> =
                     bytes.chunks(META_CHUNK as usize).map(|p| Arc::new(p.to_vec())).collect();
                 for (k, piece) in pieces.iter().enumerate() {
@@ -1190,6 +1213,7 @@ impl Reader {
         // Decoded blocks are kept for a reader in one buffer for the run; otherwise each is
         // only checked, in a scratch block.
         let mut run = vec![0u8; if keep_decoded { items.len() * BLOCK_SIZE } else { 0 }];
+        let mut lied = false;
         let mut scratch = [0u8; BLOCK_SIZE];
         for (k, (i, leaf, r)) in items.iter().enumerate() {
             let stored = &bytes[(r.offset - base) as usize..(r.range().end - base) as usize];
@@ -1210,7 +1234,7 @@ impl Reader {
                         f.label,
                         self.mirrors.sources()[mirror].name()
                     );
-                    self.mirrors.penalize(mirror);
+                    lied = true;
                     // The block's record (where it lies, its codec) came from the same kind of
                     // untrusted bytes: forget its piece, so the next try reads it afresh rather
                     // than asking for the wrong bytes again.
@@ -1222,6 +1246,10 @@ impl Reader {
                     );
                 }
             }
+        }
+        match lied {
+            true => self.mirrors.lied(mirror),
+            false => self.mirrors.vouch(mirror),
         }
         let present: Vec<u64> = good.iter().map(|(i, _)| *i).collect();
         let blocks: Vec<(Hash, Codec, Range<usize>)> = good.into_iter().map(|(_, b)| b).collect();
@@ -1246,6 +1274,15 @@ impl Reader {
         }
         outcome
     }
+}
+
+/// Note that mirror `mirror` sent metadata piece `key` (see `Reader::meta_from`).
+fn remember_mirror(map: &MetaFrom, key: (u32, u64, u64), mirror: usize) {
+    let mut map = map.lock().unwrap();
+    if map.len() >= META_FROM_MAX {
+        map.clear();
+    }
+    map.insert(key, mirror);
 }
 
 /// One ranged GET from the mirrors, counted in `stats`: bytes and latency, or a failure.

@@ -33,6 +33,9 @@ pub enum Lie {
     WholeForRange,
     /// Ranged GETs: no answer at all; the connection is held until the client closes it.
     StallRange,
+    /// Ranged GETs: the right range, with a byte in every 1000 of the body flipped (a mirror
+    /// serving damaged or forged data).
+    FlipRange,
 }
 
 pub struct HostileServer {
@@ -160,6 +163,13 @@ fn serve(conn: TcpStream, root: &Path, lie: &Mutex<Lie>) -> std::io::Result<()> 
                 body = body[a as usize..=b as usize].to_vec();
                 if lie == Lie::LongRangeBody {
                     body.extend(std::iter::repeat_n(0xA5u8, 1 << 20));
+                }
+                if lie == Lie::FlipRange {
+                    // Every answer of more than a few bytes is wrong somewhere: in hash blocks
+                    // and block records as well as in data.
+                    for at in (17..body.len()).step_by(1000) {
+                        body[at] ^= 0x40;
+                    }
                 }
                 write!(
                     out,
