@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # fio: the load test; g++: libFuzzer, built by cargo fuzz.
-scripts/deps.sh fio g++
+scripts/deps.sh fio g++ python3-minimal
 # Garage, a real S3-compatible store for the S3 tests: built once (about 8 minutes), then reused.
 if ! command -v garage >/dev/null && [ ! -x "${CARGO_HOME:-$HOME/.cargo}/bin/garage" ]; then
   echo "building garage for the S3 tests (once)..." >&2

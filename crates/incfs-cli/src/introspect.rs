@@ -48,7 +48,7 @@ pub fn pending(mp: &Path, json: bool) -> Result<i32> {
 
 pub fn log(mp: &Path, json: bool) -> Result<i32> {
     let mp = mountpoint(mp)?;
-    let sock = socket_path(&mp);
+    let sock = socket_path(&mp).map_err(anyhow::Error::msg)?;
     let mut s = std::os::unix::net::UnixStream::connect(&sock)
         .with_context(|| format!("{} is not an incfs mount served by a running daemon", mp.display()))?;
     writeln!(s, "{}", serde_json::json!({ "cmd": "log" }))?;

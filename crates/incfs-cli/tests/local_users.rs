@@ -107,3 +107,57 @@ fn keygen_force_leaves_the_private_key_owner_only() {
     assert!(fs::read_to_string(&private).unwrap().contains("PRIVATE KEY"));
     assert_eq!(mode(&dir.path().join("k.pub.pem")), 0o644);
 }
+
+/// Send `request` (raw bytes) to the control socket at `sock` as user `uid` (Debian's python3,
+/// which any user may run: `scripts/test.sh` installs python3-minimal); returns what the daemon
+/// answered before closing.
+fn ask_as(uid: u32, sock: &Path, request: &[u8]) -> String {
+    let script = "import socket,sys\ns=socket.socket(socket.AF_UNIX)\ns.connect(sys.argv[1])\ndata=sys.stdin.buffer.read()\ntry:\n  s.sendall(data)\nexcept OSError:\n  pass\ns.shutdown(socket.SHUT_WR)\nout=b''\nwhile True:\n  b=s.recv(65536)\n  if not b: break\n  out+=b\nsys.stdout.write(out.decode())\n";
+    let mut child = Command::new("setpriv")
+        .args([
+            &format!("--reuid={uid}"),
+            &format!("--regid={uid}"),
+            "--clear-groups",
+            "/usr/bin/python3",
+            "-c",
+            script,
+        ])
+        .arg(sock)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::Write;
+        let mut stdin = child.stdin.take().unwrap();
+        let _ = stdin.write_all(request);
+    }
+    let out = child.wait_with_output().unwrap();
+    text(&out.stdout) + &text(&out.stderr)
+}
+
+#[test]
+fn the_control_socket_answers_only_its_owner_and_bounds_requests() {
+    let p = Published::new(|src| fs::write(src.join("f"), "x\n").unwrap(), &[]);
+    let m = p.mount(p.repo.to_str().unwrap(), "sock", &[]);
+    let sock = incfs_fs::control::socket_path(&m.dir).unwrap();
+    let dir = sock.parent().unwrap();
+    assert_eq!(mode(dir), 0o700, "{}", dir.display());
+    assert_eq!(mode(&sock), 0o600, "{}", sock.display());
+    assert!(ask_as(0, &sock, b"{\"cmd\":\"status\"}\n").contains("\"ok\""));
+
+    // Opened up by a careless admin: another user reaches the socket and is still refused.
+    fs::set_permissions(dir, fs::Permissions::from_mode(0o755)).unwrap();
+    fs::set_permissions(&sock, fs::Permissions::from_mode(0o666)).unwrap();
+    let stranger = ask_as(65534, &sock, b"{\"cmd\":\"status\"}\n");
+    fs::set_permissions(dir, fs::Permissions::from_mode(0o700)).unwrap();
+    assert!(stranger.contains("permission denied") && !stranger.contains("\"ok\""), "{stranger}");
+
+    // A request line without end: answered with an error, not buffered without bound.
+    let endless = vec![b'x'; 17 << 20];
+    let reply = ask_as(0, &sock, &endless);
+    assert!(reply.contains("longer than"), "{}", &reply[..reply.len().min(300)]);
+    assert!(m.daemon_alive(), "{}", m.log());
+    assert!(m.status().is_object(), "status still answers");
+}

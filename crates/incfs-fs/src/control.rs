@@ -1,8 +1,9 @@
 //! The control socket of a mount: `incfs status` asks the daemon over a Unix socket.
 //!
 //! The socket lives at `/run/incfs/<first 32 hex digits of SHA-256(mountpoint)>.sock` (or under
-//! `$XDG_RUNTIME_DIR/incfs/` when `/run` is not writable), so a client finds it from the
-//! mountpoint alone. Protocol: one JSON request per line, one JSON reply per line:
+//! `$XDG_RUNTIME_DIR/incfs/`, else `/tmp/incfs-<uid>/`, when `/run` is not writable), so a client
+//! finds it from the mountpoint alone. Owner only: the directory 0700 and ours, the socket 0600,
+//! and every peer's uid checked (root or ours); request lines are bounded ([`MAX_REQUEST`]). Protocol: one JSON request per line, one JSON reply per line:
 //! `{"cmd":"status"}`, `{"cmd":"file","path":"dir/name"}`, `{"cmd":"prefetch","paths":["a","b/c"]}`
 //! (answers an id), `{"cmd":"prefetch_progress","id":N}`,
 //! `{"cmd":"update","to":N|null,"allow_rollback":false}`, `{"cmd":"pending"}`,
@@ -28,16 +29,65 @@ use crate::plain::PlainCopies;
 use crate::reader::Reader;
 use crate::stats::Stats;
 
-/// Where the control socket of `mountpoint` (canonical) lives.
-pub fn socket_path(mountpoint: &Path) -> PathBuf {
+/// Where the control socket of `mountpoint` (canonical) lives; its directory is made (0700)
+/// or checked to be ours and closed to others, so that no other user can plant a socket there
+/// for us to talk to, nor reach ours (a client is refused unless it is root or our user).
+pub fn socket_path(mountpoint: &Path) -> Result<PathBuf, String> {
     let id = hex::encode(&Sha256::digest(mountpoint.as_os_str().as_encoded_bytes())[..16]);
+    Ok(socket_dir()?.join(format!("{id}.sock")))
+}
+
+/// `/run/incfs` where we may create it (root), else `$XDG_RUNTIME_DIR/incfs`, else
+/// `/tmp/incfs-<uid>`; in every case owned by us and writable by no one else.
+fn socket_dir() -> Result<PathBuf, String> {
     let run = Path::new("/run/incfs");
-    let dir = if std::fs::create_dir_all(run).is_ok() {
+    let dir = if incfs_store::private_dir(run).is_ok() {
         run.to_path_buf()
+    } else if let Some(xdg) = std::env::var_os("XDG_RUNTIME_DIR") {
+        PathBuf::from(xdg).join("incfs")
     } else {
-        std::env::var_os("XDG_RUNTIME_DIR").map(PathBuf::from).unwrap_or_else(std::env::temp_dir).join("incfs")
+        // SAFETY: geteuid has no preconditions and cannot fail.
+        std::env::temp_dir().join(format!("incfs-{}", unsafe { libc::geteuid() }))
     };
-    dir.join(format!("{id}.sock"))
+    if !dir.exists() {
+        incfs_store::private_dir(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    }
+    check_private_dir(&dir)?;
+    Ok(dir)
+}
+
+/// `dir` is a real directory (not a link), owned by us, writable by no one else.
+fn check_private_dir(dir: &Path) -> Result<(), String> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::symlink_metadata(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let me = unsafe { libc::geteuid() };
+    if !m.is_dir() || m.uid() != me || m.mode() & 0o022 != 0 {
+        return Err(format!(
+            "refusing the control socket directory {}: it must be a directory owned by uid {me} and writable by no one else (found {}, uid {}, mode {:o}); remove it, or set XDG_RUNTIME_DIR to a private directory",
+            dir.display(),
+            if m.is_dir() { "a directory" } else { "not a directory" },
+            m.uid(),
+            m.mode() & 0o7777
+        ));
+    }
+    Ok(())
+}
+
+/// Longest request line read from a control connection: `incfs fill` sends up to 1024 blocks
+/// per request, ~5.6 MiB in base64, the longest request there is. A longer line is answered
+/// with an error and the connection closed.
+const MAX_REQUEST: usize = 16 << 20;
+
+/// Read one request line into `line` (cleared first); `Ok(0)` at the end of the stream.
+async fn read_request(r: &mut (impl tokio::io::AsyncBufRead + Unpin), line: &mut String) -> Result<usize, String> {
+    use tokio::io::AsyncReadExt;
+    line.clear();
+    let n = (&mut *r).take(MAX_REQUEST as u64 + 1).read_line(line).await.map_err(|e| e.to_string())?;
+    if line.len() > MAX_REQUEST {
+        return Err(format!("request line longer than {MAX_REQUEST} bytes; closing"));
+    }
+    Ok(n)
 }
 
 #[derive(Debug, Deserialize)]
@@ -384,12 +434,23 @@ impl Control {
             };
             let me = self.clone();
             tokio::spawn(async move {
+                // Root or the user running the daemon only (the socket is 0600 in a 0700
+                // directory too; this holds even if someone loosens those).
+                // SAFETY: geteuid has no preconditions and cannot fail.
+                let me_uid = unsafe { libc::geteuid() };
+                let peer = stream.peer_cred().map(|c| c.uid());
                 let (r, mut w) = stream.into_split();
                 let mut r = BufReader::new(r);
+                if !matches!(peer, Ok(uid) if uid == 0 || uid == me_uid) {
+                    tracing::warn!("control socket: refused a client with uid {peer:?}");
+                    let e = "permission denied: only root or the mount's user may use this socket";
+                    return refuse(r, w, e).await;
+                }
                 let mut first = String::new();
-                match r.read_line(&mut first).await {
-                    Ok(0) | Err(_) => return,
+                match read_request(&mut r, &mut first).await {
+                    Ok(0) => return,
                     Ok(_) => {}
+                    Err(e) => return refuse(r, w, &e).await,
                 }
                 match serde_json::from_str::<Request>(&first) {
                     Ok(Request::Loader) => return loader::session(me.live.clone(), r, w).await,
@@ -403,14 +464,26 @@ impl Control {
                     if w.write_all(reply.as_bytes()).await.is_err() {
                         break;
                     }
-                    line.clear();
-                    if !matches!(r.read_line(&mut line).await, Ok(n) if n > 0) {
-                        break;
+                    match read_request(&mut r, &mut line).await {
+                        Ok(n) if n > 0 => {}
+                        Ok(_) => break,
+                        Err(e) => return refuse(r, w, &e).await,
                     }
                 }
             });
         }
     }
+}
+
+/// Answer `error` and close. What the client still sends is read and dropped first (at most
+/// 64 MiB, for at most 2 s): a Unix socket closed with unread input resets the connection, and
+/// the client would see that instead of the answer.
+async fn refuse(mut r: impl tokio::io::AsyncRead + Unpin, mut w: tokio::net::unix::OwnedWriteHalf, error: &str) {
+    use tokio::io::AsyncReadExt;
+    let _ = w.write_all(format!("{}\n", serde_json::json!({ "error": error })).as_bytes()).await;
+    let _ = w.shutdown().await;
+    let (mut rest, mut sink) = ((&mut r).take(64 << 20), tokio::io::sink());
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(2), tokio::io::copy(&mut rest, &mut sink)).await;
 }
 
 /// Ask the daemon of `mountpoint` one request; returns the `ok` value.
@@ -425,7 +498,7 @@ pub fn ask_within(
     timeout: std::time::Duration,
 ) -> Result<serde_json::Value, String> {
     use std::io::{BufRead, Write};
-    let path = socket_path(mountpoint);
+    let path = socket_path(mountpoint)?;
     let mut s = std::os::unix::net::UnixStream::connect(&path).map_err(|e| {
         format!("{} is not an incfs mount served by a running daemon ({}: {e})", mountpoint.display(), path.display())
     })?;
@@ -438,5 +511,37 @@ pub fn ask_within(
         (Some(ok), _) => Ok(ok.clone()),
         (_, Some(e)) => Err(e.as_str().unwrap_or("error").to_string()),
         _ => Err("bad reply from the daemon".into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn a_socket_directory_must_be_ours_and_closed() {
+        let t = tempfile::tempdir().unwrap();
+        let ours = t.path().join("ours");
+        incfs_store::private_dir(&ours).unwrap();
+        assert_eq!(check_private_dir(&ours), Ok(()));
+
+        let open = t.path().join("open");
+        std::fs::create_dir(&open).unwrap();
+        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).unwrap();
+        assert!(check_private_dir(&open).unwrap_err().contains("writable by no one else"));
+
+        let link = t.path().join("link");
+        std::os::unix::fs::symlink(&ours, &link).unwrap();
+        assert!(check_private_dir(&link).unwrap_err().contains("not a directory"));
+
+        // Someone else's (a planted /tmp/incfs-<uid>): only root can make one here to test.
+        // SAFETY: geteuid has no preconditions and cannot fail.
+        if unsafe { libc::geteuid() } == 0 {
+            let theirs = t.path().join("theirs");
+            incfs_store::private_dir(&theirs).unwrap();
+            std::os::unix::fs::chown(&theirs, Some(65534), Some(65534)).unwrap();
+            assert!(check_private_dir(&theirs).unwrap_err().contains("uid 65534"));
+        }
     }
 }

@@ -104,6 +104,8 @@ pub enum MountError {
     Rollback { source_name: String, name: String, offered: u64, accepted: u64 },
     #[error("no source could be reached ({0}) and the cache {1} holds no copy of this image to mount offline")]
     Offline(String, String),
+    #[error("control socket: {0}")]
+    ControlSocket(String),
     #[error("--offline: the cache {0} holds no image from {1}; mount once with the network first")]
     NotCached(String, String),
     #[error("the cache {0} is being checked by incfs fsck; mount again when it is done")]
@@ -411,7 +413,7 @@ pub fn mount(opts: MountOptions, on_ready: impl FnOnce()) -> Result<(), MountErr
     let session =
         Session::new(fs, &mountpoint, &config).map_err(|error| MountError::Fuse { path: mountpoint.clone(), error })?;
     live.set_notifier(session.notifier());
-    let sock = socket_path(&mountpoint);
+    let sock = socket_path(&mountpoint).map_err(MountError::ControlSocket)?;
     let _ = std::fs::remove_file(&sock);
     let control = Arc::new(Control {
         live: live.clone(),
@@ -457,6 +459,9 @@ pub fn mount(opts: MountOptions, on_ready: impl FnOnce()) -> Result<(), MountErr
         let _guard = rt.enter();
         tokio::net::UnixListener::bind(&sock)
     };
+    // Owner only (its directory is too); SO_PEERCRED is checked on every connection as well.
+    let listener = listener
+        .and_then(|l| std::fs::set_permissions(&sock, std::os::unix::fs::PermissionsExt::from_mode(0o600)).map(|_| l));
     match listener {
         Ok(l) => {
             rt.spawn(control.serve(l));
