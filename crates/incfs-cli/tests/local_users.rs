@@ -161,3 +161,65 @@ fn the_control_socket_answers_only_its_owner_and_bounds_requests() {
     assert!(m.daemon_alive(), "{}", m.log());
     assert!(m.status().is_object(), "status still answers");
 }
+
+/// One slow plain copy does not hold up the open of another file (issue 11, item 6): the copy
+/// of a large complete file is made to hang (its stale copy left by an "earlier daemon" is a
+/// FIFO, so checking it blocks in open until the test writes to it), and a small complete file
+/// opens and reads meanwhile. Before, one lock covered every copy: the small open waited for
+/// the hung one.
+#[test]
+fn a_hung_plain_copy_does_not_block_other_opens() {
+    let big = random_bytes(61, 9 << 20); // above the size copied during open(): copied in the background
+    let p = Published::new(
+        |src| {
+            fs::write(src.join("big.bin"), &big).unwrap();
+            fs::write(src.join("small.txt"), "small and complete\n".repeat(100)).unwrap();
+        },
+        &[],
+    );
+    let cache = p.dir.path().join("cache-hung");
+    {
+        let m = p.mount(p.repo.to_str().unwrap(), "hung", &["--background", "on"]);
+        m.wait_complete(std::time::Duration::from_secs(60));
+    }
+    let root = *incfs_verity::MerkleTree::from_data(&big).root();
+    let copy = cache.join("plain").join(hex_of(&incfs_store::file_key(&root, big.len() as u64)));
+    let _ = fs::remove_file(&copy);
+    fs::create_dir_all(copy.parent().unwrap()).unwrap();
+    let status = Command::new("mkfifo").arg(&copy).status().unwrap();
+    assert!(status.success());
+    // Whatever happens below, the daemon's open of the FIFO is released (a writer comes and goes).
+    struct Release(std::path::PathBuf);
+    impl Drop for Release {
+        fn drop(&mut self) {
+            use std::os::unix::fs::OpenOptionsExt;
+            let _ = fs::OpenOptions::new().write(true).custom_flags(libc::O_NONBLOCK).open(&self.0);
+        }
+    }
+    let release = Release(copy.clone());
+    let m = p.mount(p.repo.to_str().unwrap(), "hung", &["--background", "on"]);
+    let mut one = [0u8; 1];
+    std::io::Read::read_exact(&mut fs::File::open(m.path("big.bin")).unwrap(), &mut one).unwrap();
+    // Wait (bounded) until a daemon thread sleeps in the FIFO's open.
+    let in_fifo = || {
+        fs::read_dir(format!("/proc/{}/task", m.pid)).into_iter().flatten().flatten().any(|t| {
+            fs::read_to_string(t.path().join("wchan")).is_ok_and(|w| w.contains("fifo") || w.contains("partner"))
+        })
+    };
+    assert!(wait_for(std::time::Duration::from_secs(10), in_fifo), "the copy of big.bin never reached its check");
+    let (tx, rx) = std::sync::mpsc::channel();
+    let small = m.path("small.txt");
+    std::thread::spawn(move || {
+        let _ = tx.send(fs::read(small));
+    });
+    let got = rx.recv_timeout(std::time::Duration::from_secs(10));
+    assert!(in_fifo(), "the hung copy ended early: the test proves nothing");
+    drop(release);
+    let got = got.expect("opening small.txt waited behind the hung copy of big.bin").unwrap();
+    assert_eq!(got, fs::read(p.src.join("small.txt")).unwrap());
+    assert_eq!(fs::read(m.path("big.bin")).unwrap(), big);
+}
+
+fn hex_of(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}

@@ -15,12 +15,13 @@
 //! deletes the least recently used copies. A file open at the time keeps its deleted copy until it
 //! is closed (an unlinked inode stays readable).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fs::{self, File};
 use std::io::{Read, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Condvar, Mutex, PoisonError};
 use std::time::Instant;
 
 use incfs_format::BLOCK_SIZE;
@@ -43,8 +44,25 @@ pub struct PlainCopies {
     dir: PathBuf,
     limit: u64,
     copies: Mutex<HashMap<FileKey, Copy>>,
-    /// Serializes making copies (and the space accounting around it).
-    making: Mutex<()>,
+    /// Contents whose copy is being written or checked now: one at a time per content, any
+    /// number of contents at once (a multi-GiB copy must not hold up the open of a small file).
+    making: Mutex<HashSet<FileKey>>,
+    made: Condvar,
+    /// Bytes promised to copies being written (counted against the limit, under `copies`).
+    reserved: AtomicU64,
+}
+
+/// Holds the claim on one content's copy; released (and waiters woken) when dropped.
+struct Making<'a> {
+    plain: &'a PlainCopies,
+    key: FileKey,
+}
+
+impl Drop for Making<'_> {
+    fn drop(&mut self) {
+        self.plain.making.lock().unwrap_or_else(PoisonError::into_inner).remove(&self.key);
+        self.plain.made.notify_all();
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -80,7 +98,14 @@ impl PlainCopies {
                 }
             }
         }
-        Ok(PlainCopies { dir: dir.to_path_buf(), limit, copies: Mutex::new(copies), making: Mutex::new(()) })
+        Ok(PlainCopies {
+            dir: dir.to_path_buf(),
+            limit,
+            copies: Mutex::new(copies),
+            making: Mutex::new(HashSet::new()),
+            made: Condvar::new(),
+            reserved: AtomicU64::new(0),
+        })
     }
 
     fn path(&self, key: &FileKey) -> PathBuf {
@@ -116,7 +141,11 @@ impl PlainCopies {
                 }
             }
             Some(false) => {
-                let _making = self.making.lock().unwrap();
+                let _making = self.claim(f.key);
+                if self.ready(&f.key) {
+                    // Checked by whoever held the claim before us.
+                    return Ok(File::open(&path)?);
+                }
                 if let Ok(file) = File::open(&path) {
                     if check(&file, f)? {
                         if let Some(c) = self.copies.lock().unwrap().get_mut(&f.key) {
@@ -133,6 +162,16 @@ impl PlainCopies {
         self.make(reader, f)
     }
 
+    /// Wait until no one else works on `key`'s copy, then claim it.
+    fn claim(&self, key: FileKey) -> Making<'_> {
+        let mut making = self.making.lock().unwrap_or_else(PoisonError::into_inner);
+        while making.contains(&key) {
+            making = self.made.wait(making).unwrap_or_else(PoisonError::into_inner);
+        }
+        making.insert(key);
+        Making { plain: self, key }
+    }
+
     fn touch(&self, key: &FileKey) {
         if let Some(c) = self.copies.lock().unwrap().get_mut(key) {
             c.last_used = Instant::now();
@@ -140,7 +179,14 @@ impl PlainCopies {
     }
 
     fn make(&self, reader: &Reader, f: &FileRef) -> Result<File, PlainError> {
-        let _making = self.making.lock().unwrap();
+        let _making = self.claim(f.key);
+        let path = self.path(&f.key);
+        if self.ready(&f.key) {
+            // Written by whoever held the claim before us.
+            if let Ok(file) = File::open(&path) {
+                return Ok(file);
+            }
+        }
         if !reader.is_complete(f) {
             return Err(PlainError::Incomplete);
         }
@@ -148,9 +194,14 @@ impl PlainCopies {
         if size > self.limit {
             return Err(PlainError::TooLarge(size, self.limit));
         }
-        self.copies.lock().unwrap().remove(&f.key);
-        self.make_room(size);
-        let path = self.path(&f.key);
+        self.reserve(&f.key, size);
+        let result = self.write(reader, f, &path);
+        self.reserved.fetch_sub(size, Ordering::Relaxed);
+        result
+    }
+
+    fn write(&self, reader: &Reader, f: &FileRef, path: &Path) -> Result<File, PlainError> {
+        let size = f.data.size;
         let tmp = self.dir.join(format!(".tmp-{}", hex::encode(f.key)));
         let mut out = fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o400).open(&tmp)?;
         let mut offset = 0u64;
@@ -169,7 +220,7 @@ impl PlainCopies {
             }
             out.set_len(size)?;
             out.sync_data()?;
-            fs::rename(&tmp, &path)?;
+            fs::rename(&tmp, path)?;
             Ok(())
         })();
         if let Err(e) = result {
@@ -178,13 +229,15 @@ impl PlainCopies {
         }
         self.copies.lock().unwrap().insert(f.key, Copy { size, verified: true, last_used: Instant::now() });
         tracing::debug!("plain copy of {} written ({size} bytes)", f.label);
-        Ok(File::open(&path)?)
+        Ok(File::open(path)?)
     }
 
-    /// Delete least recently used copies until `size` more fits under the limit.
-    fn make_room(&self, size: u64) {
+    /// Forget `key`'s old copy, delete least recently used copies until `size` more fits
+    /// under the limit beside the copies being written, and reserve `size` for this one.
+    fn reserve(&self, key: &FileKey, size: u64) {
         let mut copies = self.copies.lock().unwrap();
-        let mut used: u64 = copies.values().map(|c| c.size).sum();
+        copies.remove(key);
+        let mut used: u64 = copies.values().map(|c| c.size).sum::<u64>() + self.reserved.load(Ordering::Relaxed);
         while used + size > self.limit {
             let Some((&key, _)) = copies.iter().min_by_key(|(_, c)| c.last_used) else { break };
             let c = copies.remove(&key).unwrap();
@@ -192,6 +245,7 @@ impl PlainCopies {
             let _ = fs::remove_file(self.path(&key));
             tracing::debug!("plain copy {} dropped to make room", hex::encode(key));
         }
+        self.reserved.fetch_add(size, Ordering::Relaxed);
     }
 }
 
