@@ -223,3 +223,67 @@ fn a_hung_plain_copy_does_not_block_other_opens() {
 fn hex_of(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
+
+/// `incfs extract` into a directory another user can write, while that user keeps swapping
+/// every directory that appears there for a symlink to a folder outside: nothing is ever
+/// written outside the destination (issue 11, item 5). Before, extract worked on path names
+/// and wrote the files of a swapped directory into the symlink's target.
+#[test]
+fn extract_cannot_be_redirected_by_another_user_of_the_destination() {
+    let p = Published::new(
+        |src| {
+            for d in 0..40 {
+                let dir = src.join(format!("d{d:02}"));
+                fs::create_dir_all(dir.join("sub")).unwrap();
+                for f in 0..3 {
+                    fs::write(dir.join(format!("f{f}")), format!("file {d} {f}\n").repeat(200)).unwrap();
+                }
+                fs::write(dir.join("sub/deep"), "deep\n").unwrap();
+            }
+        },
+        &[],
+    );
+    fs::set_permissions(p.dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
+    let dest = p.dir.path().join("dest");
+    fs::create_dir(&dest).unwrap();
+    fs::set_permissions(&dest, fs::Permissions::from_mode(0o777)).unwrap();
+    let outside = p.dir.path().join("outside");
+    fs::create_dir(&outside).unwrap();
+    let stop = p.dir.path().join("stop");
+    let racer = "import os,sys,time\ndest,outside,stop=sys.argv[1:4]\nend=time.time()+60\nn=0\nprint('ready',flush=True)\nwhile time.time()<end and not os.path.exists(stop):\n  try:\n    names=os.listdir(dest)\n  except OSError:\n    continue\n  for name in names:\n    p=os.path.join(dest,name)\n    if name.startswith('.moved') or os.path.islink(p) or not os.path.isdir(p):\n      continue\n    try:\n      os.rename(p,os.path.join(dest,'.moved-%d'%n)); n+=1\n      os.symlink(outside,p)\n    except OSError:\n      pass\nprint(n)\n";
+    let racer = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "/usr/bin/python3", "-c", racer])
+        .args([&dest, &outside, &stop])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut racer = ChildGuard(racer);
+    let mut racer_out = std::io::BufReader::new(racer.0.stdout.take().unwrap());
+    let mut ready = String::new();
+    std::io::BufRead::read_line(&mut racer_out, &mut ready).unwrap();
+    assert_eq!(ready.trim(), "ready", "the racer did not start");
+    let out = incfs(&[
+        "extract",
+        p.repo.to_str().unwrap(),
+        dest.to_str().unwrap(),
+        "--trust",
+        p.public.to_str().unwrap(),
+        "-q",
+    ]);
+    fs::write(&stop, "").unwrap();
+    let mut swaps = String::new();
+    // The racer exits at its next look at the stop file (or after 60 s), closing its stdout.
+    std::io::Read::read_to_string(&mut racer_out, &mut swaps).unwrap();
+    drop(racer);
+    let outside_now: Vec<_> = fs::read_dir(&outside).unwrap().map(|e| e.unwrap().path()).collect();
+    assert!(
+        outside_now.is_empty(),
+        "extract wrote outside the destination: {outside_now:?}\nextract: {}{}\nswaps: {swaps}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    assert_eq!(mode(&outside), 0o755, "extract changed the mode of a folder outside the destination");
+    assert!(!text(&out.stderr).contains("panicked"), "{}", text(&out.stderr));
+    let swaps: u64 = swaps.trim().parse().unwrap_or(0);
+    assert!(swaps > 0, "the racer never swapped anything: the test proves nothing");
+}

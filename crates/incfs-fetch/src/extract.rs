@@ -5,6 +5,14 @@
 //! times, directories last and deepest first so that writing into them does not disturb their
 //! times. Paths are built only from validated entry names under directories this function
 //! created, so no name can escape the destination.
+//!
+//! Other local users who can write the destination cannot redirect any of this (by swapping a
+//! directory or file for a symlink between two steps): the tree is built in a private staging
+//! directory inside the destination (0700, checked to be ours), always reached through
+//! `/proc/self/fd/N` of a handle opened on it once, never by a name another user could
+//! replace; files are created with `O_EXCL`. Only when every entry is written and has its
+//! metadata are the top-level entries renamed into the destination, and the image root's
+//! metadata applied to the destination through its own handle.
 
 use std::collections::HashMap;
 use std::ffi::{CString, OsStr};
@@ -54,6 +62,51 @@ fn join(dest: &Path, rel: &[u8]) -> PathBuf {
     }
 }
 
+/// A directory held open, and the path that reaches exactly it (`/proc/self/fd/N`) whatever
+/// happens to its name.
+struct Held {
+    dir: File,
+    path: PathBuf,
+}
+
+impl Held {
+    fn open(path: &Path) -> std::io::Result<Held> {
+        use std::os::fd::AsRawFd;
+        use std::os::unix::fs::OpenOptionsExt;
+        let dir = fs::OpenOptions::new().read(true).custom_flags(libc::O_DIRECTORY | libc::O_NOFOLLOW).open(path)?;
+        // "/." so that calls that do not follow a last symlink (lchown, lsetxattr, utimensat
+        // with AT_SYMLINK_NOFOLLOW) act on the directory, not on the /proc link.
+        let path = PathBuf::from(format!("/proc/self/fd/{}/.", dir.as_raw_fd()));
+        if !path.is_dir() {
+            return Err(std::io::Error::other("/proc is not mounted: it is needed to extract safely"));
+        }
+        Ok(Held { dir, path })
+    }
+}
+
+/// Make a private staging directory in `dest` (held) and return it with its name.
+fn staging(dest: &Held, shown: &Path) -> Result<(Held, PathBuf), ExtractError> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+    for attempt in 0..16u32 {
+        let name = PathBuf::from(format!(".incfs-extract-{}-{attempt}", std::process::id()));
+        let at = dest.path.join(&name);
+        match fs::DirBuilder::new().mode(0o700).create(&at) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+            Err(e) => return Err(io(shown)(e)),
+        }
+        let held = Held::open(&at).map_err(io(&shown.join(&name)))?;
+        let m = held.dir.metadata().map_err(io(&shown.join(&name)))?;
+        // SAFETY: geteuid has no preconditions and cannot fail.
+        if m.uid() != unsafe { libc::geteuid() } || m.mode() & 0o777 != 0o700 {
+            let e = std::io::Error::other("the staging directory was replaced by someone else's; refusing");
+            return Err(io(&shown.join(&name))(e));
+        }
+        return Ok((held, name));
+    }
+    Err(io(shown)(std::io::Error::other("cannot create a staging directory")))
+}
+
 /// Extract `image` into `dest`, which must not exist or be empty.
 pub async fn extract(image: &Image, dest: &Path, progress: &dyn ByteProgress) -> Result<ExtractSummary, ExtractError> {
     match fs::read_dir(dest) {
@@ -65,6 +118,44 @@ pub async fn extract(image: &Image, dest: &Path, progress: &dyn ByteProgress) ->
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => fs::create_dir_all(dest).map_err(io(dest))?,
         Err(e) => return Err(io(dest)(e)),
     }
+    let target = Held::open(dest).map_err(io(dest))?;
+    let (stage, name) = staging(&target, dest)?;
+    // Messages name the destination, not the /proc handle paths.
+    let shown = |e: ExtractError| match e {
+        ExtractError::Io { path, source } => {
+            let path = match path.strip_prefix(&stage.path).or_else(|_| path.strip_prefix(&target.path)) {
+                Ok(rel) => dest.join(rel),
+                Err(_) => path,
+            };
+            ExtractError::Io { path, source }
+        }
+        e => e,
+    };
+    let result = async {
+        let summary = extract_into(image, &stage.path, progress).await?;
+        // Every entry written and with its metadata: move the top level into the destination.
+        for e in fs::read_dir(&stage.path).map_err(io(&stage.path))? {
+            let e = e.map_err(io(&stage.path))?;
+            let to = target.path.join(e.file_name());
+            fs::rename(e.path(), &to).map_err(io(&to))?;
+        }
+        // Gone already if another user who can write the destination moved it: theirs now.
+        let _ = fs::remove_dir(target.path.join(&name));
+        apply_metadata(&target.path, &image.manifest().inodes[0])?;
+        Ok(summary)
+    }
+    .await
+    .map_err(shown);
+    if result.is_err() {
+        let _ = fs::remove_dir_all(&stage.path);
+        let _ = fs::remove_dir(target.path.join(&name));
+    }
+    result
+}
+
+/// Write the whole tree of `image` into `dest`, an empty directory only we can reach; the
+/// image root's own metadata is left to the caller.
+async fn extract_into(image: &Image, dest: &Path, progress: &dyn ByteProgress) -> Result<ExtractSummary, ExtractError> {
     let m = image.manifest();
     let entries = m.walk();
     let mut first_path: HashMap<u32, PathBuf> = HashMap::new();
@@ -114,7 +205,7 @@ pub async fn extract(image: &Image, dest: &Path, progress: &dyn ByteProgress) ->
         entries.iter().filter(|(_, i)| !is_dir(i)).chain(entries.iter().rev().filter(|(_, i)| is_dir(i)))
     {
         let path = join(dest, rel);
-        if first_path[inode] == path {
+        if first_path[inode] == path && !rel.is_empty() {
             apply_metadata(&path, &m.inodes[*inode as usize])?;
         }
     }
@@ -137,7 +228,10 @@ async fn write_file(
     f: &FileData,
     progress: &dyn ByteProgress,
 ) -> Result<(), ExtractError> {
-    let out = File::create(path).map_err(io(path))?;
+    let out = {
+        use std::os::unix::fs::OpenOptionsExt;
+        fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path).map_err(io(path))?
+    };
     let data_err = |message: String| ExtractError::Data { path: display_path(rel), message };
     let meta = image.file_meta(f).await.map_err(|e| data_err(e.to_string()))?;
     let n = meta.records.len() as u64;
