@@ -3,7 +3,8 @@
 //! The socket lives at `/run/incfs/<first 32 hex digits of SHA-256(mountpoint)>.sock` (or under
 //! `$XDG_RUNTIME_DIR/incfs/`, else `/tmp/incfs-<uid>/`, when `/run` is not writable), so a client
 //! finds it from the mountpoint alone. Owner only: the directory 0700 and ours, the socket 0600,
-//! and every peer's uid checked (root or ours); request lines are bounded ([`MAX_REQUEST`]). Protocol: one JSON request per line, one JSON reply per line:
+//! and every peer's uid checked (root or ours); request lines are bounded ([`MAX_REQUEST`]).
+//! Protocol: one JSON request per line, one JSON reply per line:
 //! `{"cmd":"status"}`, `{"cmd":"file","path":"dir/name"}`, `{"cmd":"prefetch","paths":["a","b/c"]}`
 //! (answers an id), `{"cmd":"prefetch_progress","id":N}`,
 //! `{"cmd":"update","to":N|null,"allow_rollback":false}`, `{"cmd":"pending"}`,

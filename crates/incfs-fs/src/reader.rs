@@ -865,10 +865,10 @@ impl Reader {
         let digest = self.digest(object);
         for (chunk, piece) in region.chunks(META_CHUNK as usize).enumerate() {
             let chunk = chunk as u64;
-            remember_mirror(&self.meta_from, (object, offset, chunk), mirror);
             if self.meta.get(&(object, offset, chunk)).is_some() {
-                continue;
+                continue; // the cached piece came from elsewhere: not this mirror's to answer for
             }
+            remember_mirror(&self.meta_from, (object, offset, chunk), mirror);
             if let Err(e) = self.store.put_meta(&digest, offset, chunk, piece) {
                 tracing::warn!("cannot cache metadata: {e}");
             }
@@ -1018,12 +1018,10 @@ impl Reader {
             let end = offset + len.min((first + META_PIECES_PER_FETCH) * META_CHUNK);
             async move {
                 let (bytes, mirror) = get_counted(&mirrors, &stats, &layout::object(&digest), start..end).await?;
-                for k in 0..bytes.len().div_ceil(META_CHUNK as usize) as u64 {
-                    remember_mirror(&meta_from, (object, offset, first + k), mirror);
-                }
                 let pieces: Vec<Arc<Vec<u8>>> =
                     bytes.chunks(META_CHUNK as usize).map(|p| Arc::new(p.to_vec())).collect();
                 for (k, piece) in pieces.iter().enumerate() {
+                    remember_mirror(&meta_from, (object, offset, first + k as u64), mirror);
                     if let Err(e) = store.put_meta(&digest, offset, first + k as u64, piece) {
                         tracing::warn!("cannot cache metadata: {e}");
                     }
