@@ -6,7 +6,7 @@ use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
     if let Ok(env) = incfs_format::wire::open_envelope(data) {
-        if let Ok(m) = incfs_format::wire::decode_body(env.body) {
+        if let Ok(m) = incfs_format::wire::decode(&env) {
             if m.validate().is_ok() {
                 // A valid manifest must be navigable without panics.
                 let _ = m.walk();

@@ -157,30 +157,60 @@ fn tree_of(file: &Path) -> Result<(u64, incfs_format::Hash, Vec<u8>)> {
     Ok((data.len() as u64, *tree.root(), tree.to_compact()))
 }
 
-pub fn sign_file(file: &Path, key: &Path, out: Option<&Path>) -> Result<i32> {
+/// `--mode` (octal), else `file`'s permission bits.
+fn mode_of(mode: Option<&str>, file: &Path) -> Result<u16> {
+    use std::os::unix::fs::PermissionsExt;
+    match mode {
+        Some(m) => u16::from_str_radix(m, 8)
+            .ok()
+            .filter(|m| *m <= 0o7777)
+            .ok_or_else(|| anyhow::anyhow!("--mode {m:?}: octal permission bits like 644")),
+        None => Ok((std::fs::metadata(file).with_context(|| format!("{}", file.display()))?.permissions().mode()
+            & 0o7777) as u16),
+    }
+}
+
+pub fn sign_file(
+    file: &Path,
+    key: &Path,
+    image: &str,
+    path: &str,
+    mode: Option<&str>,
+    out: Option<&Path>,
+) -> Result<i32> {
     let key = crate::keys::load_signing_key(key)?;
+    if !incfs_format::manifest::is_valid_image_name(image) {
+        bail!("--image {image:?}: not a valid image name");
+    }
+    let canonical = incfs_format::push::canonical_path(path.as_bytes());
+    if canonical.is_empty() || !canonical.split(|&b| b == b'/').all(incfs_format::manifest::is_valid_name) {
+        bail!("--path {path:?}: give the file's path inside the image, like lang/fr.pak");
+    }
+    let mode = mode_of(mode, file)?;
     let (size, root, _) = tree_of(file)?;
     let digest = incfs_verity::file_digest(&root, size);
-    let sig = key.sign(&incfs_verity::formatted_digest(&digest));
+    let sig = key.sign(&incfs_format::push::push_message(image, path.as_bytes(), mode, &digest));
     let out = out.map(Path::to_path_buf).unwrap_or_else(|| {
         let mut p = file.as_os_str().to_owned();
         p.push(".sig");
         p.into()
     });
     std::fs::write(&out, sig).with_context(|| format!("{}", out.display()))?;
-    println!("{} {} -> {}", incfs_verity::format_digest(&digest), file.display(), out.display());
+    println!(
+        "{} {} -> {} (image {image}, path {}, mode {mode:o})",
+        incfs_verity::format_digest(&digest),
+        file.display(),
+        out.display(),
+        String::from_utf8_lossy(&canonical)
+    );
     Ok(0)
 }
 
 pub fn add(mp: &Path, path: &Path, from: &Path, signature: &Path, mode: Option<&str>, fill_now: bool) -> Result<i32> {
-    use std::os::unix::fs::PermissionsExt;
     let mpc = mountpoint(mp)?;
     let rel = image_path(&mpc, path)?;
     let (size, root, tree) = tree_of(from)?;
-    let mode = match mode {
-        Some(m) => u16::from_str_radix(m, 8).map_err(|_| anyhow::anyhow!("--mode {m:?}: octal bits like 644"))?,
-        None => (std::fs::metadata(from)?.permissions().mode() & 0o7777) as u16,
-    };
+    let mode = mode_of(mode, from)?;
     let sig = std::fs::read(signature).with_context(|| format!("{}", signature.display()))?;
     let b64 = base64::engine::general_purpose::STANDARD;
     let request = serde_json::json!({

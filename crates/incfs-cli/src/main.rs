@@ -129,6 +129,13 @@ enum Command {
         /// what the recorded program reads first, in a few large requests.
         #[arg(long, value_name = "FILE")]
         profile: Option<PathBuf>,
+        /// Sign an expiry into the manifest: a time from now (like 30d, 12h) or a UTC date
+        /// (like 2027-01-31T00:00:00Z). Mounts refuse the manifest from a source after it, so a
+        /// server cannot keep clients on an old version unnoticed; publish again before then
+        /// (packing an unchanged tree costs only a new manifest). Needs incfs 2026-12 or newer
+        /// to read (manifest format 2).
+        #[arg(long, value_name = "WHEN")]
+        expires: Option<String>,
         /// No progress display.
         #[arg(short, long)]
         quiet: bool,
@@ -145,6 +152,12 @@ enum Command {
         /// Check this version instead of the latest.
         #[arg(long)]
         version: Option<u64>,
+        /// Do not count an expired manifest as a problem.
+        #[arg(long)]
+        allow_expired: bool,
+        /// Give up on a request to the source that has not completed in this time (like 30s).
+        #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+        timeout: std::time::Duration,
         #[arg(short, long)]
         quiet: bool,
     },
@@ -158,6 +171,12 @@ enum Command {
         trust: Vec<PathBuf>,
         #[arg(long)]
         version: Option<u64>,
+        /// Extract even if the manifest's signed expiry has passed.
+        #[arg(long)]
+        allow_expired: bool,
+        /// Give up on a request to the source that has not completed in this time (like 30s).
+        #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+        timeout: std::time::Duration,
         #[arg(short, long)]
         quiet: bool,
     },
@@ -182,13 +201,23 @@ enum Command {
         #[arg(long)]
         dry_run: bool,
     },
-    /// Sign a file's fs-verity digest for `incfs add`: writes the signature over the fs-verity
-    /// formatted digest ("FSVerity", algorithm, size, digest), in the key's scheme, to OUT.
+    /// Sign a push of FILE for `incfs add`: the signature binds its fs-verity digest to one
+    /// image, one path and one mode (docs/loader.md section 3), so it cannot be replayed
+    /// anywhere else. Written raw, in the key's scheme, to OUT.
     SignFile {
         file: PathBuf,
         /// Publisher private key (PEM), as for `incfs pack`.
         #[arg(long)]
         key: PathBuf,
+        /// The image the file may be pushed into (its name in the manifest).
+        #[arg(long, value_name = "NAME")]
+        image: String,
+        /// Where the file may appear inside the image.
+        #[arg(long, value_name = "PATH")]
+        path: String,
+        /// Permission bits it may have, octal [default: FILE's].
+        #[arg(long)]
+        mode: Option<String>,
         /// Where to write the raw signature [default: FILE.sig].
         #[arg(long)]
         out: Option<PathBuf>,
@@ -209,6 +238,15 @@ enum Command {
         /// Trusted publisher public key (PEM); repeat for several.
         #[arg(long, required = true)]
         trust: Vec<PathBuf>,
+        /// The image expected (its name in the signed manifest): anything else is refused. A
+        /// cache remembers the image each source served and refuses a source that starts
+        /// serving another one; naming the new image here accepts the change.
+        #[arg(long, value_name = "NAME")]
+        image: Option<String>,
+        /// Accept a manifest whose signed expiry has passed (`incfs pack --expires`), here and
+        /// for every later update of this mount.
+        #[arg(long)]
+        allow_expired: bool,
         /// Cache directory [default: $XDG_CACHE_HOME/incfs, /var/cache/incfs as root,
         /// ~/.cache/incfs otherwise].
         #[arg(long)]
@@ -275,6 +313,10 @@ enum Command {
         /// Data blocks then come only from it; SOURCE still gives the manifest and Merkle trees.
         #[arg(long, value_name = "CMD")]
         loader: Option<String>,
+        /// Let loaders (--loader, and loader sessions on the control socket) push new files
+        /// into the mount, signed as for `incfs add`; without it they may only fill blocks.
+        #[arg(long)]
+        allow_loader_add: bool,
     },
     /// The reads of a mount waiting for data now: serial, age, file id, path, blocks.
     Pending {
@@ -303,7 +345,8 @@ enum Command {
     /// Push a single new file into a live mount, without a new manifest: PATH appears at once
     /// (its directory must exist, the name must be free); its blocks come from fills (`incfs
     /// fill`, a loader, or --fill now) and are verified against FILE's Merkle tree, accepted only
-    /// if a trusted key signed its fs-verity digest (`incfs sign-file`).
+    /// if a trusted key signed this push: FILE's digest at PATH with this mode in this image
+    /// (`incfs sign-file FILE --key KEY --image NAME --path PATH`).
     Add {
         mountpoint: PathBuf,
         /// Where the file appears inside the image.
@@ -311,10 +354,10 @@ enum Command {
         /// The file's content (its size and Merkle tree are computed from it).
         #[arg(long, value_name = "FILE")]
         from: PathBuf,
-        /// Signature over its digest, as written by `incfs sign-file`.
+        /// The push's signature, as written by `incfs sign-file` for this image, PATH and mode.
         #[arg(long, value_name = "SIG")]
         signature: PathBuf,
-        /// Permission bits, octal [default: FILE's].
+        /// Permission bits, octal, as signed [default: FILE's].
         #[arg(long)]
         mode: Option<String>,
         /// Fill every block from FILE right away.
@@ -346,6 +389,9 @@ enum Command {
         /// Allow switching to an older version than the newest this mount or cache accepted.
         #[arg(long)]
         allow_rollback: bool,
+        /// Accept a manifest whose signed expiry has passed.
+        #[arg(long)]
+        allow_expired: bool,
         /// Machine-readable output.
         #[arg(long)]
         json: bool,
@@ -435,7 +481,9 @@ fn main() {
         ),
         Command::Digest { files } => digest::run(&files),
         Command::Prune { repo_dir, keep, dry_run } => publish::prune(&repo_dir, keep as usize, dry_run),
-        Command::SignFile { file, key, out } => introspect::sign_file(&file, &key, out.as_deref()),
+        Command::SignFile { file, key, image, path, mode, out } => {
+            introspect::sign_file(&file, &key, &image, &path, mode.as_deref(), out.as_deref())
+        }
         Command::Pack {
             src_dir,
             repo_dir,
@@ -446,6 +494,7 @@ fn main() {
             zstd_level,
             object_mib,
             profile,
+            expires,
             quiet,
         } => {
             let compression = match compression {
@@ -453,17 +502,22 @@ fn main() {
                 CompressionArg::Zstd => incfs_format::Compression::Zstd { level: zstd_level },
                 CompressionArg::None => incfs_format::Compression::None,
             };
-            publish::load_profile(profile.as_deref()).and_then(|profile| {
-                let opts =
-                    incfs_pack::PackOptions { name, version, compression, object_size: object_mib << 20, profile };
+            let expires =
+                expires.as_deref().map(|w| publish::parse_expiry(w, incfs_fetch::image::unix_now())).transpose();
+            expires.and_then(|expires| {
+                let profile = publish::load_profile(profile.as_deref())?;
+                let object_size = object_mib << 20;
+                let opts = incfs_pack::PackOptions { name, version, compression, object_size, profile, expires };
                 publish::pack(&src_dir, &repo_dir, &key, &opts, quiet)
             })
         }
-        Command::Verify { repo, trust, version, quiet } => {
-            runtime().and_then(|rt| rt.block_on(read::verify(&repo, &trust, version, quiet)))
+        Command::Verify { repo, trust, version, allow_expired, timeout, quiet } => {
+            let how = read::ReadArgs { version, allow_expired, timeout, quiet };
+            runtime().and_then(|rt| rt.block_on(read::verify(&repo, &trust, &how)))
         }
-        Command::Extract { repo, dest, trust, version, quiet } => {
-            runtime().and_then(|rt| rt.block_on(read::extract(&repo, &dest, &trust, version, quiet)))
+        Command::Extract { repo, dest, trust, version, allow_expired, timeout, quiet } => {
+            let how = read::ReadArgs { version, allow_expired, timeout, quiet };
+            runtime().and_then(|rt| rt.block_on(read::extract(&repo, &dest, &trust, &how)))
         }
         Command::Serve { repo_dir, listen } => runtime().and_then(|rt| rt.block_on(serve::run(&repo_dir, listen))),
         Command::Mount {
@@ -471,6 +525,8 @@ fn main() {
             mountpoint,
             mirrors,
             trust,
+            image,
+            allow_expired,
             cache,
             read_timeout,
             foreground,
@@ -487,6 +543,7 @@ fn main() {
             metrics,
             follow,
             loader,
+            allow_loader_add,
         } => {
             let mut sources = vec![source];
             sources.extend(mirrors);
@@ -505,6 +562,9 @@ fn main() {
                 metrics,
                 follow,
                 loader,
+                image,
+                allow_expired,
+                loader_add: allow_loader_add,
             };
             let args = mount::MountArgs { sources, mountpoint, trust, cache, foreground, settings };
             mount::mount(args)
@@ -513,8 +573,8 @@ fn main() {
             mount::prefetch(&mountpoint, &paths, stall_timeout, quiet)
         }
         Command::Unmount { mountpoint } => mount::unmount(&mountpoint),
-        Command::Update { mountpoint, to, allow_rollback, json } => {
-            mount::update(&mountpoint, to, allow_rollback, json)
+        Command::Update { mountpoint, to, allow_rollback, allow_expired, json } => {
+            mount::update(&mountpoint, to, allow_rollback, allow_expired, json)
         }
         Command::Pending { mountpoint, json } => introspect::pending(&mountpoint, json),
         Command::Log { mountpoint, json } => introspect::log(&mountpoint, json),

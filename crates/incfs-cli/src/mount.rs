@@ -209,9 +209,15 @@ pub fn status(mountpoint: &Path, path: Option<&Path>, json: bool) -> Result<i32>
 }
 
 /// `incfs update`: switch the mount to another version and say what changed.
-pub fn update(mountpoint: &Path, to: Option<u64>, allow_rollback: bool, json: bool) -> Result<i32> {
+pub fn update(
+    mountpoint: &Path,
+    to: Option<u64>,
+    allow_rollback: bool,
+    allow_expired: bool,
+    json: bool,
+) -> Result<i32> {
     let mp = std::fs::canonicalize(mountpoint).with_context(|| format!("{}", mountpoint.display()))?;
-    let request = serde_json::json!({ "cmd": "update", "to": to, "allow_rollback": allow_rollback });
+    let request = serde_json::json!({ "cmd": "update", "to": to, "allow_rollback": allow_rollback, "allow_expired": allow_expired });
     let v = ask_within(&mp, &request, Duration::from_secs(300)).map_err(|e| anyhow::anyhow!(e))?;
     if json {
         println!("{v}");

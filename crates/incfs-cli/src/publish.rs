@@ -20,6 +20,24 @@ pub fn load_profile(path: Option<&Path>) -> Result<Option<incfs_format::profile:
     Ok(Some(profile))
 }
 
+/// `pack --expires WHEN`: a duration from `now` (like 30d) or an RFC 3339 UTC time; seconds
+/// since the Unix epoch.
+pub fn parse_expiry(when: &str, now: i64) -> Result<i64> {
+    if let Ok(d) = humantime::parse_duration(when) {
+        return Ok(now.saturating_add(d.as_secs().min(i64::MAX as u64) as i64));
+    }
+    let t = humantime::parse_rfc3339_weak(when).map_err(|_| {
+        anyhow::anyhow!(
+            "--expires {when:?}: give a time from now (like 30d, 12h) or a UTC date (like 2027-01-31T00:00:00Z)"
+        )
+    })?;
+    let at = t.duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64);
+    if at <= now {
+        anyhow::bail!("--expires {when:?} is in the past: the manifest would be refused at once");
+    }
+    Ok(at)
+}
+
 pub fn pack(src: &Path, repo: &Path, key: &Path, opts: &PackOptions, quiet: bool) -> Result<i32> {
     let key = load_signing_key(key)?;
     let started = Instant::now();
@@ -30,6 +48,9 @@ pub fn pack(src: &Path, repo: &Path, key: &Path, opts: &PackOptions, quiet: bool
     let secs = started.elapsed().as_secs_f64().max(1e-3);
     let ratio = if s.new_block_bytes > 0 { s.new_block_stored as f64 / s.new_block_bytes as f64 } else { 1.0 };
     println!("packed {} version {} into {} with key {}", s.name, s.version, repo.display(), key.public_key().id_hex());
+    if let Some(at) = opts.expires {
+        println!("  expires:  {} (publish again before then)", incfs_fetch::image::format_time(at));
+    }
     println!(
         "  entries: {} files, {} directories, {} symlinks, {} special, {} extra hard links{}",
         s.files,
@@ -81,4 +102,17 @@ pub fn prune(repo: &Path, keep: usize, dry_run: bool) -> Result<i32> {
         indicatif::HumanBytes(r.freed_bytes)
     );
     Ok(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_expiry;
+
+    #[test]
+    fn expiry_is_a_duration_from_now_or_a_future_date() {
+        assert_eq!(parse_expiry("30d", 1000).unwrap(), 1000 + 30 * 86400);
+        assert_eq!(parse_expiry("2030-01-01T00:00:00Z", 1000).unwrap(), 1_893_456_000);
+        assert!(parse_expiry("2001-01-01T00:00:00Z", 1_800_000_000).unwrap_err().to_string().contains("in the past"));
+        assert!(parse_expiry("soon", 0).unwrap_err().to_string().contains("30d"));
+    }
 }

@@ -11,18 +11,30 @@ use indicatif::HumanBytes;
 use crate::keys::load_trusted;
 use crate::progress::Reporter;
 
-pub async fn open(repo: &str, trust: &[PathBuf], version: Option<u64>) -> Result<Image> {
+/// How `verify` and `extract` read an image.
+pub struct ReadArgs {
+    /// A version instead of the newest.
+    pub version: Option<u64>,
+    /// Accept (`extract`) or do not report (`verify`) a manifest past its signed expiry.
+    pub allow_expired: bool,
+    /// Bound on one request to the source.
+    pub timeout: std::time::Duration,
+    pub quiet: bool,
+}
+
+pub async fn open(repo: &str, trust: &[PathBuf], version: Option<u64>, timeout: std::time::Duration) -> Result<Image> {
     let trust = load_trusted(trust)?;
-    let source = Source::parse(repo, &SourceOptions::default())?;
+    let opts = SourceOptions { request_timeout: timeout, ..SourceOptions::default() };
+    let source = Source::parse(repo, &opts)?;
     Ok(match version {
         Some(v) => Image::open_version(source, v, &trust).await?,
         None => Image::open(source, &trust).await?,
     })
 }
 
-pub async fn verify(repo: &str, trust: &[PathBuf], version: Option<u64>, quiet: bool) -> Result<i32> {
+pub async fn verify(repo: &str, trust: &[PathBuf], how: &ReadArgs) -> Result<i32> {
     let started = Instant::now();
-    let image = match open(repo, trust, version).await {
+    let image = match open(repo, trust, how.version, how.timeout).await {
         Ok(i) => i,
         // The source could not give a manifest at all (unreachable, missing, a response refused
         // as too large...): an error (exit 2), not a finding about the image.
@@ -34,9 +46,14 @@ pub async fn verify(repo: &str, trust: &[PathBuf], version: Option<u64>, quiet: 
         }
     };
     let m = image.manifest().clone();
-    let reporter = Reporter::new("verifying", quiet);
-    let report = incfs_fetch::verify::verify_image(&image, &reporter).await;
+    let reporter = Reporter::new("verifying", how.quiet);
+    let mut report = incfs_fetch::verify::verify_image(&image, &reporter).await;
     reporter.finish();
+    if let (false, Err(e)) = (how.allow_expired, image.check_fresh(incfs_fetch::image::unix_now())) {
+        // Every byte may be right, but mounts will refuse the manifest: the publisher's problem.
+        let message = format!("{e}");
+        report.problems.insert(0, incfs_fetch::verify::Problem { subject: "manifest".into(), blocks: None, message });
+    }
     for p in &report.problems {
         eprintln!("problem: {p}");
     }
@@ -62,10 +79,13 @@ pub async fn verify(repo: &str, trust: &[PathBuf], version: Option<u64>, quiet: 
     }
 }
 
-pub async fn extract(repo: &str, dest: &Path, trust: &[PathBuf], version: Option<u64>, quiet: bool) -> Result<i32> {
+pub async fn extract(repo: &str, dest: &Path, trust: &[PathBuf], how: &ReadArgs) -> Result<i32> {
     let started = Instant::now();
-    let image = open(repo, trust, version).await?;
-    let reporter = Reporter::new("extracting", quiet);
+    let image = open(repo, trust, how.version, how.timeout).await?;
+    if !how.allow_expired {
+        image.check_fresh(incfs_fetch::image::unix_now())?;
+    }
+    let reporter = Reporter::new("extracting", how.quiet);
     let result = incfs_fetch::extract::extract(&image, dest, &reporter).await;
     reporter.finish();
     let s = result.with_context(|| format!("extracting into {}", dest.display()))?;

@@ -116,9 +116,9 @@ fn an_update_from_a_lying_server_is_refused_and_the_mount_keeps_serving() {
     let url = server.url("repo");
     let m = p.mount(&url, "u", &[]);
     assert_eq!(std::fs::read(m.path("b.txt")).unwrap(), std::fs::read(p.src.join("b.txt")).unwrap());
-    for lie in [Lie::AbsurdLength, Lie::TenGibBody] {
+    for lie in [Lie::AbsurdLength, Lie::TenGibBody, Lie::EndlessChunked] {
         server.set(lie);
-        refused(&["update", m.dir.to_str().unwrap()], &url, &["limit"]);
+        refused(&["update", m.dir.to_str().unwrap()], &url, &["limit", "content length", "Content-Length"]);
         assert!(m.daemon_alive(), "{lie:?}: the daemon died:\n{}", m.log());
     }
     server.set(Lie::Honest);
@@ -266,4 +266,72 @@ fn a_first_source_that_answers_wrongly_does_not_stop_the_mount() {
     let public = p.public.to_str().unwrap();
     let args = ["mount", &forger.url, mnt.to_str().unwrap(), "--trust", public, "--cache", cache.to_str().unwrap()];
     refused(&args, &forger.url, &["not among the trusted keys"]);
+}
+
+/// A body that stops halfway and a redirect to a host nobody named: `verify`, `extract`, `mount`
+/// and `update` each give up within their timeout with one line naming the source; a redirect
+/// within the source's host is followed; a HEAD that disagrees with the GET is reported by
+/// `verify` (the only user of object sizes) and harms nothing else.
+#[test]
+fn stalled_bodies_foreign_redirects_and_lying_heads() {
+    let p = Published::new(small_tree, &[]);
+    let server = HostileServer::start(p.dir.path(), Lie::Honest);
+    let url = server.url("repo");
+    let public = p.public.to_str().unwrap();
+    let live = p.mount(&url, "live", &["--read-timeout", "1s"]);
+    for (lie, what) in [
+        (Lie::StallBody, &["timed out", "timeout", "Timeout"][..]),
+        (Lie::RedirectAway, &["redirected to another host (http://localhost:"][..]),
+    ] {
+        server.set(lie);
+        let t = Instant::now();
+        refused(&["verify", &url, "--trust", public, "-q", "--timeout", "2s"], &url, what);
+        let dest = p.dir.path().join(format!("extract-{lie:?}"));
+        refused(&["extract", &url, dest.to_str().unwrap(), "--trust", public, "-q", "--timeout", "2s"], &url, what);
+        assert!(!dest.join("a.bin").exists(), "{lie:?}: extract wrote files");
+        let mnt = p.dir.path().join(format!("mnt-{lie:?}"));
+        std::fs::create_dir_all(&mnt).unwrap();
+        let cache = p.dir.path().join(format!("cache-{lie:?}"));
+        let mount = [
+            "mount",
+            &url,
+            mnt.to_str().unwrap(),
+            "--trust",
+            public,
+            "--cache",
+            cache.to_str().unwrap(),
+            "--read-timeout",
+            "1s",
+        ];
+        refused(&mount, &url, what);
+        assert!(!is_mounted(&mnt), "{lie:?}: a refused mount left {} mounted", mnt.display());
+        refused(&["update", live.dir.to_str().unwrap()], &url, what);
+        assert!(live.daemon_alive(), "{lie:?}: the daemon died:\n{}", live.log());
+        // Bounded by the timeouts given (2 s, and 3 s for the mount's requests, with retries).
+        assert!(t.elapsed() < Duration::from_secs(50), "{lie:?}: took {:?}", t.elapsed());
+    }
+
+    // A redirect within the same host is followed, by every command.
+    server.set(Lie::RedirectHere);
+    incfs_ok(&["verify", &url, "--trust", public, "-q"]);
+    let dest = p.dir.path().join("extract-here");
+    incfs_ok(&["extract", &url, dest.to_str().unwrap(), "--trust", public, "-q"]);
+    assert_eq!(read_tree(&dest), read_tree(&p.src));
+    let m = p.mount(&url, "here", &[]);
+    assert_eq!(std::fs::read(m.path("a.bin")).unwrap(), std::fs::read(p.src.join("a.bin")).unwrap());
+
+    // HEAD says 1 TiB, GETs are honest: verify reports every object's size as wrong (status 1),
+    // nothing allocates it, and extract and mount (which never trust a HEAD for data) work.
+    server.set(Lie::HeadLies);
+    refused_with(
+        1,
+        &["verify", &url, "--trust", public, "-q"],
+        "objects/",
+        &["is 1099511627776 bytes but the manifest says"],
+    );
+    let dest = p.dir.path().join("extract-head");
+    incfs_ok(&["extract", &url, dest.to_str().unwrap(), "--trust", public, "-q"]);
+    assert_eq!(read_tree(&dest), read_tree(&p.src));
+    let m = p.mount(&url, "head", &[]);
+    assert_eq!(std::fs::read(m.path("b.txt")).unwrap(), std::fs::read(p.src.join("b.txt")).unwrap());
 }

@@ -5,6 +5,7 @@ mod common;
 
 use std::fs;
 use std::io::{BufRead, BufReader};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -207,7 +208,8 @@ fn a_pushed_file_reads_once_filled_and_nothing_unsigned_or_wrong_gets_in() {
     let mnt = m.dir.to_str().unwrap().to_string();
     let fr = p.dir.path().join("fr.pak");
     fs::write(&fr, random_bytes(40, 300_000)).unwrap();
-    let out = incfs_ok(&["sign-file", fr.to_str().unwrap(), "--key", p.private.to_str().unwrap()]);
+    let key = p.private.to_str().unwrap();
+    let out = incfs_ok(&["sign-file", fr.to_str().unwrap(), "--key", key, "--image", "src", "--path", "lang/fr.pak"]);
     assert!(out.contains(&incfs_ok(&["digest", fr.to_str().unwrap()]).split(' ').next().unwrap().to_string()));
     let sig = format!("{}.sig", fr.display());
     let out = incfs_ok(&["add", &mnt, "lang/fr.pak", "--from", fr.to_str().unwrap(), "--signature", &sig, "--fill"]);
@@ -227,13 +229,17 @@ fn a_pushed_file_reads_once_filled_and_nothing_unsigned_or_wrong_gets_in() {
         de.to_str().unwrap(),
         "--key",
         other.to_str().unwrap(),
+        "--image",
+        "src",
+        "--path",
+        "lang/de.pak",
         "--out",
         bad_sig.to_str().unwrap(),
     ]);
     let out =
         incfs(&["add", &mnt, "lang/de.pak", "--from", de.to_str().unwrap(), "--signature", bad_sig.to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(2));
-    assert!(text(&out.stderr).contains("does not verify with any trusted key"), "{}", text(&out.stderr));
+    assert!(text(&out.stderr).contains("no trusted key signed"), "{}", text(&out.stderr));
     assert!(!m.path("lang/de.pak").exists());
     // A taken name is refused too.
     let out = incfs(&["add", &mnt, "lang/en.txt", "--from", fr.to_str().unwrap(), "--signature", &sig]);
@@ -241,7 +247,7 @@ fn a_pushed_file_reads_once_filled_and_nothing_unsigned_or_wrong_gets_in() {
 
     // Signed right, but the blocks pushed are not the file's: the waiting read fails with EIO,
     // nothing is kept; the right blocks then read.
-    incfs_ok(&["sign-file", de.to_str().unwrap(), "--key", p.private.to_str().unwrap()]);
+    incfs_ok(&["sign-file", de.to_str().unwrap(), "--key", key, "--image", "src", "--path", "lang/de.pak"]);
     let de_sig = format!("{}.sig", de.display());
     incfs_ok(&["add", &mnt, "lang/de.pak", "--from", de.to_str().unwrap(), "--signature", &de_sig]);
     let path = m.path("lang/de.pak");
@@ -277,4 +283,119 @@ fn a_pushed_file_reads_once_filled_and_nothing_unsigned_or_wrong_gets_in() {
     assert!(fs::read(m.path("lang/de.pak")).unwrap() == fs::read(&de).unwrap());
     assert_eq!(m.stat("bytes_fetched"), before);
     assert_eq!(fs::read_to_string(m.path("lang/es.txt")).unwrap(), "hola\n");
+}
+
+#[test]
+fn a_push_signature_holds_only_for_its_image_path_and_mode() {
+    let p = Published::new(
+        |src| {
+            fs::create_dir(src.join("lang")).unwrap();
+            fs::write(src.join("lang/en.txt"), "hello\n").unwrap();
+        },
+        &[],
+    );
+    let serve = IncfsServer::start(&p.repo);
+    let m = p.mount(&serve.url, "replay", &[]);
+    let mnt = m.dir.to_str().unwrap().to_string();
+    let fr = p.dir.path().join("fr.pak");
+    fs::write(&fr, random_bytes(43, 20_000)).unwrap();
+    let (from, key) = (fr.to_str().unwrap(), p.private.to_str().unwrap());
+    let sign = |out: &str, extra: &[&str]| {
+        let out = p.dir.path().join(out);
+        let mut args = vec!["sign-file", from, "--key", key, "--out", out.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        incfs_ok(&args);
+        out.to_str().unwrap().to_string()
+    };
+    let good = sign("good.sig", &["--image", "src", "--path", "lang/fr.pak", "--mode", "644"]);
+    let other_image = sign("image.sig", &["--image", "another", "--path", "lang/fr.pak", "--mode", "644"]);
+    let refused = |path: &str, sig: &str, mode: &str, why: &str| {
+        let out = incfs(&["add", &mnt, path, "--from", from, "--signature", sig, "--mode", mode]);
+        assert_eq!(out.status.code(), Some(2), "{path} with {sig} mode {mode} was accepted");
+        assert!(text(&out.stderr).contains(why), "{}", text(&out.stderr));
+        assert!(!m.path(path).exists());
+    };
+    // The same signature replayed at another path, with setuid, or from another image's push.
+    refused("lang/other.pak", &good, "644", "no trusted key signed");
+    refused("fr.pak", &good, "644", "at this path");
+    refused("lang/fr.pak", &good, "4755", "with mode 4755");
+    refused("lang/fr.pak", &other_image, "644", "for image \"src\"");
+    // A signature over the fs-verity digest alone (what `fsverity sign` and incfs before
+    // 2026-12 signed), made here with openssl: names no place, so it is refused with the fix.
+    let digest = incfs_ok(&["digest", from]);
+    let hex_digest = digest.split(' ').next().unwrap().trim_start_matches("sha256:");
+    let mut formatted = b"FSVerity".to_vec();
+    formatted.extend_from_slice(&[1, 0, 32, 0]);
+    formatted.extend_from_slice(&hex::decode(hex_digest).unwrap());
+    let formatted_path = p.dir.path().join("formatted.bin");
+    fs::write(&formatted_path, &formatted).unwrap();
+    let fsverity_sig = p.dir.path().join("fsverity.sig");
+    run(
+        "openssl",
+        &[
+            "pkeyutl",
+            "-sign",
+            "-rawin",
+            "-inkey",
+            key,
+            "-in",
+            formatted_path.to_str().unwrap(),
+            "-out",
+            fsverity_sig.to_str().unwrap(),
+        ],
+    );
+    refused("lang/fr.pak", fsverity_sig.to_str().unwrap(), "644", "covers only the file's content");
+    // The signature made for this place works there, and the file reads.
+    let out = incfs_ok(&["add", &mnt, "lang/fr.pak", "--from", from, "--signature", &good, "--mode", "644", "--fill"]);
+    assert!(out.contains("added"), "{out}");
+    assert!(fs::read(m.path("lang/fr.pak")).unwrap() == fs::read(&fr).unwrap());
+    assert_eq!(fs::metadata(m.path("lang/fr.pak")).unwrap().permissions().mode() & 0o7777, 0o644);
+}
+
+#[test]
+fn loaders_push_files_only_where_the_mount_allows_it() {
+    use base64::Engine;
+    let p = Published::new(fill_tree, &[]);
+    let new = p.dir.path().join("new.bin");
+    fs::write(&new, random_bytes(44, 5000)).unwrap();
+    let sig = p.dir.path().join("new.sig");
+    let key = p.private.to_str().unwrap();
+    let sign = ["sign-file", new.to_str().unwrap(), "--key", key, "--image", "src", "--path", "pushed.bin"];
+    incfs_ok(&[&sign[..], &["--mode", "600", "--out", sig.to_str().unwrap()]].concat());
+    let data = fs::read(&new).unwrap();
+    let tree = incfs_verity::MerkleTree::from_data(&data);
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let add = serde_json::json!({
+        "type": "add", "path": "pushed.bin", "mode": 0o600, "size": data.len(),
+        "root_hash": hex::encode(tree.root()), "tree": b64.encode(tree.to_compact()),
+        "signature": b64.encode(fs::read(&sig).unwrap()),
+    });
+    let add_line = p.dir.path().join("add.json");
+    fs::write(&add_line, format!("{add}\n")).unwrap();
+    for (name, allow) in [("no-add", false), ("may-add", true)] {
+        // A loader that pushes one file, then records what the daemon answers.
+        let answers = p.dir.path().join(format!("answers-{name}"));
+        let cmd = format!("cat {}; exec cat > {}", add_line.display(), answers.display());
+        let mut args = vec!["--loader", &cmd];
+        if allow {
+            args.push("--allow-loader-add");
+        }
+        let m = p.mount(p.repo.to_str().unwrap(), name, &args);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let answer = loop {
+            let text = fs::read_to_string(&answers).unwrap_or_default();
+            if let Some(l) = text.lines().find(|l| l.contains("\"added\"") || l.contains("\"rejected\"")) {
+                break l.to_string();
+            }
+            assert!(Instant::now() < deadline, "no answer to the loader's add: {text}\n{}", m.log());
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        if allow {
+            assert!(answer.contains("\"added\""), "{answer}");
+            assert!(m.path("pushed.bin").exists());
+        } else {
+            assert!(answer.contains("\"rejected\"") && answer.contains("--allow-loader-add"), "{answer}");
+            assert!(!m.path("pushed.bin").exists());
+        }
+    }
 }

@@ -33,6 +33,23 @@ pub enum ImageError {
     Manifest { source_name: String, error: wire::WireError },
     #[error("{source_name}: {error}")]
     Signature { source_name: String, error: SignatureError },
+    #[error("{source_name}: {key} holds version {found}, not version {asked}; the repository is damaged or the server is lying")]
+    WrongVersion { source_name: String, key: String, asked: u64, found: u64 },
+    #[error(
+        "{source_name}: {name} version {version} expired at {at} (its publisher signs a new version before then;          a server still serving this one may be replaying an old version); --allow-expired uses it anyway"
+    )]
+    Expired { source_name: String, name: String, version: u64, at: String },
+}
+
+/// Seconds since the Unix epoch, now.
+pub fn unix_now() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64)
+}
+
+/// An expiry time for messages: RFC 3339, UTC.
+pub fn format_time(at: i64) -> String {
+    let t = std::time::UNIX_EPOCH + std::time::Duration::from_secs(at.max(0) as u64);
+    humantime::format_rfc3339_seconds(t).to_string()
 }
 
 /// Why a file's metadata region was rejected.
@@ -86,10 +103,36 @@ impl Image {
         Self::from_manifest_bytes(source, bytes, trust)
     }
 
-    /// Open version `version` published at `source`.
+    /// Open version `version` published at `source` (which must hold that version).
     pub async fn open_version(source: Source, version: u64, trust: &TrustedKeys) -> Result<Image, ImageError> {
         let bytes = source.get(&layout::version_manifest(version), layout::MAX_MANIFEST_BYTES).await?;
-        Self::from_manifest_bytes(source, bytes, trust)
+        Self::from_manifest_bytes(source, bytes, trust)?.expect_version(version)
+    }
+
+    /// This image, if it is version `version` (a `versions/N.manifest` must hold version N).
+    pub fn expect_version(self, version: u64) -> Result<Image, ImageError> {
+        if self.manifest.version != version {
+            return Err(ImageError::WrongVersion {
+                source_name: self.source.name().to_string(),
+                key: layout::version_manifest(version),
+                asked: version,
+                found: self.manifest.version,
+            });
+        }
+        Ok(self)
+    }
+
+    /// Refuse the manifest if its signed expiry has passed at `now` (seconds since the epoch).
+    pub fn check_fresh(&self, now: i64) -> Result<(), ImageError> {
+        match self.manifest.expires {
+            Some(at) if self.manifest.expired_at(now) => Err(ImageError::Expired {
+                source_name: self.source.name().to_string(),
+                name: self.manifest.name.clone(),
+                version: self.manifest.version,
+                at: format_time(at),
+            }),
+            _ => Ok(()),
+        }
     }
 
     /// Accept manifest bytes (however obtained) after checking signature and structure.
@@ -101,7 +144,7 @@ impl Image {
             .verify(&env)
             .map_err(|error| ImageError::Signature { source_name: source_name.clone(), error })?
             .clone();
-        let manifest = wire::decode_body(env.body).map_err(|error| ImageError::Manifest { source_name, error })?;
+        let manifest = wire::decode(&env).map_err(|error| ImageError::Manifest { source_name, error })?;
         Ok(Image { source, manifest: Arc::new(manifest), manifest_bytes: bytes, signer })
     }
 

@@ -7,8 +7,12 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use futures::StreamExt;
+use object_store::client::{HttpClient, HttpConnector};
 use object_store::path::Path as StorePath;
 use object_store::{ClientOptions, GetOptions, GetRange, GetResult, ObjectStore, RetryConfig};
+
+/// Redirects followed within a source's own origin before giving up.
+const MAX_REDIRECTS: usize = 5;
 
 /// Why bytes could not be had from a source.
 #[derive(Debug, thiserror::Error)]
@@ -68,10 +72,14 @@ impl Source {
         let retry =
             RetryConfig { max_retries: opts.retries, retry_timeout: opts.request_timeout, ..Default::default() };
         if spec.starts_with("http://") || spec.starts_with("https://") {
-            let url = format!("{}/", spec.trim_end_matches('/'));
+            // No trailing slash: object_store appends each key segment after the last one, so
+            // a base ending in "/" would ask for "/repo//manifest" (which nginx merges, but a
+            // CDN or an S3 website endpoint treats as another key).
+            let url = spec.trim_end_matches('/').to_string();
             let store = object_store::http::HttpBuilder::new()
                 .with_url(url)
                 .with_client_options(client)
+                .with_http_connector(SameOriginConnector { opts: opts.clone() })
                 .with_retry(retry)
                 .build()
                 .map_err(|e| err(e.to_string()))?;
@@ -133,7 +141,7 @@ impl Source {
             object_store::Error::NotFound { .. } => {
                 SourceError::NotFound { source_name: self.name.clone(), key: key.to_string() }
             }
-            e => SourceError::Other { source_name: self.name.clone(), key: key.to_string(), message: e.to_string() },
+            e => SourceError::Other { source_name: self.name.clone(), key: key.to_string(), message: causes(&e) },
         }
     }
 
@@ -216,5 +224,68 @@ impl Source {
     /// Size of `key`.
     pub async fn size(&self, key: &str) -> Result<u64, SourceError> {
         Ok(self.store.head(&self.path(key)).await.map_err(|e| self.map_err(key, e))?.size)
+    }
+}
+
+/// An error with its causes ("request or response body error" says little; "operation timed
+/// out" under it says what happened), each message once.
+fn causes(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut next = e.source();
+    while let Some(c) = next {
+        let m = c.to_string();
+        if !out.contains(&m) {
+            out.push_str(": ");
+            out.push_str(&m);
+        }
+        next = c.source();
+    }
+    out
+}
+
+/// The HTTP client of an `http(s)://` source: the settings incfs gives object_store, plus a
+/// redirect policy object_store does not offer. Redirects are followed (at most
+/// [`MAX_REDIRECTS`]) only within the source's own scheme, host and port: a server may move a
+/// path, but not send the client to a host the user did not name (another server, an address
+/// inside the network, a metadata service). The bytes would be verified either way; what is
+/// refused is being made to contact that host at all.
+#[derive(Debug)]
+struct SameOriginConnector {
+    opts: SourceOptions,
+}
+
+impl HttpConnector for SameOriginConnector {
+    fn connect(&self, _: &ClientOptions) -> object_store::Result<HttpClient> {
+        let policy = reqwest::redirect::Policy::custom(|attempt| {
+            let first = &attempt.previous()[0];
+            let to = attempt.url();
+            let same = to.scheme() == first.scheme()
+                && to.host_str() == first.host_str()
+                && to.port_or_known_default() == first.port_or_known_default();
+            if !same {
+                let to = to.to_string();
+                attempt.error(format!(
+                    "the server redirected to another host ({to}); refused: incfs follows redirects only within \
+                     the source's own host (name that address as the source if you trust it)"
+                ))
+            } else if attempt.previous().len() > MAX_REDIRECTS {
+                attempt.error(format!("more than {MAX_REDIRECTS} redirects; refused"))
+            } else {
+                attempt.follow()
+            }
+        });
+        let client = reqwest::Client::builder()
+            .user_agent(concat!("incfs/", env!("CARGO_PKG_VERSION")))
+            .connect_timeout(self.opts.connect_timeout)
+            .timeout(self.opts.request_timeout)
+            .redirect(policy)
+            // As object_store does: compression would hide the real Content-Length.
+            .no_gzip()
+            .no_brotli()
+            .no_zstd()
+            .no_deflate()
+            .build()
+            .map_err(|e| object_store::Error::Generic { store: "HTTP", source: Box::new(e) })?;
+        Ok(HttpClient::new(client))
     }
 }

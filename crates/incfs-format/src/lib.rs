@@ -11,12 +11,14 @@
 //! - [`codec`]: per-block compression (zero, raw, LZ4, zstd).
 //! - [`layout`]: where things live inside a repository.
 //! - [`profile`]: access profiles (which blocks a program reads first, in order).
+//! - [`push`]: the message a publisher signs to push one file into live mounts.
 
 pub mod block_map;
 pub mod codec;
 pub mod layout;
 pub mod manifest;
 pub mod profile;
+pub mod push;
 pub mod wire;
 
 pub use block_map::{BlockRecord, FileMetaLayout, BLOCK_RECORD_SIZE};

@@ -28,6 +28,10 @@ pub struct Manifest {
     pub name: String,
     /// Version number; each version published to a repository is larger than the last.
     pub version: u64,
+    /// When this manifest stops being acceptable from a source (seconds since the Unix epoch):
+    /// the publisher promises to sign a newer one before then, so a server that keeps serving
+    /// this one (a frozen or replayed version) is noticed. `None`: never (format 1).
+    pub expires: Option<i64>,
     /// Objects referenced by this version, addressed by index.
     pub objects: Vec<ObjectRef>,
     /// Inodes; index 0 is the root directory.
@@ -157,6 +161,11 @@ pub fn is_valid_image_name(name: &str) -> bool {
 }
 
 impl Manifest {
+    /// Whether this manifest has expired at `now` (seconds since the Unix epoch).
+    pub fn expired_at(&self, now: i64) -> bool {
+        self.expires.is_some_and(|at| now >= at)
+    }
+
     /// Check every structural rule. A manifest that passes can be indexed without bounds worries:
     /// every inode, object and metadata region it names exists.
     pub fn validate(&self) -> Result<(), ManifestError> {
@@ -379,6 +388,7 @@ pub(crate) mod tests {
         Manifest {
             name: "sample".into(),
             version: 3,
+            expires: None,
             objects: vec![ObjectRef { digest: [9; 32], size: 1 << 20 }],
             inodes: vec![
                 Inode { meta, xattrs: vec![], kind: InodeKind::Dir },

@@ -1,7 +1,7 @@
 //! The manifest's bytes: a fixed header, the body, and a signature trailer.
 //!
 //! ```text
-//! header   magic "INCFSMAN" | format u16 = 1 | reserved u16 = 0 | reserved u32 = 0 | body_len u64
+//! header   magic "INCFSMAN" | format u16 (1 or 2) | reserved u16 = 0 | reserved u32 = 0 | body_len u64
 //! body     body_len bytes (see `docs/format.md`)
 //! trailer  algorithm u8 | key_id [32] | sig_len u16 | signature
 //! ```
@@ -17,7 +17,12 @@ use crate::manifest::{
 };
 
 pub const MAGIC: &[u8; 8] = b"INCFSMAN";
-pub const FORMAT_VERSION: u16 = 1;
+/// The newest manifest format this build reads and writes. A writer uses the oldest format
+/// that can express a manifest (format 1 unless it has an expiry), so that older readers keep
+/// reading images that use nothing new; a reader refuses a newer format, asking for an upgrade.
+pub const FORMAT_VERSION: u16 = 2;
+/// Body flag (format 2): an `i64` expiry time follows the flags.
+const FLAG_EXPIRES: u16 = 1;
 pub const HEADER_LEN: usize = 24;
 /// Object index meaning "no metadata region" (empty files).
 const NO_OBJECT: u32 = u32::MAX;
@@ -58,7 +63,7 @@ impl SignatureAlgorithm {
 pub enum WireError {
     #[error("not an incfs manifest (bad magic)")]
     Magic,
-    #[error("manifest format {0} is not supported by this incfs (it reads format 1); upgrade incfs")]
+    #[error("manifest format {0} is newer than this incfs reads (formats 1 to {FORMAT_VERSION}); upgrade incfs")]
     FormatVersion(u16),
     #[error("manifest is truncated: {0}")]
     Truncated(&'static str),
@@ -77,6 +82,8 @@ pub enum WireError {
 /// A manifest file split into its parts, before any cryptography.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Envelope<'a> {
+    /// Format version from the header (1 or 2).
+    pub format: u16,
     /// Header and body: the bytes the signature covers.
     pub signed: &'a [u8],
     pub body: &'a [u8],
@@ -90,7 +97,7 @@ pub struct Envelope<'a> {
 pub fn encode_signed_part(manifest: &Manifest) -> Vec<u8> {
     let mut w = Writer(Vec::with_capacity(4096));
     w.bytes(MAGIC);
-    w.u16(FORMAT_VERSION);
+    w.u16(if manifest.expires.is_some() { 2 } else { 1 });
     w.u16(0);
     w.u32(0);
     w.u64(0); // body length, patched below
@@ -117,7 +124,7 @@ pub fn open_envelope(bytes: &[u8]) -> Result<Envelope<'_>, WireError> {
         return Err(WireError::Magic);
     }
     let format = r.u16("header")?;
-    if format != FORMAT_VERSION {
+    if !(1..=FORMAT_VERSION).contains(&format) {
         return Err(WireError::FormatVersion(format));
     }
     r.u16("header")?;
@@ -134,11 +141,16 @@ pub fn open_envelope(bytes: &[u8]) -> Result<Envelope<'_>, WireError> {
     let sig_len = r.u16("signature")? as usize;
     let signature = r.take(sig_len, "signature")?;
     r.finish()?;
-    Ok(Envelope { signed, body, algorithm, key_id, signature })
+    Ok(Envelope { format, signed, body, algorithm, key_id, signature })
 }
 
-/// Decode and validate a manifest body (from [`Envelope::body`]).
-pub fn decode_body(body: &[u8]) -> Result<Manifest, WireError> {
+/// Decode and validate the manifest an envelope holds.
+pub fn decode(env: &Envelope<'_>) -> Result<Manifest, WireError> {
+    decode_body(env.body, env.format)
+}
+
+/// Decode and validate a manifest body of format `format`.
+pub fn decode_body(body: &[u8], format: u16) -> Result<Manifest, WireError> {
     let mut r = Reader(body);
     let name_len = r.u16("image name")? as usize;
     let name = String::from_utf8(r.take(name_len, "image name")?.to_vec()).map_err(|_| WireError::NameEncoding)?;
@@ -152,9 +164,11 @@ pub fn decode_body(body: &[u8]) -> Result<Manifest, WireError> {
         return Err(WireError::Field { field: "hash_algorithm", value: hash_alg.into() });
     }
     let flags = r.u16("flags")?;
-    if flags != 0 {
+    let known = if format >= 2 { FLAG_EXPIRES } else { 0 };
+    if flags & !known != 0 {
         return Err(WireError::Field { field: "flags", value: flags.into() });
     }
+    let expires = if flags & FLAG_EXPIRES != 0 { Some(r.u64("expiry")? as i64) } else { None };
 
     let n = r.count(40, "objects")?;
     let mut objects = Vec::with_capacity(n);
@@ -179,7 +193,7 @@ pub fn decode_body(body: &[u8]) -> Result<Manifest, WireError> {
     }
     r.finish()?;
 
-    let m = Manifest { name, version, objects, inodes, dirents };
+    let m = Manifest { name, version, expires, objects, inodes, dirents };
     m.validate()?;
     Ok(m)
 }
@@ -237,7 +251,13 @@ fn encode_body(m: &Manifest, w: &mut Writer) {
     w.u64(m.version);
     w.u8(incfs_verity::LOG_BLOCK_SIZE);
     w.u8(1); // SHA-256
-    w.u16(0);
+    match m.expires {
+        Some(at) => {
+            w.u16(FLAG_EXPIRES);
+            w.u64(at as u64);
+        }
+        None => w.u16(0),
+    }
     w.u32(m.objects.len() as u32);
     for o in &m.objects {
         w.bytes(&o.digest);
@@ -361,7 +381,7 @@ mod tests {
         assert_eq!(env.algorithm, SignatureAlgorithm::Ed25519);
         assert_eq!(env.key_id, [7; 32]);
         assert_eq!(env.signature, &[1; 64]);
-        assert_eq!(decode_body(env.body).unwrap(), m);
+        assert_eq!(decode(&env).unwrap(), m);
     }
 
     #[test]
@@ -376,7 +396,7 @@ mod tests {
         assert_eq!(open_envelope(&longer), Err(WireError::TrailingBytes(1)));
         let env = open_envelope(&file).unwrap();
         for len in 0..env.body.len() {
-            assert!(decode_body(&env.body[..len]).is_err());
+            assert!(decode_body(&env.body[..len], env.format).is_err());
         }
     }
 
@@ -388,7 +408,7 @@ mod tests {
         for i in 0..body.len() {
             let mut b = body.to_vec();
             b[i] ^= 0x41;
-            if let Ok(decoded) = decode_body(&b) {
+            if let Ok(decoded) = decode_body(&b, 1) {
                 assert_ne!(decoded, m, "flip at {i} went unnoticed");
             }
         }
@@ -402,7 +422,7 @@ mod tests {
         body.extend_from_slice(&1u64.to_le_bytes());
         body.extend_from_slice(&[12, 1, 0, 0]);
         body.extend_from_slice(&u32::MAX.to_le_bytes());
-        assert_eq!(decode_body(&body), Err(WireError::Truncated("objects")));
+        assert_eq!(decode_body(&body, 1), Err(WireError::Truncated("objects")));
     }
 
     #[test]
@@ -412,10 +432,35 @@ mod tests {
         bad[0] = b'X';
         assert_eq!(open_envelope(&bad), Err(WireError::Magic));
         let mut bad = file.clone();
-        bad[8] = 2;
-        assert_eq!(open_envelope(&bad), Err(WireError::FormatVersion(2)));
+        bad[8] = 3;
+        assert_eq!(open_envelope(&bad), Err(WireError::FormatVersion(3)));
+        let mut bad = file.clone();
+        bad[8] = 0;
+        assert_eq!(open_envelope(&bad), Err(WireError::FormatVersion(0)));
         let mut bad = file;
         bad[HEADER_LEN - 8] ^= 0x80;
         assert!(open_envelope(&bad).is_err());
+    }
+
+    #[test]
+    fn expiry_needs_format_2_and_older_manifests_stay_format_1() {
+        let m = sample();
+        assert_eq!(encode_signed_part(&m)[8], 1, "no new field: the format older readers read");
+        let mut e = sample();
+        e.expires = Some(1_900_000_000);
+        let signed = encode_signed_part(&e);
+        assert_eq!(signed[8], 2);
+        let file = seal(signed, SignatureAlgorithm::Ed25519, &[7; 32], &[1; 64]);
+        let env = open_envelope(&file).unwrap();
+        assert_eq!(decode(&env).unwrap(), e);
+        assert!(e.expired_at(1_900_000_000) && !e.expired_at(1_899_999_999) && !m.expired_at(i64::MAX));
+        // The same body read as format 1 (a header rewritten to 1 breaks the signature anyway):
+        // flags must be 0 there.
+        assert_eq!(decode_body(env.body, 1), Err(WireError::Field { field: "flags", value: 1 }));
+        // Unknown flags are refused in format 2 too.
+        let mut body = env.body.to_vec();
+        let at = 2 + e.name.len() + 8 + 2;
+        body[at] = 3;
+        assert_eq!(decode_body(&body, 2), Err(WireError::Field { field: "flags", value: 3 }));
     }
 }

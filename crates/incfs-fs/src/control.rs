@@ -108,6 +108,8 @@ enum Request {
         to: Option<u64>,
         #[serde(default)]
         allow_rollback: bool,
+        #[serde(default)]
+        allow_expired: bool,
     },
     Pending,
     Files {
@@ -128,7 +130,7 @@ enum Request {
         size: u64,
         /// Hex.
         root_hash: String,
-        /// Base64: the compact tree, and the signature over the formatted digest.
+        /// Base64: the compact tree, and the signature over the push message.
         tree: String,
         signature: String,
     },
@@ -382,10 +384,12 @@ impl Control {
             Ok(Request::PrefetchProgress { id }) => {
                 self.prefetch_progress(id).and_then(|p| serde_json::to_value(p).map_err(|e| e.to_string()))
             }
-            Ok(Request::Update { to, allow_rollback }) => match self.live.update(to, allow_rollback).await {
-                Ok(r) => serde_json::to_value(r).map_err(|e| e.to_string()),
-                Err(e) => Err(e.to_string()),
-            },
+            Ok(Request::Update { to, allow_rollback, allow_expired }) => {
+                match self.live.update(to, allow_rollback, allow_expired).await {
+                    Ok(r) => serde_json::to_value(r).map_err(|e| e.to_string()),
+                    Err(e) => Err(e.to_string()),
+                }
+            }
             Ok(Request::Pending) => {
                 let list: Vec<PendingRead> = self.reader.pending.list();
                 serde_json::to_value(list).map_err(|e| e.to_string())

@@ -16,7 +16,7 @@ use incfs_store::Store;
 use crate::background::BackgroundOptions;
 use crate::control::{socket_path, Control};
 use crate::fuse::{FsOptions, IncFs};
-use crate::live::Live;
+use crate::live::{Live, Policy};
 use crate::mirrors::Mirrors;
 use crate::plain::PlainCopies;
 use crate::reader::Reader;
@@ -66,6 +66,13 @@ pub struct MountSettings {
     pub follow: Option<Duration>,
     /// A data loader command (`sh -c`): data blocks come from it, not from the sources.
     pub loader: Option<String>,
+    /// The image expected (manifest name); also accepts a source now serving it instead of the
+    /// image the cache saw it serve before.
+    pub image: Option<String>,
+    /// Accept manifests whose signed expiry has passed.
+    pub allow_expired: bool,
+    /// Loaders may push new files into the mount (their `add` messages).
+    pub loader_add: bool,
 }
 
 impl Default for MountSettings {
@@ -85,6 +92,9 @@ impl Default for MountSettings {
             metrics: None,
             follow: None,
             loader: None,
+            image: None,
+            allow_expired: false,
+            loader_add: false,
         }
     }
 }
@@ -102,6 +112,13 @@ pub enum MountError {
          refusing the rollback"
     )]
     Rollback { source_name: String, name: String, offered: u64, accepted: u64 },
+    #[error("{source_name} serves image {offered:?}, not {expected:?} (--image); check the source address")]
+    NotTheImage { source_name: String, offered: String, expected: String },
+    #[error(
+        "{source_name} served image {pinned:?} to the cache {cache} before and now serves {offered:?}; refusing it \
+         (if the repository was replaced on purpose, mount with --image {offered:?})"
+    )]
+    ImageChanged { source_name: String, pinned: String, offered: String, cache: String },
     #[error("no source could be reached ({0}) and the cache {1} holds no copy of this image to mount offline")]
     Offline(String, String),
     #[error("control socket: {0}")]
@@ -163,7 +180,8 @@ async fn open_image(opts: &MountOptions, sources: &[Source], store: &Store) -> R
     }
 }
 
-/// Check a manifest `source` sent (signature, rollback record) and record it as accepted.
+/// Check a manifest `source` sent (signature, expiry, the image expected or pinned, rollback
+/// record) and record it as accepted, pinning every source to its image.
 fn accept_manifest(
     opts: &MountOptions,
     sources: &[Source],
@@ -172,9 +190,33 @@ fn accept_manifest(
     bytes: bytes::Bytes,
 ) -> Result<Manifest, MountError> {
     let image = Image::from_manifest_bytes(source.clone(), bytes.clone(), &opts.trust)?;
+    if !opts.settings.allow_expired {
+        image.check_fresh(incfs_fetch::image::unix_now())?;
+    }
     let m = image.manifest();
+    let source_name = || source.name().to_string();
+    match &opts.settings.image {
+        Some(expected) if *expected != m.name => {
+            return Err(MountError::NotTheImage {
+                source_name: source_name(),
+                offered: m.name.clone(),
+                expected: expected.clone(),
+            })
+        }
+        Some(_) => {}
+        None => {
+            if let Some(pinned) = store.source_image(source.name())?.filter(|p| *p != m.name) {
+                return Err(MountError::ImageChanged {
+                    source_name: source_name(),
+                    pinned,
+                    offered: m.name.clone(),
+                    cache: opts.cache.display().to_string(),
+                });
+            }
+        }
+    }
     let key_id = *image.signer().id();
-    if let Some(acc) = store.accepted(&key_id, &m.name)? {
+    if let Some(acc) = store.accepted(&m.name)? {
         if acc.version > m.version {
             return Err(MountError::Rollback {
                 source_name: source.name().to_string(),
@@ -198,7 +240,20 @@ fn cached_image(opts: &MountOptions, sources: &[Source], store: &Store) -> Resul
         return Ok(None);
     };
     let image = Image::from_manifest_bytes(primary.clone(), acc.bytes.into(), &opts.trust)?;
-    Ok(Some((**image.manifest()).clone()))
+    let m = image.manifest();
+    if let Some(expected) = opts.settings.image.as_ref().filter(|e| **e != m.name) {
+        return Err(MountError::NotTheImage {
+            source_name: format!("the cache's copy of {}", primary.name()),
+            offered: m.name.clone(),
+            expected: expected.clone(),
+        });
+    }
+    // No expiry check here: expiry guards against a source replaying an old version; the
+    // cache's copy was fresh when accepted, and offline there is no source to distrust.
+    if image.check_fresh(incfs_fetch::image::unix_now()).is_err() && !opts.settings.allow_expired {
+        tracing::warn!("mounting {} version {} from the cache: its signed expiry has passed", m.name, m.version);
+    }
+    Ok(Some((**m).clone()))
 }
 
 /// The access profile to fetch first: the one given, else the one published beside the
@@ -379,7 +434,11 @@ pub fn mount(opts: MountOptions, on_ready: impl FnOnce()) -> Result<(), MountErr
     let live = Live::new(
         views.clone(),
         reader.clone(),
-        opts.trust.clone(),
+        Policy {
+            trust: opts.trust.clone(),
+            allow_expired: opts.settings.allow_expired,
+            loader_add: opts.settings.loader_add,
+        },
         BackgroundOptions { enabled: background, bandwidth: opts.settings.bandwidth, profile },
         recording,
         manifest.clone(),

@@ -95,7 +95,7 @@ pub fn fsck(cache: &Path, repair: bool, progress: &dyn Fn(&str)) -> Result<FsckR
         // Signed when it was accepted; here it only tells which blocks each file has. A record
         // that does not even decode is skipped (a mount verifies it again and refuses it).
         let Ok(env) = wire::open_envelope(&acc.bytes) else { continue };
-        let Ok(manifest) = wire::decode_body(env.body) else { continue };
+        let Ok(manifest) = wire::decode(&env) else { continue };
         if manifest.validate().is_err() {
             continue;
         }

@@ -11,8 +11,8 @@
 //! when read or by background completion.
 //!
 //! Single files can also be pushed in without a new manifest ([`Live::add`], `incfs add`): a
-//! path, a mode, and the file's size, Merkle tree and a trusted key's signature over its
-//! fs-verity digest. The file joins the tree served (and every later version, where its path is
+//! path, a mode, and the file's size, Merkle tree and a trusted key's signature binding its
+//! fs-verity digest to this image, that path and that mode (`incfs_format::push`). The file joins the tree served (and every later version, where its path is
 //! free); its blocks come from fills and are verified against that tree like any others.
 
 use std::os::unix::ffi::OsStrExt;
@@ -57,6 +57,17 @@ pub enum UpdateError {
     Add(String),
 }
 
+/// What a mount accepts beyond a trusted signature, set when it is mounted.
+#[derive(Debug, Clone)]
+pub struct Policy {
+    pub trust: TrustedKeys,
+    /// Manifests whose signed expiry has passed are accepted.
+    pub allow_expired: bool,
+    /// Loader sessions may push new files (`add` messages); without it only fills are taken
+    /// from them. Control requests (`incfs add`, root or the mount's user) always may.
+    pub loader_add: bool,
+}
+
 /// A file pushed into the mount.
 #[derive(Debug, Clone)]
 pub struct Pushed {
@@ -66,9 +77,10 @@ pub struct Pushed {
     inode: Inode,
 }
 
-/// Check a file to push: a valid path, a size, a tree matching its root, a trusted key's
-/// signature over its formatted digest. Its tree is then kept by the reader.
-fn check_push(f: &PushedFile, trust: &TrustedKeys, reader: &Reader) -> Result<(Pushed, Hash), String> {
+/// Check a file to push into image `image`: a valid path, a size, a tree matching its root, a
+/// trusted key's signature binding its digest to this image, path and mode. Its tree is then
+/// kept by the reader.
+fn check_push(f: &PushedFile, image: &str, trust: &TrustedKeys, reader: &Reader) -> Result<(Pushed, Hash), String> {
     let shown = incfs_format::manifest::display_path(&f.path);
     let parts: Vec<&[u8]> = f.path.split(|&b| b == b'/').filter(|p| !p.is_empty()).collect();
     let Some((name, dirs)) = parts.split_last() else {
@@ -84,16 +96,28 @@ fn check_push(f: &PushedFile, trust: &TrustedKeys, reader: &Reader) -> Result<(P
     incfs_verity::MerkleTree::from_compact(f.size, &f.tree, &f.root)
         .map_err(|e| format!("{shown}: its Merkle tree does not match its root hash: {e}"))?;
     let digest = incfs_verity::file_digest(&f.root, f.size);
-    let signer = trust.verify_any(&incfs_verity::formatted_digest(&digest), &f.signature).ok_or_else(|| {
-        format!(
-            "{shown}: the signature over {} does not verify with any trusted key",
-            incfs_verity::format_digest(&digest)
-        )
+    let mode = f.mode & 0o7777;
+    let message = incfs_format::push::push_message(image, &f.path, mode, &digest);
+    let signer = trust.verify_any(&message, &f.signature).ok_or_else(|| {
+        let path = String::from_utf8_lossy(&incfs_format::push::canonical_path(&f.path)).into_owned();
+        let how = format!("incfs sign-file FILE --key KEY --image {image:?} --path {path:?} --mode {mode:o}");
+        if trust.verify_any(&incfs_verity::formatted_digest(&digest), &f.signature).is_some() {
+            format!(
+                "{shown}: the signature covers only the file's content (an fs-verity digest signature, or one \
+                 made by incfs before 2026-12), not where it goes; sign the push with {how}"
+            )
+        } else {
+            format!(
+                "{shown}: no trusted key signed {} for image {image:?} at this path with mode {mode:o}; sign it \
+                 with {how}",
+                incfs_verity::format_digest(&digest)
+            )
+        }
     })?;
     tracing::info!("{shown}: pushed, digest {} signed by {}", incfs_verity::format_digest(&digest), signer.id_hex());
     let offset = reader.push_tree(f.tree.clone());
     let inode = Inode {
-        meta: Metadata { mode: f.mode & 0o7777, uid: 0, gid: 0, mtime_sec: f.mtime_sec, mtime_nsec: f.mtime_nsec },
+        meta: Metadata { mode, uid: 0, gid: 0, mtime_sec: f.mtime_sec, mtime_nsec: f.mtime_nsec },
         xattrs: vec![],
         kind: InodeKind::File(FileData {
             size: f.size,
@@ -116,7 +140,7 @@ pub fn restore_pushed(reader: &Reader, trust: &TrustedKeys, base: &Manifest) -> 
     };
     let mut out = Vec::new();
     for r in records {
-        match check_push(&r, trust, reader) {
+        match check_push(&r, &base.name, trust, reader) {
             Ok((p, _)) => out.push(p),
             Err(e) => tracing::warn!("pushed file left out: {e}"),
         }
@@ -172,7 +196,7 @@ pub struct Live {
     base: Mutex<Arc<Manifest>>,
     pushed: Mutex<Vec<Pushed>>,
     pub reader: Arc<Reader>,
-    trust: TrustedKeys,
+    pub policy: Policy,
     background_opts: BackgroundOptions,
     recording: bool,
     running: Mutex<Running>,
@@ -187,7 +211,7 @@ impl Live {
     pub fn new(
         views: Arc<Views>,
         reader: Arc<Reader>,
-        trust: TrustedKeys,
+        policy: Policy,
         background_opts: BackgroundOptions,
         recording: bool,
         base: Arc<Manifest>,
@@ -199,7 +223,7 @@ impl Live {
             pushed: Mutex::new(pushed),
             views,
             reader,
-            trust,
+            policy,
             background_opts,
             recording,
             running: Mutex::new(Running { background, task: None }),
@@ -230,8 +254,9 @@ impl Live {
         self.views.current().manifest.clone()
     }
 
-    /// Fetch a version's signed manifest (the newest: `None`) from the first source that answers.
-    async fn fetch(&self, version: Option<u64>) -> Result<Image, UpdateError> {
+    /// Fetch a version's signed manifest (the newest: `None`) from the first source whose
+    /// answer holds: trusted, the version asked for, not expired (unless allowed).
+    async fn fetch(&self, version: Option<u64>, allow_expired: bool) -> Result<Image, UpdateError> {
         let key = version.map_or(layout::LATEST_MANIFEST.to_string(), layout::version_manifest);
         // A source that answers wrongly (missing, malformed, badly signed) does not stop the
         // others from being tried; with none holding, the first wrong answer is the error.
@@ -239,7 +264,18 @@ impl Live {
         let mut refused: Option<UpdateError> = None;
         for source in self.reader.mirrors().sources() {
             let answer = match source.get(&key, layout::MAX_MANIFEST_BYTES).await {
-                Ok(bytes) => Image::from_manifest_bytes(source.clone(), bytes, &self.trust).map_err(UpdateError::from),
+                Ok(bytes) => Image::from_manifest_bytes(source.clone(), bytes, &self.policy.trust)
+                    .and_then(|i| match version {
+                        Some(v) => i.expect_version(v),
+                        None => Ok(i),
+                    })
+                    .and_then(|i| {
+                        if !allow_expired {
+                            i.check_fresh(incfs_fetch::image::unix_now())?;
+                        }
+                        Ok(i)
+                    })
+                    .map_err(UpdateError::from),
                 Err(e @ SourceError::NotFound { .. }) => Err(e.into()),
                 Err(e) => {
                     unreachable.push(e.to_string());
@@ -258,9 +294,14 @@ impl Live {
     }
 
     /// Switch to version `to` (default: the newest published).
-    pub async fn update(&self, to: Option<u64>, allow_rollback: bool) -> Result<UpdateReport, UpdateError> {
+    pub async fn update(
+        &self,
+        to: Option<u64>,
+        allow_rollback: bool,
+        allow_expired: bool,
+    ) -> Result<UpdateReport, UpdateError> {
         let _one = self.switching.lock().await;
-        let image = self.fetch(to).await?;
+        let image = self.fetch(to, allow_expired || self.policy.allow_expired).await?;
         let new = image.manifest().clone();
         let current = self.views.current();
         let cur = &self.base.lock().unwrap().clone();
@@ -284,7 +325,7 @@ impl Live {
         }
         let store = self.reader.store();
         let key_id = *image.signer().id();
-        let accepted = store.accepted(&key_id, &new.name)?.map(|a| a.version);
+        let accepted = store.accepted(&new.name)?.map(|a| a.version);
         let newest_seen = accepted.unwrap_or(0).max(cur.version);
         if new.version < newest_seen && !allow_rollback {
             let accepted = match accepted {
@@ -336,7 +377,7 @@ impl Live {
     }
 
     /// Push a file in (`incfs add`): `tree` is its compact Merkle tree (format section 2.2),
-    /// `signature` a trusted key's signature over its fs-verity formatted digest. Its blocks then
+    /// `signature` a trusted key's signature over its push message (`incfs_format::push`). Its blocks then
     /// come from fills. Returns the file's digest.
     pub async fn add(
         &self,
@@ -359,7 +400,8 @@ impl Live {
             tree: tree.to_vec(),
             signature: signature.to_vec(),
         };
-        let (p, digest) = check_push(&record, &self.trust, &self.reader).map_err(UpdateError::Add)?;
+        let image = self.base.lock().unwrap().name.clone();
+        let (p, digest) = check_push(&record, &image, &self.policy.trust, &self.reader).map_err(UpdateError::Add)?;
         let current = self.views.current();
         let (served, skipped) = with_pushed(&current.manifest, std::slice::from_ref(&p));
         if !skipped.is_empty() {
@@ -367,7 +409,6 @@ impl Live {
             return Err(UpdateError::Add(format!("{shown}: the name is taken or its directory does not exist")));
         }
         // Kept before it is shown: a file a reader saw is one a restarted mount shows again.
-        let image = self.base.lock().unwrap().name.clone();
         self.reader.store().put_pushed(&image, &record)?;
         self.pushed.lock().unwrap().push(p);
         self.show(&current, served)?;
@@ -406,7 +447,7 @@ impl Live {
     pub async fn follow(self: Arc<Self>, interval: Duration) {
         loop {
             tokio::time::sleep(interval).await;
-            match self.update(None, false).await {
+            match self.update(None, false, false).await {
                 Ok(_) => {}
                 Err(e) => tracing::warn!("--follow: {e}"),
             }

@@ -209,6 +209,10 @@ async fn answer(live: &Live, line: &[u8]) -> Answer {
                 Err(e) => Err((Some(label), Some(block), e)),
             }
         }
+        FromLoader::Add { path, .. } if !live.policy.loader_add => {
+            let why = "this mount takes no new files from loaders (mount with --allow-loader-add)";
+            Err((Some(path), None, why.to_string()))
+        }
         FromLoader::Add { path, mode, size, root_hash, tree, signature } => {
             match add(live, &path, mode, size, &root_hash, &tree, &signature).await {
                 Ok(v) => Ok(Answered::Added(path, v["digest"].as_str().unwrap_or_default().to_string())),

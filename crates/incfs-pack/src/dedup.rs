@@ -64,7 +64,7 @@ pub(crate) fn read_manifest(repo: &Path, v: u64) -> Result<Manifest, String> {
     let path = repo.join(layout::version_manifest(v));
     let bytes = fs::read(&path).map_err(|e| format!("{}: {e}", path.display()))?;
     let env = wire::open_envelope(&bytes).map_err(|e| format!("{}: {e}", path.display()))?;
-    let m = wire::decode_body(env.body).map_err(|e| format!("{}: {e}", path.display()))?;
+    let m = wire::decode(&env).map_err(|e| format!("{}: {e}", path.display()))?;
     if m.version != v {
         return Err(format!("{} says it is version {}", path.display(), m.version));
     }

@@ -71,6 +71,9 @@ pub struct PackOptions {
     /// An access profile: its files are packed first, in its order (so a mount fetches them in
     /// few requests), and it is published beside the manifest.
     pub profile: Option<Profile>,
+    /// Signed expiry of the manifest (seconds since the Unix epoch): mounts refuse it from a
+    /// source after that time, so the publisher must publish again before then.
+    pub expires: Option<i64>,
 }
 
 impl Default for PackOptions {
@@ -81,6 +84,7 @@ impl Default for PackOptions {
             compression: Compression::Zstd { level: Compression::DEFAULT_ZSTD_LEVEL },
             object_size: DEFAULT_OBJECT_SIZE,
             profile: None,
+            expires: None,
         }
     }
 }
@@ -254,7 +258,7 @@ pub fn pack(
     let (objects, written) = packer.objects.finish()?;
     summary.objects_written = written;
 
-    let manifest = Manifest { name, version, objects, inodes, dirents: scanned.dirents };
+    let manifest = Manifest { name, version, expires: opts.expires, objects, inodes, dirents: scanned.dirents };
     manifest.validate().map_err(|e| PackError::Internal(e.to_string()))?;
     let signed = wire::encode_signed_part(&manifest);
     let signature = key.sign(&signed);

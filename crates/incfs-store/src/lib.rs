@@ -4,9 +4,9 @@
 //! keyed by their leaf hash, so a block shared by files, images or versions is stored once;
 //! pieces of file metadata regions; which blocks of each file content are present) is written on
 //! every cold read and lives in append-only segment files with journals ([`segments`]): a fetched
-//! run costs two writes, whatever its length. Records that change rarely (per publisher key and
-//! image name the newest manifest accepted, for rollback protection and offline mounts; which
-//! image each source served; files pushed into mounts) stay in a small SQLite database,
+//! run costs two writes, whatever its length. Records that change rarely (per image name the newest
+//! manifest accepted, whichever trusted key signed it, for rollback protection and offline
+//! mounts; which image each source served, its pinned identity; files pushed into mounts) stay in a small SQLite database,
 //! `store.db`, where transactions are worth their cost.
 //!
 //! The store does not trust itself: callers verify every block and metadata piece they read from
@@ -232,12 +232,13 @@ impl Store {
         self.data.drop_meta(object, region, chunk)
     }
 
-    /// The newest manifest accepted for (`key_id`, `name`).
-    pub fn accepted(&self, key_id: &Hash, name: &str) -> Result<Option<AcceptedManifest>, StoreError> {
+    /// The newest manifest accepted for image `name`, whichever trusted key signed it (so that
+    /// rotating keys does not forget how far the image went).
+    pub fn accepted(&self, name: &str) -> Result<Option<AcceptedManifest>, StoreError> {
         self.with(|c| {
             c.query_row(
-                "SELECT version, manifest FROM images WHERE key_id = ?1 AND name = ?2",
-                params![&key_id[..], name],
+                "SELECT version, manifest FROM images WHERE name = ?1 ORDER BY version DESC LIMIT 1",
+                params![name],
                 |r| Ok(AcceptedManifest { version: r.get::<_, i64>(0)? as u64, bytes: r.get(1)? }),
             )
             .optional()
@@ -254,24 +255,17 @@ impl Store {
         })
     }
 
-    /// Record `manifest` as accepted, unless a newer version already is (returns false then).
+    /// Record `manifest` (signed by `key_id`) as the accepted one of image `name`, unless a
+    /// newer version already is, under any key (returns false then).
     pub fn accept(&self, key_id: &Hash, name: &str, version: u64, manifest: &[u8]) -> Result<bool, StoreError> {
         self.with(|c| {
             let tx = c.transaction()?;
-            let current: Option<i64> = tx
-                .query_row(
-                    "SELECT version FROM images WHERE key_id = ?1 AND name = ?2",
-                    params![&key_id[..], name],
-                    |r| r.get(0),
-                )
-                .optional()?;
+            let current: Option<i64> =
+                tx.query_row("SELECT MAX(version) FROM images WHERE name = ?1", params![name], |r| r.get(0))?;
             if current.is_some_and(|v| v as u64 > version) {
                 return Ok(false);
             }
-            tx.execute(
-                "INSERT OR REPLACE INTO images (key_id, name, version, manifest) VALUES (?1, ?2, ?3, ?4)",
-                params![&key_id[..], name, version as i64, manifest],
-            )?;
+            replace_accepted(&tx, key_id, name, version, manifest)?;
             tx.commit()?;
             Ok(true)
         })
@@ -328,12 +322,15 @@ impl Store {
     /// for (`incfs update --allow-rollback`), so that a restart mounts what was chosen.
     pub fn accept_rollback(&self, key_id: &Hash, name: &str, version: u64, manifest: &[u8]) -> Result<(), StoreError> {
         self.with(|c| {
-            c.execute(
-                "INSERT OR REPLACE INTO images (key_id, name, version, manifest) VALUES (?1, ?2, ?3, ?4)",
-                params![&key_id[..], name, version as i64, manifest],
-            )
-            .map(|_| ())
+            let tx = c.transaction()?;
+            replace_accepted(&tx, key_id, name, version, manifest)?;
+            tx.commit()
         })
+    }
+
+    /// The image `source` served when last reached (its pinned identity).
+    pub fn source_image(&self, source: &str) -> Result<Option<String>, StoreError> {
+        self.with(|c| c.query_row("SELECT name FROM sources WHERE source = ?1", [source], |r| r.get(0)).optional())
     }
 
     /// Remember which image `source` serves, so that it can be mounted from the cache alone.
@@ -351,14 +348,30 @@ impl Store {
     pub fn manifest_for_source(&self, source: &str) -> Result<Option<AcceptedManifest>, StoreError> {
         self.with(|c| {
             c.query_row(
-                "SELECT i.version, i.manifest FROM sources s JOIN images i ON i.key_id = s.key_id AND i.name = s.name
-                 WHERE s.source = ?1",
+                "SELECT i.version, i.manifest FROM sources s JOIN images i ON i.name = s.name
+                 WHERE s.source = ?1 ORDER BY i.version DESC LIMIT 1",
                 [source],
                 |r| Ok(AcceptedManifest { version: r.get::<_, i64>(0)? as u64, bytes: r.get(1)? }),
             )
             .optional()
         })
     }
+}
+
+/// Make `manifest` the one accepted record of image `name` (older caches may hold one per key).
+fn replace_accepted(
+    tx: &rusqlite::Transaction<'_>,
+    key_id: &Hash,
+    name: &str,
+    version: u64,
+    manifest: &[u8],
+) -> rusqlite::Result<()> {
+    tx.execute("DELETE FROM images WHERE name = ?1", params![name])?;
+    tx.execute(
+        "INSERT INTO images (key_id, name, version, manifest) VALUES (?1, ?2, ?3, ?4)",
+        params![&key_id[..], name, version as i64, manifest],
+    )?;
+    Ok(())
 }
 
 /// Create `dir` (and missing parents) readable by its owner only, and make it so if it exists:
@@ -492,11 +505,13 @@ mod tests {
         assert!(s.accept(&h, "img", 2, b"m2").unwrap());
         assert!(!s.accept(&h, "img", 1, b"m1").unwrap(), "rollback refused");
         assert!(s.accept(&h, "img", 3, b"m3").unwrap());
-        assert_eq!(s.accepted(&h, "img").unwrap(), Some(AcceptedManifest { version: 3, bytes: b"m3".to_vec() }));
+        assert_eq!(s.accepted("img").unwrap(), Some(AcceptedManifest { version: 3, bytes: b"m3".to_vec() }));
+        assert!(!s.accept(&[5; 32], "img", 2, b"k2").unwrap(), "rollback under another trusted key refused");
+        assert_eq!(s.accepted("other").unwrap(), None);
         drop(s);
         // Everything survives reopening, removals included.
         let s = Store::open(dir.path()).unwrap();
-        assert_eq!(s.accepted(&h, "img").unwrap().unwrap().version, 3);
+        assert_eq!(s.accepted("img").unwrap().unwrap().version, 3);
         assert_eq!(s.get_meta(&h, 10, 0).unwrap(), Some(b"meta".to_vec()));
         assert!(!s.has_block(&h));
         assert_eq!(s.get_block(&h2).unwrap(), Some((Codec::Raw, b"xyz".to_vec())));
@@ -506,6 +521,11 @@ mod tests {
         assert_eq!(s.manifest_for_source("http://x").unwrap(), None);
         s.remember_source("http://x", &h, "img").unwrap();
         assert_eq!(s.manifest_for_source("http://x").unwrap().unwrap().bytes, b"m3");
+        assert_eq!(s.source_image("http://x").unwrap().as_deref(), Some("img"));
+        assert!(s.accept(&[5; 32], "img", 4, b"k4").unwrap(), "a newer version under a rotated key");
+        assert_eq!(s.manifest_for_source("http://x").unwrap().unwrap().bytes, b"k4");
+        s.accept_rollback(&h, "img", 2, b"m2").unwrap();
+        assert_eq!(s.accepted("img").unwrap().unwrap().version, 2, "a rollback asked for sticks");
         drop(s);
         assert_eq!(Store::open(dir.path()).unwrap().get_meta(&h, 10, 0).unwrap(), None);
     }
@@ -583,7 +603,7 @@ mod tests {
         assert_eq!(s.get_block(&h).unwrap(), Some((Codec::Lz4, 2999u32.to_le_bytes().to_vec())));
         assert_eq!(s.get_meta(&[4; 32], 5, 0).unwrap(), Some(vec![0xaa, 0xbb]));
         assert_eq!(s.presence(&[6; 40])[0].1[0], 7);
-        assert_eq!(s.accepted(&[1; 32], "img").unwrap().unwrap().version, 4);
+        assert_eq!(s.accepted("img").unwrap().unwrap().version, 4);
         drop(s);
         let s = Store::open(dir.path()).unwrap();
         assert_eq!(s.totals().blocks, 3000, "migrated once");

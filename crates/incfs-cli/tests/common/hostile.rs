@@ -36,6 +36,16 @@ pub enum Lie {
     /// Ranged GETs: the right range, with a byte in every 1000 of the body flipped (a mirror
     /// serving damaged or forged data).
     FlipRange,
+    /// Whole GETs: `200` with the right `Content-Length`, half the body, then silence with the
+    /// connection held open.
+    StallBody,
+    /// HEAD requests: `200` declaring 1 TiB; GETs are honest.
+    HeadLies,
+    /// Every request: `302` to the same path on another host (`localhost` instead of
+    /// `127.0.0.1`, same port: a client that follows it gets honest answers there).
+    RedirectAway,
+    /// Every request: `302` to a path on the same host (`/moved/...`), which serves it.
+    RedirectHere,
 }
 
 pub struct HostileServer {
@@ -59,7 +69,7 @@ impl HostileServer {
                 let Ok(conn) = conn else { continue };
                 let (root, lie) = (root.clone(), l.clone());
                 std::thread::spawn(move || {
-                    let _ = serve(conn, &root, &lie);
+                    let _ = serve(conn, &root, &lie, port);
                 });
             }
         });
@@ -82,7 +92,7 @@ impl Drop for HostileServer {
     }
 }
 
-fn serve(conn: TcpStream, root: &Path, lie: &Mutex<Lie>) -> std::io::Result<()> {
+fn serve(conn: TcpStream, root: &Path, lie: &Mutex<Lie>, port: u16) -> std::io::Result<()> {
     conn.set_nodelay(true)?;
     // Bounds a request head that never comes; writes fail once the client is gone.
     conn.set_read_timeout(Some(Duration::from_secs(60)))?;
@@ -111,13 +121,38 @@ fn serve(conn: TcpStream, root: &Path, lie: &Mutex<Lie>) -> std::io::Result<()> 
                 }
             }
         }
+        let lie = *lie.lock().unwrap();
+        let (moved, target) = match target.strip_prefix("/moved") {
+            Some(t) => (true, t.to_string()),
+            None => (false, target),
+        };
+        match lie {
+            Lie::RedirectAway if !moved => {
+                let to = format!("http://localhost:{port}/moved{target}");
+                write!(out, "HTTP/1.1 302 Found\r\nLocation: {to}\r\nContent-Length: 0\r\n\r\n")?;
+                continue;
+            }
+            Lie::RedirectHere if !moved => {
+                write!(out, "HTTP/1.1 302 Found\r\nLocation: /moved{target}\r\nContent-Length: 0\r\n\r\n")?;
+                continue;
+            }
+            _ => {}
+        }
+        // Strict about paths, as a CDN or an S3 website endpoint is: "a//b" is not "a/b".
+        if target.contains("//") {
+            out.write_all(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n")?;
+            continue;
+        }
         let path: PathBuf = root.join(target.trim_start_matches('/'));
         let Ok(mut body) = std::fs::read(&path) else {
             out.write_all(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n")?;
             continue;
         };
         let head_only = method == "HEAD";
-        let lie = *lie.lock().unwrap();
+        if head_only && lie == Lie::HeadLies {
+            write!(out, "HTTP/1.1 200 OK\r\nContent-Length: 1099511627776\r\n\r\n")?;
+            continue;
+        }
         match (range, lie) {
             (None, Lie::AbsurdLength) => {
                 write!(out, "HTTP/1.1 200 OK\r\nContent-Length: 1099511627776\r\n\r\n")?;
@@ -141,6 +176,13 @@ fn serve(conn: TcpStream, root: &Path, lie: &Mutex<Lie>) -> std::io::Result<()> 
                     out.write_all(&zeros)?;
                     out.write_all(b"\r\n")?;
                 }
+            }
+            (None, Lie::StallBody) if !head_only => {
+                write!(out, "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n", body.len())?;
+                out.write_all(&body[..body.len() / 2])?;
+                let mut sink = [0u8; 1];
+                while matches!(reader.read(&mut sink), Ok(1)) {}
+                return Ok(());
             }
             (None, _) => {
                 write!(out, "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n", body.len())?;
