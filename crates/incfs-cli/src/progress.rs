@@ -3,10 +3,10 @@
 
 use std::io::IsTerminal;
 use std::path::Path;
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use indicatif::{HumanBytes, ProgressBar, ProgressStyle};
+use parking_lot::Mutex;
 
 pub struct Reporter {
     what: &'static str,
@@ -51,10 +51,10 @@ impl Reporter {
     fn start(&self, files: u64, bytes: u64) {
         if let Some(b) = &self.bar {
             b.set_length(bytes);
-            self.files.lock().unwrap().1 = files;
+            self.files.lock().1 = files;
         }
         if let Some(p) = &self.plain {
-            let mut p = p.lock().unwrap();
+            let mut p = p.lock();
             p.total = bytes;
             p.total_files = files;
         }
@@ -65,7 +65,7 @@ impl Reporter {
             b.inc(bytes);
         }
         if let Some(p) = &self.plain {
-            let mut p = p.lock().unwrap();
+            let mut p = p.lock();
             p.done += bytes;
             if p.last.elapsed() >= Duration::from_secs(5) {
                 p.last = Instant::now();
@@ -97,14 +97,14 @@ impl incfs_pack::Progress for Reporter {
     }
     fn file(&self, path: &Path) {
         if let Some(b) = &self.bar {
-            let mut files = self.files.lock().unwrap();
+            let mut files = self.files.lock();
             files.0 += 1;
             let name = path.file_name().map(|n| n.to_string_lossy().into_owned());
             let name: String = name.unwrap_or_default().chars().filter(|c| !c.is_control()).take(40).collect();
             b.set_message(format!("{}/{} files {name}", files.0, files.1));
         }
         if let Some(p) = &self.plain {
-            p.lock().unwrap().files += 1;
+            p.lock().files += 1;
         }
     }
     fn advance(&self, bytes: u64) {

@@ -170,11 +170,11 @@ fn a_mangled_cache_never_panics_the_mount() {
 /// The two kill -9 tests take turns: run side by side, a mount whose daemon was killed was
 /// sometimes left mounted with neither its daemon nor fusermount3's auto-unmount watchdog alive
 /// (seen 3 times in 4 runs; never with either test alone). Under investigation, see the notes.
-static KILLS: std::sync::Mutex<()> = std::sync::Mutex::new(());
+static KILLS: parking_lot::Mutex<()> = parking_lot::Mutex::new(());
 
 #[test]
 fn kill_9_during_a_cold_sequential_read_keeps_every_served_block() {
-    let _turn = KILLS.lock().unwrap_or_else(|e| e.into_inner());
+    let _turn = KILLS.lock();
     const SIZE: usize = 24 << 20;
     let p = Published::new(|src| fs::write(src.join("big.bin"), random_bytes(24, SIZE)).unwrap(), &[]);
     let serve = IncfsServer::start(&p.repo);
@@ -247,7 +247,7 @@ fn kill_9_during_a_cold_sequential_read_keeps_every_served_block() {
 
 #[test]
 fn kill_9_at_random_instants_loses_nothing_and_serves_nothing_wrong() {
-    let _turn = KILLS.lock().unwrap_or_else(|e| e.into_inner());
+    let _turn = KILLS.lock();
     let p = Published::new(tree, &["--compression", "lz4"]);
     let serve = IncfsServer::start(&p.repo);
     let files: Vec<String> = read_tree(&p.src).into_iter().map(|(rel, _)| rel.to_string_lossy().into_owned()).collect();

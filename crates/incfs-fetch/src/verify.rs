@@ -7,9 +7,9 @@
 use std::collections::HashMap;
 use std::ops::Range;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
 
 use futures::stream::{self, StreamExt};
+use parking_lot::Mutex;
 
 use incfs_format::manifest::{display_path, FileData, InodeKind, MetaRef};
 use incfs_format::{layout, Codec};
@@ -84,7 +84,7 @@ pub async fn verify_image(image: &Image, progress: &dyn ByteProgress) -> VerifyR
         match p {
             Some(Err(message)) => missing.push((i as u32, message)),
             Some(Ok(message)) => {
-                problems.lock().unwrap().push(Problem { subject: format!("object {i}"), blocks: None, message })
+                problems.lock().push(Problem { subject: format!("object {i}"), blocks: None, message })
             }
             None => {}
         }
@@ -114,7 +114,7 @@ pub async fn verify_image(image: &Image, progress: &dyn ByteProgress) -> VerifyR
                 let found = verify_file(image, f, progress, used).await;
                 blocks.fetch_add(incfs_verity::block_count(f.size), Ordering::Relaxed);
                 let subject = display_path(path);
-                problems.lock().unwrap().extend(found.into_iter().map(|(blocks, message)| Problem {
+                problems.lock().extend(found.into_iter().map(|(blocks, message)| Problem {
                     subject: subject.clone(),
                     blocks,
                     message,
@@ -123,8 +123,8 @@ pub async fn verify_image(image: &Image, progress: &dyn ByteProgress) -> VerifyR
         })
         .await;
 
-    let used = used.into_inner().unwrap();
-    let mut problems = problems.into_inner().unwrap();
+    let used = used.into_inner();
+    let mut problems = problems.into_inner();
     for (i, message) in missing.into_iter().filter(|(i, _)| used.contains(i)) {
         problems.push(Problem { subject: format!("object {i}"), blocks: None, message });
     }
@@ -142,7 +142,7 @@ async fn verify_file(
     used: &Mutex<std::collections::HashSet<u32>>,
 ) -> Vec<(Option<Range<u64>>, String)> {
     if let Some(m) = f.meta {
-        used.lock().unwrap().insert(m.object);
+        used.lock().insert(m.object);
     }
     let meta = match image.file_meta(f).await {
         Ok(m) => m,
@@ -151,7 +151,7 @@ async fn verify_file(
             return vec![(None, e.to_string())];
         }
     };
-    used.lock().unwrap().extend(meta.records.iter().filter(|r| r.codec != Codec::Zero).map(|r| r.object));
+    used.lock().extend(meta.records.iter().filter(|r| r.codec != Codec::Zero).map(|r| r.object));
     let n = meta.records.len() as u64;
     let mut out: Vec<(Option<Range<u64>>, String)> = Vec::new();
     let mut start = 0;

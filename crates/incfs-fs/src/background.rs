@@ -15,7 +15,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::ops::Range;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
@@ -24,6 +24,7 @@ use incfs_format::manifest::{display_path, InodeKind, Manifest};
 use incfs_format::profile::Profile;
 use incfs_format::Hash;
 use incfs_store::{file_key, FileKey};
+use parking_lot::Mutex;
 
 use crate::reader::{get_counted, group_runs, FileRef, Local, Need, ReadFailure, Reader};
 use crate::stats::{FailCause, Stats};
@@ -182,7 +183,7 @@ impl Background {
                 }
             }
         }
-        self.urgent.lock().unwrap().push_back(work);
+        self.urgent.lock().push_back(work);
         self.wake.notify_one();
         keys
     }
@@ -200,7 +201,7 @@ impl Background {
 
     /// Paths of the files being fetched now.
     pub fn active(&self) -> Vec<String> {
-        self.active.lock().unwrap().iter().map(|&i| self.files[i].label.to_string()).collect()
+        self.active.lock().iter().map(|&i| self.files[i].label.to_string()).collect()
     }
 
     fn complete(&self, i: usize) -> bool {
@@ -293,7 +294,7 @@ impl Background {
         let mut general_running = FuturesUnordered::new();
         loop {
             loop {
-                let work = self.urgent.lock().unwrap().pop_front();
+                let work = self.urgent.lock().pop_front();
                 match work {
                     Some(w) => urgent_jobs.extend(self.jobs(w.into_iter().map(|w| (w, false)).collect())),
                     None => break,
@@ -353,7 +354,7 @@ impl Background {
         let mut work = Vec::new();
         let mut bytes = 0;
         {
-            let mut hinted = self.hinted.lock().unwrap();
+            let mut hinted = self.hinted.lock();
             for j in i + 1..self.files.len() {
                 if bytes >= NEIGHBOURS {
                     break;
@@ -365,7 +366,7 @@ impl Background {
             }
         }
         if !work.is_empty() {
-            self.urgent.lock().unwrap().push_back(work);
+            self.urgent.lock().push_back(work);
             self.wake.notify_one();
         }
     }
@@ -376,7 +377,7 @@ impl Background {
         self.wait_for_no_demand(yields).await;
         if let Some(rate) = self.opts.bandwidth.filter(|&r| r > 0) {
             let start = {
-                let mut next = self.next_slot.lock().unwrap();
+                let mut next = self.next_slot.lock();
                 let start = (*next).max(Instant::now());
                 *next = start + Duration::from_secs_f64(bytes as f64 / rate as f64);
                 start
@@ -440,13 +441,13 @@ impl Background {
             JobKind::Span { files, .. } => files.clone(),
             JobKind::Blocks { file, .. } => vec![*file],
         };
-        self.active.lock().unwrap().extend(&files);
+        self.active.lock().extend(&files);
         let ok = match job.kind {
             JobKind::Span { object, range, files } => self.fetch_span(object, range, &files, job.yields).await,
             JobKind::Blocks { file, blocks } => self.fetch_file_blocks(file, blocks, job.yields).await,
         };
         {
-            let mut active = self.active.lock().unwrap();
+            let mut active = self.active.lock();
             for f in &files {
                 if let Some(p) = active.iter().position(|a| a == f) {
                     active.swap_remove(p);
@@ -454,7 +455,7 @@ impl Background {
             }
         }
         let delay = {
-            let mut failures = self.failures.lock().unwrap();
+            let mut failures = self.failures.lock();
             if ok {
                 *failures = 0;
                 None

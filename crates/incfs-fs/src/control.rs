@@ -15,10 +15,11 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use incfs_format::manifest::InodeKind;
 use incfs_store::file_key;
+use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
@@ -303,7 +304,7 @@ impl Control {
             inodes.push(manifest.resolve(p.as_bytes()).ok_or_else(|| format!("{p}: not in the image"))?);
         }
         let keys = self.live.background().prefetch(&inodes);
-        let mut all = self.prefetches.lock().unwrap();
+        let mut all = self.prefetches.lock();
         let id = all.len() as u64 + 1;
         all.insert(id, keys);
         drop(all);
@@ -311,7 +312,7 @@ impl Control {
     }
 
     fn prefetch_progress(&self, id: u64) -> Result<PrefetchProgress, String> {
-        let all = self.prefetches.lock().unwrap();
+        let all = self.prefetches.lock();
         let keys = all.get(&id).ok_or_else(|| format!("no prefetch request {id}"))?;
         let (present, total) = self.live.background().progress(keys);
         Ok(PrefetchProgress {

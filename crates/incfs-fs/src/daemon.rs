@@ -3,7 +3,7 @@
 //! asked, unmount on SIGTERM or SIGINT, and return when the filesystem is unmounted by any means.
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use fuser::{Config, MountOption, Session, SessionACL};
@@ -12,6 +12,7 @@ use incfs_format::profile::{Profile, Recorder, MAX_PROFILE_BYTES};
 use incfs_format::{layout, Manifest};
 use incfs_sign::TrustedKeys;
 use incfs_store::Store;
+use parking_lot::Mutex;
 
 use crate::background::BackgroundOptions;
 use crate::control::{socket_path, Control};
@@ -310,7 +311,7 @@ fn default_plain_limit(dir: &Path) -> u64 {
 
 /// Write the recorded profile atomically.
 fn save_profile(recorder: &Mutex<Recorder>, path: &Path) {
-    let text = recorder.lock().unwrap().profile().encode();
+    let text = recorder.lock().profile().encode();
     let tmp = path.with_extension("tmp");
     if let Err(e) = std::fs::write(&tmp, text).and_then(|_| std::fs::rename(&tmp, path)) {
         tracing::error!("cannot write the profile {}: {e}", path.display());
@@ -503,7 +504,7 @@ pub fn mount(opts: MountOptions, on_ready: impl FnOnce()) -> Result<(), MountErr
             loop {
                 tokio::time::sleep(Duration::from_secs(1)).await;
                 let now = {
-                    let r = rec.lock().unwrap();
+                    let r = rec.lock();
                     (r.profile().entries.len(), r.profile().entries.last().map_or(0, |e| e.count))
                 };
                 if now != saved {

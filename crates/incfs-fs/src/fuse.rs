@@ -7,7 +7,7 @@ use std::collections::{HashMap, HashSet};
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use fuser::{
@@ -18,6 +18,7 @@ use fuser::{
 };
 use incfs_format::manifest::{Inode, InodeKind};
 use incfs_format::profile::Recorder;
+use parking_lot::Mutex;
 
 use crate::plain::PlainCopies;
 use crate::reader::{FileRef, Local, ReadFailure, Reader};
@@ -216,17 +217,17 @@ impl IncFs {
     /// its verified plain copy, written during this open when small, else in the background.
     fn plain_backing(&self, i: u64, f: &FileRef, reply: &ReplyOpen) -> Option<BackingId> {
         let plain = self.plain.as_ref().filter(|p| p.fits(f.data.size))?;
-        if self.modes.lock().unwrap().get(&i).is_some_and(|m| m.backing.is_some() || m.cached > 0) {
+        if self.modes.lock().get(&i).is_some_and(|m| m.backing.is_some() || m.cached > 0) {
             return None;
         }
         if f.data.size > PLAIN_IN_OPEN_MAX && !plain.ready(&f.key) {
-            if self.copying.lock().unwrap().insert(f.key) {
+            if self.copying.lock().insert(f.key) {
                 let (plain, reader, copying, f) = (plain.clone(), self.reader.clone(), self.copying.clone(), f.clone());
                 std::thread::spawn(move || {
                     if let Err(e) = plain.get(&reader, &f) {
                         tracing::warn!("{}: {e}", f.label);
                     }
-                    copying.lock().unwrap().remove(&f.key);
+                    copying.lock().remove(&f.key);
                 });
             }
             return None;
@@ -325,7 +326,7 @@ impl Filesystem for IncFs {
         let fh = self.next_handle.fetch_add(1, Ordering::Relaxed);
         if self.passthrough.load(Ordering::Relaxed) && f.data.size > 0 && self.reader.is_complete(&f) {
             let backing = self.plain_backing(i, &f, &reply);
-            let mut modes = self.modes.lock().unwrap();
+            let mut modes = self.modes.lock();
             let m = modes.entry(i).or_default();
             if m.cached == 0 {
                 if m.backing.is_none() {
@@ -333,14 +334,14 @@ impl Filesystem for IncFs {
                 }
                 if let Some(id) = &m.backing {
                     m.passthrough += 1;
-                    self.handles.lock().unwrap().insert(fh, Handle::new(Some(f), 0, Some(i)));
+                    self.handles.lock().insert(fh, Handle::new(Some(f), 0, Some(i)));
                     Stats::add(&self.reader.stats.opens_passthrough, 1);
                     return reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), id);
                 }
             }
         }
         if self.passthrough.load(Ordering::Relaxed) {
-            let mut modes = self.modes.lock().unwrap();
+            let mut modes = self.modes.lock();
             let m = modes.entry(i).or_default();
             if m.passthrough > 0 {
                 // The kernel would refuse a cached open while passthrough opens exist; cannot
@@ -348,13 +349,13 @@ impl Filesystem for IncFs {
                 // exact rather than hand the reader an EIO from the kernel.
                 if let Some(id) = &m.backing {
                     m.passthrough += 1;
-                    self.handles.lock().unwrap().insert(fh, Handle::new(Some(f), 0, Some(i)));
+                    self.handles.lock().insert(fh, Handle::new(Some(f), 0, Some(i)));
                     return reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), id);
                 }
             }
             m.cached += 1;
         }
-        self.handles.lock().unwrap().insert(fh, Handle::new(Some(f), READAHEAD_START, None));
+        self.handles.lock().insert(fh, Handle::new(Some(f), READAHEAD_START, None));
         reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE);
     }
 
@@ -372,7 +373,7 @@ impl Filesystem for IncFs {
         let first_block = offset / 4096;
         let next_block = (offset + size as u64).div_ceil(4096);
         let (f, ahead, window) = {
-            let mut h = self.handles.lock().unwrap();
+            let mut h = self.handles.lock();
             let ra = h.entry(fh.0).or_insert(Handle::new(None, READAHEAD_START, None));
             let sequential = first_block.abs_diff(ra.next_block) <= SEQUENTIAL_SLACK.max(ra.window);
             ra.window = if sequential { (ra.window * 2).clamp(READAHEAD_START, READAHEAD_MAX) } else { 0 };
@@ -385,7 +386,7 @@ impl Filesystem for IncFs {
             (ra.file.clone(), ahead, ra.window)
         };
         let asked_ahead = |until: u64| {
-            if let Some(h) = self.handles.lock().unwrap().get_mut(&fh.0) {
+            if let Some(h) = self.handles.lock().get_mut(&fh.0) {
                 h.ahead_until = h.ahead_until.max(until);
             }
         };
@@ -396,7 +397,7 @@ impl Filesystem for IncFs {
         };
         if let Some(rec) = &self.recorder {
             if let Some(path) = self.inode(ino).and_then(|(view, i)| view.paths.get(i as usize).cloned()) {
-                rec.lock().unwrap().read(&path, first_block..next_block.min(incfs_verity::block_count(f.data.size)));
+                rec.lock().read(&path, first_block..next_block.min(incfs_verity::block_count(f.data.size)));
             }
         }
         let label = f.label.clone();
@@ -456,9 +457,9 @@ impl Filesystem for IncFs {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
-        let handle = self.handles.lock().unwrap().remove(&fh.0);
+        let handle = self.handles.lock().remove(&fh.0);
         if self.plain.is_some() {
-            let mut modes = self.modes.lock().unwrap();
+            let mut modes = self.modes.lock();
             if let Some(m) = modes.get_mut(&ino.0) {
                 match handle.and_then(|h| h.passthrough) {
                     Some(_) => m.passthrough = m.passthrough.saturating_sub(1),

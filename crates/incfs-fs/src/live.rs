@@ -16,7 +16,7 @@
 //! free); its blocks come from fills and are verified against that tree like any others.
 
 use std::os::unix::ffi::OsStrExt;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use incfs_fetch::{Image, ImageError, SourceError};
@@ -25,6 +25,7 @@ use incfs_format::manifest::{is_valid_name, Dirent, FileData, Inode, InodeKind, 
 use incfs_format::Hash;
 use incfs_sign::TrustedKeys;
 use incfs_store::PushedFile;
+use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 
 use crate::background::{Background, BackgroundOptions};
@@ -233,17 +234,17 @@ impl Live {
     }
 
     pub fn set_notifier(&self, n: fuser::Notifier) {
-        *self.notifier.lock().unwrap() = Some(n);
+        *self.notifier.lock() = Some(n);
     }
 
     /// The background fetcher of the current version.
     pub fn background(&self) -> Arc<Background> {
-        self.running.lock().unwrap().background.clone()
+        self.running.lock().background.clone()
     }
 
     /// Start (or restart) background completion on the runtime of the caller.
     pub fn start_background(&self) {
-        let mut r = self.running.lock().unwrap();
+        let mut r = self.running.lock();
         if let Some(t) = r.task.take() {
             t.abort();
         }
@@ -304,7 +305,7 @@ impl Live {
         let image = self.fetch(to, allow_expired || self.policy.allow_expired).await?;
         let new = image.manifest().clone();
         let current = self.views.current();
-        let cur = &self.base.lock().unwrap().clone();
+        let cur = &self.base.lock().clone();
         let mut report = UpdateReport {
             from: cur.version,
             to: new.version,
@@ -348,16 +349,16 @@ impl Live {
             store.accept(&key_id, &new.name, new.version, image.manifest_bytes())?;
         }
 
-        let pushed = self.pushed.lock().unwrap().clone();
+        let pushed = self.pushed.lock().clone();
         let (served, skipped) = with_pushed(&new, &pushed);
         for s in skipped {
             tracing::warn!("pushed file {s} has no place in version {}: no longer shown", new.version);
         }
         self.reader.extend_objects(&new.objects);
         let changes = self.show(&current, served)?;
-        *self.base.lock().unwrap() = new.clone();
+        *self.base.lock() = new.clone();
         {
-            let mut r = self.running.lock().unwrap();
+            let mut r = self.running.lock();
             r.background = Background::new(self.reader.clone(), new.clone(), self.background_opts.clone());
         }
         self.start_background();
@@ -400,7 +401,7 @@ impl Live {
             tree: tree.to_vec(),
             signature: signature.to_vec(),
         };
-        let image = self.base.lock().unwrap().name.clone();
+        let image = self.base.lock().name.clone();
         let (p, digest) = check_push(&record, &image, &self.policy.trust, &self.reader).map_err(UpdateError::Add)?;
         let current = self.views.current();
         let (served, skipped) = with_pushed(&current.manifest, std::slice::from_ref(&p));
@@ -410,7 +411,7 @@ impl Live {
         }
         // Kept before it is shown: a file a reader saw is one a restarted mount shows again.
         self.reader.store().put_pushed(&image, &record)?;
-        self.pushed.lock().unwrap().push(p);
+        self.pushed.lock().push(p);
         self.show(&current, served)?;
         Ok(digest)
     }
@@ -426,7 +427,7 @@ impl Live {
     }
 
     fn invalidate(&self, what: &[Inval]) {
-        let notifier = self.notifier.lock().unwrap();
+        let notifier = self.notifier.lock();
         let Some(n) = notifier.as_ref() else { return };
         for i in what {
             // ENOENT (nothing cached) is no error; anything else only costs staleness until the

@@ -10,11 +10,11 @@
 //! first is tried anyway: a read never waits on a timer when it could try.
 
 use std::ops::Range;
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use incfs_fetch::{Source, SourceError};
+use parking_lot::Mutex;
 
 const FIRST_BACKOFF: Duration = Duration::from_secs(1);
 const MAX_BACKOFF: Duration = Duration::from_secs(60);
@@ -55,7 +55,7 @@ impl Mirrors {
     /// Mirror indices in the order to try them now.
     fn order(&self) -> Vec<usize> {
         let now = Instant::now();
-        let h = self.health.lock().unwrap();
+        let h = self.health.lock();
         let mut idx: Vec<usize> = (0..self.sources.len()).collect();
         let until = |t: Option<Instant>| t.filter(|&t| t > now);
         idx.sort_by_key(|&i| {
@@ -67,7 +67,7 @@ impl Mirrors {
 
     /// Put mirror `i` in backoff.
     pub fn penalize(&self, i: usize) {
-        let mut h = self.health.lock().unwrap();
+        let mut h = self.health.lock();
         let e = &mut h[i];
         e.failures = e.failures.saturating_add(1);
         let backoff = backoff(FIRST_BACKOFF, MAX_BACKOFF, e.failures);
@@ -78,7 +78,7 @@ impl Mirrors {
     /// Mirror `i` sent bytes that failed verification: behind every mirror that did not lie,
     /// for a period that grows with each lie until it sends bytes that verify.
     pub fn lied(&self, i: usize) {
-        let mut h = self.health.lock().unwrap();
+        let mut h = self.health.lock();
         let e = &mut h[i];
         e.lies = e.lies.saturating_add(1);
         let backoff = backoff(FIRST_LIE_BACKOFF, MAX_LIE_BACKOFF, e.lies);
@@ -93,7 +93,7 @@ impl Mirrors {
 
     /// Bytes from mirror `i` verified: whatever it lied before is forgiven.
     pub fn vouch(&self, i: usize) {
-        let mut h = self.health.lock().unwrap();
+        let mut h = self.health.lock();
         if h[i].lies > 0 {
             h[i].lies = 0;
             h[i].lied_until = None;
@@ -102,7 +102,7 @@ impl Mirrors {
 
     /// Mirror `i` answered (what it sent is judged by [`Mirrors::lied`] / [`Mirrors::vouch`]).
     fn succeeded(&self, i: usize) {
-        let mut h = self.health.lock().unwrap();
+        let mut h = self.health.lock();
         h[i].failures = 0;
         h[i].retry_at = None;
     }

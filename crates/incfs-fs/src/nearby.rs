@@ -11,9 +11,9 @@
 
 use std::collections::VecDeque;
 use std::ops::Range;
-use std::sync::Mutex;
 
 use bytes::Bytes;
+use parking_lot::Mutex;
 
 /// Default reach on either side of a cold small file (`--nearby`).
 pub const DEFAULT_NEARBY: u64 = 64 << 10;
@@ -77,7 +77,7 @@ impl Nearby {
         if bytes.len() as u64 != range.end - range.start || bytes.len() as u64 > NEARBY_LIMIT {
             return;
         }
-        let mut entries = self.entries.lock().unwrap();
+        let mut entries = self.entries.lock();
         entries.push_back(Entry { object, range, bytes, mirror });
         let mut total: u64 = entries.iter().map(|e| e.bytes.len() as u64).sum();
         while total > NEARBY_LIMIT {
@@ -88,7 +88,7 @@ impl Nearby {
 
     /// The bytes of `range` of `object` and the mirror that sent them, if one entry holds all.
     pub fn get(&self, object: u32, range: &Range<u64>) -> Option<(Bytes, usize)> {
-        let entries = self.entries.lock().unwrap();
+        let entries = self.entries.lock();
         entries.iter().rev().find_map(|e| {
             (e.object == object && e.range.start <= range.start && range.end <= e.range.end).then(|| {
                 let at = (range.start - e.range.start) as usize;
@@ -99,12 +99,12 @@ impl Nearby {
 
     /// Forget every entry of `object` (some of its bytes failed verification).
     pub fn forget(&self, object: u32) {
-        self.entries.lock().unwrap().retain(|e| e.object != object);
+        self.entries.lock().retain(|e| e.object != object);
     }
 
     /// Bytes held now.
     pub fn bytes(&self) -> u64 {
-        self.entries.lock().unwrap().iter().map(|e| e.bytes.len() as u64).sum()
+        self.entries.lock().iter().map(|e| e.bytes.len() as u64).sum()
     }
 }
 

@@ -8,9 +8,10 @@
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use tokio::sync::broadcast;
@@ -97,7 +98,7 @@ pub struct PendingGuard<'a> {
 
 impl Drop for PendingGuard<'_> {
     fn drop(&mut self) {
-        self.owner.waiting.lock().unwrap().remove(&self.serial);
+        self.owner.waiting.lock().remove(&self.serial);
     }
 }
 
@@ -107,14 +108,14 @@ impl Pending {
         let serial = self.serial.fetch_add(1, Ordering::Relaxed);
         let p =
             PendingRead { serial, time_us: now_us(), id: file_id(path), path: path.to_string(), block, count, size };
-        self.waiting.lock().unwrap().insert(serial, p.clone());
+        self.waiting.lock().insert(serial, p.clone());
         let _ = self.began.send(p);
         PendingGuard { owner: self, serial }
     }
 
     /// The reads waiting now, oldest first.
     pub fn list(&self) -> Vec<PendingRead> {
-        self.waiting.lock().unwrap().values().cloned().collect()
+        self.waiting.lock().values().cloned().collect()
     }
 
     /// New pending reads, from now on.

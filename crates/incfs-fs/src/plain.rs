@@ -21,12 +21,12 @@ use std::io::{Read, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Condvar, Mutex, PoisonError};
 use std::time::Instant;
 
 use incfs_format::BLOCK_SIZE;
 use incfs_store::FileKey;
 use incfs_verity::{hash_data, MerkleTree};
+use parking_lot::{Condvar, Mutex};
 
 use crate::reader::{FileRef, Local, Reader};
 
@@ -60,7 +60,7 @@ struct Making<'a> {
 
 impl Drop for Making<'_> {
     fn drop(&mut self) {
-        self.plain.making.lock().unwrap_or_else(PoisonError::into_inner).remove(&self.key);
+        self.plain.making.lock().remove(&self.key);
         self.plain.made.notify_all();
     }
 }
@@ -114,7 +114,7 @@ impl PlainCopies {
 
     /// (copies, bytes) on disk.
     pub fn usage(&self) -> (u64, u64) {
-        let c = self.copies.lock().unwrap();
+        let c = self.copies.lock();
         (c.len() as u64, c.values().map(|c| c.size).sum())
     }
 
@@ -125,14 +125,14 @@ impl PlainCopies {
 
     /// Whether a verified copy of `key` is ready to open without work.
     pub fn ready(&self, key: &FileKey) -> bool {
-        self.copies.lock().unwrap().get(key).is_some_and(|c| c.verified)
+        self.copies.lock().get(key).is_some_and(|c| c.verified)
     }
 
     /// The plain copy of complete file `f`, opened read-only: checked if left by an earlier
     /// daemon, written now if missing.
     pub fn get(&self, reader: &Reader, f: &FileRef) -> Result<File, PlainError> {
         let path = self.path(&f.key);
-        let known = self.copies.lock().unwrap().get(&f.key).map(|c| c.verified);
+        let known = self.copies.lock().get(&f.key).map(|c| c.verified);
         match known {
             Some(true) => {
                 if let Ok(file) = File::open(&path) {
@@ -148,7 +148,7 @@ impl PlainCopies {
                 }
                 if let Ok(file) = File::open(&path) {
                     if check(&file, f)? {
-                        if let Some(c) = self.copies.lock().unwrap().get_mut(&f.key) {
+                        if let Some(c) = self.copies.lock().get_mut(&f.key) {
                             c.verified = true;
                             c.last_used = Instant::now();
                         }
@@ -164,16 +164,16 @@ impl PlainCopies {
 
     /// Wait until no one else works on `key`'s copy, then claim it.
     fn claim(&self, key: FileKey) -> Making<'_> {
-        let mut making = self.making.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut making = self.making.lock();
         while making.contains(&key) {
-            making = self.made.wait(making).unwrap_or_else(PoisonError::into_inner);
+            self.made.wait(&mut making);
         }
         making.insert(key);
         Making { plain: self, key }
     }
 
     fn touch(&self, key: &FileKey) {
-        if let Some(c) = self.copies.lock().unwrap().get_mut(key) {
+        if let Some(c) = self.copies.lock().get_mut(key) {
             c.last_used = Instant::now();
         }
     }
@@ -227,7 +227,7 @@ impl PlainCopies {
             let _ = fs::remove_file(&tmp);
             return Err(e);
         }
-        self.copies.lock().unwrap().insert(f.key, Copy { size, verified: true, last_used: Instant::now() });
+        self.copies.lock().insert(f.key, Copy { size, verified: true, last_used: Instant::now() });
         tracing::debug!("plain copy of {} written ({size} bytes)", f.label);
         Ok(File::open(path)?)
     }
@@ -235,7 +235,7 @@ impl PlainCopies {
     /// Forget `key`'s old copy, delete least recently used copies until `size` more fits
     /// under the limit beside the copies being written, and reserve `size` for this one.
     fn reserve(&self, key: &FileKey, size: u64) {
-        let mut copies = self.copies.lock().unwrap();
+        let mut copies = self.copies.lock();
         copies.remove(key);
         let mut used: u64 = copies.values().map(|c| c.size).sum::<u64>() + self.reserved.load(Ordering::Relaxed);
         while used + size > self.limit {

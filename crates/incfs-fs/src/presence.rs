@@ -6,9 +6,9 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::ops::Range;
-use std::sync::Mutex;
 
 use incfs_store::{FileKey, Store, StoreError, PRESENCE_CHUNK_BITS};
+use parking_lot::Mutex;
 
 #[derive(Default)]
 struct FilePresence {
@@ -29,7 +29,7 @@ fn bit(chunks: &BTreeMap<u64, Vec<u8>>, i: u64) -> bool {
 impl Presence {
     /// Load the persisted bitmaps of `keys` (each once).
     pub fn load(&self, store: &Store, keys: impl IntoIterator<Item = FileKey>) -> Result<(), StoreError> {
-        let mut files = self.files.lock().unwrap();
+        let mut files = self.files.lock();
         for key in keys {
             if files.contains_key(&key) {
                 continue;
@@ -45,12 +45,12 @@ impl Presence {
     }
 
     pub fn is_present(&self, key: &FileKey, block: u64) -> bool {
-        self.files.lock().unwrap().get(key).is_some_and(|p| bit(&p.chunks, block))
+        self.files.lock().get(key).is_some_and(|p| bit(&p.chunks, block))
     }
 
     /// Whether each block of `blocks` is present, with one look at the map.
     pub fn mask(&self, key: &FileKey, blocks: Range<u64>) -> Vec<bool> {
-        let files = self.files.lock().unwrap();
+        let files = self.files.lock();
         match files.get(key) {
             Some(p) => blocks.map(|i| bit(&p.chunks, i)).collect(),
             None => vec![false; (blocks.end - blocks.start) as usize],
@@ -59,7 +59,7 @@ impl Presence {
 
     /// Mark blocks present; returns the chunks that changed, to persist.
     pub fn mark(&self, key: &FileKey, blocks: impl IntoIterator<Item = u64>) -> Vec<(FileKey, u64, Vec<u8>)> {
-        let mut files = self.files.lock().unwrap();
+        let mut files = self.files.lock();
         let p = files.entry(*key).or_default();
         let mut changed = std::collections::BTreeSet::new();
         for i in blocks {
@@ -77,12 +77,12 @@ impl Presence {
 
     /// Blocks present of one content.
     pub fn count(&self, key: &FileKey) -> u64 {
-        self.files.lock().unwrap().get(key).map_or(0, |p| p.count)
+        self.files.lock().get(key).map_or(0, |p| p.count)
     }
 
     /// Present blocks of a content with `blocks` blocks, as sorted ranges.
     pub fn ranges(&self, key: &FileKey, blocks: u64) -> Vec<Range<u64>> {
-        let files = self.files.lock().unwrap();
+        let files = self.files.lock();
         let Some(p) = files.get(key) else {
             return Vec::new();
         };
@@ -115,5 +115,24 @@ mod tests {
         assert_eq!(p.ranges(&k, 6000), vec![0..3, 5..6, 5000..5001]);
         assert_eq!(p.mask(&k, 0..6), vec![true, true, true, false, false, true]);
         assert_eq!(p.mask(&[8u8; 40], 0..2), vec![false, false]);
+    }
+
+    /// The cascade of issue 11 item 8: a panic while the map was locked (a short bitmap did
+    /// that once) poisoned a std lock, and every later read of the mount panicked on it.
+    #[test]
+    fn a_panic_under_the_lock_does_not_break_later_calls() {
+        let p = std::sync::Arc::new(Presence::default());
+        let k = [7u8; 40];
+        p.mark(&k, [0]);
+        let q = p.clone();
+        let r = std::thread::spawn(move || {
+            let _held = q.files.lock();
+            panic!("a bug while the presence map is locked");
+        })
+        .join();
+        assert!(r.is_err(), "the thread panicked");
+        p.mark(&k, [1]);
+        assert_eq!(p.count(&k), 2);
+        assert_eq!(p.ranges(&k, 4), vec![0..2]);
     }
 }

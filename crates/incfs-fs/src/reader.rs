@@ -12,7 +12,7 @@
 use std::collections::HashMap;
 use std::ops::Range;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::future::{BoxFuture, FutureExt, Shared};
@@ -22,6 +22,7 @@ use incfs_format::manifest::{FileData, ObjectRef};
 use incfs_format::{layout, Codec, Hash, BLOCK_SIZE};
 use incfs_store::{FileKey, NewBlock, Store};
 use incfs_verity::{check_hash_block, hash_data_block, Geometry, HASHES_PER_BLOCK, HASH_SIZE};
+use parking_lot::{Mutex, RwLock};
 use quick_cache::sync::Cache;
 
 use crate::mirrors::Mirrors;
@@ -306,7 +307,7 @@ impl Reader {
     /// Bytes fetched ahead and not read yet: verified blocks of readahead, and the spans of
     /// cold small files' neighbours (at most [`STAGED_LIMIT_BYTES`] in all).
     pub fn staged_bytes(&self) -> u64 {
-        (self.staged.lock().unwrap().blocks.len() * BLOCK_SIZE) as u64 + self.nearby.bytes()
+        (self.staged.lock().blocks.len() * BLOCK_SIZE) as u64 + self.nearby.bytes()
     }
 
     /// How far on either side of a cold small file its neighbours' spans are fetched with it
@@ -322,7 +323,7 @@ impl Reader {
 
     /// Keep the (verified) compact tree of a pushed file; returns its metadata offset.
     pub fn push_tree(&self, tree: Vec<u8>) -> u64 {
-        let mut p = self.pushed.write().unwrap();
+        let mut p = self.pushed.write();
         p.push(Arc::new(tree));
         p.len() as u64 - 1
     }
@@ -367,7 +368,7 @@ impl Reader {
                 let stored_ok = leaf == self.zero_hash || self.store_blocks(&f.key, &[new], vec![block]).is_ok();
                 if stored_ok {
                     self.verified.insert(leaf, Arc::from(decoded));
-                    self.bad_fills.lock().unwrap().remove(&(f.key, block));
+                    self.bad_fills.lock().remove(&(f.key, block));
                     Stats::add(&self.stats.blocks_filled, 1);
                     Ok(())
                 } else {
@@ -384,7 +385,7 @@ impl Reader {
                 };
                 let at = *self.filled.borrow() + 1;
                 let bad = BadFill { at, when: Instant::now(), failure };
-                self.bad_fills.lock().unwrap().insert((f.key, block), bad);
+                self.bad_fills.lock().insert((f.key, block), bad);
                 Err(FillError::Verification(f.label.clone(), block, e))
             }
         };
@@ -394,7 +395,7 @@ impl Reader {
 
     /// A fill after fill count `since`, or just before, got one of `blocks` of `f` wrong.
     fn bad_fill(&self, f: &FileRef, blocks: &[u64], since: u64) -> Option<ReadFailure> {
-        let bad = self.bad_fills.lock().unwrap();
+        let bad = self.bad_fills.lock();
         blocks.iter().find_map(|b| {
             let b = bad.get(&(f.key, *b))?;
             (b.at > since || b.when.elapsed() < FAILURE_MEMORY).then(|| b.failure.clone())
@@ -411,13 +412,13 @@ impl Reader {
 
     /// Object `i` of the object table.
     pub fn object(&self, i: u32) -> Option<ObjectRef> {
-        self.objects.read().unwrap().get(i as usize).copied()
+        self.objects.read().get(i as usize).copied()
     }
 
     /// Take the object table of a newer version (a longer table, starting with the current
     /// one); a shorter one (an older version) is a prefix and changes nothing.
     pub fn extend_objects(&self, objects: &[ObjectRef]) {
-        let mut table = self.objects.write().unwrap();
+        let mut table = self.objects.write();
         if objects.len() > table.len() {
             *table = Arc::from(objects);
         }
@@ -425,7 +426,7 @@ impl Reader {
 
     /// Digest of an object that a verified manifest or a bounds-checked record names.
     fn digest(&self, i: u32) -> Hash {
-        self.objects.read().unwrap()[i as usize].digest
+        self.objects.read()[i as usize].digest
     }
 
     /// Reads currently waiting for the network.
@@ -453,7 +454,7 @@ impl Reader {
         let (object, offset, _) = self.region(f);
         if object == PUSHED_OBJECT {
             // Only its tree is kept (the block map is of no use without a source).
-            let tree = self.pushed.read().unwrap().get(offset as usize).cloned();
+            let tree = self.pushed.read().get(offset as usize).cloned();
             let start = (chunk * META_CHUNK) as usize;
             return match tree {
                 Some(t) if start < t.len() => {
@@ -522,7 +523,7 @@ impl Reader {
         for chunk in range.start / META_CHUNK..=(range.end.max(1) - 1) / META_CHUNK {
             self.meta.remove(&(object, offset, chunk));
             let _ = self.store.remove_meta(&digest, offset, chunk);
-            liars.extend(self.meta_from.lock().unwrap().remove(&(object, offset, chunk)));
+            liars.extend(self.meta_from.lock().remove(&(object, offset, chunk)));
         }
         liars.sort_unstable();
         liars.dedup();
@@ -610,7 +611,7 @@ impl Reader {
 
     /// A stored block, decoded and verified; a damaged one is removed and reported absent.
     fn stored_block(&self, leaf: &Hash) -> Result<Option<Block>, Local> {
-        if let Some(b) = self.staged.lock().unwrap().take(leaf) {
+        if let Some(b) = self.staged.lock().take(leaf) {
             return Ok(Some(Block::Owned(b)));
         }
         if let Some(b) = self.verified.get(leaf) {
@@ -747,7 +748,7 @@ impl Reader {
         ahead: Range<u64>,
         deadline: Instant,
     ) -> Result<Vec<u8>, ReadFailure> {
-        if let Some((at, e)) = self.recent_failures.lock().unwrap().get(&f.key) {
+        if let Some((at, e)) = self.recent_failures.lock().get(&f.key) {
             if at.elapsed() < FAILURE_MEMORY {
                 return Err(e.clone());
             }
@@ -768,7 +769,7 @@ impl Reader {
         self.demand.fetch_sub(1, Ordering::Relaxed);
         // Only waits are remembered: a verification failure costs no waiting, and the next
         // attempt should go to the network at once (to another mirror, or a repaired one).
-        let mut recent = self.recent_failures.lock().unwrap();
+        let mut recent = self.recent_failures.lock();
         match &result {
             Err(e) if matches!(e.cause, FailCause::Timeout | FailCause::Source) => {
                 recent.insert(f.key, (Instant::now(), e.clone()));
@@ -825,7 +826,7 @@ impl Reader {
                     }
                     // A span fetch of this file in flight brings these blocks: wait for it.
                     let (o, off, _) = self.region(f);
-                    let span = self.inflight_meta.lock().unwrap().get(&(o, off, SPAN_GROUP)).cloned();
+                    let span = self.inflight_meta.lock().get(&(o, off, SPAN_GROUP)).cloned();
                     if let Some(span) = span {
                         rounds += 1;
                         let _ = span.await;
@@ -878,23 +879,23 @@ impl Reader {
 
     /// Call `hook` whenever a read finds a file cold (replacing the previous hook).
     pub fn on_cold_file(&self, hook: ColdHook) {
-        *self.cold_hook.write().unwrap() = Some(hook);
+        *self.cold_hook.write() = Some(hook);
     }
 
     /// Learn where the metadata regions of a manifest's files lie (each version's, kept: open
     /// files of older versions read on).
     pub fn add_regions(&self, regions: impl IntoIterator<Item = (u32, u64, u64)>) {
-        let mut all: Vec<(u32, u64, u64)> = self.regions.read().unwrap().to_vec();
+        let mut all: Vec<(u32, u64, u64)> = self.regions.read().to_vec();
         all.extend(regions);
         all.sort_unstable();
         all.dedup();
-        *self.regions.write().unwrap() = Arc::new(all);
+        *self.regions.write() = Arc::new(all);
     }
 
     /// A read found `f` cold (its metadata not local): tell the hook, and return its span (and
     /// the range to fetch for it) if it is small.
     fn cold_file(&self, f: &FileRef) -> Option<(u32, Range<u64>, Range<u64>)> {
-        let hook = self.cold_hook.read().unwrap().clone();
+        let hook = self.cold_hook.read().clone();
         if let Some(hook) = hook {
             hook(&f.key);
         }
@@ -908,7 +909,7 @@ impl Reader {
             return None;
         }
         let (object, offset, len) = self.region(f);
-        let regions = self.regions.read().unwrap().clone();
+        let regions = self.regions.read().clone();
         let k = regions.binary_search(&(object, offset, offset + len)).ok()?;
         let span = crate::nearby::span(&regions, k)?;
         if span.end - span.start > SMALL_SPAN {
@@ -928,7 +929,7 @@ impl Reader {
         local: impl FnOnce() -> bool,
         fetch: impl FnOnce() -> BoxFuture<'static, Result<Arc<Vec<Arc<Vec<u8>>>>, ReadFailure>>,
     ) -> Option<SharedMeta> {
-        let mut inflight = self.inflight_meta.lock().unwrap();
+        let mut inflight = self.inflight_meta.lock();
         if let Some(s) = inflight.get(&key) {
             return Some(s.clone());
         }
@@ -939,7 +940,7 @@ impl Reader {
         let shared = async move {
             let result = fetch.await;
             // Done (whoever polled it to the end): later callers find the data cached.
-            flights.lock().unwrap().remove(&key);
+            flights.lock().remove(&key);
             result
         }
         .boxed()
@@ -1088,7 +1089,7 @@ impl Reader {
         let needed_leaves: Vec<Hash> = plan.iter().filter(|(i, _, _)| needed.contains(i)).map(|(_, h, _)| *h).collect();
         let mut waits = Vec::new();
         {
-            let mut inflight = self.inflight.lock().unwrap();
+            let mut inflight = self.inflight.lock();
             // Checked again under the lock: a run stores its blocks before it leaves
             // `inflight`, so a block is always either stored or in flight here.
             let candidates: Vec<Hash> =
@@ -1169,7 +1170,7 @@ impl Reader {
                 self.accept_off_thread(&f, items.clone(), bytes, first.offset, mirror, keep_decoded).await
             }
         };
-        let mut inflight = self.inflight.lock().unwrap();
+        let mut inflight = self.inflight.lock();
         for (_, h, _) in &items {
             inflight.remove(h);
         }
@@ -1257,7 +1258,7 @@ impl Reader {
                 // Only once written: a block served is a block kept, even if killed now.
                 if keep_decoded {
                     let run = Arc::new(run);
-                    let mut staged = self.staged.lock().unwrap();
+                    let mut staged = self.staged.lock();
                     for (leaf, k) in decoded {
                         staged.put(leaf, RunBlock(run.clone(), k));
                     }
@@ -1276,7 +1277,7 @@ impl Reader {
 
 /// Note that mirror `mirror` sent metadata piece `key` (see `Reader::meta_from`).
 fn remember_mirror(map: &MetaFrom, key: (u32, u64, u64), mirror: usize) {
-    let mut map = map.lock().unwrap();
+    let mut map = map.lock();
     if map.len() >= META_FROM_MAX {
         map.clear();
     }

@@ -2,8 +2,9 @@
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::sync::Mutex;
 use std::time::Duration;
+
+use parking_lot::Mutex;
 
 /// How many recent fetch latencies are kept for the mean and p99.
 const LATENCY_WINDOW: usize = 4096;
@@ -65,7 +66,7 @@ impl Stats {
     pub fn fetched(&self, bytes: u64, latency: Duration) {
         self.fetch_requests.fetch_add(1, Relaxed);
         self.bytes_fetched.fetch_add(bytes, Relaxed);
-        let mut l = self.latencies_us.lock().unwrap();
+        let mut l = self.latencies_us.lock();
         if l.len() == LATENCY_WINDOW {
             l.pop_front();
         }
@@ -74,7 +75,7 @@ impl Stats {
 
     /// Mean and 99th percentile of recent fetch latencies, in milliseconds.
     pub fn latency_ms(&self) -> (f64, f64) {
-        let mut v: Vec<u64> = self.latencies_us.lock().unwrap().iter().copied().collect();
+        let mut v: Vec<u64> = self.latencies_us.lock().iter().copied().collect();
         if v.is_empty() {
             return (0.0, 0.0);
         }

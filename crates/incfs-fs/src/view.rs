@@ -13,10 +13,11 @@
 //! files and cached names may still refer to.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::{Arc, Mutex, OnceLock, RwLock};
+use std::sync::{Arc, OnceLock};
 
 use incfs_format::manifest::{display_path, Inode, InodeKind, Manifest};
 use incfs_store::{file_key, FileKey};
+use parking_lot::{Mutex, RwLock};
 
 use crate::pending::file_id;
 use crate::reader::FileRef;
@@ -269,7 +270,7 @@ impl Views {
     }
 
     pub fn current(&self) -> Arc<View> {
-        self.current.read().unwrap().clone()
+        self.current.read().clone()
     }
 
     /// The view knowing kernel inode `ino`, and its manifest index: the current view first,
@@ -279,20 +280,20 @@ impl Views {
         if let Some(i) = cur.index_of(ino) {
             return Some((cur, i));
         }
-        let retired = self.retired.lock().unwrap();
+        let retired = self.retired.lock();
         retired.iter().rev().find_map(|v| v.index_of(ino).map(|i| (v.clone(), i)))
     }
 
     /// Highest inode number any view used.
     pub fn max_ino(&self) -> u64 {
         let cur = self.current().max_ino;
-        self.retired.lock().unwrap().iter().map(|v| v.max_ino).fold(cur, u64::max)
+        self.retired.lock().iter().map(|v| v.max_ino).fold(cur, u64::max)
     }
 
     /// Make `view` current; the previous one is retired.
     pub fn switch(&self, view: View) {
-        let old = std::mem::replace(&mut *self.current.write().unwrap(), Arc::new(view));
-        self.retired.lock().unwrap().push(old);
+        let old = std::mem::replace(&mut *self.current.write(), Arc::new(view));
+        self.retired.lock().push(old);
     }
 }
 

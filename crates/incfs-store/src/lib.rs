@@ -17,9 +17,9 @@ pub mod journal;
 pub mod segments;
 
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
 
 use incfs_format::{Codec, Hash};
+use parking_lot::Mutex;
 use rusqlite::{params, Connection, OptionalExtension};
 
 pub use journal::{FileKey, PRESENCE_CHUNK_BITS};
@@ -143,13 +143,13 @@ impl Store {
 
     /// Run `f` with a pooled connection.
     fn with<T>(&self, f: impl FnOnce(&mut Connection) -> rusqlite::Result<T>) -> Result<T, StoreError> {
-        let conn = self.pool.lock().unwrap().pop();
+        let conn = self.pool.lock().pop();
         let mut conn = match conn {
             Some(c) => c,
             None => connect(&self.path)?,
         };
         let r = f(&mut conn).map_err(|e| self.err(e));
-        let mut pool = self.pool.lock().unwrap();
+        let mut pool = self.pool.lock();
         if pool.len() < 4 {
             pool.push(conn);
         }

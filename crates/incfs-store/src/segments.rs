@@ -25,12 +25,13 @@
 
 use std::collections::{BTreeMap, HashMap};
 
+use parking_lot::{Mutex, RwLock};
 use rustc_hash::FxBuildHasher;
 use std::fs::File;
 use std::io::{Read, Write};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::Arc;
 
 use incfs_format::{Codec, Hash};
 
@@ -270,7 +271,7 @@ impl Segments {
 
     /// A new segment of this process's own (its id claimed with `O_EXCL`).
     fn new_writer(&self) -> Result<Writer, StoreError> {
-        let mut last = self.last_id.lock().unwrap();
+        let mut last = self.last_id.lock();
         loop {
             *last += 1;
             let id = *last;
@@ -295,7 +296,7 @@ impl Segments {
     /// Append `data` to this process's segment and then `records(segment, offset)` to its
     /// journal; apply the records to the index once both are written.
     fn append(&self, data: &[u8], records: impl FnOnce(u32, u64) -> Vec<Record>) -> Result<(), StoreError> {
-        let mut w = self.writer.lock().unwrap();
+        let mut w = self.writer.lock();
         if w.as_ref().is_none_or(|w| w.tail > 0 && w.tail + data.len() as u64 > SEGMENT_MAX) {
             *w = Some(self.new_writer()?);
         }
@@ -312,7 +313,7 @@ impl Segments {
         }
         // One write(2) in append mode: a torn record can only be the last one.
         w.journal.write_all(&buf).map_err(self.io(self.dir.join(jnl_name(w.id))))?;
-        let mut index = self.index.write().unwrap();
+        let mut index = self.index.write();
         for r in records {
             index.apply(w.id, r, w.tail);
         }
@@ -330,7 +331,7 @@ impl Segments {
         present: Option<(&FileKey, &[u64])>,
     ) -> Result<(), StoreError> {
         let new: Vec<&(Hash, Codec, std::ops::Range<usize>)> = {
-            let index = self.index.read().unwrap();
+            let index = self.index.read();
             let mut seen = std::collections::HashSet::new();
             blocks.iter().filter(|(h, _, _)| !index.blocks.contains_key(&block_key(h)) && seen.insert(*h)).collect()
         };
@@ -374,12 +375,12 @@ impl Segments {
     }
 
     fn file(&self, segment: u32) -> Result<Arc<File>, StoreError> {
-        if let Some(f) = self.files.read().unwrap().get(&segment) {
+        if let Some(f) = self.files.read().get(&segment) {
             return Ok(f.clone());
         }
         let path = self.dir.join(seg_name(segment));
         let f = Arc::new(File::open(&path).map_err(self.io(path))?);
-        self.files.write().unwrap().insert(segment, f.clone());
+        self.files.write().insert(segment, f.clone());
         Ok(f)
     }
 
@@ -396,24 +397,24 @@ impl Segments {
 
     /// The stored form of block `hash`, if stored (not verified).
     pub fn get_block(&self, hash: &Hash) -> Result<Option<StoredBlock>, StoreError> {
-        let loc = self.index.read().unwrap().blocks.get(&block_key(hash)).copied();
+        let loc = self.index.read().blocks.get(&block_key(hash)).copied();
         let Some(loc) = loc else { return Ok(None) };
         Ok(self.read(loc.at())?.map(|d| (loc.codec, d)))
     }
 
     pub fn has_block(&self, hash: &Hash) -> bool {
-        self.index.read().unwrap().blocks.contains_key(&block_key(hash))
+        self.index.read().blocks.contains_key(&block_key(hash))
     }
 
     /// Which of `hashes` are stored.
     pub fn stored_among(&self, hashes: &[Hash]) -> std::collections::HashSet<Hash> {
-        let index = self.index.read().unwrap();
+        let index = self.index.read();
         hashes.iter().filter(|h| index.blocks.contains_key(&block_key(h))).copied().collect()
     }
 
     /// Forget block `hash` (found damaged); it will be fetched again when needed.
     pub fn drop_block(&self, hash: &Hash) -> Result<(), StoreError> {
-        let loc = self.index.read().unwrap().blocks.get(&block_key(hash)).copied();
+        let loc = self.index.read().blocks.get(&block_key(hash)).copied();
         let Some(loc) = loc else { return Ok(()) };
         self.append(&[], |_, _| {
             vec![Record::DropBlock { hash: *hash, segment: loc.segment, offset: loc.offset as u64 }]
@@ -423,7 +424,7 @@ impl Segments {
     /// Every stored block's full leaf hash (for `fsck`). The index keeps half of each, so the
     /// journals are read again for the rest: the records that put the blocks where they are now.
     pub fn block_hashes(&self) -> Result<Vec<Hash>, StoreError> {
-        let index = self.index.read().unwrap();
+        let index = self.index.read();
         let mut v = Vec::with_capacity(index.blocks.len());
         replay_dir(&self.dir, |segment, r, _| {
             if let Record::Block { hash, offset, .. } = r {
@@ -440,12 +441,12 @@ impl Segments {
 
     /// (blocks, stored bytes).
     pub fn totals(&self) -> (u64, u64) {
-        let index = self.index.read().unwrap();
+        let index = self.index.read();
         (index.blocks.len() as u64, index.block_bytes)
     }
 
     pub fn presence(&self, file: &FileKey) -> Vec<(u64, Vec<u8>)> {
-        let index = self.index.read().unwrap();
+        let index = self.index.read();
         index.presence.get(file).map_or_else(Vec::new, |c| c.iter().map(|(k, v)| (*k, v.to_vec())).collect())
     }
 
@@ -462,7 +463,7 @@ impl Segments {
     }
 
     pub fn get_meta(&self, object: &Hash, region: u64, chunk: u64) -> Result<Option<Vec<u8>>, StoreError> {
-        let loc = self.index.read().unwrap().meta.get(&(*object, region, chunk)).copied();
+        let loc = self.index.read().meta.get(&(*object, region, chunk)).copied();
         match loc {
             Some(at) => self.read(at),
             None => Ok(None),
@@ -478,7 +479,7 @@ impl Segments {
     }
 
     pub fn drop_meta(&self, object: &Hash, region: u64, chunk: u64) -> Result<(), StoreError> {
-        if !self.index.read().unwrap().meta.contains_key(&(*object, region, chunk)) {
+        if !self.index.read().meta.contains_key(&(*object, region, chunk)) {
             return Ok(());
         }
         self.append(&[], |_, _| vec![Record::DropMeta { object: *object, region, chunk }])

@@ -29,9 +29,11 @@ use std::io;
 use std::net::Ipv4Addr;
 use std::pin::Pin;
 use std::process::ExitCode;
-use std::sync::{Arc, Condvar, LazyLock, Mutex, PoisonError};
+use std::sync::{Arc, LazyLock};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
+
+use parking_lot::{Condvar, Mutex};
 
 use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -207,7 +209,7 @@ static CLOCK: LazyLock<Clock> = LazyLock::new(|| {
 
 impl Clock {
     fn wake_at(&self, at: Instant, waker: Waker) {
-        let mut queue = self.queue.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut queue = self.queue.lock();
         let earliest = queue.peek().is_none_or(|Reverse(first)| at < first.at);
         queue.push(Reverse(Alarm { at, waker }));
         drop(queue);
@@ -217,7 +219,7 @@ impl Clock {
     }
 
     fn run(&self) {
-        let mut queue = self.queue.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut queue = self.queue.lock();
         loop {
             let now = Instant::now();
             while queue.peek().is_some_and(|Reverse(first)| first.at <= now) {
@@ -225,13 +227,13 @@ impl Clock {
                     alarm.waker.wake();
                 }
             }
-            queue = match queue.peek() {
+            match queue.peek() {
                 Some(Reverse(first)) => {
                     let timeout = first.at - now;
-                    self.changed.wait_timeout(queue, timeout).unwrap_or_else(PoisonError::into_inner).0
+                    self.changed.wait_for(&mut queue, timeout);
                 }
-                None => self.changed.wait(queue).unwrap_or_else(PoisonError::into_inner),
-            };
+                None => self.changed.wait(&mut queue),
+            }
         }
     }
 }

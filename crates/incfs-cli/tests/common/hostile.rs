@@ -9,8 +9,10 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
+
+use parking_lot::Mutex;
 
 /// How the server misbehaves (whole GETs are the manifest and the profile; ranged GETs are the
 /// objects).
@@ -81,7 +83,7 @@ impl HostileServer {
     }
 
     pub fn set(&self, lie: Lie) {
-        *self.lie.lock().unwrap() = lie;
+        *self.lie.lock() = lie;
     }
 }
 
@@ -121,7 +123,7 @@ fn serve(conn: TcpStream, root: &Path, lie: &Mutex<Lie>, port: u16) -> std::io::
                 }
             }
         }
-        let lie = *lie.lock().unwrap();
+        let lie = *lie.lock();
         let (moved, target) = match target.strip_prefix("/moved") {
             Some(t) => (true, t.to_string()),
             None => (false, target),

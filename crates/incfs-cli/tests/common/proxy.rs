@@ -11,8 +11,10 @@
 
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
 use std::time::Duration;
+
+use parking_lot::Mutex;
 
 use super::runner::Runner;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -211,7 +213,7 @@ impl RateLimit {
 
     /// Reserve `n` bytes of link time; returns when they may be sent.
     fn reserve(&self, n: usize) -> Instant {
-        let mut busy = self.busy_until.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut busy = self.busy_until.lock();
         let now = Instant::now();
         let start = (*busy).max(now.checked_sub(self.burst).unwrap_or(now));
         *busy = start + Duration::from_secs_f64(n as f64 / self.rate as f64);

@@ -18,7 +18,7 @@
 use std::fmt;
 use std::ops::Range;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
@@ -31,6 +31,7 @@ use object_store::{
     GetOptions, GetResult, GetResultPayload, ListResult, MultipartUpload, ObjectMeta, ObjectStore, PutMultipartOptions,
     PutOptions, PutPayload, PutResult, Result,
 };
+use parking_lot::Mutex;
 
 /// Bytes sent per reservation of the link when bandwidth is limited (at least; more at high
 /// rates, so that each chunk lasts a few milliseconds and timer granularity does not matter).
@@ -109,7 +110,7 @@ struct InFlight<'a> {
 
 impl Drop for InFlight<'_> {
     fn drop(&mut self) {
-        let mut c = self.store.counts.lock().unwrap();
+        let mut c = self.store.counts.lock();
         c.in_flight -= 1;
         c.bytes_in_flight -= self.bytes;
     }
@@ -141,17 +142,17 @@ impl TestStore {
     }
 
     pub fn counts(&self) -> Counts {
-        *self.counts.lock().unwrap()
+        *self.counts.lock()
     }
 
     /// Every request so far (since the last reset), in the order they arrived.
     pub fn requests(&self) -> Vec<Request> {
-        self.log.lock().unwrap().clone()
+        self.log.lock().clone()
     }
 
     /// Zero the counters (in-flight counts of running requests are kept) and clear the log.
     pub fn reset(&self) {
-        let mut c = self.counts.lock().unwrap();
+        let mut c = self.counts.lock();
         *c = Counts {
             in_flight: c.in_flight,
             max_in_flight: c.in_flight,
@@ -159,7 +160,7 @@ impl TestStore {
             max_bytes_in_flight: c.bytes_in_flight,
             ..Counts::default()
         };
-        self.log.lock().unwrap().clear();
+        self.log.lock().clear();
     }
 
     /// Store `bytes` under `key` (not counted as a request).
@@ -193,7 +194,7 @@ impl TestStore {
     }
 
     fn begin(&self, bytes: u64) -> InFlight<'_> {
-        let mut c = self.counts.lock().unwrap();
+        let mut c = self.counts.lock();
         c.in_flight += 1;
         c.max_in_flight = c.max_in_flight.max(c.in_flight);
         c.bytes_in_flight += bytes;
@@ -211,7 +212,7 @@ impl TestStore {
             }
             let chunk = left.min(LINK_CHUNK.max((rate as f64 * LINK_CHUNK_TIME.as_secs_f64()) as u64));
             let done = {
-                let mut free = self.link.lock().unwrap();
+                let mut free = self.link.lock();
                 let start = (*free).max(Instant::now());
                 *free = start + Duration::from_secs_f64(chunk as f64 / rate as f64);
                 *free
@@ -241,12 +242,12 @@ impl ObjectStore for TestStore {
         };
         let len = range.end - range.start;
         let fail = self.fail_next.fetch_update(SeqCst, SeqCst, |n| n.checked_sub(1)).is_ok();
-        self.log.lock().unwrap().push(Request { key: location.to_string(), range, head, failed: fail });
-        self.counts.lock().unwrap().requests += 1;
+        self.log.lock().push(Request { key: location.to_string(), range, head, failed: fail });
+        self.counts.lock().requests += 1;
         let _flight = self.begin(len);
         tokio::time::sleep(Duration::from_micros(self.latency_us.load(SeqCst))).await;
         if fail {
-            self.counts.lock().unwrap().failures_injected += 1;
+            self.counts.lock().failures_injected += 1;
             return Err(object_store::Error::Generic { store: "TestStore", source: "injected failure".into() });
         }
         let r = result?;
@@ -260,12 +261,12 @@ impl ObjectStore for TestStore {
             let mut v = bytes.to_vec();
             let mid = v.len() / 2;
             v[mid] ^= 0x01;
-            self.counts.lock().unwrap().bytes_corrupted += 1;
+            self.counts.lock().bytes_corrupted += 1;
             Bytes::from(v)
         } else {
             bytes
         };
-        self.counts.lock().unwrap().bytes_served += bytes.len() as u64;
+        self.counts.lock().bytes_served += bytes.len() as u64;
         let stream = futures::stream::once(futures::future::ready(Ok(bytes)));
         Ok(GetResult { payload: GetResultPayload::Stream(stream.boxed()), meta, range, attributes })
     }
