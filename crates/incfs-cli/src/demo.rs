@@ -94,7 +94,7 @@ fn mount_and_read(url: &str, mnt: &Path, work: &Path, key: incfs_sign::PublicKey
         },
     };
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-    let daemon = std::thread::spawn(move || incfs_fs::mount(opts, move || ready_tx.send(()).unwrap()));
+    let daemon = std::thread::spawn(move || incfs_fs::mount(opts, move |_| ready_tx.send(()).unwrap()));
     if ready_rx.recv().is_err() {
         let err = daemon.join().map_err(|_| anyhow::anyhow!("mount thread panicked"))?;
         return err.map_err(|e| anyhow::anyhow!("{e} (mounting needs root and /dev/fuse)"));

@@ -60,11 +60,18 @@ pub fn mount(a: MountArgs) -> Result<i32> {
             cache: cache.clone(),
             settings,
         };
-        incfs_fs::mount(opts, || {
+        incfs_fs::mount(opts, |warnings| {
             if report {
+                // The waiting parent shows warnings to the user, then the mount.
+                for w in warnings {
+                    println!("warning: {w}");
+                }
                 println!("ready");
                 let _ = std::io::stdout().flush();
             } else {
+                for w in warnings {
+                    eprintln!("warning: {w}");
+                }
                 eprintln!(
                     "mounted at {} (cache {}); Ctrl-C or incfs unmount to stop",
                     mountpoint.display(),
@@ -106,8 +113,16 @@ fn spawn_daemon(mountpoint: &Path, cache: &Path) -> Result<i32> {
         .process_group(0)
         .spawn()
         .context("cannot start the mount daemon")?;
+    let mut out = BufReader::new(child.stdout.take().unwrap());
     let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line)?;
+    loop {
+        line.clear();
+        out.read_line(&mut line)?;
+        match line.trim().strip_prefix("warning: ") {
+            Some(w) => eprintln!("warning: {w}"),
+            None => break,
+        }
+    }
     match line.trim() {
         "ready" => {
             println!("mounted at {} (daemon pid {}, log {})", mountpoint.display(), child.id(), log_path.display());

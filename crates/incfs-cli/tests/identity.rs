@@ -98,17 +98,23 @@ fn rollback_protection_holds_across_a_key_rotation() {
     }
     let serve = IncfsServer::start(&repo);
     let (mnt, cache) = (dir.path().join("mnt"), dir.path().join("cache"));
-    let trust: [&Path; 2] = [&old_public, &new_public];
     let extra = ["--trust", new_public.to_str().unwrap()];
     {
         // Clients trust both keys during the rotation; version 3 (new key) is accepted.
         let m = Mount::start(&serve.url, &mnt, &old_public, &cache, &extra);
         assert_eq!(fs::read_to_string(m.path("f")).unwrap(), "v3\n");
     }
-    // A server replays version 2, validly signed by the old key, which is still trusted.
+    // A server replays version 2, validly signed by the old key, which is still trusted: refused,
+    // and the cache's version 3 is mounted instead, with the reason.
     fs::copy(repo.join("versions/2.manifest"), repo.join("manifest")).unwrap();
-    let err = refused_mount(&serve.url, &mnt, &trust, &cache, &[]);
-    assert!(err.contains("version 2, older than version 3") && err.contains("refusing the rollback"), "{err}");
+    {
+        let (m, warned) = Mount::start_warned(&serve.url, &mnt, &old_public, &cache, &extra, &[]);
+        assert!(
+            warned.contains("version 2, older than version 3") && warned.contains("refusing the rollback"),
+            "{warned}"
+        );
+        assert_eq!(fs::read_to_string(m.path("f")).unwrap(), "v3\n");
+    }
     // And a live mount does not follow it either.
     fs::copy(repo.join("versions/3.manifest"), repo.join("manifest")).unwrap();
     let m = Mount::start(&serve.url, &mnt, &old_public, &cache, &extra);
@@ -187,4 +193,24 @@ fn an_expired_manifest_is_refused_unless_allowed() {
     incfs_ok(&["verify", repo, "--trust", trust, "--allow-expired"]);
     incfs_ok(&["extract", repo, dest.to_str().unwrap(), "--trust", trust, "--allow-expired"]);
     assert_eq!(fs::read_to_string(dest.join("f")).unwrap(), "v2\n");
+}
+
+#[test]
+fn an_update_passes_over_a_source_offering_a_rollback_for_one_that_holds() {
+    let p = Published::new(|src| fs::write(src.join("f"), "v1\n").unwrap(), &[]);
+    fs::write(p.src.join("f"), "v2\n").unwrap();
+    pack(&p.src, &p.repo, &p.private, &[]);
+    let mirror = p.dir.path().join("mirror");
+    run("cp", &["-a", p.repo.to_str().unwrap(), mirror.to_str().unwrap()]);
+    let (primary, second) = (IncfsServer::start(&p.repo), IncfsServer::start(&mirror));
+    let m = p.mount(&primary.url, "u", &["--source", &second.url]);
+    assert_eq!(fs::read_to_string(m.path("f")).unwrap(), "v2\n");
+    // The mirror publishes version 3; the primary replays version 1.
+    fs::write(p.src.join("f"), "v3\n").unwrap();
+    pack(&p.src, &mirror, &p.private, &[]);
+    fs::copy(p.repo.join("versions/1.manifest"), p.repo.join("manifest")).unwrap();
+    let out = incfs_ok(&["update", m.dir.to_str().unwrap()]);
+    assert!(out.contains("version 2 -> 3"), "{out}");
+    assert_eq!(fs::read_to_string(m.path("f")).unwrap(), "v3\n");
+    assert!(m.log().contains("offers version 1, older than version 2"), "the primary's answer is logged:\n{}", m.log());
 }

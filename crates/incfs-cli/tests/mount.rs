@@ -359,7 +359,7 @@ fn every_change_is_refused_with_erofs() {
 }
 
 #[test]
-fn bad_manifests_and_rollbacks_are_refused_before_mounting() {
+fn bad_manifests_and_rollbacks_fall_back_to_the_cache_or_are_refused() {
     let dir = tempdir();
     let src = dir.path().join("src");
     fs::create_dir(&src).unwrap();
@@ -375,7 +375,7 @@ fn bad_manifests_and_rollbacks_are_refused_before_mounting() {
     fs::create_dir(&mnt).unwrap();
     let cache = dir.path().join("cache");
 
-    let try_mount = |source: &str, trust: &Path| {
+    let try_mount = |source: &str, trust: &Path, cache: &Path| {
         let out = incfs(&[
             "mount",
             source,
@@ -390,22 +390,30 @@ fn bad_manifests_and_rollbacks_are_refused_before_mounting() {
         assert!(!is_mounted(&mnt), "nothing may be mounted after a refusal");
         (out.status.success(), text(&out.stderr).trim().to_string())
     };
-    let (ok, err) = try_mount(&serve.url, &other_public);
+    let (ok, err) = try_mount(&serve.url, &other_public, &cache);
     assert!(!ok && err.contains("not among the trusted keys") && err.lines().count() == 1, "{err}");
 
-    // Version 2 accepted once; a server then offering version 1 is a rollback.
+    // Version 2 accepted once; a server then offering version 1 is a rollback: refused, and the
+    // cache's version 2 is mounted instead, with a warning saying why.
     {
         let _m = Mount::start(&serve.url, &mnt, &public, &cache, &[]);
         assert_eq!(fs::read_to_string(mnt.join("f")).unwrap(), "v2\n");
     }
     fs::copy(repo.join("versions/1.manifest"), repo.join("manifest")).unwrap();
-    let (ok, err) = try_mount(&serve.url, &public);
-    assert!(!ok && err.contains("refusing the rollback"), "{err}");
+    let from_cache = |why: &str| {
+        let (m, warned) = Mount::start_warned(&serve.url, &mnt, &public, &cache, &[], &[]);
+        assert!(warned.contains(why) && warned.contains("mounted src version 2 from the cache"), "{warned}");
+        assert_eq!(fs::read_to_string(m.path("f")).unwrap(), "v2\n");
+        assert!(m.status()["offline"].as_bool().unwrap(), "status says the image came from the cache");
+    };
+    from_cache("refusing the rollback");
 
     let mut bad = fs::read(repo.join("versions/2.manifest")).unwrap();
     bad.truncate(bad.len() - 10);
     fs::write(repo.join("manifest"), &bad).unwrap();
-    let (ok, err) = try_mount(&serve.url, &public);
+    from_cache("malformed");
+    // Without a copy in the cache, the wrong answer is the error and nothing is mounted.
+    let (ok, err) = try_mount(&serve.url, &public, &dir.path().join("empty-cache"));
     assert!(!ok && err.contains("malformed"), "{err}");
 
     let unreachable = format!("http://127.0.0.1:{}", free_port());

@@ -140,13 +140,32 @@ pub enum MountError {
     Io(#[from] std::io::Error),
 }
 
+/// The manifest a mount serves, and how it was had.
+struct Opened {
+    manifest: Manifest,
+    /// From the cache, not from a source.
+    from_cache: bool,
+    /// What the user should know (shown by `incfs mount` and logged).
+    warnings: Vec<String>,
+}
+
+impl MountError {
+    /// Whether the cache's copy may stand in when every source answered this way: yes for a
+    /// broken or attacked publication (missing, malformed, badly signed, older, expired: the
+    /// cache holds a version verified when fresh, no older than any the cache accepted), no for
+    /// an image other than the one asked for, which needs the user's decision.
+    fn cache_may_answer(&self) -> bool {
+        !matches!(self, MountError::NotTheImage { .. } | MountError::ImageChanged { .. })
+    }
+}
+
 /// Get the manifest: from the first source whose answer holds (signed by a trusted key,
-/// well-formed, not older than what this cache accepted); from the cache if no source can be
-/// reached at all (then the flag is true: offline). A source that answers wrongly (missing,
-/// malformed, badly signed, a rollback) does not stop the others from being tried; when every
-/// source answered and none held, the first one's error is the mount's (a broken or attacked
-/// publication is reported, not hidden behind the cache).
-async fn open_image(opts: &MountOptions, sources: &[Source], store: &Store) -> Result<(Manifest, bool), MountError> {
+/// well-formed, the image expected, not expired, not older than what this cache accepted). A
+/// source that answers wrongly does not stop the others from being tried. When none holds, or
+/// none can be reached, the cache's copy is mounted (signature checked again), with a warning
+/// saying why, except when a source serves another image than the one asked for: that is
+/// refused. With no copy in the cache, the first wrong answer is the mount's error.
+async fn open_image(opts: &MountOptions, sources: &[Source], store: &Store) -> Result<Opened, MountError> {
     let mut unreachable = Vec::new();
     let mut refused: Option<MountError> = None;
     for source in sources {
@@ -160,7 +179,8 @@ async fn open_image(opts: &MountOptions, sources: &[Source], store: &Store) -> R
             }
         };
         match answer {
-            Ok(m) => return Ok((m, false)),
+            Ok(manifest) => return Ok(Opened { manifest, from_cache: false, warnings: Vec::new() }),
+            Err(e) if !e.cache_may_answer() => return Err(e),
             Err(e) => {
                 if sources.len() > 1 {
                     tracing::warn!("{e}; trying the next source");
@@ -169,16 +189,19 @@ async fn open_image(opts: &MountOptions, sources: &[Source], store: &Store) -> R
             }
         }
     }
-    if let Some(e) = refused {
-        return Err(e);
-    }
-    match cached_image(opts, sources, store)? {
-        Some(m) => {
-            tracing::warn!("no source reachable: mounting version {} from the cache", m.version);
-            Ok((m, true))
-        }
-        None => Err(MountError::Offline(unreachable.join("; "), opts.cache.display().to_string())),
-    }
+    let Some(m) = cached_image(opts, sources, store)? else {
+        return Err(match refused {
+            Some(e) => e,
+            None => MountError::Offline(unreachable.join("; "), opts.cache.display().to_string()),
+        });
+    };
+    let why = match &refused {
+        Some(e) => format!("no source gave a manifest that holds ({e})"),
+        None => format!("no source could be reached ({})", unreachable.join("; ")),
+    };
+    let warning = format!("{why}; mounted {} version {} from the cache", m.name, m.version);
+    tracing::warn!("{warning}");
+    Ok(Opened { manifest: m, from_cache: true, warnings: vec![warning] })
 }
 
 /// Check a manifest `source` sent (signature, expiry, the image expected or pinned, rollback
@@ -338,8 +361,9 @@ fn readahead_knob(mountpoint: &Path) -> Option<PathBuf> {
     dev.map(|d| PathBuf::from(format!("/sys/class/bdi/{d}/read_ahead_kb")))
 }
 
-/// Mount and serve until unmounted. `on_ready` runs once the mount is usable.
-pub fn mount(opts: MountOptions, on_ready: impl FnOnce()) -> Result<(), MountError> {
+/// Mount and serve until unmounted. `on_ready` runs once the mount is usable, with what the
+/// user should be warned of (say, that the image came from the cache because no source held).
+pub fn mount(opts: MountOptions, on_ready: impl FnOnce(&[String])) -> Result<(), MountError> {
     let mountpoint = std::fs::canonicalize(&opts.mountpoint)
         .map_err(|e| MountError::Mountpoint { path: opts.mountpoint.clone(), reason: e.to_string() })?;
     if !mountpoint.is_dir() {
@@ -381,15 +405,16 @@ pub fn mount(opts: MountOptions, on_ready: impl FnOnce()) -> Result<(), MountErr
         retries: 2,
     };
     let sources = opts.sources.iter().map(|s| Source::parse(s, &source_opts)).collect::<Result<Vec<_>, _>>()?;
-    let (manifest, offline) = if opts.settings.offline {
+    let opened = if opts.settings.offline {
         let m = cached_image(&opts, &sources, &store)?
             .ok_or_else(|| MountError::NotCached(opts.cache.display().to_string(), sources[0].name().to_string()))?;
         tracing::info!("--offline: mounting version {} from the cache; no source is contacted", m.version);
-        (m, true)
+        Opened { manifest: m, from_cache: true, warnings: Vec::new() }
     } else {
         rt.block_on(open_image(&opts, &sources, &store))?
     };
-    let manifest = Arc::new(manifest);
+    let offline = opened.from_cache;
+    let manifest = Arc::new(opened.manifest);
     let profile = rt.block_on(load_profile(&opts, &sources, offline))?;
     let recording = opts.settings.record_profile.is_some();
     let stats = Arc::new(Stats::default());
@@ -548,7 +573,7 @@ pub fn mount(opts: MountOptions, on_ready: impl FnOnce()) -> Result<(), MountErr
     // Written by the first request after FUSE_INIT (INIT itself would undo a larger setting).
     let _ = readahead.set(readahead_knob(&mountpoint));
     tracing::info!("mounted at {}", mountpoint.display());
-    on_ready();
+    on_ready(&opened.warnings);
     let result = session.run();
     let _ = std::fs::remove_file(&sock);
     if let (Some(rec), Some(path)) = (&recorder, &opts.settings.record_profile) {

@@ -43,10 +43,10 @@ pub enum UpdateError {
     #[error("{source_name} serves image {offered:?}, but this mount is of {mounted:?}; mount it elsewhere instead")]
     OtherImage { source_name: String, offered: String, mounted: String },
     #[error(
-        "version {offered} is older than version {current}{accepted}; refusing the rollback \
+        "{source_name} offers version {offered}, older than version {current}{accepted}; refusing the rollback \
          (incfs update --allow-rollback to go back on purpose)"
     )]
-    Rollback { offered: u64, current: u64, accepted: String },
+    Rollback { source_name: String, offered: u64, current: u64, accepted: String },
     #[error(
         "version {offered}'s object table does not extend version {current}'s: it is not a version of the same \
          repository"
@@ -256,8 +256,14 @@ impl Live {
     }
 
     /// Fetch a version's signed manifest (the newest: `None`) from the first source whose
-    /// answer holds: trusted, the version asked for, not expired (unless allowed).
-    async fn fetch(&self, version: Option<u64>, allow_expired: bool) -> Result<Image, UpdateError> {
+    /// answer holds: trusted, the version asked for, not expired (unless allowed), and passing
+    /// `check` (same image, no rollback).
+    async fn fetch(
+        &self,
+        version: Option<u64>,
+        allow_expired: bool,
+        check: impl Fn(&Image) -> Result<(), UpdateError>,
+    ) -> Result<Image, UpdateError> {
         let key = version.map_or(layout::LATEST_MANIFEST.to_string(), layout::version_manifest);
         // A source that answers wrongly (missing, malformed, badly signed) does not stop the
         // others from being tried; with none holding, the first wrong answer is the error.
@@ -276,7 +282,8 @@ impl Live {
                         }
                         Ok(i)
                     })
-                    .map_err(UpdateError::from),
+                    .map_err(UpdateError::from)
+                    .and_then(|i| check(&i).map(|()| i)),
                 Err(e @ SourceError::NotFound { .. }) => Err(e.into()),
                 Err(e) => {
                     unreachable.push(e.to_string());
@@ -302,10 +309,39 @@ impl Live {
         allow_expired: bool,
     ) -> Result<UpdateReport, UpdateError> {
         let _one = self.switching.lock().await;
-        let image = self.fetch(to, allow_expired || self.policy.allow_expired).await?;
+        let cur = &self.base.lock().clone();
+        let store = self.reader.store();
+        let accepted = store.accepted(&cur.name)?.map(|a| a.version);
+        let newest_seen = accepted.unwrap_or(0).max(cur.version);
+        // Checked per source, so that a source offering another image or an old version is
+        // passed over for the next one, as at mount.
+        let check = |image: &Image| {
+            let new = image.manifest();
+            if new.name != cur.name {
+                return Err(UpdateError::OtherImage {
+                    source_name: image.source().name().to_string(),
+                    offered: new.name.clone(),
+                    mounted: cur.name.clone(),
+                });
+            }
+            if new.version < newest_seen && !allow_rollback {
+                let accepted = match accepted {
+                    Some(a) if a > cur.version => format!(" (this cache accepted version {a})"),
+                    _ => " (mounted)".to_string(),
+                };
+                let source_name = image.source().name().to_string();
+                return Err(UpdateError::Rollback {
+                    source_name,
+                    offered: new.version,
+                    current: cur.version,
+                    accepted,
+                });
+            }
+            Ok(())
+        };
+        let image = self.fetch(to, allow_expired || self.policy.allow_expired, check).await?;
         let new = image.manifest().clone();
         let current = self.views.current();
-        let cur = &self.base.lock().clone();
         let mut report = UpdateReport {
             from: cur.version,
             to: new.version,
@@ -314,27 +350,10 @@ impl Live {
             removed: vec![],
             changed: vec![],
         };
-        if new.name != cur.name {
-            return Err(UpdateError::OtherImage {
-                source_name: image.source().name().to_string(),
-                offered: new.name.clone(),
-                mounted: cur.name.clone(),
-            });
-        }
         if new.version == cur.version {
             return Ok(report);
         }
-        let store = self.reader.store();
         let key_id = *image.signer().id();
-        let accepted = store.accepted(&new.name)?.map(|a| a.version);
-        let newest_seen = accepted.unwrap_or(0).max(cur.version);
-        if new.version < newest_seen && !allow_rollback {
-            let accepted = match accepted {
-                Some(a) if a > cur.version => format!(" (this cache accepted version {a})"),
-                _ => " (mounted)".to_string(),
-            };
-            return Err(UpdateError::Rollback { offered: new.version, current: cur.version, accepted });
-        }
         let (shorter, longer) = if new.objects.len() <= cur.objects.len() {
             (&new.objects, &cur.objects)
         } else {

@@ -279,6 +279,19 @@ impl Mount {
         extra: &[&str],
         env: &[(String, String)],
     ) -> Mount {
+        Self::start_warned(source, dir, trust, cache, extra, env).0
+    }
+
+    /// As [`Mount::start_with_env`], also returning what `incfs mount` printed on stderr (its
+    /// warnings).
+    pub fn start_warned(
+        source: &str,
+        dir: &Path,
+        trust: &Path,
+        cache: &Path,
+        extra: &[&str],
+        env: &[(String, String)],
+    ) -> (Mount, String) {
         fs::create_dir_all(dir).unwrap();
         let mut args = vec!["mount", source, dir.to_str().unwrap(), "--trust", trust.to_str().unwrap()];
         args.extend(["--cache", cache.to_str().unwrap()]);
@@ -295,7 +308,7 @@ impl Mount {
             .and_then(|s| s.split(|c: char| !c.is_ascii_digit()).next())
             .and_then(|s| s.parse().ok())
             .unwrap_or_else(|| panic!("incfs mount did not print the daemon pid: {out}"));
-        Mount { dir: fs::canonicalize(dir).unwrap(), pid, cache: cache.to_path_buf() }
+        (Mount { dir: fs::canonicalize(dir).unwrap(), pid, cache: cache.to_path_buf() }, text(&res.stderr))
     }
 
     /// The daemon's log, for failure messages.
