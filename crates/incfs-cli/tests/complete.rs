@@ -31,11 +31,6 @@ fn app_tree(src: &Path) {
     fs::copy("/usr/bin/env", src.join("bin/env")).unwrap();
 }
 
-fn diff_r(a: &Path, b: &Path) {
-    let out = Command::new("diff").arg("-r").arg(a).arg(b).output().unwrap();
-    assert!(out.status.success(), "diff -r differs:\n{}{}", text(&out.stdout), text(&out.stderr));
-}
-
 #[test]
 fn background_completes_then_the_cache_alone_serves_everything() {
     let p = Published::new(app_tree, &[]);

@@ -9,6 +9,11 @@
 //! `[A-Za-z0-9._-]` and does not start with a dot, so `..`, hidden files (locks, temporaries of a
 //! running pack) and anything outside the root are never reachable. Accepted sockets get
 //! `TCP_NODELAY`: without it, ranged GETs on loopback stall on delayed ACKs.
+//!
+//! Its headers let any HTTP cache between it and many clients (a caching proxy, a CDN) keep
+//! what it serves ([`cache_headers`]): objects and version manifests never change once written,
+//! so they are `immutable` for a year with their content digest as `ETag`; `manifest` and
+//! `profile` are replaced in place, so caches keep them for a few seconds only.
 
 use std::io::SeekFrom;
 use std::net::SocketAddr;
@@ -126,6 +131,25 @@ fn parse_range(value: Option<&HeaderValue>, len: u64) -> RangeRequest {
     }
 }
 
+/// How long caches may keep what is at `path` (`Cache-Control`), and a strong `ETag` when the
+/// path names its content. Objects are named by the SHA-256 of their bytes, and a published
+/// `versions/N.manifest` is never rewritten (pack refuses a version that is not newer): both are
+/// kept for a year and never revalidated. `manifest` and `profile` change with every pack: kept
+/// 5 s, which bounds how late a client behind a cache sees a new version.
+pub fn cache_headers(path: &str) -> (&'static str, Option<String>) {
+    const IMMUTABLE: &str = "public, max-age=31536000, immutable";
+    let path = path.trim_start_matches('/');
+    if let Some(name) = path.strip_prefix("objects/") {
+        if name.len() == 64 && name.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return (IMMUTABLE, Some(format!("\"{name}\"")));
+        }
+    }
+    if path.starts_with("versions/") {
+        return (IMMUTABLE, None);
+    }
+    ("public, max-age=5", None)
+}
+
 fn status(code: StatusCode) -> Response<Body> {
     Response::builder().status(code).body(Body::empty()).unwrap()
 }
@@ -151,8 +175,12 @@ async fn handle(State(state): State<AppState>, req: Request<Body>) -> Response<B
         _ => return status(StatusCode::NOT_FOUND),
     };
     let len = md.len();
-    let etag = format!("\"{:x}-{:x}-{:x}\"", md.ino(), len, md.mtime() as u64 * 1_000_000_000 + md.mtime_nsec() as u64);
-    let response = respond(req.headers(), file, len, &etag, head).await;
+    let stat_etag =
+        || format!("\"{:x}-{:x}-{:x}\"", md.ino(), len, md.mtime() as u64 * 1_000_000_000 + md.mtime_nsec() as u64);
+    let (cache_control, etag) = cache_headers(req.uri().path());
+    let etag = etag.unwrap_or_else(stat_etag);
+    let mut response = respond(req.headers(), file, len, &etag, head).await;
+    response.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static(cache_control));
     if let Some(l) = response.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok()) {
         if !head {
             state.stats.body_bytes.fetch_add(l, Ordering::Relaxed);
@@ -229,6 +257,18 @@ mod tests {
         assert_eq!(parse_range(Some(&hv("bytes=a-b")), 100), Whole);
         assert_eq!(parse_range(Some(&hv("items=0-1")), 100), Whole);
         assert_eq!(parse_range(Some(&hv("bytes=0-0")), 0), Unsatisfiable);
+    }
+
+    #[test]
+    fn what_never_changes_is_immutable_and_the_rest_short_lived() {
+        let digest = "ab".repeat(32);
+        let (cc, etag) = cache_headers(&format!("/objects/{digest}"));
+        assert!(cc.contains("immutable") && cc.contains("max-age=31536000"));
+        assert_eq!(etag, Some(format!("\"{digest}\"")));
+        assert!(cache_headers("/versions/3.manifest").0.contains("immutable"));
+        for p in ["/manifest", "/profile", "/objects/not-a-digest"] {
+            assert_eq!(cache_headers(p), ("public, max-age=5", None), "{p}");
+        }
     }
 
     #[test]

@@ -81,6 +81,12 @@ pub fn pack(src: &Path, repo: &Path, key: &Path, extra: &[&str]) -> String {
     incfs_ok(&args)
 }
 
+/// `diff -r A B` through the kernel, which must find no difference.
+pub fn diff_r(a: &Path, b: &Path) {
+    let out = Command::new("diff").arg("-r").arg(a).arg(b).output().unwrap();
+    assert!(out.status.success(), "diff -r differs:\n{}{}", text(&out.stdout), text(&out.stderr));
+}
+
 /// Every file under `root`, relative path -> bytes, for byte-exact comparisons.
 pub fn read_tree(root: &Path) -> Vec<(PathBuf, Vec<u8>)> {
     let mut out = Vec::new();
