@@ -2,6 +2,7 @@
 
 mod demo;
 mod digest;
+mod helper;
 mod introspect;
 mod keys;
 mod mount;
@@ -12,7 +13,7 @@ mod serve;
 
 use std::path::PathBuf;
 
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
 
 #[derive(Parser)]
 #[command(
@@ -465,7 +466,18 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 }
 
 fn main() {
-    let cli = Cli::parse();
+    // Called as a mount helper (mount -t fuse.incfs, /etc/fstab)? Then it means `incfs mount`.
+    let raw: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    let args = match helper::mount_command(&raw, |w| Cli::command().find_subcommand(w).is_some()) {
+        None => raw,
+        Some(Ok(translated)) => std::iter::once(raw[0].clone()).chain(translated).collect(),
+        Some(Err(e)) => {
+            eprintln!("error: {e}");
+            std::process::exit(2);
+        }
+    };
+    mount::set_command_line(args[1..].to_vec());
+    let cli = Cli::parse_from(&args);
     // A mount daemon's log is read after the fact: keep what it did (info), not only warnings.
     let floor = if matches!(cli.command, Command::Mount { .. }) { 1 } else { 0 };
     init_logging(cli.verbose.max(floor));

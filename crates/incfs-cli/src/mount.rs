@@ -16,6 +16,14 @@ use crate::keys::load_trusted;
 /// Set in the daemon's environment by a parent waiting for it to be ready.
 const READY_ENV: &str = "INCFS_REPORT_READY";
 
+/// The command line as parsed (after a mount helper's was turned into `incfs mount ...`): the
+/// daemon is started with it.
+static COMMAND_LINE: std::sync::OnceLock<Vec<std::ffi::OsString>> = std::sync::OnceLock::new();
+
+pub fn set_command_line(args: Vec<std::ffi::OsString>) {
+    let _ = COMMAND_LINE.set(args);
+}
+
 pub fn default_cache() -> PathBuf {
     if let Some(x) = std::env::var_os("XDG_CACHE_HOME") {
         return PathBuf::from(x).join("incfs");
@@ -102,7 +110,8 @@ fn spawn_daemon(mountpoint: &Path, cache: &Path) -> Result<i32> {
         .append(true)
         .open(&log_path)
         .with_context(|| format!("cannot open {}", log_path.display()))?;
-    let mut args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
+    let mut args: Vec<std::ffi::OsString> =
+        COMMAND_LINE.get().cloned().unwrap_or_else(|| std::env::args_os().skip(1).collect());
     args.push("--foreground".into());
     let mut child = Command::new(std::env::current_exe()?)
         .args(&args)
