@@ -7,8 +7,7 @@ mod common;
 
 use std::fs;
 use std::path::Path;
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::*;
 
@@ -58,19 +57,7 @@ impl CachingProxy {
             ),
         )
         .unwrap();
-        let child = Command::new("nginx")
-            .args(["-c", conf.to_str().unwrap(), "-p", dir.path().to_str().unwrap()])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("nginx is needed by this test; .ci/run installs it");
-        let child = ChildGuard(child);
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            let log = fs::read_to_string(dir.path().join("error.log")).unwrap_or_default();
-            assert!(Instant::now() < deadline, "nginx did not start: {log}");
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        let child = spawn_nginx(&conf, dir.path(), port);
         CachingProxy { url: format!("http://127.0.0.1:{port}"), dir, _child: child }
     }
 

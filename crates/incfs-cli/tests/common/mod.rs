@@ -185,24 +185,28 @@ impl Nginx {
             ),
         )
         .unwrap();
-        let child = Command::new("nginx")
-            .args(["-c", conf.to_str().unwrap(), "-p", dir.path().to_str().unwrap()])
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("nginx is needed by this test; .ci/run installs it");
-        let guard = ChildGuard(child);
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(
-                Instant::now() < deadline,
-                "nginx did not start: {}",
-                std::fs::read_to_string(dir.path().join("error.log")).unwrap_or_default()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        let guard = spawn_nginx(&conf, dir.path(), port);
         Nginx { url: format!("http://127.0.0.1:{port}"), dir, child: guard }
     }
+}
+
+/// Run nginx with config `conf` and prefix `dir` (its `error.log` there) until it listens on
+/// `port` of 127.0.0.1; stopped by PID when the guard drops.
+pub fn spawn_nginx(conf: &Path, dir: &Path, port: u16) -> ChildGuard {
+    let child = Command::new("nginx")
+        .args(["-c", conf.to_str().unwrap(), "-p", dir.to_str().unwrap()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("nginx is needed by this test; .ci/run installs it");
+    let guard = ChildGuard(child);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        let log = std::fs::read_to_string(dir.join("error.log")).unwrap_or_default();
+        assert!(Instant::now() < deadline, "nginx did not start: {log}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    guard
 }
 
 /// Every entry under `root` (not following symlinks) with what must survive a round trip.
