@@ -196,6 +196,11 @@ impl DedupIndex {
         }
     }
 
+    /// Whether a stored copy of the block is known (unchecked: [`DedupIndex::block`] checks).
+    pub fn knows_block(&self, hash: &Hash) -> bool {
+        self.blocks.contains_key(hash)
+    }
+
     pub fn insert_block(&mut self, hash: Hash, r: BlockRecord) {
         self.blocks.insert(hash, r);
     }

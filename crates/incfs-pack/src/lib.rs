@@ -1,12 +1,15 @@
 //! `incfs pack`: turn a directory tree into a version of an incfs repository.
 //!
 //! The steps, in order: [`scan`] walks the tree (metadata only); each regular file is then read
-//! once, in 4 MiB chunks: its blocks are hashed (in parallel), looked up in the [`dedup`] index,
-//! the new ones compressed (in parallel) and appended to [`objects`] in file order, and its
-//! Merkle tree and block map are appended after its data. Finally the manifest is signed and
-//! written, version file first, then `manifest` (each by atomic rename), so a reader never sees a
-//! manifest that names an object not yet durable. Everything is single-writer and in a fixed
-//! order, so the same tree, options and key always give a byte-identical repository.
+//! once and its blocks hashed and the new ones compressed, in parallel: small files (up to 4 MiB)
+//! many at a time, in batches of up to [`BATCH_BYTES`], a large one in 4 MiB chunks whose blocks
+//! are worked on in parallel. Then, one file after the other in a fixed order, each block is
+//! looked up in the [`dedup`] index and the new ones appended to [`objects`], followed by the
+//! file's Merkle tree and block map. Finally the manifest is signed and written, version file
+//! first, then `manifest` (each by atomic rename), so a reader never sees a manifest that names
+//! an object not yet durable. The parallel part only computes (hashes, compressed bytes: pure
+//! functions of the content); every decision and write happens in that fixed order, so the same
+//! tree, options and key always give a byte-identical repository.
 
 mod dedup;
 mod objects;
@@ -32,6 +35,9 @@ pub const DEFAULT_OBJECT_SIZE: u64 = 64 << 20;
 
 /// How much of a file is read, hashed and compressed at a time.
 const CHUNK: usize = 4 << 20;
+
+/// Small files read, hashed and compressed at once (bounds the memory of a batch).
+pub const BATCH_BYTES: u64 = 32 << 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum PackError {
@@ -213,7 +219,9 @@ pub fn pack(
         buf: vec![0u8; CHUNK],
     };
     // Files named by the profile are packed first, in its order; the rest in tree order.
-    let mut packed: Vec<Option<FileData>> = vec![None; scanned.inodes.len()];
+    let is_file = |i: usize| matches!(scanned.inodes[i].kind, scan::ScannedKind::File { .. });
+    let mut order: Vec<usize> = Vec::with_capacity(scanned.file_count as usize);
+    let mut queued = vec![false; scanned.inodes.len()];
     if let Some(profile) = &opts.profile {
         let mut by_path = std::collections::HashMap::new();
         for (i, s) in scanned.inodes.iter().enumerate() {
@@ -224,23 +232,20 @@ pub fn pack(
             }
         }
         for p in profile.paths() {
-            let Some(&i) = by_path.get(p) else { continue };
-            if packed[i].is_some() {
-                continue;
-            }
-            if let scan::ScannedKind::File { path, size } = &scanned.inodes[i].kind {
-                progress.file(path);
-                packed[i] = Some(packer.pack_file(path, *size, progress)?);
+            if let Some(&i) = by_path.get(p) {
+                if !std::mem::replace(&mut queued[i], true) {
+                    order.push(i);
+                }
             }
         }
     }
+    order.extend((0..scanned.inodes.len()).filter(|&i| is_file(i) && !queued[i]));
+    let mut packed = packer.pack_files(&scanned.inodes, &order, progress)?;
     let mut inodes = Vec::with_capacity(scanned.inodes.len());
     for (i, s) in scanned.inodes.into_iter().enumerate() {
         let kind = match s.kind {
-            scan::ScannedKind::File { .. } if packed[i].is_some() => incfs_format::InodeKind::File(packed[i].unwrap()),
-            scan::ScannedKind::File { path, size } => {
-                progress.file(&path);
-                incfs_format::InodeKind::File(packer.pack_file(&path, size, progress)?)
+            scan::ScannedKind::File { .. } => {
+                incfs_format::InodeKind::File(packed[i].take().expect("every file was packed"))
             }
             scan::ScannedKind::Other(k) => k,
         };
@@ -282,14 +287,57 @@ struct Packer {
     buf: Vec<u8>,
 }
 
-/// What to do with one block of a chunk.
-enum Plan {
-    Zero,
-    Stored(BlockRecord),
-    /// New content: its encoding is `encoded[i]`.
-    New(usize),
-    /// Same content as an earlier new block of this chunk.
-    SameAs(usize),
+/// A piece of a file (a whole small file, or a chunk of a large one) hashed, with the blocks
+/// that may need storing already encoded: the parallel part of packing.
+struct Prepared {
+    hashes: Vec<Hash>,
+    /// `Some` for the first block of each content that is not zero and was not known to the
+    /// dedup index when prepared.
+    encoded: Vec<Option<EncodedBlock>>,
+}
+
+/// Hash `chunk`'s blocks and encode those that may be new (`parallel`: the encoding too).
+fn prepare(chunk: &[u8], dedup: &dedup::DedupIndex, compression: Compression, parallel: bool) -> Prepared {
+    static ZERO_HASH: std::sync::LazyLock<Hash> = std::sync::LazyLock::new(|| hash_data_block(&[]));
+    let hashes: Vec<Hash> = incfs_verity::hash_data(chunk);
+    let mut seen = std::collections::HashSet::new();
+    let todo: Vec<usize> = (0..hashes.len())
+        .filter(|&i| hashes[i] != *ZERO_HASH && !dedup.knows_block(&hashes[i]) && seen.insert(hashes[i]))
+        .collect();
+    let block = |i: usize| &chunk[i * BLOCK_SIZE..(i * BLOCK_SIZE + BLOCK_SIZE).min(chunk.len())];
+    let done: Vec<EncodedBlock> = if parallel {
+        todo.par_iter().map(|&i| encode_block(block(i), compression)).collect()
+    } else {
+        todo.iter().map(|&i| encode_block(block(i), compression)).collect()
+    };
+    let mut encoded: Vec<Option<EncodedBlock>> = (0..hashes.len()).map(|_| None).collect();
+    for (i, e) in todo.into_iter().zip(done) {
+        encoded[i] = Some(e);
+    }
+    Prepared { hashes, encoded }
+}
+
+/// A small file read whole and prepared.
+struct SmallFile {
+    data: Vec<u8>,
+    prepared: Prepared,
+}
+
+/// Read a file of `size` bytes (at most [`CHUNK`]) whole, checking it does not change size.
+fn read_small(path: &Path, size: u64) -> Result<Vec<u8>, PackError> {
+    let io = |source| PackError::Io { path: path.to_path_buf(), source };
+    let mut f = File::open(path).map_err(io)?;
+    if f.metadata().map_err(io)?.len() != size {
+        return Err(PackError::Changed(path.to_path_buf()));
+    }
+    // One byte more than expected tells a file that grew.
+    let mut data = vec![0u8; size as usize + 1];
+    let n = read_full(&mut f, &mut data).map_err(io)?;
+    if n as u64 != size {
+        return Err(PackError::Changed(path.to_path_buf()));
+    }
+    data.truncate(n);
+    Ok(data)
 }
 
 fn read_full(f: &mut File, buf: &mut [u8]) -> std::io::Result<usize> {
@@ -306,7 +354,65 @@ fn read_full(f: &mut File, buf: &mut [u8]) -> std::io::Result<usize> {
 }
 
 impl Packer {
-    fn pack_file(&mut self, path: &Path, size: u64, progress: &dyn Progress) -> Result<FileData, PackError> {
+    /// Pack the files `order` names (indexes into `inodes`, each a regular file), in that order;
+    /// their data, by inode index.
+    fn pack_files(
+        &mut self,
+        inodes: &[scan::ScannedInode],
+        order: &[usize],
+        progress: &dyn Progress,
+    ) -> Result<Vec<Option<FileData>>, PackError> {
+        let file = |i: usize| match &inodes[i].kind {
+            scan::ScannedKind::File { path, size } => (path.as_path(), *size),
+            _ => unreachable!("only regular files are ordered for packing"),
+        };
+        let mut packed = vec![None; inodes.len()];
+        let mut at = 0;
+        while at < order.len() {
+            let (path, size) = file(order[at]);
+            if size > CHUNK as u64 {
+                progress.file(path);
+                packed[order[at]] = Some(self.pack_large(path, size, progress)?);
+                at += 1;
+                continue;
+            }
+            // A batch of consecutive small files, read, hashed and encoded in parallel.
+            let (mut end, mut bytes) = (at, 0);
+            while end < order.len() {
+                let size = file(order[end]).1;
+                if size > CHUNK as u64 || (end > at && bytes + size > BATCH_BYTES) {
+                    break;
+                }
+                bytes += size;
+                end += 1;
+            }
+            let (dedup, compression) = (&self.dedup, self.compression);
+            let batch: Vec<Result<SmallFile, PackError>> = order[at..end]
+                .par_iter()
+                .map(|&i| {
+                    let (path, size) = file(i);
+                    let data = read_small(path, size)?;
+                    let prepared = prepare(&data, dedup, compression, false);
+                    Ok(SmallFile { data, prepared })
+                })
+                .collect();
+            for (&i, f) in order[at..end].iter().zip(batch) {
+                let f = f?;
+                let (path, size) = file(i);
+                progress.file(path);
+                let leaves = f.prepared.hashes.clone();
+                let records = self.place(&f.data, f.prepared)?;
+                progress.advance(size);
+                packed[i] = Some(self.finish_file(size, leaves, records)?);
+            }
+            at = end;
+        }
+        Ok(packed)
+    }
+
+    /// A file larger than [`CHUNK`], read chunk by chunk, each chunk's blocks worked on in
+    /// parallel.
+    fn pack_large(&mut self, path: &Path, size: u64, progress: &dyn Progress) -> Result<FileData, PackError> {
         let io = |source| PackError::Io { path: path.to_path_buf(), source };
         let mut f = File::open(path).map_err(io)?;
         if f.metadata().map_err(io)?.len() != size {
@@ -315,66 +421,67 @@ impl Packer {
         let blocks = incfs_verity::block_count(size) as usize;
         let mut leaves = Vec::with_capacity(blocks);
         let mut records = Vec::with_capacity(blocks);
-        let zero_hash = hash_data_block(&[]);
         let mut total = 0u64;
-        loop {
-            let n = read_full(&mut f, &mut self.buf).map_err(io)?;
+        let mut buf = std::mem::take(&mut self.buf);
+        let result = loop {
+            let n = match read_full(&mut f, &mut buf) {
+                Ok(n) => n,
+                Err(e) => break Err(io(e)),
+            };
             if n == 0 {
-                break;
+                break Ok(());
             }
             total += n as u64;
             if total > size {
-                return Err(PackError::Changed(path.to_path_buf()));
+                break Err(PackError::Changed(path.to_path_buf()));
             }
-            let chunk = &self.buf[..n];
-            let hashes: Vec<Hash> = incfs_verity::hash_data(chunk);
-            let mut plan = Vec::with_capacity(hashes.len());
-            let mut fresh: Vec<usize> = Vec::new();
-            let mut pending = std::collections::HashMap::new();
-            for (i, h) in hashes.iter().enumerate() {
-                let len = chunk[i * BLOCK_SIZE..].len().min(BLOCK_SIZE) as u64;
-                plan.push(if *h == zero_hash {
-                    self.summary.zero_bytes += len;
-                    Plan::Zero
-                } else if let Some(r) = self.dedup.block(h) {
-                    self.summary.dedup_saved += len;
-                    Plan::Stored(r)
-                } else if let Some(&j) = pending.get(h) {
-                    self.summary.dedup_saved += len;
-                    Plan::SameAs(j)
-                } else {
-                    pending.insert(*h, fresh.len());
-                    fresh.push(i);
-                    Plan::New(fresh.len() - 1)
-                });
+            let prepared = prepare(&buf[..n], &self.dedup, self.compression, true);
+            leaves.extend_from_slice(&prepared.hashes);
+            match self.place(&buf[..n], prepared) {
+                Ok(r) => records.extend(r),
+                Err(e) => break Err(e),
             }
-            let compression = self.compression;
-            let encoded: Vec<EncodedBlock> = fresh
-                .par_iter()
-                .map(|&i| encode_block(&chunk[i * BLOCK_SIZE..(i * BLOCK_SIZE + BLOCK_SIZE).min(n)], compression))
-                .collect();
-            let mut written: Vec<BlockRecord> = Vec::with_capacity(encoded.len());
-            for (i, e) in encoded.iter().enumerate() {
-                let (object, offset) = self.objects.append(&e.bytes)?;
-                let r = BlockRecord { object, codec: e.codec, len: e.bytes.len() as u16, offset };
-                self.dedup.insert_block(hashes[fresh[i]], r);
-                self.summary.new_block_bytes += chunk[fresh[i] * BLOCK_SIZE..].len().min(BLOCK_SIZE) as u64;
-                self.summary.new_block_stored += e.bytes.len() as u64;
-                written.push(r);
-            }
-            for p in plan {
-                records.push(match p {
-                    Plan::Zero => BlockRecord::ZERO,
-                    Plan::Stored(r) => r,
-                    Plan::New(j) | Plan::SameAs(j) => written[j],
-                });
-            }
-            leaves.extend_from_slice(&hashes);
             progress.advance(n as u64);
-        }
+        };
+        self.buf = buf;
+        result?;
         if total != size {
             return Err(PackError::Changed(path.to_path_buf()));
         }
+        self.finish_file(size, leaves, records)
+    }
+
+    /// Store what is new of a prepared piece of a file, in block order; its block records.
+    fn place(&mut self, chunk: &[u8], mut p: Prepared) -> Result<Vec<BlockRecord>, PackError> {
+        static ZERO_HASH: std::sync::LazyLock<Hash> = std::sync::LazyLock::new(|| hash_data_block(&[]));
+        let mut records = Vec::with_capacity(p.hashes.len());
+        for (i, h) in p.hashes.iter().enumerate() {
+            let block = &chunk[i * BLOCK_SIZE..(i * BLOCK_SIZE + BLOCK_SIZE).min(chunk.len())];
+            let len = block.len() as u64;
+            if *h == *ZERO_HASH {
+                self.summary.zero_bytes += len;
+                records.push(BlockRecord::ZERO);
+            } else if let Some(r) = self.dedup.block(h) {
+                // Stored by an earlier version, file, or block of this one.
+                self.summary.dedup_saved += len;
+                records.push(r);
+            } else {
+                // Encoded when prepared, unless the index then knew a copy that turned out
+                // damaged when checked.
+                let e = p.encoded[i].take().unwrap_or_else(|| encode_block(block, self.compression));
+                let (object, offset) = self.objects.append(&e.bytes)?;
+                let r = BlockRecord { object, codec: e.codec, len: e.bytes.len() as u16, offset };
+                self.dedup.insert_block(*h, r);
+                self.summary.new_block_bytes += len;
+                self.summary.new_block_stored += e.bytes.len() as u64;
+                records.push(r);
+            }
+        }
+        Ok(records)
+    }
+
+    /// A file's Merkle tree and block map, stored once per distinct content and map.
+    fn finish_file(&mut self, size: u64, leaves: Vec<Hash>, records: Vec<BlockRecord>) -> Result<FileData, PackError> {
         self.summary.bytes_in += size;
         if size == 0 {
             return Ok(FileData { size, root_hash: [0; 32], meta: None });
@@ -395,5 +502,36 @@ impl Packer {
             }
         };
         Ok(FileData { size, root_hash: *tree.root(), meta: Some(meta) })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_small_file_that_changed_size_since_the_scan_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        fs::write(&path, b"0123456789").unwrap();
+        assert_eq!(read_small(&path, 10).unwrap(), b"0123456789");
+        for scanned in [5, 20] {
+            assert!(matches!(read_small(&path, scanned), Err(PackError::Changed(_))), "scanned as {scanned} bytes");
+        }
+    }
+
+    #[test]
+    fn prepare_encodes_each_new_content_once_and_skips_zeros_and_known_blocks() {
+        let mut chunk = vec![0u8; 4 * BLOCK_SIZE];
+        chunk[..BLOCK_SIZE].fill(1);
+        chunk[2 * BLOCK_SIZE..3 * BLOCK_SIZE].fill(1); // the same content as block 0
+        chunk[3 * BLOCK_SIZE..].fill(2);
+        let dir = tempfile::tempdir().unwrap();
+        let (_, dedup) = dedup::load(dir.path()).unwrap();
+        for parallel in [false, true] {
+            let p = prepare(&chunk, &dedup, Compression::Lz4, parallel);
+            let encoded: Vec<bool> = p.encoded.iter().map(Option::is_some).collect();
+            assert_eq!(encoded, [true, false, false, true], "block 1 is zero, block 2 repeats block 0");
+        }
     }
 }
