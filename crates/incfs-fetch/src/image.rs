@@ -74,6 +74,25 @@ pub enum BlockFault {
     Fetch(String),
 }
 
+/// Bytes of one object already fetched (a span read with one GET), which reads inside it take
+/// from memory instead of asking the source. Unverified, like anything fetched: every block and
+/// tree piece taken from it is checked as usual.
+#[derive(Debug, Clone)]
+pub struct Held {
+    pub object: u32,
+    pub start: u64,
+    pub bytes: Bytes,
+}
+
+impl Held {
+    /// Bytes `range` of `object`, if held.
+    fn get(&self, object: u32, range: &Range<u64>) -> Option<Bytes> {
+        let end = self.start + self.bytes.len() as u64;
+        (object == self.object && range.start >= self.start && range.end <= end)
+            .then(|| self.bytes.slice((range.start - self.start) as usize..(range.end - self.start) as usize))
+    }
+}
+
 /// A file's verified Merkle tree and (unverified) block map.
 #[derive(Debug, Clone)]
 pub struct FileMeta {
@@ -170,15 +189,28 @@ impl Image {
         layout::object(&self.manifest.objects[index as usize].digest)
     }
 
+    /// Bytes `range` of object `object`: from `held` if it holds them, else from the source.
+    async fn object_range(&self, held: Option<&Held>, object: u32, range: Range<u64>) -> Result<Bytes, SourceError> {
+        match held.and_then(|h| h.get(object, &range)) {
+            Some(b) => Ok(b),
+            None => self.source.get_range(&self.object_key(object), range).await,
+        }
+    }
+
     /// Fetch and check a file's metadata region.
     pub async fn file_meta(&self, file: &FileData) -> Result<FileMeta, MetaError> {
+        self.file_meta_in(file, None).await
+    }
+
+    /// [`Image::file_meta`], taking the region from `held` when it lies there.
+    pub async fn file_meta_in(&self, file: &FileData, held: Option<&Held>) -> Result<FileMeta, MetaError> {
         let Some(meta) = file.meta else {
             return Ok(FileMeta { tree: MerkleTree::from_leaves(0, Vec::new()), records: Vec::new() });
         };
         let layout = FileMetaLayout::new(file.size);
         // validate() guaranteed the region lies inside the object, so this cannot overflow.
         let len = layout.len().unwrap();
-        let bytes = self.source.get_range(&self.object_key(meta.object), meta.offset..meta.offset + len).await?;
+        let bytes = self.object_range(held, meta.object, meta.offset..meta.offset + len).await?;
         let (tree, map) = bytes.split_at(layout.map_offset() as usize);
         let tree = MerkleTree::from_compact(file.size, tree, &file.root_hash)?;
         let records = map
@@ -211,21 +243,35 @@ impl Image {
         meta: &FileMeta,
         blocks: Range<u64>,
     ) -> Vec<Result<Box<[u8; BLOCK_SIZE]>, BlockFault>> {
+        self.read_blocks_in(meta, blocks, None).await
+    }
+
+    /// [`Image::read_blocks`], taking stored bytes from `held` where they lie there.
+    pub async fn read_blocks_in(
+        &self,
+        meta: &FileMeta,
+        blocks: Range<u64>,
+        held: Option<&Held>,
+    ) -> Vec<Result<Box<[u8; BLOCK_SIZE]>, BlockFault>> {
         let runs = coalesce(&meta.records, blocks);
         let results: Vec<Vec<_>> =
-            stream::iter(runs).map(|run| self.read_run(meta, run)).buffered(READ_CONCURRENCY).collect().await;
+            stream::iter(runs).map(|run| self.read_run(meta, run, held)).buffered(READ_CONCURRENCY).collect().await;
         results.into_iter().flatten().collect()
     }
 
-    async fn read_run(&self, meta: &FileMeta, run: Range<u64>) -> Vec<Result<Box<[u8; BLOCK_SIZE]>, BlockFault>> {
+    async fn read_run(
+        &self,
+        meta: &FileMeta,
+        run: Range<u64>,
+        held: Option<&Held>,
+    ) -> Vec<Result<Box<[u8; BLOCK_SIZE]>, BlockFault>> {
         let records = &meta.records[run.start as usize..run.end as usize];
         let first = records[0];
         let fetched: Result<Option<Bytes>, BlockFault> = if first.codec == Codec::Zero {
             Ok(None)
         } else {
             let end = records.last().unwrap().range().end;
-            self.source
-                .get_range(&self.object_key(first.object), first.offset..end)
+            self.object_range(held, first.object, first.offset..end)
                 .await
                 .map(Some)
                 .map_err(|e| BlockFault::Fetch(e.to_string()))
