@@ -26,7 +26,8 @@ use futures::stream::{self, StreamExt};
 use incfs_format::manifest::{display_path, FileData, Inode, InodeKind};
 use incfs_format::Codec;
 
-use crate::image::Image;
+use crate::image::{Held as HeldBytes, Image};
+use crate::window;
 use crate::ByteProgress;
 
 const FILE_CONCURRENCY: usize = 8;
@@ -174,8 +175,23 @@ async fn extract_into(image: &Image, dest: &Path, progress: &dyn ByteProgress) -
     }
     let total: u64 = files.iter().map(|(_, _, f)| f.size).sum();
     progress.start(total);
-    let results: Vec<Result<(), ExtractError>> = stream::iter(files.iter())
-        .map(|(rel, path, f)| write_file(image, rel, path, f, progress))
+    // Files read in windows (one request for many); empty files have none and are made here.
+    let datas: Vec<FileData> = files.iter().map(|(_, _, f)| *f).collect();
+    for (rel, path, f) in files.iter().filter(|(_, _, f)| f.meta.is_none()) {
+        write_file(image, rel, path, f, progress, None).await?;
+    }
+    let results: Vec<Result<(), ExtractError>> = stream::iter(window::plan(&datas, m.objects.len()))
+        .map(|w| {
+            let files = &files;
+            async move {
+                let held = w.fetch(image).await;
+                for &i in &w.files {
+                    let (rel, path, f) = &files[i];
+                    write_file(image, rel, path, f, progress, held.as_ref()).await?;
+                }
+                Ok(())
+            }
+        })
         .buffer_unordered(FILE_CONCURRENCY)
         .collect()
         .await;
@@ -227,18 +243,19 @@ async fn write_file(
     path: &Path,
     f: &FileData,
     progress: &dyn ByteProgress,
+    held: Option<&HeldBytes>,
 ) -> Result<(), ExtractError> {
     let out = {
         use std::os::unix::fs::OpenOptionsExt;
         fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path).map_err(io(path))?
     };
     let data_err = |message: String| ExtractError::Data { path: display_path(rel), message };
-    let meta = image.file_meta(f).await.map_err(|e| data_err(e.to_string()))?;
+    let meta = image.file_meta_in(f, held).await.map_err(|e| data_err(e.to_string()))?;
     let n = meta.records.len() as u64;
     let mut start = 0;
     while start < n {
         let end = (start + BATCH_BLOCKS).min(n);
-        let blocks = image.read_blocks(&meta, start..end).await;
+        let blocks = image.read_blocks_in(&meta, start..end, held).await;
         for (i, b) in (start..end).zip(blocks) {
             let block = b.map_err(|e| data_err(format!("block {i}: {e}")))?;
             // Holes stay holes: zero blocks are not written.

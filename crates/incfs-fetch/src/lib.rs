@@ -5,11 +5,13 @@
 //!   verified against each file's Merkle tree before they are returned.
 //! - [`verify`]: `incfs verify`, every object, tree and block, with a report of all problems.
 //! - [`extract`]: `incfs extract`, the whole image written to a local directory.
+//! - [`window`]: many files read with one request (their spans in an object, back to back).
 
 pub mod extract;
 pub mod image;
 pub mod source;
 pub mod verify;
+pub mod window;
 
 pub use image::{BlockFault, FileMeta, Image, ImageError, MetaError};
 

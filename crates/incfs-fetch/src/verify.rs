@@ -3,11 +3,7 @@
 //! The signature is checked when the image is opened. Here every object's presence and size is
 //! checked, then every file's tree against its signed root, then every block against its tree.
 //! Problems are collected, not fatal: one damaged object must not hide the others.
-//!
-//! Pack writes each file's data and then its metadata region, file after file, so the files of
-//! an object are read in [`Window`]s: consecutive spans of up to [`WINDOW_BYTES`] fetched with one
-//! ranged GET, every file in it checked from memory (a block stored elsewhere, say by an older
-//! version, is fetched on its own). One request per window instead of two or more per file.
+//! The files of an object are read in windows ([`crate::window`]): one request for many files.
 
 use std::collections::HashMap;
 use std::ops::Range;
@@ -21,13 +17,11 @@ use incfs_format::{layout, Codec};
 
 use crate::image::{BlockFault, Held, Image};
 use crate::source::SourceError;
+use crate::window;
 use crate::ByteProgress;
 
-/// Files (or windows of files) checked at once.
+/// Windows of files checked at once.
 const FILE_CONCURRENCY: usize = 8;
-/// How much of an object one window covers, at most (unless one file's span alone is larger:
-/// such a file is checked on its own, its blocks fetched in runs).
-pub const WINDOW_BYTES: u64 = 8 << 20;
 /// Blocks read per batch within a file (bounds memory per file to 4 MiB).
 const BATCH_BLOCKS: u64 = 1024;
 
@@ -113,21 +107,14 @@ pub async fn verify_image(image: &Image, progress: &dyn ByteProgress) -> VerifyR
     let total: u64 = files.iter().map(|(_, f)| f.size).sum();
     progress.start(total);
 
-    stream::iter(windows(&files, m.objects.len()))
+    let datas: Vec<FileData> = files.iter().map(|(_, f)| *f).collect();
+    stream::iter(window::plan(&datas, m.objects.len()))
         .for_each_concurrent(FILE_CONCURRENCY, |w| {
             let (problems, blocks, used, files) = (&problems, &blocks, &used, &files);
             async move {
                 // A window that cannot be fetched is no finding by itself: its files are then
                 // read as if alone, and say what is wrong with them.
-                let held = match &w.span {
-                    Some((object, span)) => image
-                        .source()
-                        .get_range(&image.object_key(*object), span.clone())
-                        .await
-                        .ok()
-                        .map(|bytes| Held { object: *object, start: span.start, bytes }),
-                    None => None,
-                };
+                let held = w.fetch(image).await;
                 for &i in &w.files {
                     let (path, f) = &files[i];
                     let found = verify_file(image, f, progress, used, held.as_ref()).await;
@@ -152,55 +139,6 @@ pub async fn verify_image(image: &Image, progress: &dyn ByteProgress) -> VerifyR
         (&a.subject, a.blocks.as_ref().map(|r| r.start)).cmp(&(&b.subject, b.blocks.as_ref().map(|r| r.start)))
     });
     VerifyReport { problems, files: files.len() as u64, blocks: blocks.into_inner(), bytes: total }
-}
-
-/// Files checked together: those whose data and metadata lie in `span` of an object (fetched
-/// once), or one file alone (`span` None).
-#[derive(Debug, PartialEq, Eq)]
-struct Window {
-    span: Option<(u32, Range<u64>)>,
-    files: Vec<usize>,
-}
-
-/// Group `files` (each with a metadata region) into windows, following pack's layout: in an
-/// object, a file's span runs from the end of the previous file's metadata region to the end
-/// of its own. Consecutive spans make a window up to [`WINDOW_BYTES`]; a file whose span alone
-/// is larger is a window of its own without a span.
-fn windows(files: &[(Vec<u8>, FileData)], objects: usize) -> Vec<Window> {
-    let mut by_object: Vec<Vec<(u64, u64, usize)>> = vec![Vec::new(); objects];
-    for (i, (_, f)) in files.iter().enumerate() {
-        let Some(m) = f.meta else { continue };
-        // validate() guaranteed the region lies inside its object.
-        let len = incfs_format::FileMetaLayout::new(f.size).len().unwrap_or(0);
-        by_object[m.object as usize].push((m.offset, m.offset + len, i));
-    }
-    let mut out = Vec::new();
-    for (object, mut regions) in by_object.into_iter().enumerate() {
-        regions.sort_unstable();
-        let mut cursor = 0;
-        let mut current: Option<Window> = None;
-        for (offset, end, i) in regions {
-            let start = cursor.min(offset);
-            cursor = cursor.max(end);
-            if end - start > WINDOW_BYTES {
-                out.extend(current.take());
-                out.push(Window { span: None, files: vec![i] });
-                continue;
-            }
-            match &mut current {
-                Some(Window { span: Some((_, span)), files }) if end - span.start <= WINDOW_BYTES => {
-                    span.end = span.end.max(end);
-                    files.push(i);
-                }
-                _ => {
-                    out.extend(current.take());
-                    current = Some(Window { span: Some((object as u32, start..end)), files: vec![i] });
-                }
-            }
-        }
-        out.extend(current);
-    }
-    out
 }
 
 /// Problems of one file, consecutive blocks with the same fault merged into one range.
@@ -246,36 +184,4 @@ async fn verify_file(
         start = end;
     }
     out
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn file(size: u64, object: u32, offset: u64) -> (Vec<u8>, FileData) {
-        (b"f".to_vec(), FileData { size, root_hash: [0; 32], meta: Some(MetaRef { object, offset }) })
-    }
-
-    #[test]
-    fn files_are_grouped_by_consecutive_spans_of_their_object() {
-        let meta = |size: u64| incfs_format::FileMetaLayout::new(size).len().unwrap();
-        // Object 0: two small files back to back (data, then metadata), then one too large for
-        // a window; object 1: one small file.
-        let a = file(10_000, 0, 12_288);
-        let b_off = 12_288 + meta(10_000) + 8192;
-        let b = file(8192, 0, b_off);
-        let big_off = b_off + meta(8192) + WINDOW_BYTES + 4096;
-        let big = file(WINDOW_BYTES + 4096, 0, big_off);
-        let c = file(100, 1, 4096);
-        let files = vec![a, b, big, c];
-        let w = windows(&files, 2);
-        assert_eq!(
-            w,
-            vec![
-                Window { span: Some((0, 0..b_off + meta(8192))), files: vec![0, 1] },
-                Window { span: None, files: vec![2] },
-                Window { span: Some((1, 0..4096 + meta(100))), files: vec![3] },
-            ]
-        );
-    }
 }
