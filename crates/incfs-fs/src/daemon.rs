@@ -363,92 +363,29 @@ fn readahead_knob(mountpoint: &Path) -> Option<PathBuf> {
 
 /// Mount and serve until unmounted. `on_ready` runs once the mount is usable, with what the
 /// user should be warned of (say, that the image came from the cache because no source held).
+///
+/// The stages, in order: check the mountpoint; open the cache (shared lock: `incfs fsck`
+/// takes it exclusively); accept a manifest ([`open_image`]); build the view of it (pushed
+/// files included) and the reader; mount FUSE; serve the control socket and start the
+/// background work (completion, `--follow`, loader, metrics, profile recording, signals); run
+/// until unmounted; stop everything. Each stage is a function below.
 pub fn mount(opts: MountOptions, on_ready: impl FnOnce(&[String])) -> Result<(), MountError> {
     let mountpoint = std::fs::canonicalize(&opts.mountpoint)
         .map_err(|e| MountError::Mountpoint { path: opts.mountpoint.clone(), reason: e.to_string() })?;
     if !mountpoint.is_dir() {
         return Err(MountError::Mountpoint { path: mountpoint, reason: "not a directory".into() });
     }
-    // glibc gives each thread that allocates an arena of its own and keeps what is freed there:
-    // with FUSE, async and blocking threads all passing buffers around, RSS grew to several
-    // times what is live (measured 332 MiB at peak). One arena keeps it near the live set (peak
-    // during a 1 GiB cold read: 81-91 MiB, against 99-107 with two arenas), at the price of its
-    // lock: +0.2 CPU seconds per GiB read (2.4-2.6 -> 2.55-2.8; a pool of reused 4 KiB block
-    // buffers did not change that, so it is not the block buffers). A trim every second
-    // returns what the heap holds freed (a fixed mmap threshold did that too, but its page
-    // faults cost 0.5 CPU seconds per GiB read).
-    // SAFETY: mallopt only tunes the allocator; it is safe to call at any time.
-    unsafe {
-        libc::mallopt(libc::M_ARENA_MAX, 1);
-    }
-    std::thread::spawn(|| loop {
-        std::thread::sleep(Duration::from_secs(1));
-        // SAFETY: malloc_trim only returns free heap memory to the kernel; thread-safe.
-        unsafe { libc::malloc_trim(0) };
-    });
+    let _trim = AllocatorTrim::start();
     // Blocking threads verify and store fetched runs: a few per core is enough, and each idle one
     // keeps a malloc arena (RSS).
     let rt =
         tokio::runtime::Builder::new_multi_thread().worker_threads(2).max_blocking_threads(8).enable_all().build()?;
-    let store = Arc::new(Store::open(&opts.cache)?);
-    // Shared with other mounts of this cache; `incfs fsck` takes it exclusively.
-    let lock_file = crate::fsck::lock_path(&opts.cache);
-    let cache_lock = std::fs::File::options().create(true).truncate(false).write(true).open(&lock_file)?;
-    if cache_lock.try_lock_shared().is_err() {
-        return Err(MountError::CacheBusy(opts.cache.display().to_string()));
-    }
-    // Requests may outlive the read that started them (the block is still worth having), but
-    // not by much; the read itself is bounded by read_timeout.
-    let source_opts = SourceOptions {
-        request_timeout: opts.settings.read_timeout * 2 + Duration::from_secs(1),
-        connect_timeout: Duration::from_secs(5),
-        retries: 2,
-    };
-    let sources = opts.sources.iter().map(|s| Source::parse(s, &source_opts)).collect::<Result<Vec<_>, _>>()?;
-    let opened = if opts.settings.offline {
-        let m = cached_image(&opts, &sources, &store)?
-            .ok_or_else(|| MountError::NotCached(opts.cache.display().to_string(), sources[0].name().to_string()))?;
-        tracing::info!("--offline: mounting version {} from the cache; no source is contacted", m.version);
-        Opened { manifest: m, from_cache: true, warnings: Vec::new() }
-    } else {
-        rt.block_on(open_image(&opts, &sources, &store))?
-    };
-    let offline = opened.from_cache;
+    let (store, cache_lock) = open_cache(&opts)?;
+    let (sources, opened) = accept(&opts, &store, &rt)?;
     let manifest = Arc::new(opened.manifest);
-    let profile = rt.block_on(load_profile(&opts, &sources, offline))?;
+    let profile = rt.block_on(load_profile(&opts, &sources, opened.from_cache))?;
     let recording = opts.settings.record_profile.is_some();
-    let stats = Arc::new(Stats::default());
-    let mirrors = Arc::new(Mirrors::new(sources));
-    let reader = Arc::new(Reader::new(&manifest.objects, store.clone(), mirrors, stats, opts.settings.parallel));
-    reader.set_nearby(opts.settings.nearby);
-    // Files pushed into earlier mounts of this image are shown again, checked again.
-    let pushed = crate::live::restore_pushed(&reader, &opts.trust, &manifest);
-    let (served, skipped) = crate::live::with_pushed(&manifest, &pushed);
-    for s in skipped {
-        tracing::warn!("pushed file {s} has no place in version {}: not shown", manifest.version);
-    }
-    let view = View::first(Arc::new(served), recording);
-    reader.presence.load(&store, view.contents.iter().map(|(k, _)| *k))?;
-    let views = Arc::new(Views::new(view));
-
-    let root = nix_is_root();
-    let mut mount_options = vec![
-        MountOption::RO,
-        MountOption::FSName(format!("incfs:{}", manifest.name)),
-        MountOption::Subtype("incfs".into()),
-        MountOption::DefaultPermissions,
-        MountOption::NoDev,
-        MountOption::NoAtime,
-    ];
-    if root {
-        // If the daemon dies, fusermount3 unmounts, so the mountpoint never stays dead.
-        mount_options.push(MountOption::AutoUnmount);
-    }
-    let mut config = Config::default();
-    config.mount_options = mount_options;
-    config.acl = if root { SessionACL::All } else { SessionACL::Owner };
-    config.n_threads = Some(opts.settings.threads.max(1));
-    config.clone_fd = true;
+    let Built { reader, views, pushed } = build_view(&opts, &store, &manifest, sources, recording)?;
 
     // With a loader, data comes when it fills it: the sources give the manifest and trees only,
     // and there is nothing for background completion to fetch.
@@ -495,20 +432,182 @@ pub fn mount(opts: MountOptions, on_ready: impl FnOnce(&[String])) -> Result<(),
         ),
         None => None,
     };
+    let config = fuse_config(&manifest.name, opts.settings.threads);
     let session =
         Session::new(fs, &mountpoint, &config).map_err(|error| MountError::Fuse { path: mountpoint.clone(), error })?;
     live.set_notifier(session.notifier());
-    let sock = socket_path(&mountpoint).map_err(MountError::ControlSocket)?;
-    let _ = std::fs::remove_file(&sock);
     let control = Arc::new(Control {
         live: live.clone(),
         reader,
         mountpoint: mountpoint.clone(),
         cache: opts.cache.clone(),
         plain,
-        offline,
+        offline: opened.from_cache,
         prefetches: Mutex::new(Default::default()),
     });
+    let sock = start_services(&opts, &rt, &live, &control, metrics_listener, recorder.clone(), &mountpoint)?;
+
+    // Written by the first request after FUSE_INIT (INIT itself would undo a larger setting).
+    let _ = readahead.set(readahead_knob(&mountpoint));
+    tracing::info!("mounted at {}", mountpoint.display());
+    on_ready(&opened.warnings);
+    let result = session.run();
+
+    // Unmounted: stop everything this mount started.
+    let _ = std::fs::remove_file(&sock);
+    if let (Some(rec), Some(path)) = (&recorder, &opts.settings.record_profile) {
+        save_profile(rec, path);
+        tracing::info!("profile written to {}", path.display());
+    }
+    rt.shutdown_timeout(Duration::from_secs(2));
+    drop(cache_lock);
+    result.map_err(|error| MountError::Fuse { path: mountpoint, error })
+}
+
+/// glibc gives each thread that allocates an arena of its own and keeps what is freed there:
+/// with FUSE, async and blocking threads all passing buffers around, RSS grew to several times
+/// what is live (measured 332 MiB at peak). One arena keeps it near the live set (peak during a
+/// 1 GiB cold read: 81-91 MiB, against 99-107 with two arenas), at the price of its lock: +0.2
+/// CPU seconds per GiB read (2.4-2.6 -> 2.55-2.8; a pool of reused 4 KiB block buffers did not
+/// change that, so it is not the block buffers). A trim every second returns what the heap holds
+/// freed (a fixed mmap threshold did that too, but its page faults cost 0.5 CPU seconds per GiB
+/// read). The trimming thread stops when this is dropped.
+struct AllocatorTrim {
+    stop: Option<std::sync::mpsc::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl AllocatorTrim {
+    fn start() -> AllocatorTrim {
+        // SAFETY: mallopt only tunes the allocator; it is safe to call at any time.
+        unsafe {
+            libc::mallopt(libc::M_ARENA_MAX, 1);
+        }
+        let (stop, stopped) = std::sync::mpsc::channel::<()>();
+        let thread = std::thread::spawn(move || {
+            while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = stopped.recv_timeout(Duration::from_secs(1)) {
+                // SAFETY: malloc_trim only returns free heap memory to the kernel; thread-safe.
+                unsafe { libc::malloc_trim(0) };
+            }
+        });
+        AllocatorTrim { stop: Some(stop), thread: Some(thread) }
+    }
+}
+
+impl Drop for AllocatorTrim {
+    fn drop(&mut self) {
+        drop(self.stop.take());
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Open the cache's store and take its shared lock (`incfs fsck` takes it exclusively).
+fn open_cache(opts: &MountOptions) -> Result<(Arc<Store>, std::fs::File), MountError> {
+    let store = Arc::new(Store::open(&opts.cache)?);
+    let lock_file = crate::fsck::lock_path(&opts.cache);
+    let cache_lock = std::fs::File::options().create(true).truncate(false).write(true).open(&lock_file)?;
+    if cache_lock.try_lock_shared().is_err() {
+        return Err(MountError::CacheBusy(opts.cache.display().to_string()));
+    }
+    Ok((store, cache_lock))
+}
+
+/// The sources, and the manifest to serve: from them, or from the cache (`--offline`, or none
+/// holding).
+fn accept(
+    opts: &MountOptions,
+    store: &Store,
+    rt: &tokio::runtime::Runtime,
+) -> Result<(Vec<Source>, Opened), MountError> {
+    // Requests may outlive the read that started them (the block is still worth having), but
+    // not by much; the read itself is bounded by read_timeout.
+    let source_opts = SourceOptions {
+        request_timeout: opts.settings.read_timeout * 2 + Duration::from_secs(1),
+        connect_timeout: Duration::from_secs(5),
+        retries: 2,
+    };
+    let sources = opts.sources.iter().map(|s| Source::parse(s, &source_opts)).collect::<Result<Vec<_>, _>>()?;
+    let opened = if opts.settings.offline {
+        let m = cached_image(opts, &sources, store)?
+            .ok_or_else(|| MountError::NotCached(opts.cache.display().to_string(), sources[0].name().to_string()))?;
+        tracing::info!("--offline: mounting version {} from the cache; no source is contacted", m.version);
+        Opened { manifest: m, from_cache: true, warnings: Vec::new() }
+    } else {
+        rt.block_on(open_image(opts, &sources, store))?
+    };
+    Ok((sources, opened))
+}
+
+/// What [`build_view`] makes.
+struct Built {
+    reader: Arc<Reader>,
+    views: Arc<Views>,
+    pushed: Vec<crate::live::Pushed>,
+}
+
+/// The reader over `sources` and the first view of `manifest`, with the files pushed into
+/// earlier mounts of this image shown again (checked again).
+fn build_view(
+    opts: &MountOptions,
+    store: &Arc<Store>,
+    manifest: &Arc<Manifest>,
+    sources: Vec<Source>,
+    recording: bool,
+) -> Result<Built, MountError> {
+    let stats = Arc::new(Stats::default());
+    let mirrors = Arc::new(Mirrors::new(sources));
+    let reader = Arc::new(Reader::new(&manifest.objects, store.clone(), mirrors, stats, opts.settings.parallel));
+    reader.set_nearby(opts.settings.nearby);
+    let pushed = crate::live::restore_pushed(&reader, &opts.trust, manifest);
+    let (served, skipped) = crate::live::with_pushed(manifest, &pushed);
+    for s in skipped {
+        tracing::warn!("pushed file {s} has no place in version {}: not shown", manifest.version);
+    }
+    let view = View::first(Arc::new(served), recording);
+    reader.presence.load(store, view.contents.iter().map(|(k, _)| *k))?;
+    Ok(Built { reader, views: Arc::new(Views::new(view)), pushed })
+}
+
+/// How the kernel is asked to mount image `name`: read-only, `nodev`, `default_permissions`,
+/// `threads` request threads on cloned fds; as root, open to all users and unmounted by
+/// fusermount3 if the daemon dies (so the mountpoint never stays dead).
+fn fuse_config(name: &str, threads: usize) -> Config {
+    let root = nix_is_root();
+    let mut mount_options = vec![
+        MountOption::RO,
+        MountOption::FSName(format!("incfs:{name}")),
+        MountOption::Subtype("incfs".into()),
+        MountOption::DefaultPermissions,
+        MountOption::NoDev,
+        MountOption::NoAtime,
+    ];
+    if root {
+        mount_options.push(MountOption::AutoUnmount);
+    }
+    let mut config = Config::default();
+    config.mount_options = mount_options;
+    config.acl = if root { SessionACL::All } else { SessionACL::Owner };
+    config.n_threads = Some(threads.max(1));
+    config.clone_fd = true;
+    config
+}
+
+/// Start what runs beside FUSE on the mount's runtime: background completion, `--follow`, the
+/// loader, metrics, profile recording, the control socket (its path is returned) and the
+/// signal handler. All of it ends with the runtime.
+fn start_services(
+    opts: &MountOptions,
+    rt: &tokio::runtime::Runtime,
+    live: &Arc<Live>,
+    control: &Arc<Control>,
+    metrics_listener: Option<tokio::net::TcpListener>,
+    recorder: Option<Arc<Mutex<Recorder>>>,
+    mountpoint: &Path,
+) -> Result<PathBuf, MountError> {
+    let sock = socket_path(mountpoint).map_err(MountError::ControlSocket)?;
+    let _ = std::fs::remove_file(&sock);
     {
         let _guard = rt.enter();
         live.start_background();
@@ -523,7 +622,7 @@ pub fn mount(opts: MountOptions, on_ready: impl FnOnce(&[String])) -> Result<(),
         tracing::info!("metrics on http://{addr}/metrics");
         rt.spawn(crate::metrics::serve(control.clone(), listener));
     }
-    if let (Some(rec), Some(path)) = (recorder.clone(), opts.settings.record_profile.clone()) {
+    if let (Some(rec), Some(path)) = (recorder, opts.settings.record_profile.clone()) {
         rt.spawn(async move {
             let mut saved = (0, 0);
             loop {
@@ -549,11 +648,11 @@ pub fn mount(opts: MountOptions, on_ready: impl FnOnce(&[String])) -> Result<(),
         .and_then(|l| std::fs::set_permissions(&sock, std::os::unix::fs::PermissionsExt::from_mode(0o600)).map(|_| l));
     match listener {
         Ok(l) => {
-            rt.spawn(control.serve(l));
+            rt.spawn(control.clone().serve(l));
         }
         Err(e) => tracing::warn!("no control socket at {}: {e}; incfs status will not work", sock.display()),
     }
-    let signal_mountpoint = mountpoint.clone();
+    let signal_mountpoint = mountpoint.to_path_buf();
     rt.spawn(async move {
         use tokio::signal::unix::{signal, SignalKind};
         let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
@@ -569,20 +668,7 @@ pub fn mount(opts: MountOptions, on_ready: impl FnOnce(&[String])) -> Result<(),
             tracing::error!("unmount failed: {e}");
         }
     });
-
-    // Written by the first request after FUSE_INIT (INIT itself would undo a larger setting).
-    let _ = readahead.set(readahead_knob(&mountpoint));
-    tracing::info!("mounted at {}", mountpoint.display());
-    on_ready(&opened.warnings);
-    let result = session.run();
-    let _ = std::fs::remove_file(&sock);
-    if let (Some(rec), Some(path)) = (&recorder, &opts.settings.record_profile) {
-        save_profile(rec, path);
-        tracing::info!("profile written to {}", path.display());
-    }
-    rt.shutdown_timeout(Duration::from_secs(2));
-    drop(cache_lock);
-    result.map_err(|error| MountError::Fuse { path: mountpoint, error })
+    Ok(sock)
 }
 
 fn nix_is_root() -> bool {
