@@ -194,15 +194,15 @@ fn waiting_readers_are_listed_logged_and_woken_by_fill() {
     }
 }
 
+/// An image with a `lang/` directory to push language packs into.
+fn lang_tree(src: &Path) {
+    fs::create_dir(src.join("lang")).unwrap();
+    fs::write(src.join("lang/en.txt"), "hello\n").unwrap();
+}
+
 #[test]
 fn a_pushed_file_reads_once_filled_and_nothing_unsigned_or_wrong_gets_in() {
-    let p = Published::new(
-        |src| {
-            fs::create_dir(src.join("lang")).unwrap();
-            fs::write(src.join("lang/en.txt"), "hello\n").unwrap();
-        },
-        &[],
-    );
+    let p = Published::new(lang_tree, &[]);
     let serve = IncfsServer::start(&p.repo);
     let m = p.mount(&serve.url, "push", &["--read-timeout", "3s"]);
     let mnt = m.dir.to_str().unwrap().to_string();
@@ -287,13 +287,7 @@ fn a_pushed_file_reads_once_filled_and_nothing_unsigned_or_wrong_gets_in() {
 
 #[test]
 fn a_push_signature_holds_only_for_its_image_path_and_mode() {
-    let p = Published::new(
-        |src| {
-            fs::create_dir(src.join("lang")).unwrap();
-            fs::write(src.join("lang/en.txt"), "hello\n").unwrap();
-        },
-        &[],
-    );
+    let p = Published::new(lang_tree, &[]);
     let serve = IncfsServer::start(&p.repo);
     let m = p.mount(&serve.url, "replay", &[]);
     let mnt = m.dir.to_str().unwrap().to_string();
