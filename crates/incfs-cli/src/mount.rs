@@ -187,7 +187,10 @@ pub fn status(mountpoint: &Path, path: Option<&Path>, json: bool) -> Result<i32>
     let s: Status = serde_json::from_value(v)?;
     let pct = if s.blocks_total > 0 { 100.0 * s.blocks_present as f64 / s.blocks_total as f64 } else { 100.0 };
     println!("image:     {} version {}", s.image, s.version);
-    println!("mounted:   {}", s.mountpoint);
+    println!("mounted:   {} (daemon pid {}, incfs {})", s.mountpoint, s.daemon_pid, s.daemon_version);
+    if let Some(at) = &s.expires {
+        println!("expires:   {at} (signed in the manifest; updates must bring a fresher one)");
+    }
     println!(
         "sources:   {}{}",
         s.sources.join(", "),

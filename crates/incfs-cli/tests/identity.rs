@@ -164,6 +164,13 @@ fn an_expired_manifest_is_refused_unless_allowed() {
     let serve = IncfsServer::start(&p.repo);
     let live = p.mount(&serve.url, "live", &[]);
     assert_eq!(fs::read_to_string(live.path("f")).unwrap(), "v2\n");
+    let status = live.status();
+    assert_eq!(
+        status["expires"].as_str(),
+        Some(incfs_fetch::image::format_time(at).as_str()),
+        "status shows the expiry"
+    );
+    assert_eq!(status["daemon_pid"].as_u64(), Some(live.pid as u64));
 
     // Version 3 expired an hour ago: what a server freezing clients on it would serve.
     let mut v3 = v2.clone();

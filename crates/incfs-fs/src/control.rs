@@ -226,6 +226,14 @@ pub struct Status {
     pub staged_bytes: u64,
     #[serde(default)]
     pub staged_limit: u64,
+    /// The daemon serving the mount: its process id and incfs version.
+    #[serde(default)]
+    pub daemon_pid: u32,
+    #[serde(default)]
+    pub daemon_version: String,
+    /// When the served manifest's signed expiry passes (RFC 3339), if it has one.
+    #[serde(default)]
+    pub expires: Option<String>,
 }
 
 /// One file's local state, for `incfs status MNT PATH`.
@@ -294,6 +302,9 @@ impl Control {
             parallel: self.reader.parallel() as u64,
             staged_bytes: self.reader.staged_bytes(),
             staged_limit: crate::reader::STAGED_LIMIT_BYTES,
+            daemon_pid: std::process::id(),
+            daemon_version: env!("CARGO_PKG_VERSION").to_string(),
+            expires: view.manifest.expires.map(incfs_fetch::image::format_time),
         }
     }
 
