@@ -26,7 +26,7 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 
 use crate::live::Live;
 use crate::loader;
-use crate::pending::{file_id, PendingRead};
+use crate::pending::file_id;
 use crate::plain::PlainCopies;
 use crate::reader::Reader;
 use crate::stats::Stats;
@@ -174,6 +174,42 @@ pub struct PrefetchProgress {
     pub fetch_failures: u64,
 }
 
+/// Why the daemon refused a control request; sent as `{"error": "<this, displayed>"}`.
+#[derive(Debug, thiserror::Error)]
+pub enum RequestError {
+    #[error("bad request: {0}")]
+    Bad(#[from] serde_json::Error),
+    #[error("{0}: not in the image")]
+    NotInImage(String),
+    #[error("{0}: not a regular file")]
+    NotAFile(String),
+    #[error("no prefetch request {0}")]
+    NoPrefetch(u64),
+    #[error("log and loader open a stream: send them first")]
+    StreamNotFirst,
+    #[error(transparent)]
+    Update(#[from] crate::live::UpdateError),
+    /// A fill or push refused (what the loader protocol also answers; `loader.rs`).
+    #[error("{0}")]
+    Refused(String),
+}
+
+/// Why a control client got no answer, or what the daemon refused.
+#[derive(Debug, thiserror::Error)]
+pub enum AskError {
+    #[error("{0}")]
+    SocketDir(String),
+    #[error("{mountpoint} is not an incfs mount served by a running daemon ({socket}: {source})")]
+    NotServed { mountpoint: String, socket: String, source: std::io::Error },
+    #[error("talking to the daemon of {mountpoint}: {source}")]
+    Io { mountpoint: String, source: std::io::Error },
+    #[error("bad reply from the daemon: {0}")]
+    BadReply(String),
+    /// The daemon's own refusal ([`RequestError`], as text).
+    #[error("{0}")]
+    Refused(String),
+}
+
 /// A mount's state, as `incfs status --json` prints it.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Status {
@@ -308,11 +344,11 @@ impl Control {
         }
     }
 
-    fn prefetch(&self, paths: &[String]) -> Result<PrefetchProgress, String> {
+    fn prefetch(&self, paths: &[String]) -> Result<PrefetchProgress, RequestError> {
         let manifest = self.live.manifest();
         let mut inodes = Vec::new();
         for p in paths {
-            inodes.push(manifest.resolve(p.as_bytes()).ok_or_else(|| format!("{p}: not in the image"))?);
+            inodes.push(manifest.resolve(p.as_bytes()).ok_or_else(|| RequestError::NotInImage(p.clone()))?);
         }
         let keys = self.live.background().prefetch(&inodes);
         let mut all = self.prefetches.lock();
@@ -322,9 +358,9 @@ impl Control {
         self.prefetch_progress(id)
     }
 
-    fn prefetch_progress(&self, id: u64) -> Result<PrefetchProgress, String> {
+    fn prefetch_progress(&self, id: u64) -> Result<PrefetchProgress, RequestError> {
         let all = self.prefetches.lock();
-        let keys = all.get(&id).ok_or_else(|| format!("no prefetch request {id}"))?;
+        let keys = all.get(&id).ok_or(RequestError::NoPrefetch(id))?;
         let (present, total) = self.live.background().progress(keys);
         Ok(PrefetchProgress {
             id,
@@ -335,11 +371,11 @@ impl Control {
         })
     }
 
-    fn file_status(&self, path: &str) -> Result<FileStatus, String> {
+    fn file_status(&self, path: &str) -> Result<FileStatus, RequestError> {
         let manifest = self.live.manifest();
-        let ino = manifest.resolve(path.as_bytes()).ok_or_else(|| format!("{path}: not in the image"))?;
+        let ino = manifest.resolve(path.as_bytes()).ok_or_else(|| RequestError::NotInImage(path.to_string()))?;
         let InodeKind::File(f) = &manifest.inodes[ino as usize].kind else {
-            return Err(format!("{path}: not a regular file"));
+            return Err(RequestError::NotAFile(path.to_string()));
         };
         let key = file_key(&f.root_hash, f.size);
         let blocks_total = incfs_verity::block_count(f.size);
@@ -372,8 +408,13 @@ impl Control {
         out
     }
 
-    async fn fill(&self, id: Option<&str>, path: Option<&str>, blocks: Vec<FillBlock>) -> Result<FillReport, String> {
-        let f = loader::resolve(&self.live, id, path)?;
+    async fn fill(
+        &self,
+        id: Option<&str>,
+        path: Option<&str>,
+        blocks: Vec<FillBlock>,
+    ) -> Result<FillReport, RequestError> {
+        let f = loader::resolve(&self.live, id, path).map_err(RequestError::Refused)?;
         let mut report = FillReport { filled: 0, rejected: Vec::new() };
         for b in blocks {
             match loader::fill(&self.live, &f, b.block, b.codec.as_deref(), &b.data).await {
@@ -384,44 +425,35 @@ impl Control {
         Ok(report)
     }
 
+    /// The reply to one request line: `{"ok": VALUE}` or `{"error": MESSAGE}`.
     async fn answer(&self, line: &str) -> String {
-        let reply = match serde_json::from_str::<Request>(line) {
-            Ok(Request::Status) => serde_json::to_value(self.status()).map_err(|e| e.to_string()),
-            Ok(Request::File { path }) => {
-                self.file_status(&path).and_then(|f| serde_json::to_value(f).map_err(|e| e.to_string()))
-            }
-            Ok(Request::Prefetch { paths }) => {
-                self.prefetch(&paths).and_then(|p| serde_json::to_value(p).map_err(|e| e.to_string()))
-            }
-            Ok(Request::PrefetchProgress { id }) => {
-                self.prefetch_progress(id).and_then(|p| serde_json::to_value(p).map_err(|e| e.to_string()))
-            }
-            Ok(Request::Update { to, allow_rollback, allow_expired }) => {
-                match self.live.update(to, allow_rollback, allow_expired).await {
-                    Ok(r) => serde_json::to_value(r).map_err(|e| e.to_string()),
-                    Err(e) => Err(e.to_string()),
-                }
-            }
-            Ok(Request::Pending) => {
-                let list: Vec<PendingRead> = self.reader.pending.list();
-                serde_json::to_value(list).map_err(|e| e.to_string())
-            }
-            Ok(Request::Files { incomplete }) => {
-                serde_json::to_value(self.files(incomplete)).map_err(|e| e.to_string())
-            }
-            Ok(Request::Fill { id, path, blocks }) => self
-                .fill(id.as_deref(), path.as_deref(), blocks)
-                .await
-                .and_then(|r| serde_json::to_value(r).map_err(|e| e.to_string())),
-            Ok(Request::Add { path, mode, size, root_hash, tree, signature }) => {
-                loader::add(&self.live, &path, mode, size, &root_hash, &tree, &signature).await
-            }
-            Ok(Request::Log | Request::Loader) => Err("log and loader open a stream: send them first".into()),
-            Err(e) => Err(format!("bad request: {e}")),
-        };
-        match reply {
+        match self.reply(line).await {
             Ok(v) => serde_json::json!({ "ok": v }).to_string(),
-            Err(e) => serde_json::json!({ "error": e }).to_string(),
+            Err(e) => serde_json::json!({ "error": e.to_string() }).to_string(),
+        }
+    }
+
+    async fn reply(&self, line: &str) -> Result<serde_json::Value, RequestError> {
+        fn value(v: impl Serialize) -> Result<serde_json::Value, RequestError> {
+            Ok(serde_json::to_value(v)?)
+        }
+        match serde_json::from_str::<Request>(line)? {
+            Request::Status => value(self.status()),
+            Request::File { path } => value(self.file_status(&path)?),
+            Request::Prefetch { paths } => value(self.prefetch(&paths)?),
+            Request::PrefetchProgress { id } => value(self.prefetch_progress(id)?),
+            Request::Update { to, allow_rollback, allow_expired } => {
+                value(self.live.update(to, allow_rollback, allow_expired).await?)
+            }
+            Request::Pending => value(self.reader.pending.list()),
+            Request::Files { incomplete } => value(self.files(incomplete)),
+            Request::Fill { id, path, blocks } => value(self.fill(id.as_deref(), path.as_deref(), blocks).await?),
+            Request::Add { path, mode, size, root_hash, tree, signature } => {
+                loader::add(&self.live, &path, mode, size, &root_hash, &tree, &signature)
+                    .await
+                    .map_err(RequestError::Refused)
+            }
+            Request::Log | Request::Loader => Err(RequestError::StreamNotFirst),
         }
     }
 
@@ -504,7 +536,7 @@ async fn refuse(mut r: impl tokio::io::AsyncRead + Unpin, mut w: tokio::net::uni
 }
 
 /// Ask the daemon of `mountpoint` one request; returns the `ok` value.
-pub fn ask(mountpoint: &Path, request: &serde_json::Value) -> Result<serde_json::Value, String> {
+pub fn ask(mountpoint: &Path, request: &serde_json::Value) -> Result<serde_json::Value, AskError> {
     ask_within(mountpoint, request, std::time::Duration::from_secs(10))
 }
 
@@ -513,21 +545,24 @@ pub fn ask_within(
     mountpoint: &Path,
     request: &serde_json::Value,
     timeout: std::time::Duration,
-) -> Result<serde_json::Value, String> {
+) -> Result<serde_json::Value, AskError> {
     use std::io::{BufRead, Write};
-    let path = socket_path(mountpoint)?;
-    let mut s = std::os::unix::net::UnixStream::connect(&path).map_err(|e| {
-        format!("{} is not an incfs mount served by a running daemon ({}: {e})", mountpoint.display(), path.display())
+    let path = socket_path(mountpoint).map_err(AskError::SocketDir)?;
+    let mut s = std::os::unix::net::UnixStream::connect(&path).map_err(|source| AskError::NotServed {
+        mountpoint: mountpoint.display().to_string(),
+        socket: path.display().to_string(),
+        source,
     })?;
+    let io = |source| AskError::Io { mountpoint: mountpoint.display().to_string(), source };
     s.set_read_timeout(Some(timeout)).ok();
-    writeln!(s, "{request}").map_err(|e| e.to_string())?;
+    writeln!(s, "{request}").map_err(io)?;
     let mut line = String::new();
-    std::io::BufReader::new(s).read_line(&mut line).map_err(|e| e.to_string())?;
-    let v: serde_json::Value = serde_json::from_str(&line).map_err(|e| format!("bad reply from the daemon: {e}"))?;
+    std::io::BufReader::new(s).read_line(&mut line).map_err(io)?;
+    let v: serde_json::Value = serde_json::from_str(&line).map_err(|e| AskError::BadReply(e.to_string()))?;
     match (v.get("ok"), v.get("error")) {
         (Some(ok), _) => Ok(ok.clone()),
-        (_, Some(e)) => Err(e.as_str().unwrap_or("error").to_string()),
-        _ => Err("bad reply from the daemon".into()),
+        (_, Some(e)) => Err(AskError::Refused(e.as_str().unwrap_or("error").to_string())),
+        _ => Err(AskError::BadReply(line.trim().chars().take(200).collect())),
     }
 }
 
