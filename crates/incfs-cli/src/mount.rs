@@ -244,7 +244,9 @@ pub fn update(
     json: bool,
 ) -> Result<i32> {
     let mp = std::fs::canonicalize(mountpoint).with_context(|| format!("{}", mountpoint.display()))?;
-    let request = serde_json::json!({ "cmd": "update", "to": to, "allow_rollback": allow_rollback, "allow_expired": allow_expired });
+    let request = serde_json::json!({
+        "cmd": "update", "to": to, "allow_rollback": allow_rollback, "allow_expired": allow_expired,
+    });
     let v = ask_within(&mp, &request, Duration::from_secs(300)).map_err(|e| anyhow::anyhow!(e))?;
     if json {
         println!("{v}");

@@ -22,11 +22,11 @@ pub struct ReadArgs {
     pub quiet: bool,
 }
 
-pub async fn open(repo: &str, trust: &[PathBuf], version: Option<u64>, timeout: std::time::Duration) -> Result<Image> {
+pub async fn open(repo: &str, trust: &[PathBuf], how: &ReadArgs) -> Result<Image> {
     let trust = load_trusted(trust)?;
-    let opts = SourceOptions { request_timeout: timeout, ..SourceOptions::default() };
+    let opts = SourceOptions { request_timeout: how.timeout, ..SourceOptions::default() };
     let source = Source::parse(repo, &opts)?;
-    Ok(match version {
+    Ok(match how.version {
         Some(v) => Image::open_version(source, v, &trust).await?,
         None => Image::open(source, &trust).await?,
     })
@@ -34,7 +34,7 @@ pub async fn open(repo: &str, trust: &[PathBuf], version: Option<u64>, timeout: 
 
 pub async fn verify(repo: &str, trust: &[PathBuf], how: &ReadArgs) -> Result<i32> {
     let started = Instant::now();
-    let image = match open(repo, trust, how.version, how.timeout).await {
+    let image = match open(repo, trust, how).await {
         Ok(i) => i,
         // The source could not give a manifest at all (unreachable, missing, a response refused
         // as too large...): an error (exit 2), not a finding about the image.
@@ -49,7 +49,7 @@ pub async fn verify(repo: &str, trust: &[PathBuf], how: &ReadArgs) -> Result<i32
     let reporter = Reporter::new("verifying", how.quiet);
     let mut report = incfs_fetch::verify::verify_image(&image, &reporter).await;
     reporter.finish();
-    if let (false, Err(e)) = (how.allow_expired, image.check_fresh(incfs_fetch::image::unix_now())) {
+    if let Err(e) = image.check_fresh(how.allow_expired) {
         // Every byte may be right, but mounts will refuse the manifest: the publisher's problem.
         let message = format!("{e}");
         report.problems.insert(0, incfs_fetch::verify::Problem { subject: "manifest".into(), blocks: None, message });
@@ -81,10 +81,8 @@ pub async fn verify(repo: &str, trust: &[PathBuf], how: &ReadArgs) -> Result<i32
 
 pub async fn extract(repo: &str, dest: &Path, trust: &[PathBuf], how: &ReadArgs) -> Result<i32> {
     let started = Instant::now();
-    let image = open(repo, trust, how.version, how.timeout).await?;
-    if !how.allow_expired {
-        image.check_fresh(incfs_fetch::image::unix_now())?;
-    }
+    let image = open(repo, trust, how).await?;
+    image.check_fresh(how.allow_expired)?;
     let reporter = Reporter::new("extracting", how.quiet);
     let result = incfs_fetch::extract::extract(&image, dest, &reporter).await;
     reporter.finish();

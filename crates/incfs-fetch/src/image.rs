@@ -33,10 +33,14 @@ pub enum ImageError {
     Manifest { source_name: String, error: wire::WireError },
     #[error("{source_name}: {error}")]
     Signature { source_name: String, error: SignatureError },
-    #[error("{source_name}: {key} holds version {found}, not version {asked}; the repository is damaged or the server is lying")]
+    #[error(
+        "{source_name}: {key} holds version {found}, not version {asked}; the repository is damaged or the server \
+         is lying"
+    )]
     WrongVersion { source_name: String, key: String, asked: u64, found: u64 },
     #[error(
-        "{source_name}: {name} version {version} expired at {at} (its publisher signs a new version before then;          a server still serving this one may be replaying an old version); --allow-expired uses it anyway"
+        "{source_name}: {name} version {version} expired at {at} (its publisher signs a new version before then; \
+         a server still serving this one may be replaying an old version); --allow-expired uses it anyway"
     )]
     Expired { source_name: String, name: String, version: u64, at: String },
 }
@@ -141,10 +145,10 @@ impl Image {
         Ok(self)
     }
 
-    /// Refuse the manifest if its signed expiry has passed at `now` (seconds since the epoch).
-    pub fn check_fresh(&self, now: i64) -> Result<(), ImageError> {
+    /// Refuse the manifest if its signed expiry has passed, unless `allow_expired`.
+    pub fn check_fresh(&self, allow_expired: bool) -> Result<(), ImageError> {
         match self.manifest.expires {
-            Some(at) if self.manifest.expired_at(now) => Err(ImageError::Expired {
+            Some(at) if !allow_expired && self.manifest.expired_at(unix_now()) => Err(ImageError::Expired {
                 source_name: self.source.name().to_string(),
                 name: self.manifest.name.clone(),
                 version: self.manifest.version,

@@ -214,30 +214,19 @@ fn accept_manifest(
     bytes: bytes::Bytes,
 ) -> Result<Manifest, MountError> {
     let image = Image::from_manifest_bytes(source.clone(), bytes.clone(), &opts.trust)?;
-    if !opts.settings.allow_expired {
-        image.check_fresh(incfs_fetch::image::unix_now())?;
-    }
+    image.check_fresh(opts.settings.allow_expired)?;
     let m = image.manifest();
-    let source_name = || source.name().to_string();
-    match &opts.settings.image {
-        Some(expected) if *expected != m.name => {
-            return Err(MountError::NotTheImage {
-                source_name: source_name(),
-                offered: m.name.clone(),
-                expected: expected.clone(),
-            })
-        }
-        Some(_) => {}
-        None => {
-            if let Some(pinned) = store.source_image(source.name())?.filter(|p| *p != m.name) {
-                return Err(MountError::ImageChanged {
-                    source_name: source_name(),
-                    pinned,
-                    offered: m.name.clone(),
-                    cache: opts.cache.display().to_string(),
-                });
-            }
-        }
+    // Named with --image: that image only (and a pin to another one is overridden). Else the
+    // image this source served before, if any.
+    if opts.settings.image.is_some() {
+        expect_image(opts, source.name(), &m.name)?;
+    } else if let Some(pinned) = store.source_image(source.name())?.filter(|p| *p != m.name) {
+        return Err(MountError::ImageChanged {
+            source_name: source.name().to_string(),
+            pinned,
+            offered: m.name.clone(),
+            cache: opts.cache.display().to_string(),
+        });
     }
     let key_id = *image.signer().id();
     if let Some(acc) = store.accepted(&m.name)? {
@@ -257,6 +246,18 @@ fn accept_manifest(
     Ok((**m).clone())
 }
 
+/// Refuse image `offered` from `source_name` if `mount --image` named another.
+fn expect_image(opts: &MountOptions, source_name: &str, offered: &str) -> Result<(), MountError> {
+    match &opts.settings.image {
+        Some(expected) if expected != offered => Err(MountError::NotTheImage {
+            source_name: source_name.to_string(),
+            offered: offered.to_string(),
+            expected: expected.clone(),
+        }),
+        _ => Ok(()),
+    }
+}
+
 /// The newest manifest this cache accepted for the primary source, its signature checked again.
 fn cached_image(opts: &MountOptions, sources: &[Source], store: &Store) -> Result<Option<Manifest>, MountError> {
     let primary = &sources[0];
@@ -265,16 +266,10 @@ fn cached_image(opts: &MountOptions, sources: &[Source], store: &Store) -> Resul
     };
     let image = Image::from_manifest_bytes(primary.clone(), acc.bytes.into(), &opts.trust)?;
     let m = image.manifest();
-    if let Some(expected) = opts.settings.image.as_ref().filter(|e| **e != m.name) {
-        return Err(MountError::NotTheImage {
-            source_name: format!("the cache's copy of {}", primary.name()),
-            offered: m.name.clone(),
-            expected: expected.clone(),
-        });
-    }
+    expect_image(opts, &format!("the cache's copy of {}", primary.name()), &m.name)?;
     // No expiry check here: expiry guards against a source replaying an old version; the
     // cache's copy was fresh when accepted, and offline there is no source to distrust.
-    if image.check_fresh(incfs_fetch::image::unix_now()).is_err() && !opts.settings.allow_expired {
+    if m.expired_at(incfs_fetch::image::unix_now()) && !opts.settings.allow_expired {
         tracing::warn!("mounting {} version {} from the cache: its signed expiry has passed", m.name, m.version);
     }
     Ok(Some((**m).clone()))

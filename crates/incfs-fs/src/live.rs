@@ -12,8 +12,9 @@
 //!
 //! Single files can also be pushed in without a new manifest ([`Live::add`], `incfs add`): a
 //! path, a mode, and the file's size, Merkle tree and a trusted key's signature binding its
-//! fs-verity digest to this image, that path and that mode (`incfs_format::push`). The file joins the tree served (and every later version, where its path is
-//! free); its blocks come from fills and are verified against that tree like any others.
+//! fs-verity digest to this image, that path and that mode (`incfs_format::push`). The file
+//! joins the tree served (and every later version, where its path is free); its blocks come
+//! from fills and are verified against that tree like any others.
 
 use std::os::unix::ffi::OsStrExt;
 use std::sync::Arc;
@@ -276,12 +277,7 @@ impl Live {
                         Some(v) => i.expect_version(v),
                         None => Ok(i),
                     })
-                    .and_then(|i| {
-                        if !allow_expired {
-                            i.check_fresh(incfs_fetch::image::unix_now())?;
-                        }
-                        Ok(i)
-                    })
+                    .and_then(|i| i.check_fresh(allow_expired).map(|()| i))
                     .map_err(UpdateError::from)
                     .and_then(|i| check(&i).map(|()| i)),
                 Err(e @ SourceError::NotFound { .. }) => Err(e.into()),
@@ -397,8 +393,8 @@ impl Live {
     }
 
     /// Push a file in (`incfs add`): `tree` is its compact Merkle tree (format section 2.2),
-    /// `signature` a trusted key's signature over its push message (`incfs_format::push`). Its blocks then
-    /// come from fills. Returns the file's digest.
+    /// `signature` a trusted key's signature over its push message (`incfs_format::push`). Its
+    /// blocks then come from fills. Returns the file's digest.
     pub async fn add(
         &self,
         path: &[u8],

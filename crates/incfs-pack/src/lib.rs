@@ -296,19 +296,25 @@ struct Prepared {
     encoded: Vec<Option<EncodedBlock>>,
 }
 
+/// Leaf hash of an all-zero block (stored as a hole, never as data).
+static ZERO_HASH: std::sync::LazyLock<Hash> = std::sync::LazyLock::new(|| hash_data_block(&[]));
+
+/// Block `i` of `chunk` (the last one may be short).
+fn block_of(chunk: &[u8], i: usize) -> &[u8] {
+    &chunk[i * BLOCK_SIZE..(i * BLOCK_SIZE + BLOCK_SIZE).min(chunk.len())]
+}
+
 /// Hash `chunk`'s blocks and encode those that may be new (`parallel`: the encoding too).
 fn prepare(chunk: &[u8], dedup: &dedup::DedupIndex, compression: Compression, parallel: bool) -> Prepared {
-    static ZERO_HASH: std::sync::LazyLock<Hash> = std::sync::LazyLock::new(|| hash_data_block(&[]));
     let hashes: Vec<Hash> = incfs_verity::hash_data(chunk);
     let mut seen = std::collections::HashSet::new();
     let todo: Vec<usize> = (0..hashes.len())
         .filter(|&i| hashes[i] != *ZERO_HASH && !dedup.knows_block(&hashes[i]) && seen.insert(hashes[i]))
         .collect();
-    let block = |i: usize| &chunk[i * BLOCK_SIZE..(i * BLOCK_SIZE + BLOCK_SIZE).min(chunk.len())];
     let done: Vec<EncodedBlock> = if parallel {
-        todo.par_iter().map(|&i| encode_block(block(i), compression)).collect()
+        todo.par_iter().map(|&i| encode_block(block_of(chunk, i), compression)).collect()
     } else {
-        todo.iter().map(|&i| encode_block(block(i), compression)).collect()
+        todo.iter().map(|&i| encode_block(block_of(chunk, i), compression)).collect()
     };
     let mut encoded: Vec<Option<EncodedBlock>> = (0..hashes.len()).map(|_| None).collect();
     for (i, e) in todo.into_iter().zip(done) {
@@ -453,10 +459,9 @@ impl Packer {
 
     /// Store what is new of a prepared piece of a file, in block order; its block records.
     fn place(&mut self, chunk: &[u8], mut p: Prepared) -> Result<Vec<BlockRecord>, PackError> {
-        static ZERO_HASH: std::sync::LazyLock<Hash> = std::sync::LazyLock::new(|| hash_data_block(&[]));
         let mut records = Vec::with_capacity(p.hashes.len());
         for (i, h) in p.hashes.iter().enumerate() {
-            let block = &chunk[i * BLOCK_SIZE..(i * BLOCK_SIZE + BLOCK_SIZE).min(chunk.len())];
+            let block = block_of(chunk, i);
             let len = block.len() as u64;
             if *h == *ZERO_HASH {
                 self.summary.zero_bytes += len;

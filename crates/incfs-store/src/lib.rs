@@ -4,10 +4,10 @@
 //! keyed by their leaf hash, so a block shared by files, images or versions is stored once;
 //! pieces of file metadata regions; which blocks of each file content are present) is written on
 //! every cold read and lives in append-only segment files with journals ([`segments`]): a fetched
-//! run costs two writes, whatever its length. Records that change rarely (per image name the newest
-//! manifest accepted, whichever trusted key signed it, for rollback protection and offline
-//! mounts; which image each source served, its pinned identity; files pushed into mounts) stay in a small SQLite database,
-//! `store.db`, where transactions are worth their cost.
+//! run costs two writes, whatever its length. Records that change rarely (per image name the
+//! newest manifest accepted, whichever trusted key signed it, for rollback protection and
+//! offline mounts; which image each source served, its pinned identity; files pushed into
+//! mounts) stay in a small SQLite database, `store.db`, where transactions are worth their cost.
 //!
 //! The store does not trust itself: callers verify every block and metadata piece they read from
 //! it against the Merkle tree before use, and drop it ([`Store::remove_block`]) if it fails.
