@@ -71,6 +71,7 @@ fn background_completes_then_the_cache_alone_serves_everything() {
     // --offline with an empty cache is a clear error, and nothing is mounted.
     let mnt = p.dir.path().join("mnt-empty");
     fs::create_dir_all(&mnt).unwrap();
+    let _unmount = Unmount(mnt.clone());
     let cache = p.dir.path().join("cache-empty");
     let out = incfs(&[
         "mount",

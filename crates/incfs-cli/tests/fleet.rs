@@ -6,7 +6,6 @@
 mod common;
 
 use std::fs;
-use std::path::Path;
 use std::time::Duration;
 
 use common::*;
@@ -79,23 +78,6 @@ impl CachingProxy {
     }
 }
 
-fn repository_bytes(repo: &Path) -> u64 {
-    let mut total = 0;
-    let mut stack = vec![repo.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        for e in fs::read_dir(&d).unwrap() {
-            let e = e.unwrap();
-            let md = e.metadata().unwrap();
-            if md.is_dir() {
-                stack.push(e.path());
-            } else {
-                total += md.len();
-            }
-        }
-    }
-    total
-}
-
 #[test]
 fn serve_tells_caches_what_they_may_keep() {
     let p = Published::new(|src| fs::write(src.join("f"), "x\n").unwrap(), &[]);
@@ -125,7 +107,7 @@ fn five_clients_behind_one_caching_proxy_cost_the_origin_one_copy() {
     );
     let origin = IncfsServer::start(&p.repo);
     let proxy = CachingProxy::start(&origin.url);
-    let repo_bytes = repository_bytes(&p.repo);
+    let repo_bytes: u64 = read_tree(&p.repo).iter().map(|(_, bytes)| bytes.len() as u64).sum();
     // Five clients, each its own cache, all completing the whole image at once through the proxy.
     let mounts: Vec<Mount> = std::thread::scope(|s| {
         let started: Vec<_> = (0..5)

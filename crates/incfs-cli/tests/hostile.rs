@@ -102,6 +102,7 @@ fn lying_manifest_responses_are_refused_by_verify_extract_and_mount() {
         refused(&["extract", &url, dest.to_str().unwrap(), "--trust", public, "-q"], &url, what);
         let mnt = p.dir.path().join(format!("mnt-{lie:?}"));
         std::fs::create_dir_all(&mnt).unwrap();
+        let _unmount = Unmount(mnt.clone());
         let cache = p.dir.path().join(format!("cache-{lie:?}"));
         let mount = ["mount", &url, mnt.to_str().unwrap(), "--trust", public, "--cache", cache.to_str().unwrap()];
         refused(&mount, &url, what);
@@ -291,6 +292,7 @@ fn stalled_bodies_foreign_redirects_and_lying_heads() {
         assert!(!dest.join("a.bin").exists(), "{lie:?}: extract wrote files");
         let mnt = p.dir.path().join(format!("mnt-{lie:?}"));
         std::fs::create_dir_all(&mnt).unwrap();
+        let _unmount = Unmount(mnt.clone());
         let cache = p.dir.path().join(format!("cache-{lie:?}"));
         let mount = [
             "mount",

@@ -13,6 +13,7 @@ use incfs_format::Manifest;
 /// `incfs mount` expected to fail: nothing may be left mounted; (stderr, exit code).
 fn refused_mount(source: &str, mnt: &Path, trust: &[&Path], cache: &Path, extra: &[&str]) -> String {
     fs::create_dir_all(mnt).unwrap();
+    let _unmount = Unmount(mnt.to_path_buf());
     let mut args = vec!["mount", source, mnt.to_str().unwrap(), "--cache", cache.to_str().unwrap()];
     for t in trust {
         args.extend(["--trust", t.to_str().unwrap()]);

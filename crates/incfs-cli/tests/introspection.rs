@@ -44,6 +44,7 @@ fn metrics_endpoint_shows_the_counters_moving() {
     // A port already taken is a clear error at mount, and nothing is mounted.
     let mnt = p.dir.path().join("mnt-taken");
     fs::create_dir_all(&mnt).unwrap();
+    let _unmount = Unmount(mnt.clone());
     let out = incfs(&[
         "mount",
         &serve.url,

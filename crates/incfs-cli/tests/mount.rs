@@ -376,6 +376,7 @@ fn bad_manifests_and_rollbacks_fall_back_to_the_cache_or_are_refused() {
     let cache = dir.path().join("cache");
 
     let try_mount = |source: &str, trust: &Path, cache: &Path| {
+        let _unmount = Unmount(mnt.clone());
         let out = incfs(&[
             "mount",
             source,
@@ -418,6 +419,7 @@ fn bad_manifests_and_rollbacks_fall_back_to_the_cache_or_are_refused() {
 
     let unreachable = format!("http://127.0.0.1:{}", free_port());
     let fresh = dir.path().join("fresh-cache");
+    let _unmount = Unmount(mnt.clone());
     let out = incfs(&[
         "mount",
         &unreachable,

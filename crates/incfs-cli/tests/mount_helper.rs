@@ -12,17 +12,6 @@ use std::time::Duration;
 
 use common::*;
 
-/// Unmounts (umount(8)) on drop, so a failing test leaves nothing mounted.
-struct Unmount(PathBuf);
-
-impl Drop for Unmount {
-    fn drop(&mut self) {
-        if is_mounted(&self.0) {
-            let _ = Command::new("umount").arg(&self.0).output();
-        }
-    }
-}
-
 /// mount(8) looks for the helper of type `fuse.incfs` only in /sbin (and runs helpers with a
 /// PATH of its own, so fuse3's mount.fuse3 would not find an `incfs` outside the system's
 /// directories). The test installs `/sbin/mount.fuse.incfs` as `scripts/install.sh` does, a
@@ -134,6 +123,7 @@ fn mount_t_fuse_incfs_fstab_and_the_helper_mount_and_umount_ends_them() {
 
     // A wrong option is an error naming it; nothing is mounted.
     let d = mnt("mnt-bad");
+    let _ud = Unmount(d.clone());
     let o = format!("{},no_such_option=1", opts("cache-bad"));
     let out = with_path("mount", &["-t", "fuse.incfs", &serve.url, d.to_str().unwrap(), "-o", &o], &bin);
     assert!(!out.status.success());

@@ -380,6 +380,7 @@ fn hostile_manifests_are_refused_by_verify_extract_and_mount() {
 
         let mnt = dir.path().join("mnt");
         fs::create_dir_all(&mnt).unwrap();
+        let _unmount = Unmount(mnt.clone());
         let t = Instant::now();
         let out = incfs(&[
             "mount",

@@ -94,6 +94,8 @@ impl Drop for HostileServer {
     }
 }
 
+const NOT_FOUND: &[u8] = b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n";
+
 fn serve(conn: TcpStream, root: &Path, lie: &Mutex<Lie>, port: u16) -> std::io::Result<()> {
     conn.set_nodelay(true)?;
     // Bounds a request head that never comes; writes fail once the client is gone.
@@ -142,12 +144,12 @@ fn serve(conn: TcpStream, root: &Path, lie: &Mutex<Lie>, port: u16) -> std::io::
         }
         // Strict about paths, as a CDN or an S3 website endpoint is: "a//b" is not "a/b".
         if target.contains("//") {
-            out.write_all(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n")?;
+            out.write_all(NOT_FOUND)?;
             continue;
         }
         let path: PathBuf = root.join(target.trim_start_matches('/'));
         let Ok(mut body) = std::fs::read(&path) else {
-            out.write_all(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n")?;
+            out.write_all(NOT_FOUND)?;
             continue;
         };
         let head_only = method == "HEAD";

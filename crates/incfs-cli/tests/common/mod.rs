@@ -482,6 +482,18 @@ impl Drop for Mount {
     }
 }
 
+/// Unmounts `dir` (umount(8)) on drop if something is mounted there: a test expecting a mount
+/// to be refused leaves nothing behind even when the mount came up and the test fails.
+pub struct Unmount(pub PathBuf);
+
+impl Drop for Unmount {
+    fn drop(&mut self) {
+        if is_mounted(&self.0) {
+            let _ = Command::new("umount").arg(&self.0).output();
+        }
+    }
+}
+
 pub fn is_mounted(dir: &Path) -> bool {
     let dir = dir.to_string_lossy().replace(' ', "\\040").replace('\n', "\\012");
     fs::read_to_string("/proc/self/mounts").unwrap_or_default().lines().any(|l| l.split(' ').nth(1) == Some(&dir))
