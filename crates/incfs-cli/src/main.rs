@@ -72,6 +72,14 @@ fn parse_size(s: &str) -> Result<u64, String> {
     }
 }
 
+/// A cache size limit: a size of at least 8 MiB (smaller ones leave no room to work in).
+fn parse_cache_size(s: &str) -> Result<u64, String> {
+    match parse_size(s)? {
+        n if n < 8 << 20 => Err(format!("{s:?} is too small for a cache: give at least 8M")),
+        n => Ok(n),
+    }
+}
+
 #[derive(Clone, Copy, ValueEnum)]
 enum CompressionArg {
     Lz4,
@@ -294,6 +302,12 @@ enum Command {
         /// [default: a quarter of the cache's filesystem].
         #[arg(long, value_name = "SIZE", value_parser = parse_size)]
         plain_limit: Option<u64>,
+        /// Keep the whole cache directory (blocks, metadata, plain copies, journals) within SIZE
+        /// (like 10G): least recently used data is evicted to make room, background completion
+        /// stops at the limit. Recorded in the cache, so every mount sharing it honours it; a
+        /// smaller recorded limit stays (`incfs cache limit` sets it). At least 8M.
+        #[arg(long, value_name = "SIZE", value_parser = parse_cache_size)]
+        cache_size: Option<u64>,
         /// Fetch in the order of this access profile first (instead of the profile published
         /// with the image, if any).
         #[arg(long, value_name = "FILE")]
@@ -550,6 +564,7 @@ fn main() {
             offline,
             passthrough,
             plain_limit,
+            cache_size,
             profile,
             record_profile,
             metrics,
@@ -569,6 +584,7 @@ fn main() {
                 offline,
                 passthrough: passthrough == AutoOff::Auto,
                 plain_limit,
+                cache_size,
                 profile,
                 record_profile,
                 metrics,

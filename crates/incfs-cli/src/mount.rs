@@ -196,13 +196,35 @@ pub fn status(mountpoint: &Path, path: Option<&Path>, json: bool) -> Result<i32>
         s.sources.join(", "),
         if s.offline { " (offline: mounted from the cache)" } else { "" }
     );
-    println!("cache:     {} ({} stored)", s.cache, HumanBytes(s.bytes_stored));
+    let u = &s.cache_usage;
+    let limit = s.cache_limit.map_or("no limit".to_string(), |l| format!("limit {}", HumanBytes(l)));
+    println!("cache:     {} ({} of {limit})", s.cache, HumanBytes(u.total));
+    println!(
+        "           blocks {}, metadata {}, unindexed {}, journals {}, plain copies {}, database {}",
+        HumanBytes(u.blocks),
+        HumanBytes(u.metadata),
+        HumanBytes(u.unindexed),
+        HumanBytes(u.journals),
+        HumanBytes(u.plain),
+        HumanBytes(u.database)
+    );
+    if s.evictions > 0 || s.cache_limit.is_some() {
+        println!(
+            "evicted:   {} files ({}) to stay within the limit; {} blocks fetched again since",
+            s.evictions,
+            HumanBytes(s.evicted_bytes),
+            s.blocks_refetched
+        );
+    }
     println!(
         "blocks:    {}/{} present ({pct:.1}%){}",
         s.blocks_present,
         s.blocks_total,
         if s.complete { ", complete" } else { "" }
     );
+    if s.cache_full {
+        println!("           cache full: {pct:.1}% present, {}; background completion stopped at the limit", limit);
+    }
     println!(
         "fetched:   {} in {} requests ({} failed)",
         HumanBytes(s.bytes_fetched),

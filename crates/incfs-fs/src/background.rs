@@ -26,7 +26,7 @@ use incfs_format::Hash;
 use incfs_store::{file_key, FileKey};
 use parking_lot::Mutex;
 
-use crate::reader::{get_counted, group_runs, FileRef, Local, Need, ReadFailure, Reader};
+use crate::reader::{get_counted, group_runs, FileRef, Local, Need, Purpose, ReadFailure, Reader};
 use crate::stats::{FailCause, Stats};
 
 /// Largest ranged GET for a span of small files (blocks and metadata together).
@@ -40,6 +40,8 @@ const ROUND: usize = 64;
 /// After a failed request, wait this long (doubling up to [`MAX_RETRY`]) before the next.
 const FIRST_RETRY: Duration = Duration::from_secs(1);
 const MAX_RETRY: Duration = Duration::from_secs(30);
+/// How often paused completion looks for room in a full cache again.
+const ROOM_POLL: Duration = Duration::from_secs(2);
 
 #[derive(Debug, Clone, Default)]
 pub struct BackgroundOptions {
@@ -48,6 +50,15 @@ pub struct BackgroundOptions {
     /// Cap on background bytes per second.
     pub bandwidth: Option<u64>,
     pub profile: Option<Profile>,
+}
+
+/// Yielding work is completion (never evicts); the rest was asked for (may evict).
+fn purpose(yields: bool) -> Purpose {
+    if yields {
+        Purpose::Complete
+    } else {
+        Purpose::Prefetch
+    }
 }
 
 /// Bytes of an object that hold one small file's blocks and its metadata, in pack order.
@@ -96,6 +107,8 @@ pub struct Background {
     active: Mutex<Vec<usize>>,
     complete_logged: AtomicBool,
     failures: Mutex<u32>,
+    /// Completion is paused: the next request would not fit under the cache limit.
+    cache_full: AtomicBool,
 }
 
 impl Background {
@@ -144,6 +157,7 @@ impl Background {
             active: Mutex::new(Vec::new()),
             complete_logged: AtomicBool::new(false),
             failures: Mutex::new(0),
+            cache_full: AtomicBool::new(false),
         });
         if bg.opts.enabled {
             let weak = Arc::downgrade(&bg);
@@ -197,6 +211,33 @@ impl Background {
                 (self.reader.presence.count(&self.files[i].key).min(total), total)
             })
             .fold((0, 0), |(p, t), (a, b)| (p + a, t + b))
+    }
+
+    /// Whether completion is paused at the cache limit.
+    pub fn cache_full(&self) -> bool {
+        self.cache_full.load(Ordering::Relaxed)
+    }
+
+    /// Wait until `bytes` more fit in the cache without evicting anything: completion fills
+    /// free space only, so it stops at the limit rather than evicting what it fetched before.
+    async fn wait_for_room(&self, bytes: u64) {
+        loop {
+            match self.reader.store().has_room(bytes) {
+                Ok(true) => {
+                    if self.cache_full.swap(false, Ordering::Relaxed) {
+                        tracing::info!("cache has room again: background completion resumes");
+                    }
+                    return;
+                }
+                Ok(false) => {
+                    if !self.cache_full.swap(true, Ordering::Relaxed) {
+                        tracing::info!("cache full: background completion paused at the cache limit");
+                    }
+                }
+                Err(e) => tracing::warn!("background fetch: {e}"),
+            }
+            tokio::time::sleep(ROOM_POLL).await;
+        }
     }
 
     /// Paths of the files being fetched now.
@@ -409,6 +450,9 @@ impl Background {
     async fn get(&self, object: u32, range: Range<u64>, yields: bool) -> Result<(bytes::Bytes, usize), ReadFailure> {
         let key = layout::object(&self.object_digest(object));
         loop {
+            if yields {
+                self.wait_for_room(range.end - range.start).await;
+            }
             self.wait_turn(range.end - range.start, yields).await;
             let began = self.reader.demand_began.notified();
             tokio::pin!(began);
@@ -506,7 +550,8 @@ impl Background {
             let (inside, outside): (Vec<_>, Vec<_>) = plan
                 .into_iter()
                 .partition(|(_, _, r)| r.object == object && r.offset >= range.start && r.range().end <= range.end);
-            let outcome = self.reader.accept_off_thread(f, inside, bytes.clone(), range.start, mirror, false).await;
+            let outcome =
+                self.reader.accept_off_thread(f, inside, bytes.clone(), range.start, mirror, purpose(yields)).await;
             ok &= outcome.failed.is_empty();
             if !outside.is_empty() {
                 // Blocks shared with files packed elsewhere (deduplicated): fetched from there.
@@ -551,8 +596,10 @@ impl Background {
             let (first, last) = (items[0].2, items[items.len() - 1].2);
             match self.get(first.object, first.offset..last.range().end, yields).await {
                 Ok((bytes, mirror)) => {
-                    let outcome =
-                        self.reader.accept_off_thread(f, items.to_vec(), bytes, first.offset, mirror, false).await;
+                    let outcome = self
+                        .reader
+                        .accept_off_thread(f, items.to_vec(), bytes, first.offset, mirror, purpose(yields))
+                        .await;
                     ok &= outcome.failed.is_empty();
                 }
                 Err(e) => {

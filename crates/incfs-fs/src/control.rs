@@ -270,6 +270,57 @@ pub struct Status {
     /// When the served manifest's signed expiry passes (RFC 3339), if it has one.
     #[serde(default)]
     pub expires: Option<String>,
+    /// The cache's size limit (`--cache-size`, shared by every mount of the cache), if any.
+    #[serde(default)]
+    pub cache_limit: Option<u64>,
+    /// What the cache directory holds, by kind (bytes, as `du -sb` counts them).
+    #[serde(default)]
+    pub cache_usage: CacheUsage,
+    /// Background completion stopped at the cache limit.
+    #[serde(default)]
+    pub cache_full: bool,
+    /// Files evicted to stay within the limit (segments of blocks, plain copies), their bytes,
+    /// and blocks fetched again after their eviction (approximate), by this daemon.
+    #[serde(default)]
+    pub evictions: u64,
+    #[serde(default)]
+    pub evicted_bytes: u64,
+    #[serde(default)]
+    pub blocks_refetched: u64,
+}
+
+/// Bytes of a cache directory by kind.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct CacheUsage {
+    pub total: u64,
+    /// Stored blocks (compressed, as fetched), indexed now.
+    pub blocks: u64,
+    /// Metadata pieces (Merkle trees, block records), indexed now.
+    pub metadata: u64,
+    /// Segment bytes no longer indexed (replaced, damaged, or bytes of a run stored before).
+    pub unindexed: u64,
+    pub journals: u64,
+    pub plain: u64,
+    pub database: u64,
+    pub other: u64,
+}
+
+impl CacheUsage {
+    /// From a scan of the directory and what one store's index holds.
+    pub fn new(u: &incfs_store::Usage, blocks: u64, metadata: u64) -> CacheUsage {
+        let blocks = blocks.min(u.segments);
+        let metadata = metadata.min(u.segments - blocks);
+        CacheUsage {
+            total: u.total(),
+            blocks,
+            metadata,
+            unindexed: u.segments - blocks - metadata,
+            journals: u.journals,
+            plain: u.plain,
+            database: u.database,
+            other: u.other,
+        }
+    }
 }
 
 /// One file's local state, for `incfs status MNT PATH`.
@@ -301,6 +352,9 @@ impl Control {
         let blocks_total = view.contents.iter().map(|(_, b)| b).sum();
         let blocks_present = view.contents.iter().map(|(k, b)| self.reader.presence.count(k).min(*b)).sum();
         let (mean, p99) = s.latency_ms();
+        let store = self.reader.store();
+        let limit = store.limit_state();
+        let usage = store.usage().unwrap_or_default();
         Status {
             image: view.manifest.name.clone(),
             version: view.manifest.version,
@@ -341,6 +395,12 @@ impl Control {
             daemon_pid: std::process::id(),
             daemon_version: env!("CARGO_PKG_VERSION").to_string(),
             expires: view.manifest.expires.map(incfs_fetch::image::format_time),
+            cache_limit: limit.limit,
+            cache_usage: CacheUsage::new(&usage, store.totals().block_bytes, store.meta_bytes()),
+            cache_full: self.live.background().cache_full(),
+            evictions: limit.evictions,
+            evicted_bytes: limit.evicted_bytes,
+            blocks_refetched: limit.refetched,
         }
     }
 

@@ -57,6 +57,8 @@ pub struct MountSettings {
     pub passthrough: bool,
     /// Space for passthrough's plain copies; `None`: a quarter of the cache's filesystem.
     pub plain_limit: Option<u64>,
+    /// Limit on the whole cache directory, recorded in it (a smaller recorded one stays).
+    pub cache_size: Option<u64>,
     /// Access profile to fetch first (instead of the one published with the image).
     pub profile: Option<PathBuf>,
     /// Record an access profile of this mount here.
@@ -88,6 +90,7 @@ impl Default for MountSettings {
             offline: false,
             passthrough: true,
             plain_limit: None,
+            cache_size: None,
             profile: None,
             record_profile: None,
             metrics: None,
@@ -501,6 +504,18 @@ impl Drop for AllocatorTrim {
 /// Open the cache's store and take its shared lock (`incfs fsck` takes it exclusively).
 fn open_cache(opts: &MountOptions) -> Result<(Arc<Store>, std::fs::File), MountError> {
     let store = Arc::new(Store::open(&opts.cache)?);
+    if let Some(asked) = opts.settings.cache_size {
+        let io = |source| incfs_store::StoreError::Io { path: opts.cache.clone(), source };
+        let limit = incfs_store::limit::lower(&opts.cache, asked).map_err(io)?;
+        if limit < asked {
+            tracing::warn!(
+                "the cache {} keeps its recorded limit of {limit} bytes, smaller than --cache-size; \
+                 incfs cache limit raises it",
+                opts.cache.display()
+            );
+        }
+        store.reload_limit()?;
+    }
     let lock_file = crate::fsck::lock_path(&opts.cache);
     let cache_lock = std::fs::File::options().create(true).truncate(false).write(true).open(&lock_file)?;
     if cache_lock.try_lock_shared().is_err() {
@@ -555,6 +570,12 @@ fn build_view(
     let mirrors = Arc::new(Mirrors::new(sources));
     let reader = Arc::new(Reader::new(&manifest.objects, store.clone(), mirrors, stats, opts.settings.parallel));
     reader.set_nearby(opts.settings.nearby);
+    let weak = Arc::downgrade(&reader);
+    store.on_evict(Arc::new(move |key: &incfs_store::FileKey, first: u64, count: u32| {
+        if let Some(r) = weak.upgrade() {
+            r.presence.unmark(key, first, count);
+        }
+    }));
     let pushed = crate::live::restore_pushed(&reader, &opts.trust, manifest);
     let (served, skipped) = crate::live::with_pushed(manifest, &pushed);
     for s in skipped {

@@ -48,6 +48,43 @@ pub fn render(s: &Status) -> String {
     metric("complete", "gauge", "1 when every block is present.", &[("", if s.complete { 1.0 } else { 0.0 })]);
     metric("stored_bytes", "gauge", "Compressed bytes in the local store.", &[("", n(s.bytes_stored))]);
     metric("plain_bytes", "gauge", "Bytes of plain copies for passthrough.", &[("", n(s.plain_bytes.unwrap_or(0)))]);
+    let u = &s.cache_usage;
+    metric(
+        "cache_bytes",
+        "gauge",
+        "Bytes in the cache directory, by kind.",
+        &[
+            ("{kind=\"blocks\"}", n(u.blocks)),
+            ("{kind=\"metadata\"}", n(u.metadata)),
+            ("{kind=\"unindexed\"}", n(u.unindexed)),
+            ("{kind=\"journal\"}", n(u.journals)),
+            ("{kind=\"plain\"}", n(u.plain)),
+            ("{kind=\"database\"}", n(u.database)),
+            ("{kind=\"other\"}", n(u.other)),
+        ],
+    );
+    if let Some(l) = s.cache_limit {
+        metric("cache_limit_bytes", "gauge", "The cache's size limit.", &[("", n(l))]);
+    }
+    metric(
+        "cache_full",
+        "gauge",
+        "1 while background completion is stopped at the cache limit.",
+        &[("", if s.cache_full { 1.0 } else { 0.0 })],
+    );
+    metric("evictions_total", "counter", "Files evicted to stay within the cache limit.", &[("", n(s.evictions))]);
+    metric(
+        "evicted_bytes_total",
+        "counter",
+        "Bytes evicted to stay within the cache limit.",
+        &[("", n(s.evicted_bytes))],
+    );
+    metric(
+        "blocks_refetched_total",
+        "counter",
+        "Blocks fetched again after their eviction (approximate).",
+        &[("", n(s.blocks_refetched))],
+    );
     metric("opens_passthrough_total", "counter", "Opens served by FUSE passthrough.", &[("", n(s.opens_passthrough))]);
     metric(
         "background_cancelled_total",

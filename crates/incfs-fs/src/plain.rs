@@ -75,6 +75,8 @@ pub enum PlainError {
     Read(String),
     #[error("plain copy of {0} bytes would pass the limit of {1} bytes")]
     TooLarge(u64, u64),
+    #[error("plain copy: {0}")]
+    Store(#[from] incfs_store::StoreError),
 }
 
 impl PlainCopies {
@@ -136,7 +138,7 @@ impl PlainCopies {
         match known {
             Some(true) => {
                 if let Ok(file) = File::open(&path) {
-                    self.touch(&f.key);
+                    self.touch(&f.key, &file);
                     return Ok(file);
                 }
             }
@@ -172,10 +174,13 @@ impl PlainCopies {
         Making { plain: self, key }
     }
 
-    fn touch(&self, key: &FileKey) {
+    /// Mark a copy used: here, and in its modification time, which is its recency for the
+    /// cache limit's eviction (shared by every process using the cache).
+    fn touch(&self, key: &FileKey, file: &File) {
         if let Some(c) = self.copies.lock().get_mut(key) {
             c.last_used = Instant::now();
         }
+        let _ = file.set_modified(std::time::SystemTime::now());
     }
 
     fn make(&self, reader: &Reader, f: &FileRef) -> Result<File, PlainError> {
@@ -194,6 +199,8 @@ impl PlainCopies {
         if size > self.limit {
             return Err(PlainError::TooLarge(size, self.limit));
         }
+        // Under the cache's limit too (which may evict least recently used data for it).
+        let _room = reader.store().reserve(size)?;
         self.reserve(&f.key, size);
         let result = self.write(reader, f, &path);
         self.reserved.fetch_sub(size, Ordering::Relaxed);

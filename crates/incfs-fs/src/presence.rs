@@ -75,6 +75,21 @@ impl Presence {
         changed.into_iter().map(|c| (*key, c, p.chunks[&c].clone())).collect()
     }
 
+    /// Mark blocks `first..first+count` absent (evicted from the cache).
+    pub fn unmark(&self, key: &FileKey, first: u64, count: u32) {
+        let mut files = self.files.lock();
+        let Some(p) = files.get_mut(key) else { return };
+        for i in first..first.saturating_add(count as u64) {
+            let (c, b) = (i / PRESENCE_CHUNK_BITS, i % PRESENCE_CHUNK_BITS);
+            if let Some(byte) = p.chunks.get_mut(&c).and_then(|bits| bits.get_mut((b / 8) as usize)) {
+                if *byte & (1 << (b % 8)) != 0 {
+                    *byte &= !(1 << (b % 8));
+                    p.count -= 1;
+                }
+            }
+        }
+    }
+
     /// Blocks present of one content.
     pub fn count(&self, key: &FileKey) -> u64 {
         self.files.lock().get(key).map_or(0, |p| p.count)
@@ -115,6 +130,10 @@ mod tests {
         assert_eq!(p.ranges(&k, 6000), vec![0..3, 5..6, 5000..5001]);
         assert_eq!(p.mask(&k, 0..6), vec![true, true, true, false, false, true]);
         assert_eq!(p.mask(&[8u8; 40], 0..2), vec![false, false]);
+        p.unmark(&k, 1, 3);
+        p.unmark(&[8u8; 40], 0, 9);
+        assert_eq!(p.count(&k), 3);
+        assert_eq!(p.ranges(&k, 6000), vec![0..1, 5..6, 5000..5001]);
     }
 
     /// The cascade of issue 11 item 8: a panic while the map was locked (a short bitmap did

@@ -668,7 +668,14 @@ impl Reader {
                 found.push(i); // not served this time: not read (nor taken from `staged`)
                 continue;
             }
-            let block = if present { self.stored_block(&leaf)? } else { self.verified.get(&leaf).map(Block::Shared) };
+            let block = match present {
+                true => self.stored_block(&leaf)?,
+                // Not stored: served from memory once (a full cache), or verified lately.
+                false => match self.staged.lock().take(&leaf) {
+                    Some(b) => Some(Block::Owned(b)),
+                    None => self.verified.get(&leaf).map(Block::Shared),
+                },
+            };
             match block {
                 Some(block) if missing.is_empty() => {
                     out.extend_from_slice(&block[from as usize..to as usize]);
@@ -713,8 +720,11 @@ impl Reader {
         bytes: &[u8],
         blocks: &[(Hash, Codec, Range<usize>)],
         present: Vec<u64>,
+        evict: bool,
     ) -> Result<(), incfs_store::StoreError> {
-        self.store_marking(key, present, blocks.is_empty(), |new| self.store.put_run(bytes, blocks, Some((key, new))))
+        self.store_marking(key, present, blocks.is_empty(), |new| {
+            self.store.put_run(bytes, blocks, Some((key, new)), evict)
+        })
     }
 
     /// Call `put` with the blocks of `present` not marked yet (sorted), then mark them: persisted
@@ -986,7 +996,7 @@ impl Reader {
                         .filter(|(_, _, r)| r.object == object && r.offset >= span.start && r.range().end <= span.end)
                         .collect();
                     if !inside.is_empty() {
-                        me.accept_off_thread(&f, inside, bytes, span.start, mirror, true).await;
+                        me.accept_off_thread(&f, inside, bytes, span.start, mirror, Purpose::Read).await;
                     }
                 }
                 Ok(Arc::new(Vec::new()))
@@ -1167,7 +1177,8 @@ impl Reader {
                 outcome
             }
             Ok((bytes, mirror)) => {
-                self.accept_off_thread(&f, items.clone(), bytes, first.offset, mirror, keep_decoded).await
+                let purpose = if keep_decoded { Purpose::Read } else { Purpose::Prefetch };
+                self.accept_off_thread(&f, items.clone(), bytes, first.offset, mirror, purpose).await
             }
         };
         let mut inflight = self.inflight.lock();
@@ -1186,17 +1197,17 @@ impl Reader {
         bytes: bytes::Bytes,
         base: u64,
         mirror: usize,
-        keep_decoded: bool,
+        purpose: Purpose,
     ) -> RunOutcome {
         let (me, f) = (self.clone(), f.clone());
-        tokio::task::spawn_blocking(move || me.accept(&f, &items, &bytes, base, mirror, keep_decoded))
+        tokio::task::spawn_blocking(move || me.accept(&f, &items, &bytes, base, mirror, purpose))
             .await
             .unwrap_or_default()
     }
 
     /// Verify blocks `items` of `f` out of `bytes` (which start at object offset `base`, as
-    /// served by mirror `mirror`), store the good ones and report the bad. `keep_decoded` also
-    /// keeps them in memory, for a reader about to read them (not for background fetching).
+    /// served by mirror `mirror`), store the good ones and report the bad. For a read, also keep
+    /// them in memory for the reader about to read them (not for background fetching).
     pub(crate) fn accept(
         &self,
         f: &FileRef,
@@ -1204,8 +1215,9 @@ impl Reader {
         bytes: &[u8],
         base: u64,
         mirror: usize,
-        keep_decoded: bool,
+        purpose: Purpose,
     ) -> RunOutcome {
+        let keep_decoded = purpose == Purpose::Read;
         let mut outcome = RunOutcome::default();
         let mut good = Vec::new();
         let mut decoded = Vec::new();
@@ -1252,7 +1264,9 @@ impl Reader {
         }
         let present: Vec<u64> = good.iter().map(|(i, _)| *i).collect();
         let blocks: Vec<(Hash, Codec, Range<usize>)> = good.into_iter().map(|(_, b)| b).collect();
-        match self.store_run(&f.key, bytes, &blocks, present) {
+        // Background completion never evicts (it stops at the limit); reads and prefetching do.
+        let evict = purpose != Purpose::Complete;
+        match self.store_run(&f.key, bytes, &blocks, present, evict) {
             Ok(()) => {
                 Stats::add(&self.stats.blocks_fetched, blocks.len() as u64);
                 // Only once written: a block served is a block kept, even if killed now.
@@ -1262,6 +1276,17 @@ impl Reader {
                     for (leaf, k) in decoded {
                         staged.put(leaf, RunBlock(run.clone(), k));
                     }
+                }
+            }
+            Err(e @ incfs_store::StoreError::Full { .. }) if keep_decoded => {
+                // Nothing left to evict (all pinned, or in use): the read is still served, from
+                // memory, and the blocks are not kept.
+                tracing::warn!("{}: blocks served without being stored: {e}", f.label);
+                Stats::add(&self.stats.blocks_fetched, blocks.len() as u64);
+                let run = Arc::new(run);
+                let mut staged = self.staged.lock();
+                for (leaf, k) in decoded {
+                    staged.put(leaf, RunBlock(run.clone(), k));
                 }
             }
             Err(e) => {
@@ -1306,6 +1331,17 @@ pub(crate) async fn get_counted(
 
 /// Split blocks (in file order) into runs one ranged GET can serve: stored back to back in one
 /// object, at most [`MAX_RUN_BYTES`] long.
+/// Why a run of blocks was fetched: what is done with it besides storing it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Purpose {
+    /// A reader waits for it: decoded blocks are kept for it; the store may evict for them.
+    Read,
+    /// Asked for (`incfs prefetch`, a profile): stored, evicting if needed.
+    Prefetch,
+    /// Background completion: stored only where there is room; never evicts.
+    Complete,
+}
+
 pub(crate) fn group_runs(items: &[(u64, Hash, BlockRecord)]) -> Vec<Range<usize>> {
     let mut runs: Vec<Range<usize>> = Vec::new();
     for (k, (_, _, r)) in items.iter().enumerate() {

@@ -14,6 +14,7 @@
 //! Layout and crash safety: `docs/cache.md`.
 
 pub mod journal;
+pub mod limit;
 pub mod segments;
 
 use std::path::{Path, PathBuf};
@@ -23,7 +24,9 @@ use parking_lot::Mutex;
 use rusqlite::{params, Connection, OptionalExtension};
 
 pub use journal::{FileKey, PRESENCE_CHUNK_BITS};
+pub use limit::Usage;
 use segments::Segments;
+pub use segments::{EvictHook, LimitState};
 
 /// The cache layout this build writes: `PRAGMA user_version` of `store.db`. Version 1 (blocks,
 /// metadata and presence in SQLite tables) is migrated at open.
@@ -39,6 +42,12 @@ pub enum StoreError {
     Io { path: PathBuf, source: std::io::Error },
     #[error("cache {} holds a bad value: {what}", path.display())]
     Corrupt { path: PathBuf, what: String },
+    #[error(
+        "the cache {} is full: {need} more bytes do not fit under its limit of {limit} bytes and nothing more can be \
+         evicted; raise the limit with incfs cache limit, or unpin files",
+        path.display()
+    )]
+    Full { path: PathBuf, limit: u64, need: u64 },
     #[error("cache {} was written by a newer incfs (layout {found}, this one knows {LAYOUT_VERSION}); upgrade incfs, or use another --cache", path.display())]
     Newer { path: PathBuf, found: i64 },
 }
@@ -189,8 +198,46 @@ impl Store {
         bytes: &[u8],
         blocks: &[(Hash, Codec, std::ops::Range<usize>)],
         present: Option<(&FileKey, &[u64])>,
+        evict: bool,
     ) -> Result<(), StoreError> {
-        self.data.put_run(bytes, blocks, present)
+        self.data.put_run(bytes, blocks, present, evict)
+    }
+
+    /// The cache limit in force and what it caused in this process.
+    pub fn limit_state(&self) -> LimitState {
+        self.data.limit_state()
+    }
+
+    /// Read the recorded limit again (after `limit::set`/`limit::lower`).
+    pub fn reload_limit(&self) -> Result<(), StoreError> {
+        self.data.reload_limit()
+    }
+
+    /// Whether `need` more bytes fit under the limit without evicting (background work).
+    pub fn has_room(&self, need: u64) -> Result<bool, StoreError> {
+        self.data.has_room(need)
+    }
+
+    /// Make room for `need` bytes written outside the segments (a plain copy), evicting least
+    /// recently used files if needed; the room stays reserved until the guard is dropped.
+    pub fn reserve(&self, need: u64) -> Result<segments::Reserved<'_>, StoreError> {
+        self.data.reserve(need)
+    }
+
+    /// Call `hook` with presence an eviction cleared.
+    pub fn on_evict(&self, hook: EvictHook) {
+        self.data.on_evict(hook)
+    }
+
+    /// What the cache directory holds, by kind.
+    pub fn usage(&self) -> Result<Usage, StoreError> {
+        let dir = self.path.parent().unwrap_or(Path::new("."));
+        limit::scan(dir).map_err(|source| StoreError::Io { path: dir.to_path_buf(), source })
+    }
+
+    /// Bytes of metadata pieces indexed.
+    pub fn meta_bytes(&self) -> u64 {
+        self.data.meta_bytes()
     }
 
     /// Drop a block found damaged (it will be fetched again when needed).
@@ -528,6 +575,100 @@ mod tests {
         assert_eq!(s.accepted("img").unwrap().unwrap().version, 2, "a rollback asked for sticks");
         drop(s);
         assert_eq!(Store::open(dir.path()).unwrap().get_meta(&h, 10, 0).unwrap(), None);
+    }
+
+    fn block(i: u32) -> (Hash, Vec<u8>) {
+        let mut h = [0u8; 32];
+        h[..4].copy_from_slice(&i.to_le_bytes());
+        h[16..20].copy_from_slice(&i.to_le_bytes());
+        (h, vec![i as u8; 4096])
+    }
+
+    fn put(s: &Store, key: &FileKey, i: u32) -> Result<(), StoreError> {
+        let (h, d) = block(i);
+        s.put_blocks(&[NewBlock { hash: h, codec: Codec::Raw, data: &d }], Some((key, &[i as u64])))
+    }
+
+    #[test]
+    fn a_limited_cache_evicts_least_recently_used_segments_and_stays_within_its_limit() {
+        let dir = tempfile::tempdir().unwrap();
+        let limit = 4 << 20; // 1 MiB segments
+        limit::set(dir.path(), Some(limit)).unwrap();
+        let s = Store::open(dir.path()).unwrap();
+        let cleared = std::sync::Arc::new(Mutex::new(Vec::new()));
+        let c = cleared.clone();
+        s.on_evict(std::sync::Arc::new(move |_: &FileKey, first: u64, count: u32| c.lock().push((first, count))));
+        let key = file_key(&[3; 32], 1 << 30);
+        let write = |range: std::ops::Range<u32>| {
+            for i in range {
+                put(&s, &key, i).unwrap();
+                let du = limit::scan(dir.path()).unwrap().total();
+                assert!(du <= limit + 64 * 1024, "{du} bytes in the cache after block {i}");
+            }
+        };
+        write(0..768); // three segments of 256 blocks
+                       // Recency has a resolution of a second: the first segment, read after that, is newer
+                       // than the second and third.
+        std::thread::sleep(std::time::Duration::from_millis(1100));
+        assert!(s.get_block(&block(0).0).unwrap().is_some());
+        write(768..1300);
+        let st = s.limit_state();
+        assert!(st.evictions >= 1 && st.evicted_bytes >= 1 << 20, "{st:?}");
+        assert!(s.get_block(&block(0).0).unwrap().is_some(), "recently used data stays");
+        assert!(s.get_block(&block(300).0).unwrap().is_none(), "old unused data went");
+        assert!(s.get_block(&block(1299).0).unwrap().is_some());
+        assert!(!cleared.lock().is_empty());
+        let bits = s.presence(&key);
+        let present =
+            |i: u64| bits.iter().any(|(c, b)| *c == i / 4096 && b[(i % 4096 / 8) as usize] & (1 << (i % 8)) != 0);
+        assert!(!present(300) && present(1299) && present(0), "presence follows the blocks");
+        // Fetched again: stored again, counted.
+        put(&s, &key, 300).unwrap();
+        assert!(s.get_block(&block(300).0).unwrap().is_some());
+        assert_eq!(s.limit_state().refetched, 1);
+        drop(s);
+        // After a restart: what was evicted stays gone, presence included.
+        let s = Store::open(dir.path()).unwrap();
+        assert!(s.get_block(&block(601).0).unwrap().is_none());
+        let bits = s.presence(&key);
+        assert!(bits.iter().all(|(c, b)| *c != 0 || b[601 / 8] & (1 << (601 % 8)) == 0));
+    }
+
+    #[test]
+    fn a_segment_evicted_by_another_process_reads_as_absent_and_is_stored_again() {
+        let dir = tempfile::tempdir().unwrap();
+        limit::set(dir.path(), Some(2 << 20)).unwrap();
+        let a = Store::open(dir.path()).unwrap();
+        let key = file_key(&[3; 32], 1 << 30);
+        for i in 0..300 {
+            put(&a, &key, i).unwrap(); // more than one segment: the first is sealed
+        }
+        assert!(a.get_block(&block(0).0).unwrap().is_some());
+        let b = Store::open(dir.path()).unwrap();
+        for i in 1000..1400 {
+            put(&b, &key, i).unwrap();
+        }
+        assert!(a.get_block(&block(0).0).unwrap().is_none(), "evicted by the other store");
+        assert!(!a.has_block(&block(0).0), "and forgotten, so that it is stored again");
+        put(&a, &key, 0).unwrap();
+        assert!(a.get_block(&block(0).0).unwrap().is_some());
+        // A segment being written by the other store is never evicted.
+        assert!(b.get_block(&block(1399).0).unwrap().is_some());
+    }
+
+    #[test]
+    fn a_full_cache_refuses_writes_it_may_not_evict_for() {
+        let dir = tempfile::tempdir().unwrap();
+        limit::set(dir.path(), Some(1 << 20)).unwrap();
+        let s = Store::open(dir.path()).unwrap();
+        let (h, d) = block(1);
+        let big = vec![0u8; 2 << 20];
+        let e = s.put_run(&big, &[(h, Codec::Raw, 0..big.len())], None, true).unwrap_err();
+        assert!(matches!(e, StoreError::Full { .. }) && e.to_string().contains("incfs cache limit"), "{e}");
+        let e = s.put_run(&d, &[(h, Codec::Raw, 0..4096)], None, false);
+        assert!(e.is_ok(), "room without evicting");
+        assert!(s.has_room(4096).unwrap());
+        assert!(!s.has_room(2 << 20).unwrap());
     }
 
     #[test]

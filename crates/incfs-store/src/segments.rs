@@ -20,8 +20,15 @@
 //! ([`Segments::drop_block`]) and fetched again. Nothing here is trusted more than the network.
 //!
 //! Sharing: several processes may use one cache. Each appends only to segments it created
-//! (`O_EXCL`), and reads every segment; what another live process stores after this one opened
-//! is not seen until the next open (it costs a refetch, never a wrong byte).
+//! (`O_EXCL`, and held with an exclusive `flock` while it appends, so that no one evicts it), and
+//! reads every segment; what another live process stores after this one opened is not seen until
+//! the next open (it costs a refetch, never a wrong byte).
+//!
+//! Limit: with a cache size limit ([`crate::limit`]), a write that would pass it first evicts
+//! whole files, least recently used first: a sealed segment with its journal (the blocks and
+//! metadata pieces it held leave the index, the presence its journal recorded is cleared), or a
+//! plain copy. A segment another process evicted reads as absent here: its index entries are
+//! dropped when found so, and the blocks are fetched again.
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -31,16 +38,19 @@ use std::fs::File;
 use std::io::{Read, Write};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::{Instant, SystemTime};
 
 use incfs_format::{Codec, Hash};
 
 use crate::journal::{self, FileKey, Record, PRESENCE_CHUNK_BITS, PRESENCE_CHUNK_BYTES};
+use crate::limit::{self, Victim};
 use crate::StoreError;
 
-/// A process starts a new segment once its current one holds this much. Small enough that
-/// dropping or compacting whole segments (cache limits) is cheap, large enough to keep the
-/// number of open files small.
+/// A process starts a new segment once its current one holds this much (with no cache limit;
+/// under a limit, a sixteenth of it: [`limit::segment_size`]). Large enough to keep the number of
+/// open files small.
 pub const SEGMENT_MAX: u64 = 256 << 20;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -174,6 +184,159 @@ impl Index {
     }
 }
 
+impl Index {
+    /// Clear the presence of blocks `first..first+count` of `file` (their segment was evicted).
+    fn clear_presence(&mut self, file: &FileKey, first: u64, count: u32) {
+        let Some(chunks) = self.presence.get_mut(file) else { return };
+        for i in first..first.saturating_add(count as u64) {
+            let (c, b) = (i / PRESENCE_CHUNK_BITS, i % PRESENCE_CHUNK_BITS);
+            if let Some(bits) = chunks.get_mut(&c) {
+                bits[(b / 8) as usize] &= !(1 << (b % 8));
+            }
+        }
+        chunks.retain(|_, bits| bits.iter().any(|b| *b != 0));
+    }
+
+    /// Forget the block recorded at `segment`/`offset`, if the index still points there.
+    fn forget_block(&mut self, hash: &Hash, segment: u32, offset: u64) -> bool {
+        let key = block_key(hash);
+        match self.blocks.get(&key) {
+            Some(b) if b.is_at(segment, offset) => {
+                self.block_bytes -= b.len as u64;
+                self.blocks.remove(&key);
+                true
+            }
+            _ => false,
+        }
+    }
+}
+
+/// Called with (file, first block, count) for presence cleared by an eviction.
+pub type EvictHook = Arc<dyn Fn(&FileKey, u64, u32) + Send + Sync>;
+
+/// A segment open for reading, and when this process last marked it used.
+struct SegFile {
+    file: File,
+    touched: AtomicU64,
+}
+
+impl SegFile {
+    /// Mark the segment used now (its modification time: recency across processes), at most
+    /// once a second.
+    fn touch(&self) {
+        let now = SystemTime::now();
+        let secs = now.duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        if self.touched.load(Ordering::Relaxed) < secs && self.touched.swap(secs, Ordering::Relaxed) < secs {
+            let _ = self.file.set_modified(now);
+        }
+    }
+}
+
+/// The cache limit as this process sees it: the recorded limit, bytes in the directory at the
+/// last scan plus what this process wrote since, and what evictions did.
+struct Budget {
+    cache: PathBuf,
+    /// `u64::MAX`: no limit.
+    limit: AtomicU64,
+    used: AtomicU64,
+    /// Bytes written since the last scan (others' writes show only in a scan).
+    unscanned: AtomicU64,
+    scanned: Mutex<Option<Instant>>,
+    /// Held from the check of room to the write that uses it, so that no scan or other check
+    /// comes in between (appends, reservations and scans all take it).
+    gate: Mutex<()>,
+    /// Room promised to writes outside the segments that are not on disk yet (plain copies).
+    reserved: AtomicU64,
+    evictions: AtomicU64,
+    evicted_bytes: AtomicU64,
+    refetched: AtomicU64,
+    /// Leaf hashes of evicted blocks, as bits of a fixed table (1 MiB, allocated at the first
+    /// eviction): a block stored again whose bit is set counts as a refetch. Cleared when half
+    /// full, so the count is approximate (a false hit per bit set when cleared, at most).
+    evicted: Mutex<Option<(Box<[u64]>, u64)>>,
+}
+
+const EVICTED_BITS: u64 = 1 << 23;
+
+fn evicted_bit(hash: &Hash) -> u64 {
+    u64::from_le_bytes(hash[16..24].try_into().expect("8 bytes")) % EVICTED_BITS
+}
+
+impl Budget {
+    fn limit(&self) -> Option<u64> {
+        Some(self.limit.load(Ordering::Relaxed)).filter(|&l| l != u64::MAX)
+    }
+
+    /// Read the recorded limit and measure the directory again.
+    fn rescan(&self) -> Result<(), StoreError> {
+        let io = |source| StoreError::Io { path: self.cache.clone(), source };
+        let limit = limit::recorded(&self.cache).map_err(io)?;
+        self.limit.store(limit.unwrap_or(u64::MAX), Ordering::Relaxed);
+        if limit.is_some() {
+            let on_disk = limit::scan(&self.cache).map_err(io)?.total();
+            self.used.store(on_disk + self.reserved.load(Ordering::Relaxed), Ordering::Relaxed);
+        }
+        self.unscanned.store(0, Ordering::Relaxed);
+        *self.scanned.lock() = Some(Instant::now());
+        Ok(())
+    }
+
+    /// Whether the view is old: other processes may have written or evicted meanwhile.
+    fn stale(&self, limit: u64) -> bool {
+        self.unscanned.load(Ordering::Relaxed) > limit / 64
+            || self.scanned.lock().is_none_or(|t| t.elapsed() > std::time::Duration::from_millis(500))
+    }
+
+    fn note_evicted(&self, hash: &Hash) {
+        let mut e = self.evicted.lock();
+        let (bits, set) = e.get_or_insert_with(|| (vec![0u64; (EVICTED_BITS / 64) as usize].into(), 0));
+        if *set > EVICTED_BITS / 2 {
+            bits.fill(0);
+            *set = 0;
+        }
+        let b = evicted_bit(hash);
+        if bits[(b / 64) as usize] & (1 << (b % 64)) == 0 {
+            bits[(b / 64) as usize] |= 1 << (b % 64);
+            *set += 1;
+        }
+    }
+
+    fn note_stored(&self, hash: &Hash) {
+        let mut e = self.evicted.lock();
+        let Some((bits, set)) = e.as_mut() else { return };
+        let b = evicted_bit(hash);
+        if bits[(b / 64) as usize] & (1 << (b % 64)) != 0 {
+            bits[(b / 64) as usize] &= !(1 << (b % 64));
+            *set -= 1;
+            self.refetched.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Room reserved under the cache limit for a write outside the segments.
+pub struct Reserved<'a> {
+    budget: &'a Budget,
+    bytes: u64,
+}
+
+impl Drop for Reserved<'_> {
+    fn drop(&mut self) {
+        self.budget.reserved.fetch_sub(self.bytes, Ordering::Relaxed);
+    }
+}
+
+/// The cache limit and what it caused, as this process saw it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LimitState {
+    pub limit: Option<u64>,
+    /// Bytes in the cache directory (at the last scan, plus this process's writes since).
+    pub used: u64,
+    pub evictions: u64,
+    pub evicted_bytes: u64,
+    /// Blocks fetched again after their eviction (approximate).
+    pub refetched: u64,
+}
+
 /// The segment this process appends to.
 struct Writer {
     id: u32,
@@ -188,7 +351,9 @@ pub struct Segments {
     writer: Mutex<Option<Writer>>,
     /// Highest segment id seen; new segments take the next free one.
     last_id: Mutex<u32>,
-    files: RwLock<HashMap<u32, Arc<File>>>,
+    files: RwLock<HashMap<u32, Arc<SegFile>>>,
+    budget: Budget,
+    on_evict: RwLock<Option<EvictHook>>,
 }
 
 /// Replay every journal in `dir` in segment order, calling `each(segment, record, segment
@@ -226,7 +391,13 @@ fn replay_dir(dir: &Path, mut each: impl FnMut(u32, Record, u64)) -> Result<Vec<
                 what: "not an incfs journal of this layout; move the cache directory away and mount again".into(),
             });
         }
-        let seg_len = std::fs::metadata(dir.join(seg_name(id))).map(|m| m.len()).unwrap_or(0);
+        let seg_len = match std::fs::metadata(dir.join(seg_name(id))) {
+            Ok(m) => m.len(),
+            // Evicted (the journal goes first; killed before the segment followed): nothing
+            // it names is here, its presence included.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(source) => return Err(StoreError::Io { path: dir.join(seg_name(id)), source }),
+        };
         let (records, stopped) = journal::replay(&bytes[journal::MAGIC.len()..]);
         if let Some(e) = stopped {
             tracing::info!("journal {}: replay stopped after {} records ({e})", jpath.display(), records.len());
@@ -256,13 +427,183 @@ impl Segments {
         crate::private_dir(dir).map_err(io)?;
         let mut index = Index::default();
         let ids = replay_dir(dir, |id, r, seg_len| index.apply(id, r, seg_len))?;
+        let budget = Budget {
+            cache: dir.parent().unwrap_or(dir).to_path_buf(),
+            limit: AtomicU64::new(u64::MAX),
+            used: AtomicU64::new(0),
+            unscanned: AtomicU64::new(0),
+            scanned: Mutex::new(None),
+            gate: Mutex::new(()),
+            reserved: AtomicU64::new(0),
+            evictions: AtomicU64::new(0),
+            evicted_bytes: AtomicU64::new(0),
+            refetched: AtomicU64::new(0),
+            evicted: Mutex::new(None),
+        };
+        budget.rescan()?;
         Ok(Segments {
             dir: dir.to_path_buf(),
             index: RwLock::new(index),
             writer: Mutex::new(None),
             last_id: Mutex::new(ids.last().copied().unwrap_or(0)),
             files: RwLock::new(HashMap::new()),
+            budget,
+            on_evict: RwLock::new(None),
         })
+    }
+
+    /// Call `hook` with the presence every eviction clears (the mount's own presence map).
+    pub fn on_evict(&self, hook: EvictHook) {
+        *self.on_evict.write() = Some(hook);
+    }
+
+    pub fn limit_state(&self) -> LimitState {
+        let b = &self.budget;
+        LimitState {
+            limit: b.limit(),
+            used: b.used.load(Ordering::Relaxed),
+            evictions: b.evictions.load(Ordering::Relaxed),
+            evicted_bytes: b.evicted_bytes.load(Ordering::Relaxed),
+            refetched: b.refetched.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Read the recorded limit again now (after it was changed).
+    pub fn reload_limit(&self) -> Result<(), StoreError> {
+        let _gate = self.budget.gate.lock();
+        self.budget.rescan()
+    }
+
+    /// Whether `need` more bytes fit under the limit without evicting anything.
+    pub fn has_room(&self, need: u64) -> Result<bool, StoreError> {
+        let b = &self.budget;
+        let Some(limit) = b.limit() else { return Ok(true) };
+        let _gate = b.gate.lock();
+        if b.stale(limit) {
+            b.rescan()?;
+        }
+        Ok(b.limit().is_none_or(|l| b.used.load(Ordering::Relaxed) + need <= l))
+    }
+
+    /// Room for `need` bytes written outside the segments (a plain copy), evicting least
+    /// recently used files if needed; counted as used until the returned guard is dropped (by
+    /// then the bytes are on disk, where scans find them).
+    pub fn reserve(&self, need: u64) -> Result<Reserved<'_>, StoreError> {
+        let _gate = self.budget.gate.lock();
+        self.make_room(need, None, true)?;
+        self.budget.reserved.fetch_add(need, Ordering::Relaxed);
+        Ok(Reserved { budget: &self.budget, bytes: need })
+    }
+
+    /// Make room for `need` more bytes under the limit, evicting least recently used files (if
+    /// `evict`) other than segment `own`; [`StoreError::Full`] when that cannot be done. The
+    /// caller holds the budget's gate until the bytes are written.
+    fn make_room(&self, need: u64, own: Option<u32>, evict: bool) -> Result<(), StoreError> {
+        let b = &self.budget;
+        let Some(limit) = b.limit() else { return Ok(()) };
+        if b.stale(limit) || b.used.load(Ordering::Relaxed) + need > limit {
+            b.rescan()?;
+        }
+        let Some(limit) = b.limit() else { return Ok(()) };
+        let mut busy = std::collections::HashSet::new();
+        loop {
+            let used = b.used.load(Ordering::Relaxed);
+            if used + need <= limit {
+                b.used.fetch_add(need, Ordering::Relaxed);
+                b.unscanned.fetch_add(need, Ordering::Relaxed);
+                return Ok(());
+            }
+            let full = || StoreError::Full { path: b.cache.clone(), limit, need };
+            if !evict {
+                return Err(full());
+            }
+            let io = |source| StoreError::Io { path: b.cache.clone(), source };
+            let mut cands = limit::candidates(&b.cache, own).map_err(io)?;
+            cands.retain(|c| !matches!(c.victim, Victim::Segment(id) if busy.contains(&id)));
+            let victims = limit::choose(cands, used, need, limit).ok_or_else(full)?;
+            for v in victims {
+                let freed = match &v.victim {
+                    Victim::Segment(id) => self.evict_segment(*id)?,
+                    Victim::Plain(path) => match std::fs::remove_file(path) {
+                        Ok(()) => Some(v.bytes),
+                        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Some(0),
+                        Err(source) => return Err(StoreError::Io { path: path.clone(), source }),
+                    },
+                };
+                match freed {
+                    Some(n) => {
+                        tracing::debug!("evicted {:?} ({n} bytes) to stay within the cache limit", v.victim);
+                        b.used.fetch_sub(n.min(b.used.load(Ordering::Relaxed)), Ordering::Relaxed);
+                        b.evictions.fetch_add(1, Ordering::Relaxed);
+                        b.evicted_bytes.fetch_add(n, Ordering::Relaxed);
+                    }
+                    None => {
+                        if let Victim::Segment(id) = v.victim {
+                            busy.insert(id);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Evict segment `id` with its journal; `None` if another process is still appending to it.
+    fn evict_segment(&self, id: u32) -> Result<Option<u64>, StoreError> {
+        let (spath, jpath) = (self.dir.join(seg_name(id)), self.dir.join(jnl_name(id)));
+        let f = match File::options().write(true).open(&spath) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Some(0)),
+            Err(source) => return Err(StoreError::Io { path: spath, source }),
+        };
+        if f.try_lock().is_err() {
+            return Ok(None);
+        }
+        let journal = match std::fs::read(&jpath) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+            Err(source) => return Err(StoreError::Io { path: jpath, source }),
+        };
+        let seg_len = f.metadata().map_err(self.io(spath.clone()))?.len();
+        // Journal first: a journal whose segment is gone is skipped at replay, presence and
+        // all. Truncated before unlinked, so that processes holding it open free it too.
+        match std::fs::remove_file(&jpath) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(self.io(jpath)(e)),
+            _ => {}
+        }
+        f.set_len(0).map_err(self.io(spath.clone()))?;
+        std::fs::remove_file(&spath).map_err(self.io(spath))?;
+        let records = match journal.get(..journal::MAGIC.len()) {
+            Some(m) if m == journal::MAGIC => journal::replay(&journal[journal::MAGIC.len()..]).0,
+            _ => Vec::new(),
+        };
+        let mut cleared = Vec::new();
+        {
+            let mut index = self.index.write();
+            for r in records {
+                match r {
+                    Record::Block { hash, offset, .. } if index.forget_block(&hash, id, offset) => {
+                        self.budget.note_evicted(&hash);
+                    }
+                    Record::Meta { object, region, chunk, .. }
+                        if index.meta.get(&(object, region, chunk)).is_some_and(|l| l.segment == id) =>
+                    {
+                        index.meta.remove(&(object, region, chunk));
+                    }
+                    Record::Present { file, first, count } => {
+                        index.clear_presence(&file, first, count);
+                        cleared.push((file, first, count));
+                    }
+                    _ => {}
+                }
+            }
+        }
+        self.files.write().remove(&id);
+        if let Some(hook) = self.on_evict.read().clone() {
+            for (file, first, count) in &cleared {
+                hook(file, *first, *count);
+            }
+        }
+        Ok(Some(seg_len + journal.len() as u64))
     }
 
     fn io(&self, path: PathBuf) -> impl FnOnce(std::io::Error) -> StoreError {
@@ -281,6 +622,8 @@ impl Segments {
                 Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue, // another process
                 Err(e) => return Err(self.io(spath)(e)),
             };
+            // Held while this process appends: no one evicts a segment being written.
+            data.lock().map_err(self.io(spath.clone()))?;
             let jpath = self.dir.join(jnl_name(id));
             let mut journal = File::options()
                 .append(true)
@@ -295,12 +638,27 @@ impl Segments {
 
     /// Append `data` to this process's segment and then `records(segment, offset)` to its
     /// journal; apply the records to the index once both are written.
-    fn append(&self, data: &[u8], records: impl FnOnce(u32, u64) -> Vec<Record>) -> Result<(), StoreError> {
+    /// With `data`, first makes room for it under the cache limit (evicting if `evict`).
+    fn append(
+        &self,
+        data: &[u8],
+        evict: bool,
+        records: impl FnOnce(u32, u64) -> Vec<Record>,
+    ) -> Result<(), StoreError> {
         let mut w = self.writer.lock();
-        if w.as_ref().is_none_or(|w| w.tail > 0 && w.tail + data.len() as u64 > SEGMENT_MAX) {
+        let max = limit::segment_size(self.budget.limit(), SEGMENT_MAX);
+        if w.as_ref().is_none_or(|w| w.tail > 0 && w.tail + data.len() as u64 > max) {
+            *w = None; // sealed: its lock goes with it
             *w = Some(self.new_writer()?);
         }
         let w = w.as_mut().unwrap();
+        let _gate = if data.is_empty() {
+            None
+        } else {
+            let gate = self.budget.gate.lock();
+            self.make_room(data.len() as u64, Some(w.id), evict)?;
+            Some(gate)
+        };
         let offset = w.tail;
         if !data.is_empty() {
             w.data.write_all_at(data, offset).map_err(self.io(self.dir.join(seg_name(w.id))))?;
@@ -315,6 +673,9 @@ impl Segments {
         w.journal.write_all(&buf).map_err(self.io(self.dir.join(jnl_name(w.id))))?;
         let mut index = self.index.write();
         for r in records {
+            if let Record::Block { hash, .. } = &r {
+                self.budget.note_stored(hash);
+            }
             index.apply(w.id, r, w.tail);
         }
         Ok(())
@@ -329,6 +690,7 @@ impl Segments {
         bytes: &[u8],
         blocks: &[(Hash, Codec, std::ops::Range<usize>)],
         present: Option<(&FileKey, &[u64])>,
+        evict: bool,
     ) -> Result<(), StoreError> {
         let new: Vec<&(Hash, Codec, std::ops::Range<usize>)> = {
             let index = self.index.read();
@@ -343,7 +705,7 @@ impl Segments {
             (Some(a), Some(b)) => a..b,
             _ => 0..0,
         };
-        self.append(&bytes[span.clone()], |_, base| {
+        self.append(&bytes[span.clone()], evict, |_, base| {
             let mut records = Vec::with_capacity(new.len() + 1);
             for (hash, codec, r) in &new {
                 let offset = base + (r.start - span.start) as u64;
@@ -371,26 +733,41 @@ impl Segments {
             ranges.push((*hash, *codec, data.len()..data.len() + d.len()));
             data.extend_from_slice(d);
         }
-        self.put_run(&data, &ranges, present)
+        self.put_run(&data, &ranges, present, true)
     }
 
-    fn file(&self, segment: u32) -> Result<Arc<File>, StoreError> {
+    /// The segment open for reading; `None` if it is gone (evicted by another process).
+    fn file(&self, segment: u32) -> Result<Option<Arc<SegFile>>, StoreError> {
         if let Some(f) = self.files.read().get(&segment) {
-            return Ok(f.clone());
+            return Ok(Some(f.clone()));
         }
         let path = self.dir.join(seg_name(segment));
-        let f = Arc::new(File::open(&path).map_err(self.io(path))?);
+        let file = match File::open(&path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(self.io(path)(e)),
+        };
+        let f = Arc::new(SegFile { file, touched: AtomicU64::new(0) });
         self.files.write().insert(segment, f.clone());
-        Ok(f)
+        Ok(Some(f))
     }
 
+    /// `None`: not there (evicted by another process, or shorter than the journal said after a
+    /// power loss): the caller refetches.
     fn read(&self, at: Loc) -> Result<Option<Vec<u8>>, StoreError> {
         let mut buf = vec![0u8; at.len as usize];
-        let f = self.file(at.segment)?;
-        match f.read_exact_at(&mut buf, at.offset) {
-            Ok(()) => Ok(Some(buf)),
-            // Shorter than the journal said (a power loss): as absent; the caller refetches.
-            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Ok(None),
+        let Some(f) = self.file(at.segment)? else { return Ok(None) };
+        match f.file.read_exact_at(&mut buf, at.offset) {
+            Ok(()) => {
+                f.touch();
+                Ok(Some(buf))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                if f.file.metadata().is_ok_and(|m| m.len() == 0) {
+                    self.files.write().remove(&at.segment); // evicted: let its inode go
+                }
+                Ok(None)
+            }
             Err(e) => Err(self.io(self.dir.join(seg_name(at.segment)))(e)),
         }
     }
@@ -399,7 +776,14 @@ impl Segments {
     pub fn get_block(&self, hash: &Hash) -> Result<Option<StoredBlock>, StoreError> {
         let loc = self.index.read().blocks.get(&block_key(hash)).copied();
         let Some(loc) = loc else { return Ok(None) };
-        Ok(self.read(loc.at())?.map(|d| (loc.codec, d)))
+        match self.read(loc.at())? {
+            Some(d) => Ok(Some((loc.codec, d))),
+            None => {
+                // Not indexed any more, so that the block is stored again once fetched.
+                self.index.write().forget_block(hash, loc.segment, loc.offset as u64);
+                Ok(None)
+            }
+        }
     }
 
     pub fn has_block(&self, hash: &Hash) -> bool {
@@ -416,7 +800,7 @@ impl Segments {
     pub fn drop_block(&self, hash: &Hash) -> Result<(), StoreError> {
         let loc = self.index.read().blocks.get(&block_key(hash)).copied();
         let Some(loc) = loc else { return Ok(()) };
-        self.append(&[], |_, _| {
+        self.append(&[], false, |_, _| {
             vec![Record::DropBlock { hash: *hash, segment: loc.segment, offset: loc.offset as u64 }]
         })
     }
@@ -445,6 +829,11 @@ impl Segments {
         (index.blocks.len() as u64, index.block_bytes)
     }
 
+    /// Bytes of metadata pieces indexed.
+    pub fn meta_bytes(&self) -> u64 {
+        self.index.read().meta.values().map(|l| l.len as u64).sum()
+    }
+
     pub fn presence(&self, file: &FileKey) -> Vec<(u64, Vec<u8>)> {
         let index = self.index.read();
         index.presence.get(file).map_or_else(Vec::new, |c| c.iter().map(|(k, v)| (*k, v.to_vec())).collect())
@@ -459,15 +848,21 @@ impl Segments {
             b[..n].copy_from_slice(&bits[..n]);
             records.push(Record::PresenceChunk { file: *file, chunk: *chunk, bits: b });
         }
-        self.append(&[], |_, _| records)
+        self.append(&[], false, |_, _| records)
     }
 
     pub fn get_meta(&self, object: &Hash, region: u64, chunk: u64) -> Result<Option<Vec<u8>>, StoreError> {
-        let loc = self.index.read().meta.get(&(*object, region, chunk)).copied();
-        match loc {
-            Some(at) => self.read(at),
-            None => Ok(None),
+        let key = (*object, region, chunk);
+        let loc = self.index.read().meta.get(&key).copied();
+        let Some(at) = loc else { return Ok(None) };
+        let found = self.read(at)?;
+        if found.is_none() {
+            let mut index = self.index.write();
+            if index.meta.get(&key) == Some(&at) {
+                index.meta.remove(&key);
+            }
         }
+        Ok(found)
     }
 
     pub fn put_meta(&self, object: &Hash, region: u64, chunk: u64, data: &[u8]) -> Result<(), StoreError> {
@@ -475,13 +870,13 @@ impl Segments {
             path: self.dir.clone(),
             what: format!("metadata piece of {} bytes", data.len()),
         })?;
-        self.append(data, |_, offset| vec![Record::Meta { object: *object, region, chunk, len, offset }])
+        self.append(data, true, |_, offset| vec![Record::Meta { object: *object, region, chunk, len, offset }])
     }
 
     pub fn drop_meta(&self, object: &Hash, region: u64, chunk: u64) -> Result<(), StoreError> {
         if !self.index.read().meta.contains_key(&(*object, region, chunk)) {
             return Ok(());
         }
-        self.append(&[], |_, _| vec![Record::DropMeta { object: *object, region, chunk }])
+        self.append(&[], false, |_, _| vec![Record::DropMeta { object: *object, region, chunk }])
     }
 }
