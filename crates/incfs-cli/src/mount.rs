@@ -436,5 +436,12 @@ pub fn fsck(cache: &Path, dry_run: bool) -> Result<i32> {
         r.presence_cleared,
         if dry_run { "found" } else { "cleared" }
     );
-    Ok(if r.blocks_damaged + r.trees_damaged + r.presence_cleared > 0 { 1 } else { 0 })
+    println!(
+        "plain:    {} copies checked, {} did not match their file ({})",
+        r.plain_checked,
+        r.plain_damaged,
+        if dry_run { "found" } else { "deleted" }
+    );
+    let bad = r.blocks_damaged + r.trees_damaged + r.presence_cleared + r.plain_damaged;
+    Ok(if bad > 0 { 1 } else { 0 })
 }

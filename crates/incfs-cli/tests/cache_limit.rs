@@ -160,3 +160,80 @@ fn two_images_sharing_one_limited_cache_both_keep_working_within_it() {
 fn drop_caches() {
     fs::write("/proc/sys/vm/drop_caches", "3").unwrap();
 }
+
+/// The Python standard library, completed and every file read once: each complete file is kept
+/// once (its plain copy, for passthrough; the compressed blocks released), and with passthrough
+/// off once too (compressed). After a restart, offline, both forms read back byte-exact.
+#[test]
+fn every_byte_is_stored_once() {
+    let p = Published::new(python_stdlib_copy, &[]);
+    let serve = IncfsServer::start(&p.repo);
+    let tree = du(&p.src);
+    let repo = du(&p.repo);
+    let read_all =
+        |m: &Mount| run("sh", &["-c", &format!("find '{}' -type f -exec cat {{}} + >/dev/null", m.dir.display())]);
+
+    let cache = p.dir.path().join("cache-auto");
+    let m = Mount::start(&serve.url, &p.dir.path().join("mnt-auto"), &p.public, &cache, &["--background", "on"]);
+    m.wait_complete(Duration::from_secs(120));
+    read_all(&m);
+    // Copies of files over 8 MiB are written in the background: wait for them, bounded.
+    let bound = tree + tree / 10;
+    let stored_once = wait_for(Duration::from_secs(30), || du(&cache) <= bound);
+    let s = m.status();
+    assert!(stored_once, "cache {} bytes, tree {tree}: more than 1.1x; {}", du(&cache), s["cache_usage"]);
+    eprintln!(
+        "passthrough auto: cache {} bytes, {:.2}x the tree; {}",
+        du(&cache),
+        du(&cache) as f64 / tree as f64,
+        s["cache_usage"]
+    );
+    assert!(s["plain_bytes"].as_u64().unwrap() > tree / 2, "{s}");
+    drop(m);
+
+    let cache_off = p.dir.path().join("cache-off");
+    let m = Mount::start(
+        &serve.url,
+        &p.dir.path().join("mnt-off"),
+        &p.public,
+        &cache_off,
+        &["--background", "on", "--passthrough", "off"],
+    );
+    m.wait_complete(Duration::from_secs(120));
+    read_all(&m);
+    drop(m);
+    let off = du(&cache_off);
+    eprintln!("passthrough off: cache {off} bytes, {:.2}x the repository", off as f64 / repo as f64);
+    assert!(off <= repo + repo / 5, "cache {off} bytes, repository {repo}: more than 1.2x");
+
+    // Offline, served by the daemon itself (passthrough off): blocks come from the plain copies.
+    let url = serve.url.clone();
+    drop(serve);
+    let out = incfs(&["fsck", cache.to_str().unwrap()]);
+    assert!(out.status.success(), "fsck found damage: {}{}", text(&out.stdout), text(&out.stderr));
+    assert!(text(&out.stdout).contains("presence: 0 bits"), "{}", text(&out.stdout));
+    let m =
+        Mount::start(&url, &p.dir.path().join("mnt-auto"), &p.public, &cache, &["--offline", "--passthrough", "off"]);
+    diff_r(&m.dir, &p.src);
+    assert_eq!(m.stat("fetch_requests"), 0, "{}", m.log());
+}
+
+/// A plain copy dropped for the plain-copy limit gives its blocks back to the store first: the
+/// file stays complete and reads without a fetch.
+#[test]
+fn a_file_whose_plain_copy_goes_keeps_its_blocks() {
+    let p = Published::new(|src| random_files(src, 3, 700 << 10, 400), &[]);
+    let serve = IncfsServer::start(&p.repo);
+    let m = p.mount(&serve.url, "recover", &["--background", "on", "--plain-limit", "1M"]);
+    m.wait_complete(Duration::from_secs(30));
+    let requests = m.stat("fetch_requests");
+    cmp(&m.path("f00.bin"), &p.src.join("f00.bin")); // copied, its blocks released
+    let blocks = m.status()["cache_usage"]["blocks"].as_u64().unwrap();
+    assert!(blocks <= 1400 << 10, "f00's blocks were not released: {}", m.status());
+    cmp(&m.path("f01.bin"), &p.src.join("f01.bin")); // copied; f00's copy goes (limit 1 MiB)
+    assert_eq!(m.stat("plain_files"), 1, "{}", m.status());
+    assert_eq!(m.status()["complete"], true, "{}", m.status());
+    drop_caches();
+    cmp(&m.path("f00.bin"), &p.src.join("f00.bin"));
+    assert_eq!(m.stat("fetch_requests"), requests, "f00 was fetched again:\n{}", m.log());
+}

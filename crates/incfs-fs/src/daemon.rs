@@ -570,6 +570,8 @@ fn build_view(
     let mirrors = Arc::new(Mirrors::new(sources));
     let reader = Arc::new(Reader::new(&manifest.objects, store.clone(), mirrors, stats, opts.settings.parallel));
     reader.set_nearby(opts.settings.nearby);
+    // Blocks of files with a plain copy (this mount's or another's) are read from the copy.
+    reader.set_plain_dir(opts.cache.join("plain"));
     let weak = Arc::downgrade(&reader);
     store.on_evict(Arc::new(move |key: &incfs_store::FileKey, first: u64, count: u32| {
         if let Some(r) = weak.upgrade() {

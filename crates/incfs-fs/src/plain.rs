@@ -149,11 +149,12 @@ impl PlainCopies {
                     return Ok(File::open(&path)?);
                 }
                 if let Ok(file) = File::open(&path) {
-                    if check(&file, f)? {
+                    if let Some(leaves) = check(&file, f)? {
                         if let Some(c) = self.copies.lock().get_mut(&f.key) {
                             c.verified = true;
                             c.last_used = Instant::now();
                         }
+                        release(reader, f, &leaves);
                         return Ok(File::open(&path)?);
                     }
                     tracing::error!("plain copy of {} does not match its digest; writing it again", f.label);
@@ -201,7 +202,7 @@ impl PlainCopies {
         }
         // Under the cache's limit too (which may evict least recently used data for it).
         let _room = reader.store().reserve(size)?;
-        self.reserve(&f.key, size);
+        self.reserve(reader, &f.key, size);
         let result = self.write(reader, f, &path);
         self.reserved.fetch_sub(size, Ordering::Relaxed);
         result
@@ -212,6 +213,7 @@ impl PlainCopies {
         let tmp = self.dir.join(format!(".tmp-{}", hex::encode(f.key)));
         let mut out = fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o400).open(&tmp)?;
         let mut offset = 0u64;
+        let mut leaves = Vec::with_capacity(incfs_verity::block_count(size) as usize);
         let result = (|| -> Result<(), PlainError> {
             while offset < size {
                 let data = match reader.read_local(f, offset, STEP) {
@@ -222,6 +224,7 @@ impl PlainCopies {
                 if data.is_empty() {
                     return Err(PlainError::Read("short read".into()));
                 }
+                leaves.extend(hash_data(&data));
                 write_sparse(&mut out, &data)?;
                 offset += data.len() as u64;
             }
@@ -236,12 +239,14 @@ impl PlainCopies {
         }
         self.copies.lock().insert(f.key, Copy { size, verified: true, last_used: Instant::now() });
         tracing::debug!("plain copy of {} written ({size} bytes)", f.label);
+        release(reader, f, &leaves);
         Ok(File::open(path)?)
     }
 
     /// Forget `key`'s old copy, delete least recently used copies until `size` more fits
-    /// under the limit beside the copies being written, and reserve `size` for this one.
-    fn reserve(&self, key: &FileKey, size: u64) {
+    /// under the limit beside the copies being written (each first giving its blocks back to
+    /// the store, see [`recover`]), and reserve `size` for this one.
+    fn reserve(&self, reader: &Reader, key: &FileKey, size: u64) {
         let mut copies = self.copies.lock();
         copies.remove(key);
         let mut used: u64 = copies.values().map(|c| c.size).sum::<u64>() + self.reserved.load(Ordering::Relaxed);
@@ -249,6 +254,7 @@ impl PlainCopies {
             let Some((&key, _)) = copies.iter().min_by_key(|(_, c)| c.last_used) else { break };
             let c = copies.remove(&key).unwrap();
             used -= c.size;
+            recover(reader.store(), &key, &self.path(&key));
             let _ = fs::remove_file(self.path(&key));
             tracing::debug!("plain copy {} dropped to make room", hex::encode(key));
         }
@@ -269,10 +275,58 @@ fn write_sparse(out: &mut File, data: &[u8]) -> std::io::Result<()> {
     Ok(())
 }
 
-/// Whether `file` holds exactly the content of `f` (size and fs-verity root).
-fn check(file: &File, f: &FileRef) -> Result<bool, PlainError> {
+/// Every byte stored once: the copy now holds `f`'s blocks, so the store lets its compressed
+/// ones go (a read the daemon serves itself takes them from the copy, checked against the leaf).
+fn release(reader: &Reader, f: &FileRef, leaves: &[incfs_format::Hash]) {
+    if let Err(e) = reader.store().release_blocks(&f.key, f.data.size, leaves) {
+        tracing::warn!("{}: compressed blocks kept beside the plain copy: {e}", f.label);
+    }
+}
+
+/// Before a copy is deleted (the plain-copy limit): give its blocks back to the store,
+/// compressed (LZ4), so that the file stays complete without a fetch, if they fit under the
+/// cache limit without evicting anything; otherwise its presence is cleared (fetched again
+/// when read).
+fn recover(store: &incfs_store::Store, key: &FileKey, path: &Path) {
+    let zero = incfs_verity::hash_data_block(&[]);
+    // Blocks indexed in the copy are not stored as far as the store is concerned.
+    store.forget_plain(key);
+    let result = (|| -> Result<(), PlainError> {
+        let file = File::open(path)?;
+        let size = file.metadata()?.len();
+        let mut buf = vec![0u8; STEP as usize];
+        let mut offset = 0u64;
+        while offset < size {
+            let n = (size - offset).min(STEP as u64) as usize;
+            std::os::unix::fs::FileExt::read_exact_at(&file, &mut buf[..n], offset)?;
+            let mut encoded = Vec::new();
+            for chunk in buf[..n].chunks(BLOCK_SIZE) {
+                let leaf = incfs_verity::hash_data_block(chunk);
+                if leaf != zero && !store.has_block(&leaf) {
+                    encoded.push((leaf, incfs_format::codec::encode_block(chunk, incfs_format::Compression::Lz4)));
+                }
+            }
+            let blocks: Vec<incfs_store::NewBlock<'_>> = encoded
+                .iter()
+                .map(|(h, e)| incfs_store::NewBlock { hash: *h, codec: e.codec, data: &e.bytes })
+                .collect();
+            store.keep_blocks(&blocks)?;
+            offset += n as u64;
+        }
+        Ok(())
+    })();
+    if let Err(e) = result {
+        tracing::info!("plain copy {} dropped without its blocks ({e}); fetched again when read", hex::encode(key));
+        if let Err(e) = store.forget_presence(&[*key]) {
+            tracing::warn!("cannot clear the presence of {}: {e}", hex::encode(key));
+        }
+    }
+}
+
+/// The leaf hashes of `file` if it holds exactly the content of `f` (size and fs-verity root).
+fn check(file: &File, f: &FileRef) -> Result<Option<Vec<incfs_format::Hash>>, PlainError> {
     if file.metadata()?.len() != f.data.size {
-        return Ok(false);
+        return Ok(None);
     }
     let mut leaves = Vec::with_capacity(incfs_verity::block_count(f.data.size) as usize);
     let mut buf = vec![0u8; 4 << 20];
@@ -293,5 +347,6 @@ fn check(file: &File, f: &FileRef) -> Result<bool, PlainError> {
             break;
         }
     }
-    Ok(MerkleTree::from_leaves(f.data.size, leaves).root() == &f.data.root_hash)
+    let good = MerkleTree::from_leaves(f.data.size, leaves.clone()).root() == &f.data.root_hash;
+    Ok(good.then_some(leaves))
 }

@@ -75,10 +75,15 @@ impl Presence {
         changed.into_iter().map(|c| (*key, c, p.chunks[&c].clone())).collect()
     }
 
-    /// Mark blocks `first..first+count` absent (evicted from the cache).
+    /// Mark blocks `first..first+count` absent (evicted from the cache); `count` `u32::MAX`:
+    /// every block of the content.
     pub fn unmark(&self, key: &FileKey, first: u64, count: u32) {
         let mut files = self.files.lock();
         let Some(p) = files.get_mut(key) else { return };
+        if count == u32::MAX && first == 0 {
+            *p = FilePresence::default();
+            return;
+        }
         for i in first..first.saturating_add(count as u64) {
             let (c, b) = (i / PRESENCE_CHUNK_BITS, i % PRESENCE_CHUNK_BITS);
             if let Some(byte) = p.chunks.get_mut(&c).and_then(|bits| bits.get_mut((b / 8) as usize)) {

@@ -168,6 +168,12 @@ pub struct Reader {
     /// each: bounds their number in flight, and so the bytes they buffer.
     pub(crate) slots: Arc<tokio::sync::Semaphore>,
     parallel: usize,
+    /// Where plain copies of complete files lie (passthrough on): their blocks are released
+    /// from the store once a copy is verified, and read back from the copy (checked against the
+    /// leaf hash each time) when the daemon serves such a file itself.
+    plain_dir: std::sync::OnceLock<std::path::PathBuf>,
+    /// The plain copy read last (a daemon-served read of one takes many blocks of it).
+    plain_open: Mutex<Option<(FileKey, Arc<std::fs::File>)>>,
 }
 
 /// Decoded blocks kept for a reader, at most this many (16 MiB): a readahead window.
@@ -296,7 +302,42 @@ impl Reader {
             pushed: RwLock::new(Vec::new()),
             slots: Arc::new(tokio::sync::Semaphore::new(parallel)),
             parallel,
+            plain_dir: std::sync::OnceLock::new(),
+            plain_open: Mutex::new(None),
         }
+    }
+
+    /// Plain copies lie in `dir`: read released blocks from there.
+    pub fn set_plain_dir(&self, dir: std::path::PathBuf) {
+        let _ = self.plain_dir.set(dir);
+    }
+
+    /// Block `i` of `f` from its plain copy, if there is one and the block matches `leaf`.
+    fn plain_block(&self, f: &FileRef, i: u64, leaf: &Hash) -> Option<Block> {
+        let dir = self.plain_dir.get()?;
+        let file = {
+            let mut open = self.plain_open.lock();
+            match open.as_ref() {
+                Some((k, file)) if *k == f.key => file.clone(),
+                _ => {
+                    let file = Arc::new(std::fs::File::open(dir.join(hex::encode(f.key))).ok()?);
+                    *open = Some((f.key, file.clone()));
+                    file
+                }
+            }
+        };
+        let bs = BLOCK_SIZE as u64;
+        let len = f.data.size.checked_sub(i * bs)?.min(bs) as usize;
+        let mut buf = [0u8; BLOCK_SIZE];
+        std::os::unix::fs::FileExt::read_exact_at(&*file, &mut buf[..len], i * bs).ok()?;
+        if hash_data_block(&buf) != *leaf {
+            tracing::warn!("{}: block {i} of its plain copy does not match; fetching it", f.label);
+            *self.plain_open.lock() = None;
+            return None;
+        }
+        let b: Arc<[u8; BLOCK_SIZE]> = Arc::new(buf);
+        self.verified.insert(*leaf, b.clone());
+        Some(Block::Shared(b))
     }
 
     /// Requests in flight for readahead and background work, at most.
@@ -669,7 +710,10 @@ impl Reader {
                 continue;
             }
             let block = match present {
-                true => self.stored_block(&leaf)?,
+                true => match self.stored_block(&leaf)? {
+                    Some(b) => Some(b),
+                    None => self.plain_block(f, i, &leaf),
+                },
                 // Not stored: served from memory once (a full cache), or verified lately.
                 false => match self.staged.lock().take(&leaf) {
                     Some(b) => Some(Block::Owned(b)),

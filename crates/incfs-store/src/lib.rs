@@ -235,6 +235,35 @@ impl Store {
         limit::scan(dir).map_err(|source| StoreError::Io { path: dir.to_path_buf(), source })
     }
 
+    /// Forget blocks kept elsewhere now (in verified plain copies of every file that has them),
+    /// and compact the segments that leaves mostly unindexed: every byte stored once.
+    /// `leaves` are the leaf hashes of file content `key` of `size` bytes, whose plain copy
+    /// now holds them.
+    pub fn release_blocks(&self, key: &FileKey, size: u64, leaves: &[Hash]) -> Result<(), StoreError> {
+        self.data.release_blocks(key, size, leaves)
+    }
+
+    /// The plain copy of `key` is going: forget the blocks indexed in it.
+    pub fn forget_plain(&self, key: &FileKey) {
+        self.data.forget_plain(key)
+    }
+
+    /// Clear every presence bit of `keys` (their plain copy went, with the blocks it held).
+    pub fn forget_presence(&self, keys: &[FileKey]) -> Result<(), StoreError> {
+        self.data.forget_presence(keys)
+    }
+
+    /// Store blocks only if they fit under the limit without evicting ([`StoreError::Full`]).
+    pub fn keep_blocks(&self, blocks: &[NewBlock<'_>]) -> Result<(), StoreError> {
+        let mut data = Vec::new();
+        let mut ranges = Vec::with_capacity(blocks.len());
+        for b in blocks {
+            ranges.push((b.hash, b.codec, data.len()..data.len() + b.data.len()));
+            data.extend_from_slice(b.data);
+        }
+        self.data.put_run(&data, &ranges, None, false)
+    }
+
     /// Bytes of metadata pieces indexed.
     pub fn meta_bytes(&self) -> u64 {
         self.data.meta_bytes()

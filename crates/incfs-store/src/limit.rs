@@ -164,6 +164,19 @@ pub fn candidates(cache: &Path, skip: Option<u32>) -> std::io::Result<Vec<Candid
     Ok(out)
 }
 
+/// The file key a plain copy is named after (its 40 bytes in hex).
+pub fn plain_key(path: &Path) -> Option<crate::FileKey> {
+    let name = path.file_name()?.to_str()?;
+    if name.len() != 80 {
+        return None;
+    }
+    let mut key = [0u8; 40];
+    for (i, k) in key.iter_mut().enumerate() {
+        *k = u8::from_str_radix(name.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    Some(key)
+}
+
 fn read_dir_or_empty(dir: &Path) -> std::io::Result<Box<dyn Iterator<Item = std::io::Result<std::fs::DirEntry>>>> {
     match std::fs::read_dir(dir) {
         Ok(rd) => Ok(Box::new(rd)),

@@ -131,9 +131,70 @@ struct Index {
     meta: HashMap<MetaKey, Loc>,
     presence: HashMap<FileKey, Chunks>,
     block_bytes: u64,
+    /// Bytes indexed per segment (blocks and metadata pieces): what compaction would keep.
+    live: HashMap<u32, u64>,
 }
 
 impl Index {
+    fn add_live(&mut self, segment: u32, n: u64) {
+        *self.live.entry(segment).or_default() += n;
+    }
+
+    fn sub_live(&mut self, segment: u32, n: u64) {
+        if let Some(l) = self.live.get_mut(&segment) {
+            *l = l.saturating_sub(n);
+        }
+    }
+
+    fn insert_block(&mut self, hash: &Hash, new: BlockLoc) {
+        if let Some(old) = self.blocks.insert(block_key(hash), new) {
+            self.unaccount(&old);
+        }
+        if new.segment < PLAIN_BASE {
+            self.block_bytes += new.len as u64;
+            self.add_live(new.segment, new.len as u64);
+        }
+    }
+
+    /// Bytes of a block leaving the index (blocks in plain copies are not the store's bytes).
+    fn unaccount(&mut self, b: &BlockLoc) {
+        if b.segment < PLAIN_BASE {
+            self.block_bytes -= b.len as u64;
+            self.sub_live(b.segment, b.len as u64);
+        }
+    }
+
+    /// Forget the block recorded at `segment`/`offset`, if the index still points there.
+    fn forget_block(&mut self, hash: &Hash, segment: u32, offset: u64) -> bool {
+        let key = block_key(hash);
+        match self.blocks.get(&key).copied() {
+            Some(b) if b.is_at(segment, offset) => {
+                self.unaccount(&b);
+                self.blocks.remove(&key);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    fn insert_meta(&mut self, key: MetaKey, at: Loc) {
+        if let Some(old) = self.meta.insert(key, at) {
+            self.sub_live(old.segment, old.len as u64);
+        }
+        self.add_live(at.segment, at.len as u64);
+    }
+
+    /// Forget a metadata piece, if it is still at `at` (any place: `None`).
+    fn forget_meta(&mut self, key: &MetaKey, at: Option<Loc>) {
+        match self.meta.get(key).copied() {
+            Some(l) if at.is_none_or(|a| a == l) => {
+                self.meta.remove(key);
+                self.sub_live(l.segment, l.len as u64);
+            }
+            _ => {}
+        }
+    }
+
     fn apply(&mut self, segment: u32, r: Record, segment_len: u64) {
         match r {
             Record::Block { hash, codec, len, offset } => {
@@ -141,11 +202,7 @@ impl Index {
                     return; // its bytes never reached the disk (power loss): fetched again
                 }
                 let Ok(offset) = u32::try_from(offset) else { return }; // not written so: ignored
-                let new = BlockLoc { segment, offset, len, codec };
-                if let Some(old) = self.blocks.insert(block_key(&hash), new) {
-                    self.block_bytes -= old.len as u64;
-                }
-                self.block_bytes += len as u64;
+                self.insert_block(&hash, BlockLoc { segment, offset, len, codec });
             }
             Record::Present { file, first, count } => {
                 let chunks = self.presence.entry(file).or_default();
@@ -165,26 +222,18 @@ impl Index {
             }
             Record::Meta { object, region, chunk, len, offset } => {
                 if offset + len as u64 <= segment_len {
-                    self.meta.insert((object, region, chunk), Loc { segment, offset, len });
+                    self.insert_meta((object, region, chunk), Loc { segment, offset, len });
                 }
             }
             Record::DropBlock { hash, segment, offset } => {
-                let key = block_key(&hash);
-                if let Some(b) = self.blocks.get(&key) {
-                    if b.is_at(segment, offset) {
-                        self.block_bytes -= b.len as u64;
-                        self.blocks.remove(&key);
-                    }
-                }
+                self.forget_block(&hash, segment, offset);
             }
             Record::DropMeta { object, region, chunk } => {
-                self.meta.remove(&(object, region, chunk));
+                self.forget_meta(&(object, region, chunk), None);
             }
         }
     }
-}
 
-impl Index {
     /// Clear the presence of blocks `first..first+count` of `file` (their segment was evicted).
     fn clear_presence(&mut self, file: &FileKey, first: u64, count: u32) {
         let Some(chunks) = self.presence.get_mut(file) else { return };
@@ -196,22 +245,10 @@ impl Index {
         }
         chunks.retain(|_, bits| bits.iter().any(|b| *b != 0));
     }
-
-    /// Forget the block recorded at `segment`/`offset`, if the index still points there.
-    fn forget_block(&mut self, hash: &Hash, segment: u32, offset: u64) -> bool {
-        let key = block_key(hash);
-        match self.blocks.get(&key) {
-            Some(b) if b.is_at(segment, offset) => {
-                self.block_bytes -= b.len as u64;
-                self.blocks.remove(&key);
-                true
-            }
-            _ => false,
-        }
-    }
 }
 
-/// Called with (file, first block, count) for presence cleared by an eviction.
+/// Called with (file, first block, count) for presence cleared by an eviction (`0, u32::MAX`:
+/// every block of the file).
 pub type EvictHook = Arc<dyn Fn(&FileKey, u64, u32) + Send + Sync>;
 
 /// A segment open for reading, and when this process last marked it used.
@@ -354,7 +391,21 @@ pub struct Segments {
     files: RwLock<HashMap<u32, Arc<SegFile>>>,
     budget: Budget,
     on_evict: RwLock<Option<EvictHook>>,
+    /// One compaction at a time.
+    compacting: Mutex<()>,
+    /// Plain copies whose blocks the index points at, by number (see [`PLAIN_BASE`]).
+    plains: Mutex<Vec<FileKey>>,
 }
+
+/// Index places at or above this "segment" id are blocks of plain copies, not of segments:
+/// `PLAIN_BASE + n` is the `n`th plain copy this process registered, the offset a block number.
+/// Segment ids are 8 decimal digits, far below.
+const PLAIN_BASE: u32 = 1 << 31;
+
+/// A segment is compacted once its unindexed bytes pass half its length and this much.
+const COMPACT_MIN_DEAD: u64 = 1 << 20;
+/// Live bytes moved per append while compacting (bounds the memory it takes).
+const COMPACT_PIECE: usize = 8 << 20;
 
 /// Replay every journal in `dir` in segment order, calling `each(segment, record, segment
 /// length)`; returns the segment ids found (with or without a journal).
@@ -409,6 +460,10 @@ fn replay_dir(dir: &Path, mut each: impl FnMut(u32, Record, u64)) -> Result<Vec<
     Ok(ids)
 }
 
+fn hex_key(key: &FileKey) -> String {
+    key.iter().map(|b| format!("{b:02x}")).collect()
+}
+
 fn seg_name(id: u32) -> String {
     format!("{id:08}.seg")
 }
@@ -449,6 +504,8 @@ impl Segments {
             files: RwLock::new(HashMap::new()),
             budget,
             on_evict: RwLock::new(None),
+            compacting: Mutex::new(()),
+            plains: Mutex::new(Vec::new()),
         })
     }
 
@@ -489,29 +546,34 @@ impl Segments {
     /// recently used files if needed; counted as used until the returned guard is dropped (by
     /// then the bytes are on disk, where scans find them).
     pub fn reserve(&self, need: u64) -> Result<Reserved<'_>, StoreError> {
-        let _gate = self.budget.gate.lock();
-        self.make_room(need, None, true)?;
+        let gate = self.budget.gate.lock();
+        let plain_gone = self.make_room(need, None, true)?;
         self.budget.reserved.fetch_add(need, Ordering::Relaxed);
+        drop(gate);
+        self.forget_presence(&plain_gone)?;
         Ok(Reserved { budget: &self.budget, bytes: need })
     }
 
     /// Make room for `need` more bytes under the limit, evicting least recently used files (if
     /// `evict`) other than segment `own`; [`StoreError::Full`] when that cannot be done. The
     /// caller holds the budget's gate until the bytes are written.
-    fn make_room(&self, need: u64, own: Option<u32>, evict: bool) -> Result<(), StoreError> {
+    /// Returns the file keys whose plain copies went (their presence is to be cleared: their
+    /// blocks may be gone from the segments, released when the copy was made).
+    fn make_room(&self, need: u64, own: Option<u32>, evict: bool) -> Result<Vec<FileKey>, StoreError> {
         let b = &self.budget;
-        let Some(limit) = b.limit() else { return Ok(()) };
+        let Some(limit) = b.limit() else { return Ok(Vec::new()) };
         if b.stale(limit) || b.used.load(Ordering::Relaxed) + need > limit {
             b.rescan()?;
         }
-        let Some(limit) = b.limit() else { return Ok(()) };
+        let Some(limit) = b.limit() else { return Ok(Vec::new()) };
         let mut busy = std::collections::HashSet::new();
+        let mut plain_gone = Vec::new();
         loop {
             let used = b.used.load(Ordering::Relaxed);
             if used + need <= limit {
                 b.used.fetch_add(need, Ordering::Relaxed);
                 b.unscanned.fetch_add(need, Ordering::Relaxed);
-                return Ok(());
+                return Ok(plain_gone);
             }
             let full = || StoreError::Full { path: b.cache.clone(), limit, need };
             if !evict {
@@ -525,7 +587,13 @@ impl Segments {
                 let freed = match &v.victim {
                     Victim::Segment(id) => self.evict_segment(*id)?,
                     Victim::Plain(path) => match std::fs::remove_file(path) {
-                        Ok(()) => Some(v.bytes),
+                        Ok(()) => {
+                            if let Some(key) = limit::plain_key(path) {
+                                self.forget_plain(&key);
+                                plain_gone.push(key);
+                            }
+                            Some(v.bytes)
+                        }
                         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Some(0),
                         Err(source) => return Err(StoreError::Io { path: path.clone(), source }),
                     },
@@ -584,10 +652,8 @@ impl Segments {
                     Record::Block { hash, offset, .. } if index.forget_block(&hash, id, offset) => {
                         self.budget.note_evicted(&hash);
                     }
-                    Record::Meta { object, region, chunk, .. }
-                        if index.meta.get(&(object, region, chunk)).is_some_and(|l| l.segment == id) =>
-                    {
-                        index.meta.remove(&(object, region, chunk));
+                    Record::Meta { object, region, chunk, len, offset } => {
+                        index.forget_meta(&(object, region, chunk), Some(Loc { segment: id, offset, len }));
                     }
                     Record::Present { file, first, count } => {
                         index.clear_presence(&file, first, count);
@@ -597,6 +663,7 @@ impl Segments {
                 }
             }
         }
+        self.index.write().live.remove(&id);
         self.files.write().remove(&id);
         if let Some(hook) = self.on_evict.read().clone() {
             for (file, first, count) in &cleared {
@@ -652,19 +719,20 @@ impl Segments {
             *w = Some(self.new_writer()?);
         }
         let w = w.as_mut().unwrap();
-        let _gate = if data.is_empty() {
-            None
+        let (_gate, plain_gone) = if data.is_empty() {
+            (None, Vec::new())
         } else {
             let gate = self.budget.gate.lock();
-            self.make_room(data.len() as u64, Some(w.id), evict)?;
-            Some(gate)
+            let gone = self.make_room(data.len() as u64, Some(w.id), evict)?;
+            (Some(gate), gone)
         };
         let offset = w.tail;
         if !data.is_empty() {
             w.data.write_all_at(data, offset).map_err(self.io(self.dir.join(seg_name(w.id))))?;
             w.tail += data.len() as u64;
         }
-        let records = records(w.id, offset);
+        let mut records = records(w.id, offset);
+        records.extend(self.presence_clearing(&plain_gone));
         let mut buf = Vec::with_capacity(records.len() * 48);
         for r in &records {
             r.encode(&mut buf);
@@ -678,6 +746,44 @@ impl Segments {
             }
             index.apply(w.id, r, w.tail);
         }
+        drop(index);
+        self.tell_cleared(&plain_gone);
+        Ok(())
+    }
+
+    /// Records clearing every presence chunk of `keys`.
+    fn presence_clearing(&self, keys: &[FileKey]) -> Vec<Record> {
+        let index = self.index.read();
+        let mut out = Vec::new();
+        for k in keys {
+            for &chunk in index.presence.get(k).map(|c| c.keys().collect::<Vec<_>>()).unwrap_or_default() {
+                out.push(Record::PresenceChunk { file: *k, chunk, bits: Box::new([0; PRESENCE_CHUNK_BYTES]) });
+            }
+        }
+        out
+    }
+
+    /// Tell the mount that `keys` have no block present any more.
+    fn tell_cleared(&self, keys: &[FileKey]) {
+        if keys.is_empty() {
+            return;
+        }
+        if let Some(hook) = self.on_evict.read().clone() {
+            for k in keys {
+                hook(k, 0, u32::MAX);
+            }
+        }
+    }
+
+    /// Clear every presence bit of `keys`, persisted (their plain copy went, and with it the
+    /// only place their released blocks were kept).
+    pub fn forget_presence(&self, keys: &[FileKey]) -> Result<(), StoreError> {
+        if keys.is_empty() {
+            return Ok(());
+        }
+        let records = self.presence_clearing(keys);
+        self.append(&[], false, |_, _| records)?;
+        self.tell_cleared(keys);
         Ok(())
     }
 
@@ -741,7 +847,13 @@ impl Segments {
         if let Some(f) = self.files.read().get(&segment) {
             return Ok(Some(f.clone()));
         }
-        let path = self.dir.join(seg_name(segment));
+        let path = match segment.checked_sub(PLAIN_BASE) {
+            Some(n) => match self.plains.lock().get(n as usize) {
+                Some(key) => self.budget.cache.join("plain").join(hex_key(key)),
+                None => return Ok(None),
+            },
+            None => self.dir.join(seg_name(segment)),
+        };
         let file = match File::open(&path) {
             Ok(f) => f,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
@@ -757,7 +869,8 @@ impl Segments {
     fn read(&self, at: Loc) -> Result<Option<Vec<u8>>, StoreError> {
         let mut buf = vec![0u8; at.len as usize];
         let Some(f) = self.file(at.segment)? else { return Ok(None) };
-        match f.file.read_exact_at(&mut buf, at.offset) {
+        let offset = if at.segment >= PLAIN_BASE { at.offset * 4096 } else { at.offset };
+        match f.file.read_exact_at(&mut buf, offset) {
             Ok(()) => {
                 f.touch();
                 Ok(Some(buf))
@@ -774,16 +887,22 @@ impl Segments {
 
     /// The stored form of block `hash`, if stored (not verified).
     pub fn get_block(&self, hash: &Hash) -> Result<Option<StoredBlock>, StoreError> {
-        let loc = self.index.read().blocks.get(&block_key(hash)).copied();
-        let Some(loc) = loc else { return Ok(None) };
-        match self.read(loc.at())? {
-            Some(d) => Ok(Some((loc.codec, d))),
-            None => {
-                // Not indexed any more, so that the block is stored again once fetched.
-                self.index.write().forget_block(hash, loc.segment, loc.offset as u64);
-                Ok(None)
+        let mut loc = self.index.read().blocks.get(&block_key(hash)).copied();
+        // A second look: a compaction may have moved the block while it was being read.
+        for _ in 0..2 {
+            let Some(at) = loc else { return Ok(None) };
+            if let Some(d) = self.read(at.at())? {
+                return Ok(Some((at.codec, d)));
+            }
+            let mut index = self.index.write();
+            // Not indexed any more, so that the block is stored again once fetched.
+            if !index.forget_block(hash, at.segment, at.offset as u64) {
+                loc = index.blocks.get(&block_key(hash)).copied();
+            } else {
+                loc = None;
             }
         }
+        Ok(None)
     }
 
     pub fn has_block(&self, hash: &Hash) -> bool {
@@ -803,6 +922,178 @@ impl Segments {
         self.append(&[], false, |_, _| {
             vec![Record::DropBlock { hash: *hash, segment: loc.segment, offset: loc.offset as u64 }]
         })
+    }
+
+    /// Forget blocks whose content is kept elsewhere now (the verified plain copies of the files
+    /// that have them), then compact the segments this leaves mostly unindexed. Forgetting is
+    /// in memory: until a compaction rewrites their segment, a restart indexes them again (it
+    /// costs space, never a wrong byte).
+    ///
+    /// The blocks stay indexed, at their place in the copy (`CACHE/plain/<key hex>`, block `i`
+    /// of `leaves`, raw): a file sharing one of them finds it there.
+    pub fn release_blocks(&self, key: &FileKey, size: u64, leaves: &[Hash]) -> Result<(), StoreError> {
+        let zero = incfs_verity::hash_data_block(&[]);
+        let n = {
+            let mut plains = self.plains.lock();
+            match plains.iter().position(|k| k == key) {
+                Some(n) => n,
+                None => {
+                    plains.push(*key);
+                    plains.len() - 1
+                }
+            }
+        };
+        self.files.write().remove(&(PLAIN_BASE + n as u32)); // a new copy: opened afresh
+        {
+            let mut index = self.index.write();
+            for (i, h) in leaves.iter().enumerate() {
+                let len = size.saturating_sub(i as u64 * 4096).min(4096) as u16;
+                if *h == zero || len == 0 || i > u32::MAX as usize {
+                    continue;
+                }
+                let at = BlockLoc { segment: PLAIN_BASE + n as u32, offset: i as u32, len, codec: Codec::Raw };
+                index.insert_block(h, at);
+            }
+        }
+        self.compact_sparse()
+    }
+
+    /// The plain copy of `key` is going: blocks indexed in it are not there any more.
+    pub fn forget_plain(&self, key: &FileKey) {
+        let Some(n) = self.plains.lock().iter().position(|k| k == key) else { return };
+        let segment = PLAIN_BASE + n as u32;
+        let mut index = self.index.write();
+        for shard in &mut index.blocks.shards {
+            shard.retain(|_, b| b.segment != segment);
+        }
+        drop(index);
+        self.files.write().remove(&segment);
+    }
+
+    /// Compact every segment whose unindexed bytes are more than half of it (and at least
+    /// [`COMPACT_MIN_DEAD`]): what is still indexed moves to this process's current segment,
+    /// with the presence its journal records, and the old segment goes.
+    pub fn compact_sparse(&self) -> Result<(), StoreError> {
+        let _one = self.compacting.lock();
+        let own = self.writer.lock().as_ref().map(|w| (w.id, w.tail));
+        let mut todo = Vec::new();
+        {
+            let index = self.index.read();
+            for e in std::fs::read_dir(&self.dir).map_err(self.io(self.dir.clone()))? {
+                let Ok(e) = e else { continue };
+                let name = e.file_name();
+                let Some(id) = name.to_str().and_then(|n| n.strip_suffix(".seg")).and_then(|n| n.parse::<u32>().ok())
+                else {
+                    continue;
+                };
+                let len = match own {
+                    Some((w, tail)) if w == id => tail,
+                    _ => e.metadata().map(|m| m.len()).unwrap_or(0),
+                };
+                let live = index.live.get(&id).copied().unwrap_or(0);
+                let dead = len.saturating_sub(live);
+                if dead >= COMPACT_MIN_DEAD && dead > len / 2 {
+                    todo.push(id);
+                }
+            }
+        }
+        for id in todo {
+            if own.is_some_and(|(w, _)| w == id) {
+                *self.writer.lock() = None; // sealed, so that it can go
+            }
+            if let Err(e) = self.compact(id) {
+                match e {
+                    // No room to move what is live: the unindexed bytes stay until evicted.
+                    StoreError::Full { .. } => return Ok(()),
+                    e => return Err(e),
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Move what segment `id` still holds to the current segment, then remove it.
+    fn compact(&self, id: u32) -> Result<(), StoreError> {
+        let (spath, jpath) = (self.dir.join(seg_name(id)), self.dir.join(jnl_name(id)));
+        let f = match File::options().read(true).write(true).open(&spath) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(source) => return Err(StoreError::Io { path: spath, source }),
+        };
+        if f.try_lock().is_err() {
+            return Ok(()); // being written, evicted or compacted by another process
+        }
+        let journal = std::fs::read(&jpath).map_err(self.io(jpath.clone()))?;
+        let records = match journal.get(..journal::MAGIC.len()) {
+            Some(m) if m == journal::MAGIC => journal::replay(&journal[journal::MAGIC.len()..]).0,
+            _ => Vec::new(),
+        };
+        // What is still indexed here, read into pieces of bounded size, and the presence.
+        let mut pieces: Vec<(Vec<u8>, Vec<Record>)> = vec![(Vec::new(), Vec::new())];
+        let mut presence = Vec::new();
+        for r in records {
+            let at = {
+                let index = self.index.read();
+                match &r {
+                    Record::Block { hash, offset, len, .. }
+                        if index.blocks.get(&block_key(hash)).is_some_and(|b| b.is_at(id, *offset)) =>
+                    {
+                        Some((*offset, *len as usize))
+                    }
+                    Record::Meta { object, region, chunk, len, offset }
+                        if index.meta.get(&(*object, *region, *chunk))
+                            == Some(&Loc { segment: id, offset: *offset, len: *len }) =>
+                    {
+                        Some((*offset, *len as usize))
+                    }
+                    _ => None,
+                }
+            };
+            match (at, r) {
+                (Some((offset, len)), mut r) => {
+                    if pieces.last().is_some_and(|(d, _)| d.len() + len > COMPACT_PIECE) {
+                        pieces.push((Vec::new(), Vec::new()));
+                    }
+                    let (data, recs) = pieces.last_mut().expect("one piece at least");
+                    let rel = data.len() as u64;
+                    data.resize(data.len() + len, 0);
+                    f.read_exact_at(&mut data[rel as usize..], offset).map_err(self.io(spath.clone()))?;
+                    match &mut r {
+                        Record::Block { offset, .. } | Record::Meta { offset, .. } => *offset = rel,
+                        _ => {}
+                    }
+                    recs.push(r);
+                }
+                (None, r @ (Record::Present { .. } | Record::PresenceChunk { .. })) => presence.push(r),
+                _ => {}
+            }
+        }
+        pieces.last_mut().expect("one piece at least").1.extend(presence);
+        for (data, recs) in pieces {
+            self.append(&data, false, |_, base| {
+                recs.into_iter()
+                    .map(|mut r| {
+                        if let Record::Block { offset, .. } | Record::Meta { offset, .. } = &mut r {
+                            *offset += base;
+                        }
+                        r
+                    })
+                    .collect()
+            })?;
+        }
+        match std::fs::remove_file(&jpath) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(self.io(jpath)(e)),
+            _ => {}
+        }
+        let freed = f.metadata().map(|m| m.len()).unwrap_or(0) + journal.len() as u64;
+        f.set_len(0).map_err(self.io(spath.clone()))?;
+        std::fs::remove_file(&spath).map_err(self.io(spath))?;
+        self.index.write().live.remove(&id);
+        self.files.write().remove(&id);
+        let b = &self.budget;
+        b.used.fetch_sub(freed.min(b.used.load(Ordering::Relaxed)), Ordering::Relaxed);
+        tracing::debug!("segment {id} compacted: {freed} bytes freed");
+        Ok(())
     }
 
     /// Every stored block's full leaf hash (for `fsck`). The index keeps half of each, so the
@@ -857,10 +1148,7 @@ impl Segments {
         let Some(at) = loc else { return Ok(None) };
         let found = self.read(at)?;
         if found.is_none() {
-            let mut index = self.index.write();
-            if index.meta.get(&key) == Some(&at) {
-                index.meta.remove(&key);
-            }
+            self.index.write().forget_meta(&key, Some(at));
         }
         Ok(found)
     }
