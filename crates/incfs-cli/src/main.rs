@@ -1,5 +1,6 @@
 //! `incfs`: publish file trees as signed, block-addressed images and read them back lazily.
 
+mod cache;
 mod demo;
 mod digest;
 mod helper;
@@ -449,12 +450,63 @@ enum Command {
         #[arg(long)]
         dry_run: bool,
     },
+    /// Look into a cache directory and clean it: `ls` (images), `du` (bytes by kind), `gc`
+    /// (drop what no image references), `rm IMAGE`, `limit [SIZE|none]`.
+    Cache {
+        #[command(subcommand)]
+        action: CacheAction,
+    },
     /// Run the whole job end to end on a built-in sample tree: make a key, pack, serve on
     /// 127.0.0.1, verify and extract over HTTP, and compare with the original.
     Demo {
         /// Work directory to keep (default: a temporary one, removed afterwards).
         #[arg(long)]
         dir: Option<PathBuf>,
+    },
+}
+
+#[derive(clap::Args)]
+struct CacheArgs {
+    /// Cache directory [default: as for mount].
+    #[arg(long)]
+    cache: Option<PathBuf>,
+    /// Machine-readable output.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Subcommand)]
+enum CacheAction {
+    /// The images the cache holds: version, files, bytes, present, pinned, last used, mounted.
+    Ls {
+        #[command(flatten)]
+        args: CacheArgs,
+    },
+    /// Bytes by kind (blocks, metadata, unindexed, journals, plain copies, database, other),
+    /// the limit, and how much eviction may take.
+    Du {
+        #[command(flatten)]
+        args: CacheArgs,
+    },
+    /// Drop what no recorded image references (older versions' blocks after `update`, images
+    /// removed), then compact. Safe beside mounts: a mount still reading a dropped block (a
+    /// file kept open across an update) fetches it again.
+    Gc {
+        #[command(flatten)]
+        args: CacheArgs,
+    },
+    /// Forget an image and drop its data (refused while it is mounted).
+    Rm {
+        image: String,
+        #[command(flatten)]
+        args: CacheArgs,
+    },
+    /// Show the cache's size limit, or set it exactly (like 10G; `none` removes it). Mounts
+    /// sharing the cache follow it within a second.
+    Limit {
+        size: Option<String>,
+        #[command(flatten)]
+        args: CacheArgs,
     },
 }
 
@@ -619,6 +671,16 @@ fn main() {
         }
         Command::Status { mountpoint, path, json, .. } => mount::status(&mountpoint, path.as_deref(), json),
         Command::Fsck { cache, dry_run } => mount::fsck(&cache, dry_run),
+        Command::Cache { action } => {
+            let dir = |a: &CacheArgs| a.cache.clone().unwrap_or_else(mount::default_cache);
+            match action {
+                CacheAction::Ls { args } => cache::ls(&dir(&args), args.json),
+                CacheAction::Du { args } => cache::du(&dir(&args), args.json),
+                CacheAction::Gc { args } => cache::gc(&dir(&args), args.json),
+                CacheAction::Rm { image, args } => cache::rm(&dir(&args), &image, args.json),
+                CacheAction::Limit { size, args } => cache::limit(&dir(&args), size.as_deref(), args.json),
+            }
+        }
         Command::Demo { dir } => runtime().and_then(|rt| rt.block_on(demo::run(dir))),
     };
     match result {

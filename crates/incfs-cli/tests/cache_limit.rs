@@ -237,3 +237,71 @@ fn a_file_whose_plain_copy_goes_keeps_its_blocks() {
     cmp(&m.path("f00.bin"), &p.src.join("f00.bin"));
     assert_eq!(m.stat("fetch_requests"), requests, "f00 was fetched again:\n{}", m.log());
 }
+
+fn cache_json(cache: &Path, args: &[&str]) -> serde_json::Value {
+    let mut a = vec!["cache"];
+    a.extend_from_slice(args);
+    a.extend(["--cache", cache.to_str().unwrap(), "--json"]);
+    serde_json::from_str(&incfs_ok(&a)).unwrap()
+}
+
+#[test]
+fn cache_commands_list_measure_clean_and_remove_images() {
+    let p = Published::new(|src| random_files(src, 6, 300 << 10, 500), &[]);
+    let serve = IncfsServer::start(&p.repo);
+    let cache = p.dir.path().join("cache");
+    let mnt = p.dir.path().join("mnt");
+    let m = Mount::start(&serve.url, &mnt, &p.public, &cache, &[]);
+    diff_r(&m.dir, &p.src);
+    drop(m);
+    // Version 2 changes half the files: version 1's blocks of those are no longer referenced.
+    for i in 0..3 {
+        fs::write(p.src.join(format!("f{i:02}.bin")), random_bytes(600 + i, 300 << 10)).unwrap();
+    }
+    pack(&p.src, &p.repo, &p.private, &[]);
+    let m = Mount::start(&serve.url, &mnt, &p.public, &cache, &[]);
+    diff_r(&m.dir, &p.src);
+
+    let ls = cache_json(&cache, &["ls"]);
+    assert_eq!(ls.as_array().unwrap().len(), 1, "{ls}");
+    let img = &ls[0];
+    assert_eq!((img["name"].as_str(), img["version"].as_u64(), img["files"].as_u64()), (Some("src"), Some(2), Some(6)));
+    assert_eq!(img["present_bytes"], img["bytes"], "{img}");
+    assert_eq!(img["mounted"], true, "{img}");
+    let rm = incfs(&["cache", "rm", "src", "--cache", cache.to_str().unwrap()]);
+    assert!(!rm.status.success() && text(&rm.stderr).contains("is mounted"), "{}", text(&rm.stderr));
+    drop(m);
+
+    let du_before = cache_json(&cache, &["du"]);
+    // As du counts it (give or take the database's journal, there while it is open).
+    assert!(du_before["usage"]["total"].as_u64().unwrap().abs_diff(du(&cache)) < 64 << 10, "{du_before}");
+    assert!(du_before["usage"]["blocks"].as_u64().unwrap() > 8 * (300 << 10), "both versions' blocks: {du_before}");
+    let gc = cache_json(&cache, &["gc"]);
+    assert_eq!(gc["blocks"].as_u64(), Some(3 * 75), "version 1's blocks of the changed files: {gc}");
+    assert!(gc["bytes_after"].as_u64().unwrap() + 3 * (300 << 10) <= gc["bytes_before"].as_u64().unwrap(), "{gc}");
+    assert!(du(&cache).abs_diff(gc["bytes_after"].as_u64().unwrap()) < 64 << 10);
+    // Nothing the recorded version needs went: offline, it reads back whole.
+    let url = serve.url.clone();
+    drop(serve);
+    let m = Mount::start(&url, &mnt, &p.public, &cache, &["--offline"]);
+    diff_r(&m.dir, &p.src);
+    assert_eq!(m.stat("fetch_requests"), 0);
+    drop(m);
+    let ls = cache_json(&cache, &["ls"]);
+    assert_eq!(ls[0]["mounted"], false);
+    assert!(ls[0]["last_used"].as_str().is_some_and(|t| t.starts_with("20")), "{ls}");
+
+    let rm = cache_json(&cache, &["rm", "src"]);
+    assert!(rm["bytes_after"].as_u64().unwrap() < 256 << 10, "{rm}");
+    assert_eq!(cache_json(&cache, &["ls"]), serde_json::json!([]));
+    let again = incfs(&["cache", "rm", "src", "--cache", cache.to_str().unwrap()]);
+    assert!(!again.status.success() && text(&again.stderr).contains("not in the cache"));
+
+    assert_eq!(cache_json(&cache, &["limit", "100M"])["limit"], 100 << 20);
+    assert_eq!(cache_json(&cache, &["limit"])["limit"], 100 << 20);
+    assert_eq!(cache_json(&cache, &["limit", "none"])["limit"], serde_json::Value::Null);
+    let small = incfs(&["cache", "limit", "1M", "--cache", cache.to_str().unwrap()]);
+    assert!(!small.status.success() && text(&small.stderr).contains("at least 8M"));
+    let none = incfs(&["cache", "ls", "--cache", p.dir.path().join("nothing").to_str().unwrap()]);
+    assert!(!none.status.success() && text(&none.stderr).contains("no incfs cache"), "{}", text(&none.stderr));
+}

@@ -381,6 +381,10 @@ pub fn mount(opts: MountOptions, on_ready: impl FnOnce(&[String])) -> Result<(),
     let (store, cache_lock) = open_cache(&opts)?;
     let (sources, opened) = accept(&opts, &store, &rt)?;
     let manifest = Arc::new(opened.manifest);
+    // Held while mounted: `incfs cache rm` refuses an image in use.
+    let image_lock = crate::cache::image_lock(&opts.cache, &manifest.name)?;
+    let _ = image_lock.try_lock_shared();
+    mark_used(&store, &manifest.name);
     let profile = rt.block_on(load_profile(&opts, &sources, opened.from_cache))?;
     let recording = opts.settings.record_profile.is_some();
     let Built { reader, views, pushed } = build_view(&opts, &store, &manifest, sources, recording)?;
@@ -458,8 +462,15 @@ pub fn mount(opts: MountOptions, on_ready: impl FnOnce(&[String])) -> Result<(),
         tracing::info!("profile written to {}", path.display());
     }
     rt.shutdown_timeout(Duration::from_secs(2));
-    drop(cache_lock);
+    mark_used(&store, &manifest.name);
+    drop((cache_lock, image_lock));
     result.map_err(|error| MountError::Fuse { path: mountpoint, error })
+}
+
+fn mark_used(store: &Store, name: &str) {
+    if let Err(e) = store.mark_used(name) {
+        tracing::warn!("cannot record when {name} was used: {e}");
+    }
 }
 
 /// glibc gives each thread that allocates an arena of its own and keeps what is freed there:

@@ -16,8 +16,11 @@
 //! - [`stats`]: read, fetch and failure counters.
 //! - [`metrics`]: the Prometheus endpoint (`--metrics ADDR`).
 //! - [`fsck`]: offline check and repair of a cache (`incfs fsck`).
+//! - [`cache`]: what a cache holds by image and kind, and dropping what no image needs
+//!   (`incfs cache`).
 
 pub mod background;
+pub mod cache;
 pub mod control;
 pub mod daemon;
 pub mod fsck;

@@ -83,6 +83,9 @@ const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS images (key_id BLOB NOT NULL, name TEXT NOT NULL, version INTEGER NOT NULL,
     manifest BLOB NOT NULL, PRIMARY KEY (key_id, name)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS sources (source TEXT PRIMARY KEY, key_id BLOB NOT NULL, name TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS used (name TEXT PRIMARY KEY, at INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS pinned (image TEXT NOT NULL, path TEXT NOT NULL, key BLOB NOT NULL,
+    PRIMARY KEY (image, path));
 CREATE TABLE IF NOT EXISTS pushed (image TEXT NOT NULL, path BLOB NOT NULL, mode INTEGER NOT NULL,
     size INTEGER NOT NULL, mtime_sec INTEGER NOT NULL, mtime_nsec INTEGER NOT NULL, root BLOB NOT NULL,
     tree BLOB NOT NULL, signature BLOB NOT NULL, PRIMARY KEY (image, path));
@@ -349,6 +352,71 @@ impl Store {
 }
 
 impl Store {
+    /// Note that image `name` is in use now (mounted, or unmounted just now): `cache ls`.
+    pub fn mark_used(&self, name: &str) -> Result<(), StoreError> {
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        self.with(|c| {
+            c.execute("INSERT OR REPLACE INTO used (name, at) VALUES (?1, ?2)", params![name, now as i64]).map(|_| ())
+        })
+    }
+
+    /// When each image was last used (seconds since the epoch).
+    pub fn last_used(&self) -> Result<std::collections::HashMap<String, i64>, StoreError> {
+        self.with(|c| {
+            let mut st = c.prepare("SELECT name, at FROM used")?;
+            let rows = st.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+            rows.collect()
+        })
+    }
+
+    /// Forget image `name`: its accepted manifest, the sources that served it, its pushed files
+    /// and pins. Its data goes at the next [`Store::gc`].
+    pub fn forget_image(&self, name: &str) -> Result<(), StoreError> {
+        self.with(|c| {
+            let tx = c.transaction()?;
+            for table in ["images WHERE name", "sources WHERE name", "pushed WHERE image", "used WHERE name"] {
+                tx.execute(&format!("DELETE FROM {table} = ?1"), params![name])?;
+            }
+            tx.execute("DELETE FROM pinned WHERE image = ?1", params![name])?;
+            tx.commit()
+        })
+    }
+
+    /// Pin `path` of image `name` (content `key`), or unpin it (`None`).
+    pub fn set_pinned(&self, name: &str, path: &str, key: Option<&FileKey>) -> Result<(), StoreError> {
+        self.with(|c| {
+            match key {
+                Some(k) => c.execute("INSERT OR REPLACE INTO pinned VALUES (?1, ?2, ?3)", params![name, path, &k[..]]),
+                None => c.execute("DELETE FROM pinned WHERE image = ?1 AND path = ?2", params![name, path]),
+            }
+            .map(|_| ())
+        })
+    }
+
+    /// Pinned files: (image, path, content key).
+    pub fn pinned(&self) -> Result<Vec<(String, String, FileKey)>, StoreError> {
+        self.with(|c| {
+            let mut st = c.prepare("SELECT image, path, key FROM pinned ORDER BY image, path")?;
+            let rows = st.query_map([], |r| {
+                let k: Vec<u8> = r.get(2)?;
+                Ok((r.get(0)?, r.get(1)?, k.try_into().unwrap_or([0; 40])))
+            })?;
+            rows.collect()
+        })
+    }
+
+    /// Drop everything no recorded image references: blocks whose leaf hash is not in `leaves`,
+    /// metadata pieces of regions not in `regions` (object, region offset), presence of contents
+    /// not in `keys`; then compact. Returns (blocks, metadata pieces, contents) dropped.
+    pub fn gc(
+        &self,
+        leaves: &std::collections::HashSet<Hash>,
+        regions: &std::collections::HashSet<(Hash, u64)>,
+        keys: &std::collections::HashSet<FileKey>,
+    ) -> Result<(u64, u64, u64), StoreError> {
+        self.data.gc(leaves, regions, keys)
+    }
+
     /// Keep a pushed file of `image`.
     pub fn put_pushed(&self, image: &str, f: &PushedFile) -> Result<(), StoreError> {
         self.with(|c| {

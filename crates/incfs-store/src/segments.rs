@@ -974,6 +974,16 @@ impl Segments {
     /// [`COMPACT_MIN_DEAD`]): what is still indexed moves to this process's current segment,
     /// with the presence its journal records, and the old segment goes.
     pub fn compact_sparse(&self) -> Result<(), StoreError> {
+        self.compact_where(|len, dead| dead >= COMPACT_MIN_DEAD && dead > len / 2)
+    }
+
+    /// Compact every segment with unindexed bytes at all (`incfs cache gc`).
+    pub fn compact_all(&self) -> Result<(), StoreError> {
+        self.compact_where(|_, dead| dead > 0)
+    }
+
+    /// Compact the segments for which `wanted(length, unindexed bytes)` holds.
+    fn compact_where(&self, wanted: impl Fn(u64, u64) -> bool) -> Result<(), StoreError> {
         let _one = self.compacting.lock();
         let own = self.writer.lock().as_ref().map(|w| (w.id, w.tail));
         let mut todo = Vec::new();
@@ -991,8 +1001,7 @@ impl Segments {
                     _ => e.metadata().map(|m| m.len()).unwrap_or(0),
                 };
                 let live = index.live.get(&id).copied().unwrap_or(0);
-                let dead = len.saturating_sub(live);
-                if dead >= COMPACT_MIN_DEAD && dead > len / 2 {
+                if wanted(len, len.saturating_sub(live)) {
                     todo.push(id);
                 }
             }
@@ -1094,6 +1103,41 @@ impl Segments {
         b.used.fetch_sub(freed.min(b.used.load(Ordering::Relaxed)), Ordering::Relaxed);
         tracing::debug!("segment {id} compacted: {freed} bytes freed");
         Ok(())
+    }
+
+    /// See [`crate::Store::gc`].
+    pub fn gc(
+        &self,
+        leaves: &std::collections::HashSet<Hash>,
+        regions: &std::collections::HashSet<(Hash, u64)>,
+        keys: &std::collections::HashSet<FileKey>,
+    ) -> Result<(u64, u64, u64), StoreError> {
+        let mut records = Vec::new();
+        let (mut blocks, mut pieces) = (0u64, 0u64);
+        {
+            let index = self.index.read();
+            for h in self.block_hashes()? {
+                if !leaves.contains(&h) {
+                    if let Some(b) = index.blocks.get(&block_key(&h)) {
+                        records.push(Record::DropBlock { hash: h, segment: b.segment, offset: b.offset as u64 });
+                        blocks += 1;
+                    }
+                }
+            }
+            for (object, region, chunk) in index.meta.keys() {
+                if !regions.contains(&(*object, *region)) {
+                    records.push(Record::DropMeta { object: *object, region: *region, chunk: *chunk });
+                    pieces += 1;
+                }
+            }
+        }
+        let gone: Vec<FileKey> = self.index.read().presence.keys().filter(|k| !keys.contains(*k)).copied().collect();
+        records.extend(self.presence_clearing(&gone));
+        if !records.is_empty() {
+            self.append(&[], false, |_, _| records)?;
+        }
+        self.compact_all()?;
+        Ok((blocks, pieces, gone.len() as u64))
     }
 
     /// Every stored block's full leaf hash (for `fsck`). The index keeps half of each, so the
