@@ -309,6 +309,11 @@ enum Command {
         /// smaller recorded limit stays (`incfs cache limit` sets it). At least 8M.
         #[arg(long, value_name = "SIZE", value_parser = parse_cache_size)]
         cache_size: Option<u64>,
+        /// Fetch this path of the image (a file or a directory) once mounted and pin it: it is
+        /// never evicted, so it reads offline whatever the cache limit (as `incfs pin`;
+        /// repeatable).
+        #[arg(long, value_name = "PATH")]
+        pin: Vec<String>,
         /// Fetch in the order of this access profile first (instead of the profile published
         /// with the image, if any).
         #[arg(long, value_name = "FILE")]
@@ -424,6 +429,22 @@ enum Command {
         stall_timeout: std::time::Duration,
         #[arg(short, long)]
         quiet: bool,
+    },
+    /// Pin files of a mount: fetch them now (with a progress bar), then keep them in the cache
+    /// whatever its limit, so that they read with the network gone. Pinned data must fit
+    /// under the cache's limit.
+    Pin {
+        mountpoint: PathBuf,
+        /// Paths inside the image (relative to the mountpoint, or under it); default: all.
+        paths: Vec<PathBuf>,
+        #[arg(short, long)]
+        quiet: bool,
+    },
+    /// Unpin files of a mount: they may be evicted again.
+    Unpin {
+        mountpoint: PathBuf,
+        /// Paths inside the image; default: all.
+        paths: Vec<PathBuf>,
     },
     /// Unmount an incfs mount (the daemon then exits).
     Unmount { mountpoint: PathBuf },
@@ -617,6 +638,7 @@ fn main() {
             passthrough,
             plain_limit,
             cache_size,
+            pin,
             profile,
             record_profile,
             metrics,
@@ -637,6 +659,7 @@ fn main() {
                 passthrough: passthrough == AutoOff::Auto,
                 plain_limit,
                 cache_size,
+                pin,
                 profile,
                 record_profile,
                 metrics,
@@ -653,6 +676,8 @@ fn main() {
             mount::prefetch(&mountpoint, &paths, stall_timeout, quiet)
         }
         Command::Unmount { mountpoint } => mount::unmount(&mountpoint),
+        Command::Pin { mountpoint, paths, quiet } => mount::pin(&mountpoint, &paths, true, quiet),
+        Command::Unpin { mountpoint, paths } => mount::pin(&mountpoint, &paths, false, true),
         Command::Update { mountpoint, to, allow_rollback, allow_expired, json } => {
             mount::update(&mountpoint, to, allow_rollback, allow_expired, json)
         }

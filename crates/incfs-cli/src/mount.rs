@@ -156,6 +156,49 @@ pub fn unmount(mountpoint: &Path) -> Result<i32> {
 }
 
 /// A path inside the image: given under the mountpoint, or relative to the image root.
+/// `incfs pin` (`pin`) and `incfs unpin`: pinning fetches the files first, with a progress bar.
+pub fn pin(mountpoint: &Path, paths: &[PathBuf], pin: bool, quiet: bool) -> Result<i32> {
+    let mp = std::fs::canonicalize(mountpoint).with_context(|| format!("{}", mountpoint.display()))?;
+    let mut rel = Vec::new();
+    for p in paths {
+        rel.push(image_path(&mp, p)?);
+    }
+    if rel.is_empty() {
+        rel.push(String::new());
+    }
+    let request = serde_json::json!({ "cmd": "pin", "paths": rel, "pin": pin });
+    if pin {
+        // Whether they fit, before fetching them.
+        let check = serde_json::json!({ "cmd": "pin", "paths": rel, "pin": true, "check": true });
+        ask_within(&mp, &check, Duration::from_secs(600)).map_err(|e| anyhow::anyhow!(e))?;
+    }
+    // A block evicted between the fetch and the pin (a tight limit): fetched again, once.
+    let mut tries = 0;
+    let v = loop {
+        tries += 1;
+        if pin {
+            let code = prefetch(&mp, paths, Duration::from_secs(60), quiet)?;
+            if code != 0 {
+                return Ok(code);
+            }
+        }
+        match ask_within(&mp, &request, Duration::from_secs(600)) {
+            Ok(v) => break v,
+            Err(e) if tries < 2 && e.to_string().contains("not in the cache") => continue,
+            Err(e) => bail!(e),
+        }
+    };
+    let r: incfs_fs::control::PinReport = serde_json::from_value(v)?;
+    println!(
+        "{} {} files ({}); the cache's pinned data: {}",
+        if pin { "pinned" } else { "unpinned" },
+        r.files,
+        HumanBytes(r.bytes),
+        HumanBytes(r.pinned_bytes)
+    );
+    Ok(0)
+}
+
 pub fn image_path(mp: &Path, p: &Path) -> Result<String> {
     let abs = absolute(p)?;
     let rel = match abs.strip_prefix(mp) {

@@ -305,3 +305,73 @@ fn cache_commands_list_measure_clean_and_remove_images() {
     let none = incfs(&["cache", "ls", "--cache", p.dir.path().join("nothing").to_str().unwrap()]);
     assert!(!none.status.success() && text(&none.stderr).contains("no incfs cache"), "{}", text(&none.stderr));
 }
+
+/// Pinned files outlive a cache limit smaller than the image: with the server gone, a remount
+/// from the cache reads them; an unpinned file that was evicted fails with EIO (the source
+/// refuses connections), within the read timeout.
+#[test]
+fn pinned_files_survive_a_limit_smaller_than_the_image() {
+    let p = Published::new(|src| random_files(src, 12, 8 << 20, 700), &[]);
+    let serve = IncfsServer::start(&p.repo);
+    let cache = p.dir.path().join("cache");
+    let mnt = p.dir.path().join("mnt");
+    let m = Mount::start(&serve.url, &mnt, &p.public, &cache, &["--cache-size", "40M", "--pin", "f02.bin"]);
+    let out = incfs_ok(&["pin", m.dir.to_str().unwrap(), "f00.bin", m.path("f01.bin").to_str().unwrap(), "-q"]);
+    assert!(out.contains("pinned 2 files"), "{out}");
+    // --pin: fetched and pinned by the daemon once mounted.
+    assert!(
+        wait_for(Duration::from_secs(30), || cache_json(&cache, &["ls"])[0]["pinned"] == 3),
+        "{}\n{}",
+        cache_json(&cache, &["ls"]),
+        m.log()
+    );
+    // Everything else pinned (a limit just above the pinned data): reads are still served,
+    // from memory, and the cache stays within the limit.
+    incfs_ok(&["cache", "limit", "26M", "--cache", cache.to_str().unwrap()]);
+    let watch = DuWatch::start(&cache);
+    assert!(wait_for(Duration::from_secs(5), || m.status()["cache_limit"] == 26 << 20), "{}", m.status());
+    for name in ["f05.bin", "f06.bin"] {
+        cmp(&m.path(name), &p.src.join(name));
+    }
+    assert!(watch.max() <= (26 << 20) + SLACK, "{} bytes with a limit of 26 MiB", watch.max());
+    drop(watch);
+    incfs_ok(&["cache", "limit", "40M", "--cache", cache.to_str().unwrap()]);
+    // More than the limit can hold is refused, saying why.
+    let all = incfs(&["pin", m.dir.to_str().unwrap(), "-q"]);
+    assert!(!all.status.success(), "{}", text(&all.stdout));
+    assert!(text(&all.stderr).contains("more than the cache limit"), "{}", text(&all.stderr));
+
+    for i in 0..12 {
+        let name = format!("f{i:02}.bin");
+        cmp(&m.path(&name), &p.src.join(&name));
+    }
+    assert!(m.stat("evictions") > 0, "{}", m.status());
+    // Unpinning one makes it evictable again (still pinned: 2 files).
+    let out = incfs_ok(&["unpin", m.dir.to_str().unwrap(), "f02.bin"]);
+    assert!(out.contains("unpinned 1 files"), "{out}");
+    assert_eq!(cache_json(&cache, &["ls"])[0]["pinned"], 2);
+    for i in 3..12 {
+        let name = format!("f{i:02}.bin");
+        cmp(&m.path(&name), &p.src.join(&name));
+    }
+    drop(m);
+    let url = serve.url.clone();
+    drop(serve);
+    assert!(du(&cache) <= (40 << 20) + SLACK);
+
+    let m = Mount::start(&url, &mnt, &p.public, &cache, &["--read-timeout", "2s"]);
+    for name in ["f00.bin", "f01.bin"] {
+        cmp(&m.path(name), &p.src.join(name));
+    }
+    let evicted = (3..12)
+        .map(|i| format!("f{i:02}.bin"))
+        .find(|n| m.present(n).iter().map(|(a, b)| b - a).sum::<u64>() < 2048)
+        .expect("an unpinned file was evicted");
+    let t = std::time::Instant::now();
+    let out = std::process::Command::new("cat").arg(m.path(&evicted)).output().unwrap();
+    let took = t.elapsed();
+    assert!(!out.status.success(), "{evicted} read back with the server gone");
+    assert!(text(&out.stderr).contains("Input/output error"), "{}", text(&out.stderr));
+    assert!(took < Duration::from_secs(3), "the failed read took {took:?} (read timeout 2 s)");
+    assert_eq!(m.stat("bytes_fetched"), 0);
+}

@@ -207,6 +207,27 @@ pub fn gc(cache: &Path) -> Result<GcReport, CacheError> {
             }
         }
     }
+    // Pins of a path whose content changed (an update) or whose image went: dropped.
+    let mut paths = std::collections::HashMap::new();
+    for m in recorded(&store)? {
+        for (path, ino) in m.walk() {
+            if let InodeKind::File(f) = &m.inodes[ino as usize].kind {
+                let label = incfs_format::manifest::display_path(&path);
+                paths.insert((m.name.clone(), label), file_key(&f.root_hash, f.size));
+            }
+        }
+    }
+    let mut stale = Vec::new();
+    for (image, path, key) in store.pinned()? {
+        if paths.get(&(image.clone(), path.clone())) != Some(&key) {
+            store.set_pinned(&image, &path, None)?;
+            stale.push(key);
+        }
+    }
+    let still: HashSet<FileKey> = store.pinned()?.into_iter().map(|(_, _, k)| k).collect();
+    for k in stale.into_iter().chain(store.pinned_contents()).filter(|k| !still.contains(k)) {
+        store.unpin(&k)?;
+    }
     let (blocks, metadata_pieces, contents) = store.gc(&leaves, &regions, &keys)?;
     let mut plain_copies = 0;
     let plain = cache.join("plain");

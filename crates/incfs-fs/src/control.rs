@@ -112,6 +112,14 @@ enum Request {
         #[serde(default)]
         allow_expired: bool,
     },
+    Pin {
+        paths: Vec<String>,
+        /// false: unpin.
+        pin: bool,
+        /// Only check that the files would fit under the limit (before fetching them).
+        #[serde(default)]
+        check: bool,
+    },
     Pending,
     Files {
         #[serde(default)]
@@ -174,6 +182,16 @@ pub struct PrefetchProgress {
     pub fetch_failures: u64,
 }
 
+/// What `incfs pin` or `incfs unpin` did.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct PinReport {
+    /// Files (distinct contents) pinned or unpinned now, and their stored bytes.
+    pub files: u64,
+    pub bytes: u64,
+    /// Bytes of the cache's pinned segments after it.
+    pub pinned_bytes: u64,
+}
+
 /// Why the daemon refused a control request; sent as `{"error": "<this, displayed>"}`.
 #[derive(Debug, thiserror::Error)]
 pub enum RequestError {
@@ -185,6 +203,15 @@ pub enum RequestError {
     NotAFile(String),
     #[error("no prefetch request {0}")]
     NoPrefetch(u64),
+    #[error("{0} of the files to pin are not complete yet; fetch them first (incfs pin does)")]
+    NotComplete(usize),
+    #[error(
+        "pinning {new} more bytes would pin {total} bytes, more than the cache limit of {limit} bytes; \
+         raise it (incfs cache limit) or pin less"
+    )]
+    PinTooLarge { new: u64, total: u64, limit: u64 },
+    #[error("pinning: {0}")]
+    Pin(String),
     #[error("log and loader open a stream: send them first")]
     StreamNotFirst,
     #[error(transparent)]
@@ -404,7 +431,7 @@ impl Control {
         }
     }
 
-    fn prefetch(&self, paths: &[String]) -> Result<PrefetchProgress, RequestError> {
+    pub(crate) fn prefetch(&self, paths: &[String]) -> Result<PrefetchProgress, RequestError> {
         let manifest = self.live.manifest();
         let mut inodes = Vec::new();
         for p in paths {
@@ -418,7 +445,7 @@ impl Control {
         self.prefetch_progress(id)
     }
 
-    fn prefetch_progress(&self, id: u64) -> Result<PrefetchProgress, RequestError> {
+    pub(crate) fn prefetch_progress(&self, id: u64) -> Result<PrefetchProgress, RequestError> {
         let all = self.prefetches.lock();
         let keys = all.get(&id).ok_or(RequestError::NoPrefetch(id))?;
         let (present, total) = self.live.background().progress(keys);
@@ -429,6 +456,91 @@ impl Control {
             blocks_total: total,
             fetch_failures: Stats::get(&self.reader.stats.fetch_failures),
         })
+    }
+
+    /// Pin (or unpin) the files under `paths`: pinned contents are kept in pinned segments of
+    /// the cache, never evicted. Pinning needs them complete (`incfs pin` prefetches first).
+    ///
+    /// With `check`, nothing is pinned: it only says whether they would fit under the cache
+    /// limit beside what is pinned already (files not complete counted at their full size).
+    pub fn pin(&self, paths: &[String], pin: bool, check: bool) -> Result<PinReport, RequestError> {
+        let manifest = self.live.manifest();
+        let store = self.reader.store();
+        let mut files: Vec<(String, crate::reader::FileRef)> = Vec::new();
+        let mut seen = std::collections::HashSet::new();
+        for p in paths {
+            let root = manifest.resolve(p.as_bytes()).ok_or_else(|| RequestError::NotInImage(p.clone()))?;
+            for ino in manifest.subtree(root) {
+                let InodeKind::File(d) = &manifest.inodes[ino as usize].kind else { continue };
+                let key = file_key(&d.root_hash, d.size);
+                if d.size == 0 || d.meta.is_none() || !seen.insert(ino) {
+                    continue;
+                }
+                let label = self.live.views.current().labels[ino as usize].clone();
+                files.push((label.to_string(), crate::reader::FileRef { data: *d, key, label }));
+            }
+        }
+        let err = |e: incfs_store::StoreError| RequestError::Pin(e.to_string());
+        let mut keys = std::collections::HashSet::new();
+        let mut bytes = 0;
+        if !pin {
+            for (path, f) in &files {
+                store.set_pinned(&manifest.name, path, None).map_err(err)?;
+                keys.insert(f.key);
+            }
+            let still: std::collections::HashSet<_> =
+                store.pinned().map_err(err)?.into_iter().map(|(_, _, k)| k).collect();
+            for k in keys.iter().filter(|k| !still.contains(*k)) {
+                store.unpin(k).map_err(err)?;
+            }
+            return Ok(PinReport { files: keys.len() as u64, bytes, pinned_bytes: store.pinned_bytes() });
+        }
+        let pinned_now: std::collections::HashSet<_> = store.pinned_contents().into_iter().collect();
+        if check {
+            let local = |f: &crate::reader::FileRef| self.reader.leaves(f).ok().map(|l| store.stored_len(&l));
+            for (_, f) in &files {
+                if !pinned_now.contains(&f.key) && keys.insert(f.key) {
+                    bytes += if self.reader.is_complete(f) { local(f).unwrap_or(f.data.size) } else { f.data.size };
+                }
+            }
+            self.fits_pinned(bytes)?;
+            return Ok(PinReport { files: keys.len() as u64, bytes, pinned_bytes: store.pinned_bytes() });
+        }
+        let incomplete = files.iter().filter(|(_, f)| !self.reader.is_complete(f)).count();
+        if incomplete > 0 {
+            return Err(RequestError::NotComplete(incomplete));
+        }
+        let local = |e: crate::reader::Local| RequestError::Pin(format!("{e:?}"));
+        let mut plan = Vec::new();
+        for (_, f) in &files {
+            let leaves = self.reader.leaves(f).map_err(local)?;
+            if keys.insert(f.key) {
+                if !pinned_now.contains(&f.key) {
+                    bytes += store.stored_len(&leaves);
+                }
+                plan.push((f.key, leaves, self.reader.meta_keys(f)));
+            }
+        }
+        self.fits_pinned(bytes)?;
+        for (key, leaves, meta) in &plan {
+            store.pin(key, leaves, meta).map_err(err)?;
+        }
+        for (path, f) in &files {
+            store.set_pinned(&manifest.name, path, Some(&f.key)).map_err(err)?;
+        }
+        Ok(PinReport { files: keys.len() as u64, bytes, pinned_bytes: store.pinned_bytes() })
+    }
+
+    /// Whether `bytes` more of pinned data fit under the cache limit.
+    fn fits_pinned(&self, bytes: u64) -> Result<(), RequestError> {
+        let store = self.reader.store();
+        if let Some(limit) = store.limit_state().limit {
+            let total = store.pinned_bytes() + bytes;
+            if total > limit {
+                return Err(RequestError::PinTooLarge { new: bytes, total, limit });
+            }
+        }
+        Ok(())
     }
 
     fn file_status(&self, path: &str) -> Result<FileStatus, RequestError> {
@@ -505,6 +617,8 @@ impl Control {
             Request::Update { to, allow_rollback, allow_expired } => {
                 value(self.live.update(to, allow_rollback, allow_expired).await?)
             }
+            // Moving blocks is disk work: off the async workers' hands.
+            Request::Pin { paths, pin, check } => value(tokio::task::block_in_place(|| self.pin(&paths, pin, check))?),
             Request::Pending => value(self.reader.pending.list()),
             Request::Files { incomplete } => value(self.files(incomplete)),
             Request::Fill { id, path, blocks } => value(self.fill(id.as_deref(), path.as_deref(), blocks).await?),

@@ -59,6 +59,8 @@ pub struct MountSettings {
     pub plain_limit: Option<u64>,
     /// Limit on the whole cache directory, recorded in it (a smaller recorded one stays).
     pub cache_size: Option<u64>,
+    /// Paths of the image to fetch and pin once mounted.
+    pub pin: Vec<String>,
     /// Access profile to fetch first (instead of the one published with the image).
     pub profile: Option<PathBuf>,
     /// Record an access profile of this mount here.
@@ -91,6 +93,7 @@ impl Default for MountSettings {
             passthrough: true,
             plain_limit: None,
             cache_size: None,
+            pin: Vec::new(),
             profile: None,
             record_profile: None,
             metrics: None,
@@ -473,6 +476,30 @@ fn mark_used(store: &Store, name: &str) {
     }
 }
 
+/// `mount --pin`: fetch those files first, then pin them (logged; a failure leaves the mount up).
+async fn pin_at_mount(control: Arc<Control>, paths: Vec<String>) {
+    if let Err(e) = control.pin(&paths, true, true) {
+        return tracing::error!("--pin: {e}");
+    }
+    let progress = match control.prefetch(&paths) {
+        Ok(p) => p,
+        Err(e) => return tracing::error!("--pin: {e}"),
+    };
+    // Background fetching retries what fails; this waits as long as the mount lives.
+    loop {
+        match control.prefetch_progress(progress.id) {
+            Ok(p) if p.blocks_present >= p.blocks_total => break,
+            Ok(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+            Err(e) => return tracing::error!("--pin: {e}"),
+        }
+    }
+    match tokio::task::spawn_blocking(move || control.pin(&paths, true, false)).await {
+        Ok(Ok(r)) => tracing::info!("--pin: {} files pinned ({} bytes)", r.files, r.bytes),
+        Ok(Err(e)) => tracing::error!("--pin: {e}"),
+        Err(e) => tracing::error!("--pin: {e}"),
+    }
+}
+
 /// glibc gives each thread that allocates an arena of its own and keeps what is freed there:
 /// with FUSE, async and blocking threads all passing buffers around, RSS grew to several times
 /// what is live (measured 332 MiB at peak). One arena keeps it near the live set (peak during a
@@ -646,6 +673,9 @@ fn start_services(
     }
     if let Some(cmd) = opts.settings.loader.clone() {
         rt.spawn(crate::loader::run_command(live.clone(), cmd));
+    }
+    if !opts.settings.pin.is_empty() {
+        rt.spawn(pin_at_mount(control.clone(), opts.settings.pin.clone()));
     }
     if let (Some(addr), Some(listener)) = (opts.settings.metrics, metrics_listener) {
         tracing::info!("metrics on http://{addr}/metrics");

@@ -485,6 +485,24 @@ impl Reader {
         f.data.meta.map(|_| self.region(f))
     }
 
+    /// Every leaf hash of `f` (its Merkle tree must be local).
+    pub(crate) fn leaves(&self, f: &FileRef) -> Result<Vec<Hash>, Local> {
+        let geo = Geometry::new(f.data.size);
+        let mut memo = None;
+        (0..incfs_verity::block_count(f.data.size)).map(|i| self.leaf_in(f, &geo, i, &mut memo)).collect()
+    }
+
+    /// The store keys of `f`'s metadata pieces (object digest, region offset, piece); none for a
+    /// pushed file (its tree is kept apart).
+    pub(crate) fn meta_keys(&self, f: &FileRef) -> Vec<(Hash, u64, u64)> {
+        let Some((object, offset, len)) = self.meta_region(f) else { return Vec::new() };
+        if object == PUSHED_OBJECT {
+            return Vec::new();
+        }
+        let digest = self.digest(object);
+        (0..len.div_ceil(META_CHUNK)).map(|c| (digest, offset, c)).collect()
+    }
+
     fn region(&self, f: &FileRef) -> (u32, u64, u64) {
         let m = f.data.meta.expect("non-empty files have a metadata region");
         // validate() guaranteed the region fits in its object.
@@ -1325,7 +1343,7 @@ impl Reader {
             Err(e @ incfs_store::StoreError::Full { .. }) if keep_decoded => {
                 // Nothing left to evict (all pinned, or in use): the read is still served, from
                 // memory, and the blocks are not kept.
-                tracing::warn!("{}: blocks served without being stored: {e}", f.label);
+                tracing::debug!("{}: blocks served without being stored: {e}", f.label);
                 Stats::add(&self.stats.blocks_fetched, blocks.len() as u64);
                 let run = Arc::new(run);
                 let mut staged = self.staged.lock();

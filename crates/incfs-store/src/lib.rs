@@ -48,6 +48,8 @@ pub enum StoreError {
         path.display()
     )]
     Full { path: PathBuf, limit: u64, need: u64 },
+    #[error("{what} is not in the cache (evicted meanwhile?); fetch it and try again")]
+    NotLocal { what: String },
     #[error("cache {} was written by a newer incfs (layout {found}, this one knows {LAYOUT_VERSION}); upgrade incfs, or use another --cache", path.display())]
     Newer { path: PathBuf, found: i64 },
 }
@@ -265,6 +267,31 @@ impl Store {
             data.extend_from_slice(b.data);
         }
         self.data.put_run(&data, &ranges, None, false)
+    }
+
+    /// Pin content `key` (see [`segments::Segments::pin`]); returns the bytes it occupies.
+    pub fn pin(&self, key: &FileKey, leaves: &[Hash], meta: &[(Hash, u64, u64)]) -> Result<u64, StoreError> {
+        self.data.pin(key, leaves, meta)
+    }
+
+    /// Unpin content `key`.
+    pub fn unpin(&self, key: &FileKey) -> Result<(), StoreError> {
+        self.data.unpin(key)
+    }
+
+    /// Stored bytes of the blocks `hashes` that are stored (each counted once).
+    pub fn stored_len(&self, hashes: &[Hash]) -> u64 {
+        self.data.stored_len(hashes)
+    }
+
+    /// Contents the pinned segments' markers name.
+    pub fn pinned_contents(&self) -> Vec<FileKey> {
+        self.data.pinned_contents()
+    }
+
+    /// Bytes of pinned segments.
+    pub fn pinned_bytes(&self) -> u64 {
+        self.data.pinned_bytes()
     }
 
     /// Bytes of metadata pieces indexed.

@@ -395,6 +395,30 @@ pub struct Segments {
     compacting: Mutex<()>,
     /// Plain copies whose blocks the index points at, by number (see [`PLAIN_BASE`]).
     plains: Mutex<Vec<FileKey>>,
+    /// The segment pinned data is moved to ([`Segments::pin`]); its id has a marker file.
+    pin_writer: Mutex<Option<Writer>>,
+    /// Pinned segments (a `NNNNNNNN.pin` marker beside them, listing the pinned contents they
+    /// hold): never evicted nor compacted; and the contents pinned.
+    pins: RwLock<Pins>,
+    /// Segments a pin is moving data out of: neither evicted nor compacted meanwhile.
+    protect: Mutex<std::collections::HashSet<u32>>,
+    /// One pin at a time.
+    pinning: Mutex<()>,
+}
+
+/// Clears the protected segments when a pin ends, however it ends.
+struct Unprotect<'a>(&'a Mutex<std::collections::HashSet<u32>>);
+
+impl Drop for Unprotect<'_> {
+    fn drop(&mut self) {
+        self.0.lock().clear();
+    }
+}
+
+#[derive(Default)]
+struct Pins {
+    segments: HashMap<u32, std::collections::BTreeSet<FileKey>>,
+    keys: std::collections::HashSet<FileKey>,
 }
 
 /// Index places at or above this "segment" id are blocks of plain copies, not of segments:
@@ -460,6 +484,48 @@ fn replay_dir(dir: &Path, mut each: impl FnMut(u32, Record, u64)) -> Result<Vec<
     Ok(ids)
 }
 
+fn hex_hash(h: &Hash) -> String {
+    h.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Add `data` (a block or metadata piece, `r` naming it at offset 0) to a piece of a move.
+fn push_piece((buf, recs): &mut (Vec<u8>, Vec<Record>), data: &[u8], mut r: Record) {
+    if let Record::Block { offset, .. } | Record::Meta { offset, .. } = &mut r {
+        *offset = buf.len() as u64;
+    }
+    buf.extend_from_slice(data);
+    recs.push(r);
+}
+
+fn pin_name(id: u32) -> String {
+    format!("{id:08}.pin")
+}
+
+/// The pin markers in `dir`: which pinned contents each pinned segment holds.
+fn load_pins(dir: &Path) -> Pins {
+    let mut pins = Pins::default();
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let name = e.file_name();
+        let Some(id) = name.to_str().and_then(|n| n.strip_suffix(".pin")).and_then(|n| n.parse::<u32>().ok()) else {
+            continue;
+        };
+        let keys: std::collections::BTreeSet<FileKey> = std::fs::read_to_string(e.path())
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| limit::plain_key(Path::new(l.trim())))
+            .collect();
+        if keys.is_empty() {
+            // Left by a process that pinned nothing into it (its writer's lock keeps a live
+            // one from eviction anyway).
+            let _ = std::fs::remove_file(e.path());
+            continue;
+        }
+        pins.keys.extend(keys.iter().copied());
+        pins.segments.insert(id, keys);
+    }
+    pins
+}
+
 fn hex_key(key: &FileKey) -> String {
     key.iter().map(|b| format!("{b:02x}")).collect()
 }
@@ -506,6 +572,10 @@ impl Segments {
             on_evict: RwLock::new(None),
             compacting: Mutex::new(()),
             plains: Mutex::new(Vec::new()),
+            pin_writer: Mutex::new(None),
+            pins: RwLock::new(load_pins(dir)),
+            protect: Mutex::new(Default::default()),
+            pinning: Mutex::new(()),
         })
     }
 
@@ -516,6 +586,11 @@ impl Segments {
 
     pub fn limit_state(&self) -> LimitState {
         let b = &self.budget;
+        if b.stale(b.limit().unwrap_or(u64::MAX)) {
+            // Another process (incfs cache limit, a mount) may have changed it.
+            let _gate = b.gate.lock();
+            let _ = b.rescan();
+        }
         LimitState {
             limit: b.limit(),
             used: b.used.load(Ordering::Relaxed),
@@ -581,7 +656,8 @@ impl Segments {
             }
             let io = |source| StoreError::Io { path: b.cache.clone(), source };
             let mut cands = limit::candidates(&b.cache, own).map_err(io)?;
-            cands.retain(|c| !matches!(c.victim, Victim::Segment(id) if busy.contains(&id)));
+            let protect = self.protect.lock().clone();
+            cands.retain(|c| !matches!(c.victim, Victim::Segment(id) if busy.contains(&id) || protect.contains(&id)));
             let victims = limit::choose(cands, used, need, limit).ok_or_else(full)?;
             for v in victims {
                 let freed = match &v.victim {
@@ -655,7 +731,8 @@ impl Segments {
                     Record::Meta { object, region, chunk, len, offset } => {
                         index.forget_meta(&(object, region, chunk), Some(Loc { segment: id, offset, len }));
                     }
-                    Record::Present { file, first, count } => {
+                    // A pinned content's blocks live on in a pinned segment.
+                    Record::Present { file, first, count } if !self.pins.read().keys.contains(&file) => {
                         index.clear_presence(&file, first, count);
                         cleared.push((file, first, count));
                     }
@@ -678,7 +755,7 @@ impl Segments {
     }
 
     /// A new segment of this process's own (its id claimed with `O_EXCL`).
-    fn new_writer(&self) -> Result<Writer, StoreError> {
+    fn new_writer(&self, pinned: bool) -> Result<Writer, StoreError> {
         let mut last = self.last_id.lock();
         loop {
             *last += 1;
@@ -691,6 +768,11 @@ impl Segments {
             };
             // Held while this process appends: no one evicts a segment being written.
             data.lock().map_err(self.io(spath.clone()))?;
+            if pinned {
+                let mpath = self.dir.join(pin_name(id));
+                File::options().write(true).create_new(true).mode(0o600).open(&mpath).map_err(self.io(mpath))?;
+                self.pins.write().segments.insert(id, Default::default());
+            }
             let jpath = self.dir.join(jnl_name(id));
             let mut journal = File::options()
                 .append(true)
@@ -712,11 +794,22 @@ impl Segments {
         evict: bool,
         records: impl FnOnce(u32, u64) -> Vec<Record>,
     ) -> Result<(), StoreError> {
-        let mut w = self.writer.lock();
+        self.append_to(false, data, evict, records)
+    }
+
+    /// [`Segments::append`] to this process's pinned segment (`pinned`) or its other one.
+    fn append_to(
+        &self,
+        pinned: bool,
+        data: &[u8],
+        evict: bool,
+        records: impl FnOnce(u32, u64) -> Vec<Record>,
+    ) -> Result<(), StoreError> {
+        let mut w = if pinned { self.pin_writer.lock() } else { self.writer.lock() };
         let max = limit::segment_size(self.budget.limit(), SEGMENT_MAX);
         if w.as_ref().is_none_or(|w| w.tail > 0 && w.tail + data.len() as u64 > max) {
             *w = None; // sealed: its lock goes with it
-            *w = Some(self.new_writer()?);
+            *w = Some(self.new_writer(pinned)?);
         }
         let w = w.as_mut().unwrap();
         let (_gate, plain_gone) = if data.is_empty() {
@@ -945,6 +1038,8 @@ impl Segments {
         };
         self.files.write().remove(&(PLAIN_BASE + n as u32)); // a new copy: opened afresh
         {
+            let pins = self.pins.read();
+            let pinned_segs = &pins.segments;
             let mut index = self.index.write();
             for (i, h) in leaves.iter().enumerate() {
                 let len = size.saturating_sub(i as u64 * 4096).min(4096) as u16;
@@ -952,10 +1047,179 @@ impl Segments {
                     continue;
                 }
                 let at = BlockLoc { segment: PLAIN_BASE + n as u32, offset: i as u32, len, codec: Codec::Raw };
-                index.insert_block(h, at);
+                let pinned = index.blocks.get(&block_key(h)).is_some_and(|b| pinned_segs.contains_key(&b.segment));
+                if !pinned {
+                    index.insert_block(h, at);
+                }
             }
         }
         self.compact_sparse()
+    }
+
+    /// Pin content `key`: move its blocks (`leaves`) and metadata pieces (`meta`: object,
+    /// region offset, piece) that are not in a pinned segment yet into this process's pinned
+    /// segment, and record the content in the markers of every pinned segment holding them.
+    /// Every block must be local (fetch the file first). Returns the bytes it occupies there.
+    pub fn pin(&self, key: &FileKey, leaves: &[Hash], meta: &[(Hash, u64, u64)]) -> Result<u64, StoreError> {
+        let _one = self.pinning.lock();
+        let zero = incfs_verity::hash_data_block(&[]);
+        let not_local =
+            |h: &Hash| StoreError::NotLocal { what: format!("block {} of a file being pinned", hex_hash(h)) };
+        // Marked first: an eviction meanwhile keeps its presence (its blocks are being moved).
+        self.pins.write().keys.insert(*key);
+        let mut piece: (Vec<u8>, Vec<Record>) = (Vec::new(), Vec::new());
+        let mut holding = std::collections::HashSet::new();
+        let mut bytes = 0u64;
+        let mut seen = std::collections::HashSet::new();
+        // What a read of one piece gives: its bytes and its record (offset 0).
+        let items = meta
+            .iter()
+            .filter_map(|&(object, region, chunk)| {
+                let at = self.index.read().meta.get(&(object, region, chunk)).copied()?;
+                Some(Ok((at, Record::Meta { object, region, chunk, len: at.len, offset: 0 })))
+            })
+            .chain(leaves.iter().filter(|h| **h != zero && seen.insert(**h)).map(|h| {
+                let loc = self.index.read().blocks.get(&block_key(h)).copied().ok_or_else(|| not_local(h))?;
+                Ok((loc.at(), Record::Block { hash: *h, codec: loc.codec, len: loc.len, offset: 0 }))
+            }));
+        // The segments the moved bytes come from are kept from eviction and compaction until
+        // their part is moved; the move itself may evict other data, and each piece moved
+        // frees the segments it emptied (compacted), so pinning needs little room beyond the
+        // pinned bytes themselves.
+        let items: Vec<(Loc, Record)> = items.collect::<Result<_, StoreError>>()?;
+        let mut left: HashMap<u32, usize> = HashMap::new();
+        for (at, _) in &items {
+            *left.entry(at.segment).or_default() += 1;
+        }
+        *self.protect.lock() = left.keys().copied().collect();
+        let _unprotect = Unprotect(&self.protect);
+        let piece_max = (limit::segment_size(self.budget.limit(), SEGMENT_MAX) as usize).min(COMPACT_PIECE);
+        let mut moved_from = Vec::new();
+        for (at, r) in items {
+            bytes += at.len as u64;
+            if self.pins.read().segments.contains_key(&at.segment) {
+                holding.insert(at.segment);
+                continue;
+            }
+            let data = self.read(at)?.ok_or_else(|| StoreError::NotLocal { what: format!("{r:?}") })?;
+            if piece.0.len() + data.len() > piece_max {
+                holding.insert(self.append_piece(std::mem::take(&mut piece))?);
+                self.release_protected(&mut left, &mut moved_from)?;
+            }
+            push_piece(&mut piece, &data, r);
+            moved_from.push(at.segment);
+        }
+        if !piece.1.is_empty() {
+            holding.insert(self.append_piece(piece)?);
+            self.release_protected(&mut left, &mut moved_from)?;
+        }
+        let mut pins = self.pins.write();
+        for id in holding {
+            let keys = pins.segments.entry(id).or_default();
+            if keys.insert(*key) {
+                let keys = keys.clone();
+                self.write_marker(id, &keys)?;
+            }
+        }
+        drop(pins);
+        self.compact_sparse()?;
+        Ok(bytes)
+    }
+
+    /// After a piece of a pin moved: segments whose part is all moved may go (compacted).
+    fn release_protected(&self, left: &mut HashMap<u32, usize>, moved_from: &mut Vec<u32>) -> Result<(), StoreError> {
+        let mut protect = self.protect.lock();
+        for seg in moved_from.drain(..) {
+            if let Some(n) = left.get_mut(&seg) {
+                *n -= 1;
+                if *n == 0 {
+                    protect.remove(&seg);
+                }
+            }
+        }
+        drop(protect);
+        self.compact_sparse()
+    }
+
+    /// Append a piece of moved data (records at offsets within it) to the pinned segment;
+    /// returns the segment's id.
+    fn append_piece(&self, (data, recs): (Vec<u8>, Vec<Record>)) -> Result<u32, StoreError> {
+        let mut used = 0;
+        self.append_to(true, &data, true, |id, base| {
+            used = id;
+            recs.into_iter()
+                .map(|mut r| {
+                    if let Record::Block { offset, .. } | Record::Meta { offset, .. } = &mut r {
+                        *offset += base;
+                    }
+                    r
+                })
+                .collect()
+        })?;
+        Ok(used)
+    }
+
+    /// Unpin content `key`: pinned segments left holding no pinned content become ordinary
+    /// (evicted and compacted like any other).
+    pub fn unpin(&self, key: &FileKey) -> Result<(), StoreError> {
+        let mut pins = self.pins.write();
+        pins.keys.remove(key);
+        let own = self.pin_writer.lock().as_ref().map(|w| w.id);
+        let ids: Vec<u32> = pins.segments.iter().filter(|(_, k)| k.contains(key)).map(|(id, _)| *id).collect();
+        for id in ids {
+            let keys = pins.segments.get_mut(&id).expect("listed");
+            keys.remove(key);
+            if keys.is_empty() && own != Some(id) {
+                pins.segments.remove(&id);
+                let path = self.dir.join(pin_name(id));
+                match std::fs::remove_file(&path) {
+                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(self.io(path)(e)),
+                    _ => {}
+                }
+            } else {
+                let keys = keys.clone();
+                self.write_marker(id, &keys)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn write_marker(&self, id: u32, keys: &std::collections::BTreeSet<FileKey>) -> Result<(), StoreError> {
+        let path = self.dir.join(pin_name(id));
+        let tmp = self.dir.join(format!(".{}.{}", pin_name(id), std::process::id()));
+        let text: String = keys.iter().map(|k| hex_key(k) + "\n").collect();
+        let mut f = File::options()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)
+            .map_err(self.io(tmp.clone()))?;
+        f.write_all(text.as_bytes()).map_err(self.io(tmp.clone()))?;
+        std::fs::rename(&tmp, &path).map_err(self.io(path))
+    }
+
+    /// See [`crate::Store::stored_len`].
+    pub fn stored_len(&self, hashes: &[Hash]) -> u64 {
+        let index = self.index.read();
+        let unique: std::collections::HashSet<&Hash> = hashes.iter().collect();
+        unique.into_iter().filter_map(|h| index.blocks.get(&block_key(h))).map(|b| b.len as u64).sum()
+    }
+
+    pub fn pinned_contents(&self) -> Vec<FileKey> {
+        self.pins.read().keys.iter().copied().collect()
+    }
+
+    /// Bytes in pinned segments and their journals.
+    pub fn pinned_bytes(&self) -> u64 {
+        let pins = self.pins.read();
+        pins.segments
+            .keys()
+            .map(|id| {
+                let len = |n: String| std::fs::metadata(self.dir.join(n)).map_or(0, |m| m.len());
+                len(seg_name(*id)) + len(jnl_name(*id))
+            })
+            .sum()
     }
 
     /// The plain copy of `key` is going: blocks indexed in it are not there any more.
@@ -996,6 +1260,9 @@ impl Segments {
                 else {
                     continue;
                 };
+                if self.dir.join(pin_name(id)).exists() || self.protect.lock().contains(&id) {
+                    continue; // pinned (moved by nothing), or being moved out of by a pin
+                }
                 let len = match own {
                     Some((w, tail)) if w == id => tail,
                     _ => e.metadata().map(|m| m.len()).unwrap_or(0),
