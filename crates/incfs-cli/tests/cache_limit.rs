@@ -375,3 +375,42 @@ fn pinned_files_survive_a_limit_smaller_than_the_image() {
     assert!(took < Duration::from_secs(3), "the failed read took {took:?} (read timeout 2 s)");
     assert_eq!(m.stat("bytes_fetched"), 0);
 }
+
+/// A pin is of a path: after an update changes the file there, its new content is fetched and
+/// pinned, and the old content is unpinned.
+#[test]
+fn pins_follow_their_path_across_an_update() {
+    let p = Published::new(|src| random_files(src, 3, 1 << 20, 800), &[]);
+    let serve = IncfsServer::start(&p.repo);
+    let cache = p.dir.path().join("cache");
+    let m = Mount::start(&serve.url, &p.dir.path().join("mnt"), &p.public, &cache, &["--cache-size", "16M"]);
+    incfs_ok(&["pin", m.dir.to_str().unwrap(), "f00.bin", "-q"]);
+    let marked = || -> std::collections::BTreeSet<String> {
+        fs::read_dir(cache.join("data"))
+            .unwrap()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().ends_with(".pin"))
+            .flat_map(|e| fs::read_to_string(e.path()).unwrap().lines().map(str::to_string).collect::<Vec<_>>())
+            .collect()
+    };
+    let before = marked();
+    assert_eq!(before.len(), 1, "{before:?}");
+    fs::write(p.src.join("f00.bin"), random_bytes(900, 1 << 20)).unwrap();
+    pack(&p.src, &p.repo, &p.private, &[]);
+    incfs_ok(&["update", m.dir.to_str().unwrap()]);
+    assert!(
+        wait_for(Duration::from_secs(30), || {
+            let now = marked();
+            now.len() == 1 && now != before
+        }),
+        "pinned contents: {:?} (before {before:?})\n{}",
+        marked(),
+        m.log()
+    );
+    assert_eq!(cache_json(&cache, &["ls"])[0]["pinned"], 1);
+    let url = serve.url.clone();
+    drop(m);
+    drop(serve);
+    let m = Mount::start(&url, &p.dir.path().join("mnt"), &p.public, &cache, &["--offline"]);
+    cmp(&m.path("f00.bin"), &p.src.join("f00.bin"));
+}

@@ -161,11 +161,15 @@ fn complete_files_are_passed_through_to_the_kernel() {
         fs::set_permissions(f, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
         fs::write(f, bytes).unwrap();
     }
+    // The copy held the file's blocks (every byte is stored once): the file is fetched again.
     let m = p.mount(&serve.url, "pt-auto", &[]);
     let copy = p.dir.path().join("after-tamper.out");
     dd_direct(&m.path("data.bin"), &copy);
     assert_eq!(fs::read(&copy).unwrap(), fs::read(p.src.join("data.bin")).unwrap());
     assert!(m.log().contains("does not match its digest"), "{}", m.log());
+    assert!(m.stat("bytes_fetched") >= (8 << 20) - 4096, "fetched again: {}", m.status());
+    dd_direct(&m.path("data.bin"), &copy);
+    assert_eq!(fs::read(&copy).unwrap(), fs::read(p.src.join("data.bin")).unwrap());
     assert!(m.stat("opens_passthrough") >= 1, "passed through from the rewritten copy");
 }
 

@@ -528,7 +528,48 @@ impl Control {
         for (path, f) in &files {
             store.set_pinned(&manifest.name, path, Some(&f.key)).map_err(err)?;
         }
+        self.unpin_orphans().map_err(err)?;
         Ok(PinReport { files: keys.len() as u64, bytes, pinned_bytes: store.pinned_bytes() })
+    }
+
+    /// Contents no pinned path names any more (their path was re-pinned with new content)
+    /// may be evicted again.
+    fn unpin_orphans(&self) -> Result<(), incfs_store::StoreError> {
+        let store = self.reader.store();
+        let named: std::collections::HashSet<_> = store.pinned()?.into_iter().map(|(_, _, k)| k).collect();
+        for k in store.pinned_contents().into_iter().filter(|k| !named.contains(k)) {
+            store.unpin(&k)?;
+        }
+        Ok(())
+    }
+
+    /// After a switch to `m`: the pinned paths of this image whose content changed (to pin
+    /// again); pins of paths that are gone are dropped.
+    pub fn pins_to_renew(&self, m: &incfs_format::Manifest) -> Vec<String> {
+        let store = self.reader.store();
+        let mut renew = Vec::new();
+        for (image, path, key) in store.pinned().unwrap_or_default() {
+            if image != m.name {
+                continue;
+            }
+            let now = m.resolve(path.as_bytes()).and_then(|ino| match &m.inodes[ino as usize].kind {
+                InodeKind::File(d) => Some(file_key(&d.root_hash, d.size)),
+                _ => None,
+            });
+            match now {
+                Some(k) if k == key => {}
+                Some(_) => renew.push(path),
+                None => {
+                    if let Err(e) = store.set_pinned(&image, &path, None) {
+                        tracing::warn!("cannot drop the pin of {path}: {e}");
+                    }
+                }
+            }
+        }
+        if let Err(e) = self.unpin_orphans() {
+            tracing::warn!("cannot unpin: {e}");
+        }
+        renew
     }
 
     /// Whether `bytes` more of pinned data fit under the cache limit.

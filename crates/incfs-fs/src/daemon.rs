@@ -677,6 +677,16 @@ fn start_services(
     if !opts.settings.pin.is_empty() {
         rt.spawn(pin_at_mount(control.clone(), opts.settings.pin.clone()));
     }
+    // Pins follow their paths across versions: changed content is fetched and pinned anew.
+    let (weak, handle) = (Arc::downgrade(control), rt.handle().clone());
+    live.on_switch(Arc::new(move |m| {
+        let Some(control) = weak.upgrade() else { return };
+        let renew = control.pins_to_renew(m);
+        if !renew.is_empty() {
+            tracing::info!("pinning the new content of {} pinned paths", renew.len());
+            handle.spawn(pin_at_mount(control, renew));
+        }
+    }));
     if let (Some(addr), Some(listener)) = (opts.settings.metrics, metrics_listener) {
         tracing::info!("metrics on http://{addr}/metrics");
         rt.spawn(crate::metrics::serve(control.clone(), listener));

@@ -206,7 +206,11 @@ pub struct Live {
     notifier: Mutex<Option<fuser::Notifier>>,
     /// One switch at a time.
     switching: tokio::sync::Mutex<()>,
+    on_switch: Mutex<Option<SwitchHook>>,
 }
+
+/// Told of each version switched to.
+pub type SwitchHook = Arc<dyn Fn(&Arc<Manifest>) + Send + Sync>;
 
 impl Live {
     /// `views` shows `base` with `pushed` (as [`with_pushed`] made it).
@@ -231,7 +235,13 @@ impl Live {
             running: Mutex::new(Running { background, task: None }),
             notifier: Mutex::new(None),
             switching: tokio::sync::Mutex::new(()),
+            on_switch: Mutex::new(None),
         })
+    }
+
+    /// Call `hook` with each version switched to (pins follow their paths).
+    pub fn on_switch(&self, hook: SwitchHook) {
+        *self.on_switch.lock() = Some(hook);
     }
 
     pub fn set_notifier(&self, n: fuser::Notifier) {
@@ -385,6 +395,9 @@ impl Live {
             changes.removed.len(),
             changes.changed.len()
         );
+        if let Some(hook) = self.on_switch.lock().clone() {
+            hook(&new);
+        }
         report.switched = true;
         report.added = changes.added;
         report.removed = changes.removed;

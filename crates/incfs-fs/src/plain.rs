@@ -157,7 +157,18 @@ impl PlainCopies {
                         release(reader, f, &leaves);
                         return Ok(File::open(&path)?);
                     }
-                    tracing::error!("plain copy of {} does not match its digest; writing it again", f.label);
+                    tracing::error!(
+                        "plain copy of {} does not match its digest; deleted, the file is fetched again and copied anew",
+                        f.label
+                    );
+                    // The copy held the file's blocks (the store let them go): none is local
+                    // any more that the copy does not vouch for.
+                    self.copies.lock().remove(&f.key);
+                    reader.store().forget_plain(&f.key);
+                    let _ = fs::remove_file(&path);
+                    if let Err(e) = reader.store().forget_presence(&[f.key]) {
+                        tracing::warn!("{}: cannot clear its presence: {e}", f.label);
+                    }
                 }
             }
             None => {}
