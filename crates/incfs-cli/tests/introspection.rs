@@ -40,6 +40,12 @@ fn metrics_endpoint_shows_the_counters_moving() {
     assert!(sample(&after, "incfs_reads_served_total") > 0.0);
     assert!(sample(&after, "incfs_blocks_present") >= 256.0);
     assert_eq!(sample(&after, "incfs_reads_failed_total{cause=\"verification\"}"), 0.0);
+    // The cache by kind, and what its limit did (no limit here: nothing evicted).
+    assert!(sample(&after, "incfs_cache_bytes{kind=\"blocks\"}") >= (1 << 20) as f64, "{after}");
+    assert!(sample(&after, "incfs_cache_bytes{kind=\"journal\"}") > 0.0, "{after}");
+    assert_eq!(sample(&after, "incfs_evictions_total"), 0.0);
+    assert_eq!(sample(&after, "incfs_cache_full"), 0.0);
+    assert!(!after.contains("incfs_cache_limit_bytes"), "no limit, no limit metric");
 
     // A port already taken is a clear error at mount, and nothing is mounted.
     let mnt = p.dir.path().join("mnt-taken");
