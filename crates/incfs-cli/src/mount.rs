@@ -155,17 +155,10 @@ pub fn unmount(mountpoint: &Path) -> Result<i32> {
     Ok(0)
 }
 
-/// A path inside the image: given under the mountpoint, or relative to the image root.
 /// `incfs pin` (`pin`) and `incfs unpin`: pinning fetches the files first, with a progress bar.
 pub fn pin(mountpoint: &Path, paths: &[PathBuf], pin: bool, quiet: bool) -> Result<i32> {
     let mp = std::fs::canonicalize(mountpoint).with_context(|| format!("{}", mountpoint.display()))?;
-    let mut rel = Vec::new();
-    for p in paths {
-        rel.push(image_path(&mp, p)?);
-    }
-    if rel.is_empty() {
-        rel.push(String::new());
-    }
+    let rel = image_paths(&mp, paths)?;
     let request = serde_json::json!({ "cmd": "pin", "paths": rel, "pin": pin });
     if pin {
         // Whether they fit, before fetching them.
@@ -199,6 +192,19 @@ pub fn pin(mountpoint: &Path, paths: &[PathBuf], pin: bool, quiet: bool) -> Resu
     Ok(0)
 }
 
+/// Paths inside the image of `paths` (the whole image if none).
+fn image_paths(mp: &Path, paths: &[PathBuf]) -> Result<Vec<String>> {
+    let mut rel = Vec::new();
+    for p in paths {
+        rel.push(image_path(mp, p)?);
+    }
+    if rel.is_empty() {
+        rel.push(String::new());
+    }
+    Ok(rel)
+}
+
+/// A path inside the image: given under the mountpoint, or relative to the image root.
 pub fn image_path(mp: &Path, p: &Path) -> Result<String> {
     let abs = absolute(p)?;
     let rel = match abs.strip_prefix(mp) {
@@ -345,13 +351,7 @@ pub fn update(
 /// `incfs prefetch`: ask the daemon to fetch these paths first, show progress until complete.
 pub fn prefetch(mountpoint: &Path, paths: &[PathBuf], stall: Duration, quiet: bool) -> Result<i32> {
     let mp = std::fs::canonicalize(mountpoint).with_context(|| format!("{}", mountpoint.display()))?;
-    let mut rel = Vec::new();
-    for p in paths {
-        rel.push(image_path(&mp, p)?);
-    }
-    if rel.is_empty() {
-        rel.push(String::new());
-    }
+    let rel = image_paths(&mp, paths)?;
     let v = ask(&mp, &serde_json::json!({ "cmd": "prefetch", "paths": rel })).map_err(|e| anyhow::anyhow!(e))?;
     let mut p: PrefetchProgress = serde_json::from_value(v)?;
     let bar = if quiet { ProgressBar::hidden() } else { ProgressBar::new(p.blocks_total * 4096) };

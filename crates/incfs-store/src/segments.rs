@@ -339,6 +339,9 @@ impl Budget {
     }
 
     fn note_stored(&self, hash: &Hash) {
+        if self.evictions.load(Ordering::Relaxed) == 0 {
+            return; // nothing evicted yet (no limit, or none reached): no lock per block
+        }
         let mut e = self.evicted.lock();
         let Some((bits, set)) = e.as_mut() else { return };
         let b = evicted_bit(hash);
