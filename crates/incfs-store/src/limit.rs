@@ -79,7 +79,82 @@ fn segment_id(name: &str, suffix: &str) -> Option<u32> {
 
 /// What `cache` holds, by kind.
 pub fn scan(cache: &Path) -> std::io::Result<Usage> {
+    Surveyor::default().scan(cache)
+}
+
+/// Everything that could be evicted now from `cache` (see [`Surveyor::candidates`]).
+pub fn candidates(cache: &Path, skip: Option<u32>) -> std::io::Result<Vec<Candidate>> {
+    Surveyor::default().candidates(cache, skip)
+}
+
+/// Measures a cache directory again and again, cheaply: the plain copies (possibly thousands
+/// of files) are listed again only when their directory changed (a copy made or deleted) or
+/// [`PLAIN_RELIST`] passed (recency of copies is that much behind at most); the segments (a few
+/// dozen files) every time.
+#[derive(Default)]
+pub struct Surveyor {
+    plain: parking_lot::Mutex<Option<PlainMemo>>,
+}
+
+struct PlainMemo {
+    dir_mtime: SystemTime,
+    at: std::time::Instant,
+    bytes: u64,
+    cands: Vec<Candidate>,
+}
+
+/// How long a listing of the plain copies is reused while their directory is unchanged.
+pub const PLAIN_RELIST: std::time::Duration = std::time::Duration::from_secs(5);
+
+impl Surveyor {
+    /// The plain copies' bytes and candidates.
+    fn plain(&self, cache: &Path) -> std::io::Result<(u64, Vec<Candidate>)> {
+        let dir = cache.join("plain");
+        let dir_mtime = match std::fs::metadata(&dir) {
+            Ok(m) => m.modified()?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((0, Vec::new())),
+            Err(e) => return Err(e),
+        };
+        let mut memo = self.plain.lock();
+        if let Some(m) = memo.as_ref().filter(|m| m.dir_mtime == dir_mtime && m.at.elapsed() < PLAIN_RELIST) {
+            return Ok((m.bytes, m.cands.clone()));
+        }
+        let (mut bytes, mut cands) = (0, Vec::new());
+        for e in read_dir_or_empty(&dir)? {
+            let e = e?;
+            let Ok(m) = e.metadata() else { continue };
+            bytes += m.len();
+            if e.file_name().to_string_lossy().starts_with('.') {
+                continue; // a copy being written
+            }
+            let used = m.modified().unwrap_or(SystemTime::UNIX_EPOCH);
+            cands.push(Candidate { victim: Victim::Plain(e.path()), used, bytes: m.len() });
+        }
+        *memo = Some(PlainMemo { dir_mtime, at: std::time::Instant::now(), bytes, cands: cands.clone() });
+        Ok((bytes, cands))
+    }
+
+    /// What `cache` holds, by kind.
+    pub fn scan(&self, cache: &Path) -> std::io::Result<Usage> {
+        let mut u = walk(cache)?;
+        u.plain = self.plain(cache)?.0;
+        Ok(u)
+    }
+
+    /// Everything that could be evicted now from `cache`: segments other than `skip` (this
+    /// process's own segment; other processes' current segments are found locked when
+    /// evicting), pinned ones excepted, and plain copies.
+    pub fn candidates(&self, cache: &Path, skip: Option<u32>) -> std::io::Result<Vec<Candidate>> {
+        let mut out = segment_candidates(cache, skip)?;
+        out.extend(self.plain(cache)?.1);
+        Ok(out)
+    }
+}
+
+/// What `cache` holds but the plain copies' bytes (the `plain` directory itself is not listed).
+fn walk(cache: &Path) -> std::io::Result<Usage> {
     let mut u = Usage::default();
+    let plain = cache.join("plain");
     let mut dirs = vec![cache.to_path_buf()];
     while let Some(dir) = dirs.pop() {
         let rd = match std::fs::read_dir(&dir) {
@@ -93,19 +168,20 @@ pub fn scan(cache: &Path) -> std::io::Result<Usage> {
             // Files come and go under other processes: one gone since listed counts nothing.
             let Ok(m) = e.metadata() else { continue };
             if m.is_dir() {
-                dirs.push(e.path());
+                if e.path() == plain {
+                    u.other += m.len();
+                } else {
+                    dirs.push(e.path());
+                }
                 continue;
             }
             let name = e.file_name();
             let name = name.to_string_lossy();
             let in_data = dir.file_name().is_some_and(|n| n == "data") && dir.parent() == Some(cache);
-            let in_plain = dir.file_name().is_some_and(|n| n == "plain") && dir.parent() == Some(cache);
             let slot = if in_data && segment_id(&name, ".seg").is_some() {
                 &mut u.segments
             } else if in_data && segment_id(&name, ".jnl").is_some() {
                 &mut u.journals
-            } else if in_plain {
-                &mut u.plain
             } else if dir == cache && name.starts_with("store.db") {
                 &mut u.database
             } else {
@@ -117,10 +193,8 @@ pub fn scan(cache: &Path) -> std::io::Result<Usage> {
     Ok(u)
 }
 
-/// Everything that could be evicted now from `cache`: segments other than `skip` (this
-/// process's own segment; other processes' current segments are found locked when evicting),
-/// pinned ones excepted, and plain copies.
-pub fn candidates(cache: &Path, skip: Option<u32>) -> std::io::Result<Vec<Candidate>> {
+/// The segments that could be evicted: all but `skip` and pinned ones.
+fn segment_candidates(cache: &Path, skip: Option<u32>) -> std::io::Result<Vec<Candidate>> {
     let mut out = Vec::new();
     let data = cache.join("data");
     let mut journals = std::collections::HashMap::new();
@@ -149,17 +223,6 @@ pub fn candidates(cache: &Path, skip: Option<u32>) -> std::io::Result<Vec<Candid
         let used = m.modified().unwrap_or(SystemTime::UNIX_EPOCH);
         let bytes = m.len() + journals.get(&id).copied().unwrap_or(0);
         out.push(Candidate { victim: Victim::Segment(id), used, bytes });
-    }
-    for e in read_dir_or_empty(&cache.join("plain"))? {
-        let e = e?;
-        let name = e.file_name();
-        if name.to_string_lossy().starts_with('.') {
-            continue; // a copy being written
-        }
-        if let Ok(m) = e.metadata() {
-            let used = m.modified().unwrap_or(SystemTime::UNIX_EPOCH);
-            out.push(Candidate { victim: Victim::Plain(e.path()), used, bytes: m.len() });
-        }
     }
     Ok(out)
 }

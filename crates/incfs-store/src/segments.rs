@@ -284,6 +284,7 @@ struct Budget {
     gate: Mutex<()>,
     /// Room promised to writes outside the segments that are not on disk yet (plain copies).
     reserved: AtomicU64,
+    surveyor: limit::Surveyor,
     evictions: AtomicU64,
     evicted_bytes: AtomicU64,
     refetched: AtomicU64,
@@ -310,7 +311,7 @@ impl Budget {
         let limit = limit::recorded(&self.cache).map_err(io)?;
         self.limit.store(limit.unwrap_or(u64::MAX), Ordering::Relaxed);
         if limit.is_some() {
-            let on_disk = limit::scan(&self.cache).map_err(io)?.total();
+            let on_disk = self.surveyor.scan(&self.cache).map_err(io)?.total();
             self.used.store(on_disk + self.reserved.load(Ordering::Relaxed), Ordering::Relaxed);
         }
         self.unscanned.store(0, Ordering::Relaxed);
@@ -559,6 +560,7 @@ impl Segments {
             scanned: Mutex::new(None),
             gate: Mutex::new(()),
             reserved: AtomicU64::new(0),
+            surveyor: limit::Surveyor::default(),
             evictions: AtomicU64::new(0),
             evicted_bytes: AtomicU64::new(0),
             refetched: AtomicU64::new(0),
@@ -658,7 +660,7 @@ impl Segments {
                 return Err(full());
             }
             let io = |source| StoreError::Io { path: b.cache.clone(), source };
-            let mut cands = limit::candidates(&b.cache, own).map_err(io)?;
+            let mut cands = b.surveyor.candidates(&b.cache, own).map_err(io)?;
             let protect = self.protect.lock().clone();
             cands.retain(|c| !matches!(c.victim, Victim::Segment(id) if busy.contains(&id) || protect.contains(&id)));
             let victims = limit::choose(cands, used, need, limit).ok_or_else(full)?;
@@ -669,7 +671,10 @@ impl Segments {
                         Ok(()) => {
                             if let Some(key) = limit::plain_key(path) {
                                 self.forget_plain(&key);
-                                plain_gone.push(key);
+                                // A pinned content's blocks stay in its pinned segments.
+                                if !self.pins.read().keys.contains(&key) {
+                                    plain_gone.push(key);
+                                }
                             }
                             Some(v.bytes)
                         }
