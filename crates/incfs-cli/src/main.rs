@@ -448,6 +448,20 @@ enum Command {
     },
     /// Unmount an incfs mount (the daemon then exits).
     Unmount { mountpoint: PathBuf },
+    /// Replace a mount's daemon by a new process without unmounting (an upgrade): open files
+    /// stay open, reads in progress complete, counters carry over. The mount's supervisor
+    /// starts the new daemon and gives it the FUSE connection; if the new binary fails to
+    /// start, the previous one is started again and the command fails.
+    Restart {
+        mountpoint: PathBuf,
+        /// The incfs binary to run (default: the path the mount was started from, which now
+        /// holds whatever was installed there since).
+        #[arg(long, value_name = "PATH")]
+        binary: Option<PathBuf>,
+        /// How long to wait for the new daemon to serve.
+        #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+        timeout: std::time::Duration,
+    },
     /// Show a mount's state: image, sources, blocks present, bytes fetched and stored, read and
     /// fetch counters. With PATH, that file's present block ranges.
     Status {
@@ -676,6 +690,7 @@ fn main() {
             mount::prefetch(&mountpoint, &paths, stall_timeout, quiet)
         }
         Command::Unmount { mountpoint } => mount::unmount(&mountpoint),
+        Command::Restart { mountpoint, binary, timeout } => mount::restart(&mountpoint, binary.as_deref(), timeout),
         Command::Pin { mountpoint, paths, quiet } => mount::pin(&mountpoint, &paths, true, quiet),
         Command::Unpin { mountpoint, paths } => mount::pin(&mountpoint, &paths, false, true),
         Command::Update { mountpoint, to, allow_rollback, allow_expired, json } => {

@@ -56,6 +56,19 @@ pub fn mount(a: MountArgs) -> Result<i32> {
     if !a.foreground {
         return spawn_daemon(mountpoint, &cache);
     }
+    if std::env::var_os(incfs_fs::handover::SUPERVISOR_FD_ENV).is_none() {
+        // This process holds the mount; the daemon proper is a child running this same command
+        // line, replaced if it dies and by `incfs restart`.
+        let args: Vec<std::ffi::OsString> =
+            COMMAND_LINE.get().cloned().unwrap_or_else(|| std::env::args_os().skip(1).collect());
+        let s = incfs_fs::supervisor::Supervise {
+            mountpoint: std::fs::canonicalize(mountpoint).or_else(|_| absolute(mountpoint))?,
+            binary: std::env::current_exe().context("cannot find the incfs binary")?,
+            args,
+            threads: a.settings.threads,
+        };
+        return incfs_fs::supervisor::run(s).map_err(|e| anyhow::anyhow!("supervisor: {e}"));
+    }
     let report = std::env::var_os(READY_ENV).is_some();
     let result = (|| -> Result<()> {
         let mut settings = a.settings.clone();
@@ -74,7 +87,7 @@ pub fn mount(a: MountArgs) -> Result<i32> {
                 for w in warnings {
                     println!("warning: {w}");
                 }
-                println!("ready");
+                println!("ready {}", std::process::id());
                 let _ = std::io::stdout().flush();
             } else {
                 for w in warnings {
@@ -132,12 +145,18 @@ fn spawn_daemon(mountpoint: &Path, cache: &Path) -> Result<i32> {
             None => break,
         }
     }
-    match line.trim() {
-        "ready" => {
-            println!("mounted at {} (daemon pid {}, log {})", mountpoint.display(), child.id(), log_path.display());
+    match line.trim().split_once(' ').unwrap_or((line.trim(), "")) {
+        ("ready", daemon) => {
+            println!(
+                "mounted at {} (daemon pid {daemon}, supervisor pid {}, log {})",
+                mountpoint.display(),
+                child.id(),
+                log_path.display()
+            );
             Ok(0)
         }
-        l if l.starts_with("error: ") => {
+        _ if line.starts_with("error: ") => {
+            let l = line.trim();
             let _ = child.wait();
             eprintln!("{l}");
             Ok(2)
@@ -152,6 +171,40 @@ fn spawn_daemon(mountpoint: &Path, cache: &Path) -> Result<i32> {
 pub fn unmount(mountpoint: &Path) -> Result<i32> {
     let mp = std::fs::canonicalize(mountpoint).unwrap_or_else(|_| mountpoint.to_path_buf());
     incfs_fs::unmount(&mp).map_err(|e| anyhow::anyhow!("cannot unmount {}: {e}", mp.display()))?;
+    Ok(0)
+}
+
+/// `incfs restart`: ask the daemon to have its supervisor replace it, then wait until another
+/// daemon answers (or the old binary again, when the new one failed: reported as an error).
+pub fn restart(mountpoint: &Path, binary: Option<&Path>, timeout: Duration) -> Result<i32> {
+    let mp = std::fs::canonicalize(mountpoint).with_context(|| format!("{}", mountpoint.display()))?;
+    let binary = binary.map(absolute).transpose()?;
+    let request = serde_json::json!({ "cmd": "restart", "binary": binary });
+    let old: u32 = serde_json::from_value(ask(&mp, &request).map_err(|e| anyhow::anyhow!(e))?)?;
+    let started = std::time::Instant::now();
+    let status = loop {
+        // Refused or unanswered while the switch happens; bounded by --timeout.
+        if let Ok(v) = ask_within(&mp, &serde_json::json!({ "cmd": "status" }), Duration::from_secs(5)) {
+            let s: Status = serde_json::from_value(v)?;
+            if s.daemon_pid != old && s.daemon_pid != 0 {
+                break s;
+            }
+        }
+        if started.elapsed() > timeout {
+            bail!("no new daemon answered within {timeout:?}; see the mount's daemon.log");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    if let Some(e) = &status.restart_error {
+        bail!("{e}; daemon pid {} serves {} again", status.daemon_pid, mp.display());
+    }
+    println!(
+        "restarted {}: daemon pid {old} -> {} (incfs {}), {:.2} s",
+        mp.display(),
+        status.daemon_pid,
+        status.daemon_version,
+        started.elapsed().as_secs_f64()
+    );
     Ok(0)
 }
 
@@ -236,7 +289,14 @@ pub fn status(mountpoint: &Path, path: Option<&Path>, json: bool) -> Result<i32>
     let s: Status = serde_json::from_value(v)?;
     let pct = if s.blocks_total > 0 { 100.0 * s.blocks_present as f64 / s.blocks_total as f64 } else { 100.0 };
     println!("image:     {} version {}", s.image, s.version);
-    println!("mounted:   {} (daemon pid {}, incfs {})", s.mountpoint, s.daemon_pid, s.daemon_version);
+    let supervisor = match s.supervisor_pid {
+        Some(p) => format!(", supervisor pid {p}, {} restarts", s.restarts),
+        None => String::new(),
+    };
+    println!("mounted:   {} (daemon pid {}, incfs {}{supervisor})", s.mountpoint, s.daemon_pid, s.daemon_version);
+    if let Some(e) = &s.restart_error {
+        println!("restart:   the last restart failed: {e}");
+    }
     if let Some(at) = &s.expires {
         println!("expires:   {at} (signed in the manifest; updates must bring a fresher one)");
     }

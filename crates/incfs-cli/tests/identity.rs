@@ -171,7 +171,8 @@ fn an_expired_manifest_is_refused_unless_allowed() {
         Some(incfs_fetch::image::format_time(at).as_str()),
         "status shows the expiry"
     );
-    assert_eq!(status["daemon_pid"].as_u64(), Some(live.pid as u64));
+    assert_eq!(status["daemon_pid"].as_u64(), Some(live.daemon_pid as u64));
+    assert_eq!(status["supervisor_pid"].as_u64(), Some(live.pid as u64));
 
     // Version 3 expired an hour ago: what a server freezing clients on it would serve.
     let mut v3 = v2.clone();

@@ -11,7 +11,8 @@
 //! `{"cmd":"files","incomplete":true}` and `{"cmd":"fill","path":P,"blocks":[{"block":N,
 //! "codec":"raw","data":BASE64}]}`. Two requests turn the connection into a stream:
 //! `{"cmd":"log"}` (one JSON read record per line, until the client closes) and
-//! `{"cmd":"loader"}` (a data loader session, `docs/loader.md`).
+//! `{"cmd":"loader"}` (a data loader session, `docs/loader.md`), `{"cmd":"restart","binary":P|null}`
+//! (answers the pid of the daemon being replaced).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -132,6 +133,10 @@ enum Request {
     },
     Log,
     Loader,
+    /// Replace this daemon by a new process (`incfs restart`); answers this daemon's pid.
+    Restart {
+        binary: Option<std::path::PathBuf>,
+    },
     Add {
         /// As printed (escaped).
         path: String,
@@ -212,6 +217,8 @@ pub enum RequestError {
     PinTooLarge { new: u64, total: u64, limit: u64 },
     #[error("pinning: {0}")]
     Pin(String),
+    #[error("this mount's daemon has no supervisor (it was started by an older incfs); unmount and mount it again")]
+    NoSupervisor,
     #[error("log and loader open a stream: send them first")]
     StreamNotFirst,
     #[error(transparent)]
@@ -294,6 +301,15 @@ pub struct Status {
     pub daemon_pid: u32,
     #[serde(default)]
     pub daemon_version: String,
+    /// The supervisor holding the mount (`None`: the daemon holds it itself), how many daemons
+    /// replaced an earlier one (crashes and `incfs restart`), and why the last restart kept the
+    /// old binary, if it did.
+    #[serde(default)]
+    pub supervisor_pid: Option<u32>,
+    #[serde(default)]
+    pub restarts: u64,
+    #[serde(default)]
+    pub restart_error: Option<String>,
     /// When the served manifest's signed expiry passes (RFC 3339), if it has one.
     #[serde(default)]
     pub expires: Option<String>,
@@ -370,6 +386,10 @@ pub struct Control {
     pub offline: bool,
     /// `incfs prefetch` requests: id -> contents concerned.
     pub prefetches: Mutex<HashMap<u64, Vec<[u8; 40]>>>,
+    /// The link to the supervisor, if the mount has one (`incfs restart` needs it).
+    pub supervisor: Option<Arc<crate::handover::Link>>,
+    /// Daemons before this one, and why the last restart fell back, if it did.
+    pub restarts: (u64, Option<String>),
 }
 
 impl Control {
@@ -421,6 +441,10 @@ impl Control {
             staged_limit: crate::reader::STAGED_LIMIT_BYTES,
             daemon_pid: std::process::id(),
             daemon_version: env!("CARGO_PKG_VERSION").to_string(),
+            // SAFETY: getppid has no preconditions and cannot fail.
+            supervisor_pid: self.supervisor.as_ref().map(|_| unsafe { libc::getppid() } as u32),
+            restarts: self.restarts.0,
+            restart_error: self.restarts.1.clone(),
             expires: view.manifest.expires.map(incfs_fetch::image::format_time),
             cache_limit: limit.limit,
             cache_usage: CacheUsage::new(&usage, store.totals().block_bytes, store.meta_bytes()),
@@ -667,6 +691,20 @@ impl Control {
                 loader::add(&self.live, &path, mode, size, &root_hash, &tree, &signature)
                     .await
                     .map_err(RequestError::Refused)
+            }
+            Request::Restart { binary } => {
+                let link = self.supervisor.as_ref().ok_or(RequestError::NoSupervisor)?;
+                if let Some(b) = &binary {
+                    if !b.is_absolute() || !b.is_file() {
+                        return Err(RequestError::Refused(format!(
+                            "{}: not an absolute path to a file; give the new incfs binary's full path",
+                            b.display()
+                        )));
+                    }
+                }
+                link.send(&crate::handover::ToSupervisor::Restart { binary })
+                    .map_err(|e| RequestError::Refused(e.to_string()))?;
+                value(std::process::id())
             }
             Request::Log | Request::Loader => Err(RequestError::StreamNotFirst),
         }

@@ -17,6 +17,7 @@ use parking_lot::Mutex;
 use crate::background::BackgroundOptions;
 use crate::control::{socket_path, Control};
 use crate::fuse::{FsOptions, IncFs};
+use crate::handover::{InitFacts, Link, Takeover, ToSupervisor, ToWorker};
 use crate::live::{Live, Policy};
 use crate::mirrors::Mirrors;
 use crate::plain::PlainCopies;
@@ -142,6 +143,10 @@ pub enum MountError {
     Mountpoint { path: PathBuf, reason: String },
     #[error("mounting at {}: {error}", path.display())]
     Fuse { path: PathBuf, error: std::io::Error },
+    #[error("taking the mount over: {0}")]
+    Takeover(String),
+    #[error(transparent)]
+    Link(#[from] crate::handover::LinkError),
     #[error(transparent)]
     Io(#[from] std::io::Error),
 }
@@ -149,6 +154,8 @@ pub enum MountError {
 /// The manifest a mount serves, and how it was had.
 struct Opened {
     manifest: Manifest,
+    /// The manifest as signed and published.
+    bytes: bytes::Bytes,
     /// From the cache, not from a source.
     from_cache: bool,
     /// What the user should know (shown by `incfs mount` and logged).
@@ -176,7 +183,7 @@ async fn open_image(opts: &MountOptions, sources: &[Source], store: &Store) -> R
     let mut refused: Option<MountError> = None;
     for source in sources {
         let answer = match source.get(layout::LATEST_MANIFEST, layout::MAX_MANIFEST_BYTES).await {
-            Ok(bytes) => accept_manifest(opts, sources, store, source, bytes),
+            Ok(bytes) => accept_manifest(opts, sources, store, source, bytes.clone()).map(|m| (m, bytes)),
             Err(e @ SourceError::NotFound { .. }) => Err(e.into()),
             Err(e) => {
                 tracing::warn!("{e}");
@@ -185,7 +192,7 @@ async fn open_image(opts: &MountOptions, sources: &[Source], store: &Store) -> R
             }
         };
         match answer {
-            Ok(manifest) => return Ok(Opened { manifest, from_cache: false, warnings: Vec::new() }),
+            Ok((manifest, bytes)) => return Ok(Opened { manifest, bytes, from_cache: false, warnings: Vec::new() }),
             Err(e) if !e.cache_may_answer() => return Err(e),
             Err(e) => {
                 if sources.len() > 1 {
@@ -195,7 +202,7 @@ async fn open_image(opts: &MountOptions, sources: &[Source], store: &Store) -> R
             }
         }
     }
-    let Some(m) = cached_image(opts, sources, store)? else {
+    let Some((m, bytes)) = cached_image(opts, sources, store)? else {
         return Err(match refused {
             Some(e) => e,
             None => MountError::Offline(unreachable.join("; "), opts.cache.display().to_string()),
@@ -207,7 +214,7 @@ async fn open_image(opts: &MountOptions, sources: &[Source], store: &Store) -> R
     };
     let warning = format!("{why}; mounted {} version {} from the cache", m.name, m.version);
     tracing::warn!("{warning}");
-    Ok(Opened { manifest: m, from_cache: true, warnings: vec![warning] })
+    Ok(Opened { manifest: m, bytes, from_cache: true, warnings: vec![warning] })
 }
 
 /// Check a manifest `source` sent (signature, expiry, the image expected or pinned, rollback
@@ -265,12 +272,17 @@ fn expect_image(opts: &MountOptions, source_name: &str, offered: &str) -> Result
 }
 
 /// The newest manifest this cache accepted for the primary source, its signature checked again.
-fn cached_image(opts: &MountOptions, sources: &[Source], store: &Store) -> Result<Option<Manifest>, MountError> {
+fn cached_image(
+    opts: &MountOptions,
+    sources: &[Source],
+    store: &Store,
+) -> Result<Option<(Manifest, bytes::Bytes)>, MountError> {
     let primary = &sources[0];
     let Some(acc) = store.manifest_for_source(primary.name())? else {
         return Ok(None);
     };
-    let image = Image::from_manifest_bytes(primary.clone(), acc.bytes.into(), &opts.trust)?;
+    let bytes = bytes::Bytes::from(acc.bytes);
+    let image = Image::from_manifest_bytes(primary.clone(), bytes.clone(), &opts.trust)?;
     let m = image.manifest();
     expect_image(opts, &format!("the cache's copy of {}", primary.name()), &m.name)?;
     // No expiry check here: expiry guards against a source replaying an old version; the
@@ -278,7 +290,7 @@ fn cached_image(opts: &MountOptions, sources: &[Source], store: &Store) -> Resul
     if m.expired_at(incfs_fetch::image::unix_now()) && !opts.settings.allow_expired {
         tracing::warn!("mounting {} version {} from the cache: its signed expiry has passed", m.name, m.version);
     }
-    Ok(Some((**m).clone()))
+    Ok(Some(((**m).clone(), bytes)))
 }
 
 /// The access profile to fetch first: the one given, else the one published beside the
@@ -371,26 +383,46 @@ fn readahead_knob(mountpoint: &Path) -> Option<PathBuf> {
 /// background work (completion, `--follow`, loader, metrics, profile recording, signals); run
 /// until unmounted; stop everything. Each stage is a function below.
 pub fn mount(opts: MountOptions, on_ready: impl FnOnce(&[String])) -> Result<(), MountError> {
-    let mountpoint = std::fs::canonicalize(&opts.mountpoint)
-        .map_err(|e| MountError::Mountpoint { path: opts.mountpoint.clone(), reason: e.to_string() })?;
-    if !mountpoint.is_dir() {
-        return Err(MountError::Mountpoint { path: mountpoint, reason: "not a directory".into() });
-    }
+    // Under a supervisor (crate::supervisor): its link, and what to take over, if anything.
+    let link = Link::from_env().transpose()?.map(Arc::new);
+    let takeover = match &link {
+        Some(l) => match l.recv()? {
+            ToWorker::Hello { takeover } => takeover,
+            other => return Err(MountError::Takeover(format!("unexpected first message {other:?}"))),
+        },
+        None => None,
+    };
+    let mountpoint = match &takeover {
+        // Mounted already: a stat of it would wait for this very process to answer.
+        Some(t) => t.mountpoint.clone(),
+        None => {
+            let mp = std::fs::canonicalize(&opts.mountpoint)
+                .map_err(|e| MountError::Mountpoint { path: opts.mountpoint.clone(), reason: e.to_string() })?;
+            if !mp.is_dir() {
+                return Err(MountError::Mountpoint { path: mp, reason: "not a directory".into() });
+            }
+            mp
+        }
+    };
     let _trim = AllocatorTrim::start();
     // Blocking threads verify and store fetched runs: a few per core is enough, and each idle one
     // keeps a malloc arena (RSS).
     let rt =
         tokio::runtime::Builder::new_multi_thread().worker_threads(2).max_blocking_threads(8).enable_all().build()?;
     let (store, cache_lock) = open_cache(&opts)?;
-    let (sources, opened) = accept(&opts, &store, &rt)?;
+    let (sources, opened) = accept(&opts, &store, &rt, takeover.as_deref())?;
     let manifest = Arc::new(opened.manifest);
     // Held while mounted: `incfs cache rm` refuses an image in use.
     let image_lock = crate::cache::image_lock(&opts.cache, &manifest.name)?;
     let _ = image_lock.try_lock_shared();
     mark_used(&store, &manifest.name);
-    let profile = rt.block_on(load_profile(&opts, &sources, opened.from_cache))?;
+    let profile = rt.block_on(load_profile(&opts, &sources, opened.from_cache || takeover.is_some()))?;
     let recording = opts.settings.record_profile.is_some();
-    let Built { reader, views, pushed } = build_view(&opts, &store, &manifest, sources, recording)?;
+    let Built { reader, views, pushed } =
+        build_view(&opts, &store, &manifest, sources, recording, takeover.as_deref())?;
+    if let Some(t) = &takeover {
+        reader.stats.carry_over(&t.counters);
+    }
 
     // With a loader, data comes when it fills it: the sources give the manifest and trees only,
     // and there is nothing for background completion to fetch.
@@ -409,7 +441,7 @@ pub fn mount(opts: MountOptions, on_ready: impl FnOnce(&[String])) -> Result<(),
         },
         BackgroundOptions { enabled: background, bandwidth: opts.settings.bandwidth, profile },
         recording,
-        manifest.clone(),
+        (manifest.clone(), opened.bytes.clone()),
         pushed,
     );
     let recorder = opts.settings.record_profile.as_ref().map(|_| Arc::new(Mutex::new(Recorder::default())));
@@ -428,6 +460,14 @@ pub fn mount(opts: MountOptions, on_ready: impl FnOnce(&[String])) -> Result<(),
         plain: plain.clone(),
         recorder: recorder.clone(),
         readahead: readahead.clone(),
+        on_mode: link.clone().map(|l| -> crate::fuse::ModeHook {
+            Arc::new(move |ino, mode| {
+                if let Err(e) = l.send(&ToSupervisor::Mode { ino, mode }) {
+                    tracing::warn!("{e}");
+                }
+            })
+        }),
+        takeover: takeover.as_ref().map(|t| (t.init, t.modes.iter().copied().collect())),
     };
     let fs = IncFs::new(views, reader.clone(), rt.handle().clone(), fs_opts);
     // Bound before mounting, so that a taken address is an error with nothing mounted.
@@ -437,9 +477,7 @@ pub fn mount(opts: MountOptions, on_ready: impl FnOnce(&[String])) -> Result<(),
         ),
         None => None,
     };
-    let config = fuse_config(&manifest.name, opts.settings.threads);
-    let session =
-        Session::new(fs, &mountpoint, &config).map_err(|error| MountError::Fuse { path: mountpoint.clone(), error })?;
+    let session = start_fuse(fs, &manifest.name, &opts, &mountpoint, link.as_deref(), takeover.as_deref())?;
     live.set_notifier(session.notifier());
     let control = Arc::new(Control {
         live: live.clone(),
@@ -449,13 +487,33 @@ pub fn mount(opts: MountOptions, on_ready: impl FnOnce(&[String])) -> Result<(),
         plain,
         offline: opened.from_cache,
         prefetches: Mutex::new(Default::default()),
+        supervisor: link.clone(),
+        restarts: takeover.as_ref().map_or((0, None), |t| (t.restarts, t.restart_error.clone())),
     });
-    let sock = start_services(&opts, &rt, &live, &control, metrics_listener, recorder.clone(), &mountpoint)?;
+    let sock = start_services(&opts, &rt, &live, &control, metrics_listener, recorder.clone())?;
 
     // Written by the first request after FUSE_INIT (INIT itself would undo a larger setting).
     let _ = readahead.set(readahead_knob(&mountpoint));
-    tracing::info!("mounted at {}", mountpoint.display());
-    on_ready(&opened.warnings);
+    if let Some(l) = &link {
+        let l2 = l.clone();
+        live.on_view(Arc::new(move |v| {
+            if let Err(e) = l2.send(&ToSupervisor::View(v)) {
+                tracing::warn!("{e}");
+            }
+        }));
+        serve_supervisor(l.clone(), reader_stats(&control));
+    }
+    if takeover.is_some() {
+        // Requests the previous daemon had read but not answered: the kernel sends them again.
+        resend_unanswered(&session);
+        tracing::info!("serving {} again (daemon pid {})", mountpoint.display(), std::process::id());
+    } else {
+        tracing::info!("mounted at {}", mountpoint.display());
+        on_ready(&opened.warnings);
+    }
+    if let Some(l) = &link {
+        l.send(&ToSupervisor::Ready)?;
+    }
     let result = session.run();
 
     // Unmounted: stop everything this mount started.
@@ -468,6 +526,85 @@ pub fn mount(opts: MountOptions, on_ready: impl FnOnce(&[String])) -> Result<(),
     mark_used(&store, &manifest.name);
     drop((cache_lock, image_lock));
     result.map_err(|error| MountError::Fuse { path: mountpoint, error })
+}
+
+fn reader_stats(control: &Control) -> Arc<Stats> {
+    control.reader.stats.clone()
+}
+
+/// The FUSE session: mounted here (no supervisor), or by the supervisor and initialized here
+/// (first worker), or taken over initialized (a worker replacing another).
+fn start_fuse(
+    fs: IncFs,
+    name: &str,
+    opts: &MountOptions,
+    mountpoint: &Path,
+    link: Option<&Link>,
+    takeover: Option<&Takeover>,
+) -> Result<Session<IncFs>, MountError> {
+    let fuse_err = |error| MountError::Fuse { path: mountpoint.to_path_buf(), error };
+    let Some(link) = link else {
+        let config = fuse_config(name, opts.settings.threads, true);
+        return Session::new(fs, mountpoint, &config).map_err(fuse_err);
+    };
+    // Every thread reads the supervisor's fd itself, not a clone: requests read from a clone
+    // are failed by the kernel when the clone closes (a dying worker), while those read from
+    // the shared fd stay pending, to be sent again to the next worker.
+    let config = fuse_config(name, opts.settings.threads, false);
+    let acl = config.acl;
+    if takeover.is_some() {
+        let fd = link.recv_fd()?;
+        return Ok(Session::from_fd_initialized(fs, fd, acl, config));
+    }
+    link.send(&ToSupervisor::Mount { name: name.to_string() })?;
+    match link.recv()? {
+        ToWorker::Mounted => {}
+        ToWorker::MountFailed { error } => return Err(fuse_err(std::io::Error::other(error))),
+        other => return Err(MountError::Takeover(format!("unexpected answer to mount: {other:?}"))),
+    }
+    let fd = link.recv_fd()?;
+    let passthrough = fs.passthrough_flag();
+    let session = Session::from_fd(fs, fd, acl, config).map_err(fuse_err)?;
+    let init = InitFacts { passthrough: passthrough.load(std::sync::atomic::Ordering::Relaxed) };
+    link.send(&ToSupervisor::Initialized { init })?;
+    Ok(session)
+}
+
+/// Tell the kernel to send again every request read from this connection and not answered
+/// (`FUSE_NOTIFY_RESEND`, Linux 6.9): those the previous worker held when it died or stopped.
+fn resend_unanswered(session: &Session<IncFs>) {
+    use std::os::fd::AsFd;
+    // struct fuse_out_header { len: u32, error: i32 (the notify code), unique: u64 (0) }
+    const FUSE_NOTIFY_RESEND: i32 = 7;
+    let mut header = [0u8; 16];
+    header[..4].copy_from_slice(&16u32.to_le_bytes());
+    header[4..8].copy_from_slice(&FUSE_NOTIFY_RESEND.to_le_bytes());
+    if let Err(e) = nix::unistd::write(session.as_fd(), &header) {
+        tracing::warn!(
+            "cannot ask the kernel to resend unanswered requests ({e}; Linux 6.9 or later has it): \
+             reads the previous daemon held will not complete"
+        );
+    }
+}
+
+/// Wait for the supervisor's [`ToWorker::Stop`] (an `incfs restart`): hand the counters over
+/// and exit at once; the replacement takes the connection, and the kernel sends it whatever
+/// this process leaves unanswered. Exiting without unwinding is what `kill -9` does too, and
+/// the cache is built to survive that at any instant.
+fn serve_supervisor(link: Arc<Link>, stats: Arc<Stats>) {
+    let Some(mut reader) = link.take_reader() else { return };
+    std::thread::spawn(move || loop {
+        match crate::handover::read_frame::<ToWorker>(&mut reader) {
+            Ok(ToWorker::Stop) => {
+                tracing::info!("handing the mount over to a new daemon");
+                let _ = link.send(&ToSupervisor::Counters { counters: stats.snapshot() });
+                std::process::exit(0);
+            }
+            Ok(other) => tracing::warn!("supervisor said {other:?}; ignored"),
+            // The supervisor is gone; PR_SET_PDEATHSIG ends this process.
+            Err(_) => return,
+        }
+    });
 }
 
 fn mark_used(store: &Store, name: &str) {
@@ -568,6 +705,7 @@ fn accept(
     opts: &MountOptions,
     store: &Store,
     rt: &tokio::runtime::Runtime,
+    takeover: Option<&Takeover>,
 ) -> Result<(Vec<Source>, Opened), MountError> {
     // Requests may outlive the read that started them (the block is still worth having), but
     // not by much; the read itself is bounded by read_timeout.
@@ -577,11 +715,19 @@ fn accept(
         retries: 2,
     };
     let sources = opts.sources.iter().map(|s| Source::parse(s, &source_opts)).collect::<Result<Vec<_>, _>>()?;
-    let opened = if opts.settings.offline {
-        let m = cached_image(opts, &sources, store)?
+    let opened = if let Some(t) = takeover {
+        // The manifest the previous daemon served, as signed (checked again all the same); no
+        // source is contacted: the mount must answer again at once.
+        let bytes = bytes::Bytes::from(t.view.manifest.clone());
+        let image = Image::from_manifest_bytes(sources[0].clone(), bytes.clone(), &opts.trust)?;
+        let m = (**image.manifest()).clone();
+        tracing::info!("taking the mount over: {} version {}", m.name, m.version);
+        Opened { manifest: m, bytes, from_cache: opts.settings.offline, warnings: Vec::new() }
+    } else if opts.settings.offline {
+        let (m, bytes) = cached_image(opts, &sources, store)?
             .ok_or_else(|| MountError::NotCached(opts.cache.display().to_string(), sources[0].name().to_string()))?;
         tracing::info!("--offline: mounting version {} from the cache; no source is contacted", m.version);
-        Opened { manifest: m, from_cache: true, warnings: Vec::new() }
+        Opened { manifest: m, bytes, from_cache: true, warnings: Vec::new() }
     } else {
         rt.block_on(open_image(opts, &sources, store))?
     };
@@ -603,6 +749,7 @@ fn build_view(
     manifest: &Arc<Manifest>,
     sources: Vec<Source>,
     recording: bool,
+    takeover: Option<&Takeover>,
 ) -> Result<Built, MountError> {
     let stats = Arc::new(Stats::default());
     let mirrors = Arc::new(Mirrors::new(sources));
@@ -621,15 +768,28 @@ fn build_view(
     for s in skipped {
         tracing::warn!("pushed file {s} has no place in version {}: not shown", manifest.version);
     }
-    let view = View::first(Arc::new(served), recording);
+    let served = Arc::new(served);
+    let view = match takeover {
+        None => View::first(served, recording),
+        // The kernel knows files by the numbers the previous daemon gave: the same ones, for
+        // the same paths, or no takeover at all (wrong numbers would show one file's data under
+        // another's name).
+        Some(t) => (crate::handover::shape(&served) == t.view.shape)
+            .then(|| View::restored(served, t.view.inos.clone(), t.view.max_ino, recording))
+            .flatten()
+            .ok_or(MountError::Takeover(
+                "the files shown changed shape since the previous daemon (a push it had not reported)".into(),
+            ))?,
+    };
     reader.presence.load(store, view.contents.iter().map(|(k, _)| *k))?;
     Ok(Built { reader, views: Arc::new(Views::new(view)), pushed })
 }
 
 /// How the kernel is asked to mount image `name`: read-only, `nodev`, `default_permissions`,
-/// `threads` request threads on cloned fds; as root, open to all users and unmounted by
-/// fusermount3 if the daemon dies (so the mountpoint never stays dead).
-fn fuse_config(name: &str, threads: usize) -> Config {
+/// `threads` request threads (on cloned fds if `clone_fd`); as root, open to all users and
+/// unmounted by fusermount3 if the process holding the mount dies (so the mountpoint never
+/// stays dead).
+pub(crate) fn fuse_config(name: &str, threads: usize, clone_fd: bool) -> Config {
     let root = nix_is_root();
     let mut mount_options = vec![
         MountOption::RO,
@@ -646,7 +806,7 @@ fn fuse_config(name: &str, threads: usize) -> Config {
     config.mount_options = mount_options;
     config.acl = if root { SessionACL::All } else { SessionACL::Owner };
     config.n_threads = Some(threads.max(1));
-    config.clone_fd = true;
+    config.clone_fd = clone_fd;
     config
 }
 
@@ -660,8 +820,8 @@ fn start_services(
     control: &Arc<Control>,
     metrics_listener: Option<tokio::net::TcpListener>,
     recorder: Option<Arc<Mutex<Recorder>>>,
-    mountpoint: &Path,
 ) -> Result<PathBuf, MountError> {
+    let mountpoint = control.mountpoint.as_path();
     let sock = socket_path(mountpoint).map_err(MountError::ControlSocket)?;
     let _ = std::fs::remove_file(&sock);
     {
@@ -722,14 +882,35 @@ fn start_services(
         Err(e) => tracing::warn!("no control socket at {}: {e}; incfs status will not work", sock.display()),
     }
     let signal_mountpoint = mountpoint.to_path_buf();
+    let supervisor = control.supervisor.is_some().then(|| {
+        // SAFETY: getppid has no preconditions and cannot fail.
+        unsafe { libc::getppid() }
+    });
     rt.spawn(async move {
         use tokio::signal::unix::{signal, SignalKind};
-        let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        let (Ok(mut term), Ok(mut int), Ok(mut usr1)) =
+            (signal(SignalKind::terminate()), signal(SignalKind::interrupt()), signal(SignalKind::user_defined1()))
+        else {
             return;
         };
-        tokio::select! {
-            _ = term.recv() => {}
-            _ = int.recv() => {}
+        loop {
+            tokio::select! {
+                _ = term.recv() => break,
+                _ = int.recv() => break,
+                _ = usr1.recv() => {
+                    // From PR_SET_PDEATHSIG if our supervisor died (we were reparented);
+                    // anything else is ignored.
+                    // SAFETY: getppid has no preconditions and cannot fail.
+                    if supervisor.is_some_and(|s| unsafe { libc::getppid() } != s) {
+                        tracing::error!(
+                            "the supervisor died: detaching {} and exiting",
+                            signal_mountpoint.display()
+                        );
+                        unmount_lazily(&signal_mountpoint);
+                        std::process::exit(1);
+                    }
+                }
+            }
         }
         tracing::warn!("signal received: unmounting {}", signal_mountpoint.display());
         // The same path as `incfs unmount`: the kernel then ends the session and run() returns.
@@ -743,6 +924,18 @@ fn start_services(
 fn nix_is_root() -> bool {
     // SAFETY: geteuid has no preconditions and cannot fail.
     unsafe { libc::geteuid() == 0 }
+}
+
+/// Detach `mountpoint` at once even if files are open (`umount -l`; `fusermount3 -uz` for
+/// users): what is left when the process holding the mount is gone.
+fn unmount_lazily(mountpoint: &Path) {
+    if nix::mount::umount2(mountpoint, nix::mount::MntFlags::MNT_DETACH).is_ok() {
+        return;
+    }
+    let out = std::process::Command::new("fusermount3").arg("-uz").arg(mountpoint).output();
+    if !out.as_ref().is_ok_and(|o| o.status.success()) {
+        tracing::error!("cannot detach {}: {out:?}", mountpoint.display());
+    }
 }
 
 /// Unmount `mountpoint` (as `fusermount3 -u`, falling back to `umount`).

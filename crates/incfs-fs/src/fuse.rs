@@ -20,6 +20,7 @@ use incfs_format::manifest::{Inode, InodeKind};
 use incfs_format::profile::Recorder;
 use parking_lot::Mutex;
 
+use crate::handover::OpenMode;
 use crate::plain::PlainCopies;
 use crate::reader::{FileRef, Local, ReadFailure, Reader};
 use crate::stats::{FailCause, Stats};
@@ -82,7 +83,15 @@ pub struct FsOptions {
     pub recorder: Option<Arc<Mutex<Recorder>>>,
     /// The mount's sysfs readahead knob, once known (set after mounting).
     pub readahead: Arc<std::sync::OnceLock<Option<std::path::PathBuf>>>,
+    /// Told when an inode's open mode starts or ends (the supervisor keeps it for the next
+    /// daemon: see [`crate::handover`]).
+    pub on_mode: Option<ModeHook>,
+    /// Taking a connection over: what `FUSE_INIT` settled, and inodes earlier daemons opened.
+    pub takeover: Option<(crate::handover::InitFacts, HashMap<u64, OpenMode>)>,
 }
+
+/// Told of open-mode changes: `(kernel inode, mode or None once closed)`.
+pub type ModeHook = Arc<dyn Fn(u64, Option<OpenMode>) + Send + Sync>;
 
 /// Kernel readahead for the mount, in KiB. FUSE offers at most the kernel default (128 KiB) at
 /// INIT, which keeps sequential reads to 128 KiB requests, one or two in flight; raised, the
@@ -98,9 +107,13 @@ pub struct IncFs {
     next_handle: AtomicU64,
     plain: Option<Arc<PlainCopies>>,
     /// Cleared when the kernel refuses passthrough (no CAP_SYS_ADMIN, or no support).
-    passthrough: AtomicBool,
+    passthrough: Arc<AtomicBool>,
     /// By kernel inode number.
     modes: Mutex<HashMap<u64, IoMode>>,
+    /// Inodes an earlier daemon of this connection opened, not yet opened by this one: their
+    /// open files may still be in that mode, which the kernel does not let us change.
+    inherited: Mutex<HashMap<u64, OpenMode>>,
+    on_mode: Option<ModeHook>,
     /// Plain copies being written in the background.
     copying: Arc<Mutex<HashSet<[u8; 40]>>>,
     recorder: Option<Arc<Mutex<Recorder>>>,
@@ -139,6 +152,11 @@ fn ts(sec: i64, nsec: u32) -> SystemTime {
 
 impl IncFs {
     pub fn new(views: Arc<Views>, reader: Arc<Reader>, rt: tokio::runtime::Handle, opts: FsOptions) -> Self {
+        // Taking over, FUSE_INIT will not come: what it settled is what the first daemon saw.
+        let (passthrough, inherited) = match opts.takeover {
+            Some((init, modes)) => (opts.plain.is_some() && init.passthrough, modes),
+            None => (opts.plain.is_some(), HashMap::new()),
+        };
         IncFs {
             views,
             reader,
@@ -146,14 +164,48 @@ impl IncFs {
             read_timeout: opts.read_timeout,
             handles: Mutex::new(HashMap::new()),
             next_handle: AtomicU64::new(1),
-            passthrough: AtomicBool::new(opts.plain.is_some()),
+            passthrough: Arc::new(AtomicBool::new(passthrough)),
             plain: opts.plain,
             modes: Mutex::new(HashMap::new()),
+            inherited: Mutex::new(inherited),
+            on_mode: opts.on_mode,
             copying: Arc::new(Mutex::new(HashSet::new())),
             recorder: opts.recorder,
             readahead: opts.readahead,
             readahead_done: AtomicBool::new(false),
         }
+    }
+
+    /// Whether complete files are passed through (cleared at FUSE_INIT if the kernel refuses).
+    pub fn passthrough_flag(&self) -> Arc<AtomicBool> {
+        self.passthrough.clone()
+    }
+
+    fn report_mode(&self, ino: u64, mode: Option<OpenMode>) {
+        if let Some(hook) = &self.on_mode {
+            hook(ino, mode);
+        }
+    }
+
+    /// The mode entry of inode `i`, created from what an earlier daemon left if it was open
+    /// then: a passthrough keeps its backing id (never closed here: files opened before may
+    /// still use it), a cached one stays cached; both for the rest of this daemon's life (the
+    /// opens counted here are only this daemon's).
+    fn mode_entry<'a>(&self, modes: &'a mut HashMap<u64, IoMode>, i: u64, reply: &ReplyOpen) -> &'a mut IoMode {
+        modes.entry(i).or_insert_with(|| {
+            let mut m = IoMode::default();
+            match self.inherited.lock().remove(&i) {
+                Some(OpenMode::Passthrough(id)) => {
+                    // SAFETY: the id was opened on this connection by an earlier daemon and is
+                    // never closed while this daemon runs (the phantom count below keeps it).
+                    m.backing = Some(unsafe { reply.wrap_backing(id) });
+                    m.passthrough = 1;
+                }
+                Some(OpenMode::Cached) => m.cached = 1,
+                None => {}
+            }
+            m
+        })
     }
 
     /// On the first requests after FUSE_INIT: raise the kernel's readahead for this mount
@@ -325,12 +377,17 @@ impl Filesystem for IncFs {
         let i = ino.0;
         let fh = self.next_handle.fetch_add(1, Ordering::Relaxed);
         if self.passthrough.load(Ordering::Relaxed) && f.data.size > 0 && self.reader.is_complete(&f) {
+            // What an earlier daemon left decides first.
+            self.mode_entry(&mut self.modes.lock(), i, &reply);
             let backing = self.plain_backing(i, &f, &reply);
             let mut modes = self.modes.lock();
-            let m = modes.entry(i).or_default();
+            let m = self.mode_entry(&mut modes, i, &reply);
             if m.cached == 0 {
                 if m.backing.is_none() {
                     m.backing = backing;
+                    if let Some(id) = &m.backing {
+                        self.report_mode(i, Some(OpenMode::Passthrough(id.id())));
+                    }
                 }
                 if let Some(id) = &m.backing {
                     m.passthrough += 1;
@@ -342,7 +399,7 @@ impl Filesystem for IncFs {
         }
         if self.passthrough.load(Ordering::Relaxed) {
             let mut modes = self.modes.lock();
-            let m = modes.entry(i).or_default();
+            let m = self.mode_entry(&mut modes, i, &reply);
             if m.passthrough > 0 {
                 // The kernel would refuse a cached open while passthrough opens exist; cannot
                 // happen (passthrough needs a complete file, and a file stays complete), but be
@@ -354,6 +411,9 @@ impl Filesystem for IncFs {
                 }
             }
             m.cached += 1;
+            if m.cached == 1 {
+                self.report_mode(i, Some(OpenMode::Cached));
+            }
         }
         self.handles.lock().insert(fh, Handle::new(Some(f), READAHEAD_START, None));
         reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE);
@@ -458,15 +518,17 @@ impl Filesystem for IncFs {
         reply: ReplyEmpty,
     ) {
         let handle = self.handles.lock().remove(&fh.0);
-        if self.plain.is_some() {
+        // A handle this daemon does not know was opened by an earlier one (see mode_entry).
+        if let (Some(handle), true) = (handle, self.plain.is_some()) {
             let mut modes = self.modes.lock();
             if let Some(m) = modes.get_mut(&ino.0) {
-                match handle.and_then(|h| h.passthrough) {
+                match handle.passthrough {
                     Some(_) => m.passthrough = m.passthrough.saturating_sub(1),
                     None => m.cached = m.cached.saturating_sub(1),
                 }
                 if m.passthrough == 0 && m.cached == 0 {
                     modes.remove(&ino.0);
+                    self.report_mode(ino.0, None);
                 }
             }
         }

@@ -1,6 +1,8 @@
 //! The incfs mount: a lazy, verified, read-only FUSE filesystem over an incfs image.
 //!
 //! - [`daemon`]: mounting, manifest checks (signature, rollback, offline fallback), signals.
+//! - [`supervisor`]: the process holding the mount; replaces a dead or upgraded daemon.
+//! - [`handover`]: what the supervisor and its daemon (worker) tell each other.
 //! - [`fuse`]: the FUSE operations; metadata from the manifest, reads through the reader.
 //! - [`view`]: a version as the kernel sees it (inode numbers kept across versions).
 //! - [`live`]: the version being served and switching it (`incfs update`, `--follow`).
@@ -25,6 +27,7 @@ pub mod control;
 pub mod daemon;
 pub mod fsck;
 pub mod fuse;
+pub mod handover;
 pub mod live;
 pub mod loader;
 pub mod metrics;
@@ -35,6 +38,7 @@ pub mod plain;
 pub mod presence;
 pub mod reader;
 pub mod stats;
+pub mod supervisor;
 pub mod view;
 
 pub use daemon::{mount, unmount, MountError, MountOptions, MountSettings};

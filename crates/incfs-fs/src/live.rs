@@ -194,8 +194,9 @@ struct Running {
 
 pub struct Live {
     pub views: Arc<Views>,
-    /// The signed manifest served (the current view's, without pushed files).
+    /// The signed manifest served (the current view's, without pushed files), and its bytes.
     base: Mutex<Arc<Manifest>>,
+    base_bytes: Mutex<bytes::Bytes>,
     pushed: Mutex<Vec<Pushed>>,
     pub reader: Arc<Reader>,
     pub policy: Policy,
@@ -207,25 +208,32 @@ pub struct Live {
     /// One switch at a time.
     switching: tokio::sync::Mutex<()>,
     on_switch: Mutex<Option<SwitchHook>>,
+    /// Told after every change of the view (update, push): the supervisor keeps it.
+    on_view: Mutex<Option<ViewHook>>,
 }
+
+/// Told of each new view.
+pub type ViewHook = Arc<dyn Fn(crate::handover::ViewState) + Send + Sync>;
 
 /// Told of each version switched to.
 pub type SwitchHook = Arc<dyn Fn(&Arc<Manifest>) + Send + Sync>;
 
 impl Live {
-    /// `views` shows `base` with `pushed` (as [`with_pushed`] made it).
+    /// `views` shows `base` (the signed manifest, and its bytes) with `pushed` (as
+    /// [`with_pushed`] made it).
     pub fn new(
         views: Arc<Views>,
         reader: Arc<Reader>,
         policy: Policy,
         background_opts: BackgroundOptions,
         recording: bool,
-        base: Arc<Manifest>,
+        (base, base_bytes): (Arc<Manifest>, bytes::Bytes),
         pushed: Vec<Pushed>,
     ) -> Arc<Live> {
         let background = Background::new(reader.clone(), views.current().manifest.clone(), background_opts.clone());
         Arc::new(Live {
             base: Mutex::new(base),
+            base_bytes: Mutex::new(base_bytes),
             pushed: Mutex::new(pushed),
             views,
             reader,
@@ -236,7 +244,25 @@ impl Live {
             notifier: Mutex::new(None),
             switching: tokio::sync::Mutex::new(()),
             on_switch: Mutex::new(None),
+            on_view: Mutex::new(None),
         })
+    }
+
+    /// Call `hook` with the view served now and after every change of it.
+    pub fn on_view(&self, hook: ViewHook) {
+        hook(self.served_state());
+        *self.on_view.lock() = Some(hook);
+    }
+
+    /// What a daemon taking this mount over needs to serve the same view.
+    pub fn served_state(&self) -> crate::handover::ViewState {
+        let view = self.views.current();
+        crate::handover::ViewState {
+            manifest: self.base_bytes.lock().to_vec(),
+            inos: view.inode_numbers(),
+            max_ino: self.views.max_ino(),
+            shape: crate::handover::shape(&view.manifest),
+        }
     }
 
     /// Call `hook` with each version switched to (pins follow their paths).
@@ -382,6 +408,8 @@ impl Live {
         self.reader.extend_objects(&new.objects);
         let changes = self.show(&current, served)?;
         *self.base.lock() = new.clone();
+        *self.base_bytes.lock() = image.manifest_bytes().clone();
+        self.view_changed();
         {
             let mut r = self.running.lock();
             r.background = Background::new(self.reader.clone(), new.clone(), self.background_opts.clone());
@@ -441,6 +469,7 @@ impl Live {
         self.reader.store().put_pushed(&image, &record)?;
         self.pushed.lock().push(p);
         self.show(&current, served)?;
+        self.view_changed();
         Ok(digest)
     }
 
@@ -452,6 +481,12 @@ impl Live {
         self.views.switch(view);
         self.invalidate(&changes.invalidate);
         Ok(changes)
+    }
+
+    fn view_changed(&self) {
+        if let Some(hook) = self.on_view.lock().clone() {
+            hook(self.served_state());
+        }
     }
 
     fn invalidate(&self, what: &[Inval]) {

@@ -85,6 +85,40 @@ impl Stats {
         (mean / 1000.0, p99 as f64 / 1000.0)
     }
 
+    /// The counters by name, handed to the daemon replacing this one (`incfs restart`).
+    pub fn snapshot(&self) -> std::collections::BTreeMap<String, u64> {
+        self.counters().into_iter().map(|(n, c)| (n.to_string(), c.load(Relaxed))).collect()
+    }
+
+    /// Add counters of an earlier daemon of this mount.
+    pub fn carry_over(&self, from: &std::collections::BTreeMap<String, u64>) {
+        for (name, c) in self.counters() {
+            if let Some(v) = from.get(name) {
+                c.fetch_add(*v, Relaxed);
+            }
+        }
+    }
+
+    fn counters(&self) -> [(&'static str, &AtomicU64); 15] {
+        [
+            ("reads_served", &self.reads_served),
+            ("reads_waited", &self.reads_waited),
+            ("reads_failed_timeout", &self.reads_failed_timeout),
+            ("reads_failed_verification", &self.reads_failed_verification),
+            ("reads_failed_source", &self.reads_failed_source),
+            ("reads_failed_other", &self.reads_failed_other),
+            ("fetch_requests", &self.fetch_requests),
+            ("fetch_failures", &self.fetch_failures),
+            ("bytes_fetched", &self.bytes_fetched),
+            ("blocks_fetched", &self.blocks_fetched),
+            ("blocks_bad", &self.blocks_bad),
+            ("opens_passthrough", &self.opens_passthrough),
+            ("background_cancelled", &self.background_cancelled),
+            ("blocks_filled", &self.blocks_filled),
+            ("fills_rejected", &self.fills_rejected),
+        ]
+    }
+
     pub fn get(c: &AtomicU64) -> u64 {
         c.load(Relaxed)
     }

@@ -86,6 +86,30 @@ impl View {
         View::build(manifest, None, None, max_ino, recording)
     }
 
+    /// The view a previous daemon of this mount served: `manifest` with the kernel inode
+    /// numbers it had given (`inos`, one per inode; `None`: a fresh view's). `None` if they do
+    /// not fit this manifest.
+    pub fn restored(manifest: Arc<Manifest>, inos: Option<Vec<u64>>, max_ino: u64, recording: bool) -> Option<View> {
+        let Some(inos) = inos else {
+            let n = manifest.inodes.len() as u64;
+            return Some(View::build(manifest, None, None, max_ino.max(n), recording));
+        };
+        if inos.len() != manifest.inodes.len() {
+            return None;
+        }
+        let index: HashMap<u64, u32> = inos.iter().enumerate().map(|(i, &ino)| (ino, i as u32)).collect();
+        if index.len() != inos.len() {
+            return None;
+        }
+        let max_ino = inos.iter().copied().max().unwrap_or(ROOT_INO).max(max_ino);
+        Some(View::build(manifest, Some(inos), Some(index), max_ino, recording))
+    }
+
+    /// Kernel inode numbers of the manifest's inodes (`None`: index + 1).
+    pub fn inode_numbers(&self) -> Option<Vec<u64>> {
+        self.inos.clone()
+    }
+
     fn build(
         manifest: Arc<Manifest>,
         inos: Option<Vec<u64>>,

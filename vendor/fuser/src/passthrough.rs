@@ -75,6 +75,12 @@ impl BackingId {
         }
     }
 
+    /// incfs patch: the raw `backing_id`, still owned by this reference (a process taking the
+    /// connection over must reuse the ids open files were given).
+    pub fn id(&self) -> u32 {
+        self.backing_id
+    }
+
     /// Converts this backing file reference into the raw `backing_id` value as returned by the kernel.
     ///
     /// This method transfers ownership of the backing file to the caller, who must invoke the

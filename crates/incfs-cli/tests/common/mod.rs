@@ -269,7 +269,11 @@ pub fn describe_with(root: &Path, content: bool) -> Vec<String> {
 /// An incfs mount, unmounted (and its daemon gone) when dropped, even if the test failed.
 pub struct Mount {
     pub dir: PathBuf,
+    /// The supervisor: the process `incfs mount` left running, which holds the mount; killing it
+    /// ends everything (its daemon dies with it).
     pub pid: u32,
+    /// The daemon serving the mount when it was mounted (replaced if it dies).
+    pub daemon_pid: u32,
     pub cache: PathBuf,
 }
 
@@ -312,13 +316,15 @@ impl Mount {
         let res = Command::new(incfs_bin()).args(&args).envs(env.iter().cloned()).output().expect("running incfs");
         assert!(res.status.success(), "incfs {args:?} failed:\n{}\n{}", text(&res.stdout), text(&res.stderr));
         let out = text(&res.stdout);
-        let pid = out
-            .split("daemon pid ")
-            .nth(1)
-            .and_then(|s| s.split(|c: char| !c.is_ascii_digit()).next())
-            .and_then(|s| s.parse().ok())
-            .unwrap_or_else(|| panic!("incfs mount did not print the daemon pid: {out}"));
-        (Mount { dir: fs::canonicalize(dir).unwrap(), pid, cache: cache.to_path_buf() }, text(&res.stderr))
+        let pid_after = |label: &str| -> u32 {
+            out.split(label)
+                .nth(1)
+                .and_then(|s| s.split(|c: char| !c.is_ascii_digit()).next())
+                .and_then(|s| s.parse().ok())
+                .unwrap_or_else(|| panic!("incfs mount did not print the {label}: {out}"))
+        };
+        let (pid, daemon_pid) = (pid_after("supervisor pid "), pid_after("daemon pid "));
+        (Mount { dir: fs::canonicalize(dir).unwrap(), pid, daemon_pid, cache: cache.to_path_buf() }, text(&res.stderr))
     }
 
     /// The daemon's log, for failure messages.
