@@ -131,6 +131,15 @@ pub struct Recorder {
 }
 
 impl Recorder {
+    /// Continue a recording saved as `profile` (by a daemon that was replaced meanwhile).
+    pub fn resume(profile: &Profile) -> Recorder {
+        let mut r = Recorder::default();
+        for e in &profile.entries {
+            r.read(&e.path, e.start..e.start.saturating_add(e.count));
+        }
+        r
+    }
+
     /// Record a read of blocks `blocks` of `path`; returns whether anything new was recorded.
     pub fn read(&mut self, path: &[u8], blocks: std::ops::Range<u64>) -> bool {
         if blocks.is_empty() {
@@ -240,6 +249,25 @@ mod tests {
         let e: Vec<(&[u8], u64, u64)> =
             r.profile().entries.iter().map(|e| (e.path.as_slice(), e.start, e.count)).collect();
         assert_eq!(e, vec![(&b"a"[..], 0, 8), (b"b", 0, 1), (b"a", 8, 2), (b"b", 1, 1)]);
+    }
+
+    #[test]
+    fn a_resumed_recording_goes_on_as_if_never_stopped() {
+        let mut whole = Recorder::default();
+        let mut first = Recorder::default();
+        let reads: [(&[u8], std::ops::Range<u64>); 5] =
+            [(b"a", 0..4), (b"b", 0..1), (b"a", 4..8), (b"a", 2..6), (b"b", 1..3)];
+        for (i, (path, blocks)) in reads.iter().enumerate() {
+            whole.read(path, blocks.clone());
+            if i < 3 {
+                first.read(path, blocks.clone());
+            }
+        }
+        let mut resumed = Recorder::resume(&first.profile().clone());
+        for (path, blocks) in &reads[3..] {
+            resumed.read(path, blocks.clone());
+        }
+        assert_eq!(resumed.profile(), whole.profile());
     }
 
     #[test]

@@ -444,7 +444,11 @@ pub fn mount(opts: MountOptions, on_ready: impl FnOnce(&[String])) -> Result<(),
         (manifest.clone(), opened.bytes.clone()),
         pushed,
     );
-    let recorder = opts.settings.record_profile.as_ref().map(|_| Arc::new(Mutex::new(Recorder::default())));
+    let recorder = opts.settings.record_profile.as_ref().map(|path| {
+        // Taking over: go on with what the previous daemon saved (each second).
+        let saved = takeover.as_ref().and_then(|_| std::fs::read(path).ok()).and_then(|b| Profile::parse(&b).ok());
+        Arc::new(Mutex::new(saved.map_or_else(Recorder::default, |p| Recorder::resume(&p))))
+    });
     let plain = if opts.settings.passthrough && recorder.is_some() {
         tracing::info!("recording a profile: passthrough off, so that every first read is seen");
         None
