@@ -300,3 +300,59 @@ fn a_read_waits_only_while_the_new_daemon_starts() {
     // A liveness bound, not a speed figure: the pause is a process start and a store opening.
     assert!(longest < Duration::from_secs(5), "a read waited {longest:?} during a restart\n{}", m.log());
 }
+
+#[test]
+fn a_new_daemon_keeps_inode_numbers_after_updates_and_pushes() {
+    use std::os::unix::fs::MetadataExt;
+    let p = Published::new(
+        |src| {
+            fs::create_dir_all(src.join("lang")).unwrap();
+            fs::write(src.join("a.txt"), "a1\n").unwrap();
+            fs::write(src.join("b.txt"), "b1\n").unwrap();
+            fs::write(src.join("lang/en.txt"), "hello\n").unwrap();
+        },
+        &[],
+    );
+    let serve = IncfsServer::start(&p.repo);
+    let m = p.mount(&serve.url, "inodes", &[]);
+    let mnt = m.dir.to_str().unwrap().to_string();
+    // Version 2: a.txt removed, b.txt changed, c.txt added: the view's inode numbers are no
+    // longer those a fresh mount of version 2 would give.
+    fs::remove_file(p.src.join("a.txt")).unwrap();
+    fs::write(p.src.join("b.txt"), "b2\n").unwrap();
+    fs::write(p.src.join("c.txt"), "c2\n").unwrap();
+    pack(&p.src, &p.repo, &p.private, &[]);
+    incfs_ok(&["update", &mnt]);
+    // And a pushed file.
+    let fr = p.dir.path().join("fr.pak");
+    fs::write(&fr, random_bytes(40, 100_000)).unwrap();
+    let key = p.private.to_str().unwrap();
+    incfs_ok(&["sign-file", fr.to_str().unwrap(), "--key", key, "--image", "src", "--path", "lang/fr.pak"]);
+    let sig = format!("{}.sig", fr.display());
+    incfs_ok(&["add", &mnt, "lang/fr.pak", "--from", fr.to_str().unwrap(), "--signature", &sig, "--fill"]);
+
+    let names = ["b.txt", "c.txt", "lang", "lang/en.txt", "lang/fr.pak"];
+    let inos: Vec<u64> = names.iter().map(|n| fs::metadata(m.path(n)).unwrap().ino()).collect();
+    let c = fs::File::open(m.path("c.txt")).unwrap();
+    for round in 0..2 {
+        if round == 0 {
+            incfs_ok(&["restart", &mnt]);
+        } else {
+            let pid = daemon_pid(&m);
+            // SAFETY: kill(2) on the daemon of the mount this test started.
+            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+            assert!(wait_for(Duration::from_secs(5), || daemon_pid(&m) != pid));
+        }
+        // The kernel's cached entries and the new daemon agree on every number.
+        let after: Vec<u64> = names.iter().map(|n| fs::metadata(m.path(n)).unwrap().ino()).collect();
+        assert_eq!(after, inos, "round {round}: inode numbers");
+        assert_eq!(fs::read_to_string(m.path("b.txt")).unwrap(), "b2\n");
+        assert_eq!(fs::read(m.path("lang/fr.pak")).unwrap(), fs::read(&fr).unwrap());
+        assert!(!m.path("a.txt").exists());
+        // A file opened before the replacement reads through the new daemon (by inode).
+        let mut buf = [0u8; 3];
+        c.read_exact_at(&mut buf, 0).unwrap();
+        assert_eq!(&buf, b"c2\n", "round {round}");
+    }
+    assert_eq!(m.stat("version"), 2);
+}

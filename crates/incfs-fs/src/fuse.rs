@@ -114,8 +114,9 @@ pub struct IncFs {
     /// open files may still be in that mode, which the kernel does not let us change.
     inherited: Mutex<HashMap<u64, OpenMode>>,
     on_mode: Option<ModeHook>,
-    /// Plain copies being written in the background.
+    /// Plain copies being written in the background, and their threads (joined at the end).
     copying: Arc<Mutex<HashSet<[u8; 40]>>>,
+    copiers: Mutex<Vec<std::thread::JoinHandle<()>>>,
     recorder: Option<Arc<Mutex<Recorder>>>,
     readahead: Arc<std::sync::OnceLock<Option<std::path::PathBuf>>>,
     readahead_done: AtomicBool,
@@ -170,6 +171,7 @@ impl IncFs {
             inherited: Mutex::new(inherited),
             on_mode: opts.on_mode,
             copying: Arc::new(Mutex::new(HashSet::new())),
+            copiers: Mutex::new(Vec::new()),
             recorder: opts.recorder,
             readahead: opts.readahead,
             readahead_done: AtomicBool::new(false),
@@ -275,12 +277,15 @@ impl IncFs {
         if f.data.size > PLAIN_IN_OPEN_MAX && !plain.ready(&f.key) {
             if self.copying.lock().insert(f.key) {
                 let (plain, reader, copying, f) = (plain.clone(), self.reader.clone(), self.copying.clone(), f.clone());
-                std::thread::spawn(move || {
+                let copier = std::thread::spawn(move || {
                     if let Err(e) = plain.get(&reader, &f) {
                         tracing::warn!("{}: {e}", f.label);
                     }
                     copying.lock().remove(&f.key);
                 });
+                let mut copiers = self.copiers.lock();
+                copiers.retain(|c| !c.is_finished());
+                copiers.push(copier);
             }
             return None;
         }
@@ -307,6 +312,16 @@ impl IncFs {
 }
 
 impl Filesystem for IncFs {
+    /// The session ended (unmounted): plain copies being written stop, their threads end.
+    fn destroy(&mut self) {
+        if let Some(p) = &self.plain {
+            p.stop();
+        }
+        for c in self.copiers.lock().drain(..) {
+            let _ = c.join();
+        }
+    }
+
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
         let _ = config.set_max_readahead(1 << 20);
         let _ = config.set_max_background(64);

@@ -20,7 +20,7 @@ use std::fs::{self, File};
 use std::io::{Read, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Instant;
 
 use incfs_format::BLOCK_SIZE;
@@ -50,6 +50,8 @@ pub struct PlainCopies {
     made: Condvar,
     /// Bytes promised to copies being written (counted against the limit, under `copies`).
     reserved: AtomicU64,
+    /// The mount is ending: copies being written give up (their temporary file removed).
+    stopped: AtomicBool,
 }
 
 /// Holds the claim on one content's copy; released (and waiters woken) when dropped.
@@ -77,9 +79,16 @@ pub enum PlainError {
     TooLarge(u64, u64),
     #[error("plain copy: {0}")]
     Store(#[from] incfs_store::StoreError),
+    #[error("plain copy: the mount is ending")]
+    Stopped,
 }
 
 impl PlainCopies {
+    /// Make copies being written give up at their next step (the mount is ending).
+    pub fn stop(&self) {
+        self.stopped.store(true, Ordering::Relaxed);
+    }
+
     /// Open `dir`, taking stock of copies left by an earlier daemon (not trusted until checked).
     pub fn open(dir: &Path, limit: u64) -> Result<PlainCopies, std::io::Error> {
         incfs_store::private_dir(dir)?;
@@ -107,6 +116,7 @@ impl PlainCopies {
             making: Mutex::new(HashSet::new()),
             made: Condvar::new(),
             reserved: AtomicU64::new(0),
+            stopped: AtomicBool::new(false),
         })
     }
 
@@ -227,6 +237,9 @@ impl PlainCopies {
         let mut leaves = Vec::with_capacity(incfs_verity::block_count(size) as usize);
         let result = (|| -> Result<(), PlainError> {
             while offset < size {
+                if self.stopped.load(Ordering::Relaxed) {
+                    return Err(PlainError::Stopped);
+                }
                 let data = match reader.read_local(f, offset, STEP) {
                     Ok(d) => d,
                     Err(Local::Need(_)) => return Err(PlainError::Incomplete),

@@ -74,8 +74,8 @@ struct Worker {
     binary: PathBuf,
     /// Said [`ToSupervisor::Ready`].
     ready: bool,
-    /// Asked to stop for a restart into this binary.
-    replace_by: Option<PathBuf>,
+    /// Asked to stop for a restart into this binary, at this instant.
+    replace_by: Option<(PathBuf, Instant)>,
 }
 
 /// Run the supervisor until the mount ends; returns the exit code for `incfs mount`.
@@ -100,9 +100,9 @@ pub fn run(s: Supervise) -> Result<i32, String> {
     let mut serving_binary = s.binary.clone();
 
     loop {
-        let timeout = match stopping_since {
-            Some(_) => PollTimeout::from(200u16),
-            None => PollTimeout::NONE,
+        let timeout = match (stopping_since, &worker.replace_by) {
+            (None, None) => PollTimeout::NONE,
+            _ => PollTimeout::from(200u16),
         };
         let (link_ev, pid_ev, sig_ev, fuse_ev) = {
             // A closed link would poll readable forever: once closed, only the pidfd counts.
@@ -160,11 +160,13 @@ pub fn run(s: Supervise) -> Result<i32, String> {
         }
         let exited = pid_ev.contains(PollFlags::POLLIN);
         if !exited {
-            if let Some(since) = stopping_since {
-                if since.elapsed() > STOP_GRACE {
-                    tracing::warn!("supervisor: daemon {} did not exit; killing it", worker.child.id());
-                    let _ = worker.child.kill();
-                    stopping_since = Some(Instant::now());
+            let asked = stopping_since.or(worker.replace_by.as_ref().map(|(_, at)| *at));
+            if asked.is_some_and(|at| at.elapsed() > STOP_GRACE) {
+                tracing::warn!("supervisor: daemon {} did not exit; killing it", worker.child.id());
+                let _ = worker.child.kill();
+                stopping_since = stopping_since.map(|_| Instant::now());
+                if let Some((_, at)) = &mut worker.replace_by {
+                    *at = Instant::now();
                 }
             }
             continue;
@@ -180,11 +182,11 @@ pub fn run(s: Supervise) -> Result<i32, String> {
         }
         stopping_since = None;
         if known.takeover(&s.mountpoint).is_none() {
-            tracing::error!("supervisor: daemon {pid} died ({status}) before FUSE_INIT was answered; unmounting");
+            tracing::error!("supervisor: daemon {pid} died ({status}) before it was serving the mount; unmounting");
             drop(mounted.take());
             return Ok(2);
         }
-        let planned = worker.replace_by.take();
+        let planned = worker.replace_by.take().map(|(b, _)| b);
         let next_binary = match (&planned, worker.ready) {
             (Some(b), _) => b.clone(),
             (None, true) => {
@@ -267,7 +269,7 @@ fn handle(
             if worker.replace_by.is_none() {
                 let binary = binary.unwrap_or_else(|| s.binary.clone());
                 tracing::info!("supervisor: replacing daemon {} by one from {}", worker.child.id(), binary.display());
-                worker.replace_by = Some(binary);
+                worker.replace_by = Some((binary, Instant::now()));
                 send(worker, &ToWorker::Stop);
             }
         }
