@@ -211,7 +211,7 @@ fn a_hung_plain_copy_does_not_block_other_opens() {
     std::io::Read::read_exact(&mut fs::File::open(m.path("big.bin")).unwrap(), &mut one).unwrap();
     // Wait (bounded) until a daemon thread sleeps in the FIFO's open.
     let in_fifo = || {
-        fs::read_dir(format!("/proc/{}/task", m.pid)).into_iter().flatten().flatten().any(|t| {
+        fs::read_dir(format!("/proc/{}/task", m.daemon_pid)).into_iter().flatten().flatten().any(|t| {
             fs::read_to_string(t.path().join("wchan")).is_ok_and(|w| w.contains("fifo") || w.contains("partner"))
         })
     };

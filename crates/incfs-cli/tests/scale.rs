@@ -76,7 +76,7 @@ fn sixteen_fio_jobs_over_a_cold_then_warm_mount() {
         let v = fio(&m.dir, phase, secs);
         let job = &v["jobs"].as_array().unwrap();
         let (seq, rand) = (&job[0]["read"], &job[1]["read"]);
-        let (_, peak) = rss_kib(m.pid);
+        let (_, peak) = rss_kib(m.daemon_pid);
         report.push(format!(
             "{phase}: {:.1}s, sequential {} MiB/s, random {} IOPS, daemon peak RSS {} MiB",
             t.elapsed().as_secs_f64(),
@@ -96,7 +96,7 @@ fn sixteen_fio_jobs_over_a_cold_then_warm_mount() {
         let rel = format!("d{i}.bin");
         assert_eq!(fs::read(m.path(&rel)).unwrap(), fs::read(p.src.join(&rel)).unwrap(), "{rel} after the load");
     }
-    let (_, peak) = rss_kib(m.pid);
+    let (_, peak) = rss_kib(m.daemon_pid);
     println!("fio 16 jobs ({secs}s a phase): {}", report.join("; "));
     assert!(peak < 512 << 10, "daemon memory stays bounded: peak RSS {} MiB", peak / 1024);
 }
@@ -119,13 +119,13 @@ fn an_image_of_100_000_files_mounts_at_once() {
     let t = Instant::now();
     let m = p.mount(&serve.url, "many", &[]);
     let mount_time = t.elapsed();
-    let (rss, _) = rss_kib(m.pid);
+    let (rss, _) = rss_kib(m.daemon_pid);
     let t = Instant::now();
     let out = run("find", &[m.dir.to_str().unwrap(), "-type", "f"]);
     let find_time = t.elapsed();
     assert_eq!(out.lines().count(), 100_000);
     assert_eq!(fs::read_to_string(m.path("d42/f123")).unwrap(), "file 42/123\n");
-    let (_, peak) = rss_kib(m.pid);
+    let (_, peak) = rss_kib(m.daemon_pid);
     println!(
         "100,000 files: mount {:.2}s, daemon RSS {} MiB after mount, find {:.2}s, peak RSS {} MiB",
         mount_time.as_secs_f64(),
