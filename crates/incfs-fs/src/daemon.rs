@@ -472,6 +472,7 @@ pub fn mount(opts: MountOptions, on_ready: impl FnOnce(&[String])) -> Result<(),
             })
         }),
         takeover: takeover.as_ref().map(|t| (t.init, t.modes.iter().copied().collect())),
+        generation: takeover.as_ref().map_or(0, |t| t.restarts),
     };
     let fs = IncFs::new(views, reader.clone(), rt.handle().clone(), fs_opts);
     // Bound before mounting, so that a taken address is an error with nothing mounted.

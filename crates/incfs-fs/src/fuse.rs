@@ -88,6 +88,10 @@ pub struct FsOptions {
     pub on_mode: Option<ModeHook>,
     /// Taking a connection over: what `FUSE_INIT` settled, and inodes earlier daemons opened.
     pub takeover: Option<(crate::handover::InitFacts, HashMap<u64, OpenMode>)>,
+    /// Daemons of this connection before this one. File handles carry it in their top bits:
+    /// files opened through an earlier daemon stay open, and their handles must never name
+    /// one of ours (a read would be answered from another file).
+    pub generation: u64,
 }
 
 /// Told of open-mode changes: `(kernel inode, mode or None once closed)`.
@@ -97,6 +101,10 @@ pub type ModeHook = Arc<dyn Fn(u64, Option<OpenMode>) + Send + Sync>;
 /// INIT, which keeps sequential reads to 128 KiB requests, one or two in flight; raised, the
 /// kernel sends 1 MiB requests (the `max_pages` limit) several at a time.
 const KERNEL_READAHEAD_KB: u32 = 4096;
+
+/// File handles are `generation << 40 | counter`: a trillion opens per daemon, and 2^24
+/// daemons per mount.
+const HANDLE_GENERATION_SHIFT: u32 = 40;
 
 pub struct IncFs {
     views: Arc<Views>,
@@ -164,7 +172,7 @@ impl IncFs {
             rt,
             read_timeout: opts.read_timeout,
             handles: Mutex::new(HashMap::new()),
-            next_handle: AtomicU64::new(1),
+            next_handle: AtomicU64::new((opts.generation << HANDLE_GENERATION_SHIFT) | 1),
             passthrough: Arc::new(AtomicBool::new(passthrough)),
             plain: opts.plain,
             modes: Mutex::new(HashMap::new()),

@@ -144,19 +144,13 @@ pub fn run(s: Supervise) -> Result<i32, String> {
         }
         if worker.link_open && link_ev.intersects(PollFlags::POLLIN | PollFlags::POLLHUP | PollFlags::POLLERR) {
             match handover::read_frame::<ToSupervisor>(&mut worker.link) {
-                Ok(msg) => {
-                    if let Some(code) =
-                        handle(&s, &mut known, &mut worker, msg, &mut fuse, &mut mounted, &mut failures)?
-                    {
-                        return Ok(code);
-                    }
-                    if worker.ready {
-                        serving_binary = worker.binary.clone();
-                    }
-                }
+                Ok(msg) => handle(&s, &mut known, &mut worker, msg, &mut fuse, &mut mounted, &mut failures),
                 // The worker closed its end (exiting): its pidfd tells the rest.
                 Err(_) => worker.link_open = false,
             }
+        }
+        if worker.ready {
+            serving_binary = worker.binary.clone();
         }
         let exited = pid_ev.contains(PollFlags::POLLIN);
         if !exited {
@@ -173,6 +167,17 @@ pub fn run(s: Supervise) -> Result<i32, String> {
         }
         let status = worker.child.wait().map_err(|e| format!("wait: {e}"))?;
         let pid = worker.child.id();
+        // What it said last (its counters, on a restart): its end is closed, so this ends.
+        while worker.link_open {
+            match handover::read_frame::<ToSupervisor>(&mut worker.link) {
+                Ok(ToSupervisor::Mount { .. }) => {}
+                Ok(msg) => handle(&s, &mut known, &mut worker, msg, &mut fuse, &mut mounted, &mut failures),
+                Err(_) => worker.link_open = false,
+            }
+        }
+        if worker.ready {
+            serving_binary = worker.binary.clone();
+        }
         // Gone for good: the connection ended (unmounted), or was never made, or we were asked
         // to stop.
         let connected = fuse.is_some() && !disconnected && !connection_gone(fuse.as_ref());
@@ -228,7 +233,7 @@ pub fn run(s: Supervise) -> Result<i32, String> {
     }
 }
 
-/// Act on one message of the worker. `Some(code)`: the supervisor is done.
+/// Act on one message of the worker.
 fn handle(
     s: &Supervise,
     known: &mut Known,
@@ -237,7 +242,7 @@ fn handle(
     fuse: &mut Option<OwnedFd>,
     mounted: &mut Option<fuser::Mounted>,
     failures: &mut u32,
-) -> Result<Option<i32>, String> {
+) {
     match msg {
         ToSupervisor::Mount { name } => {
             let config = crate::daemon::fuse_config(&name, s.threads, false);
@@ -275,7 +280,6 @@ fn handle(
         }
         ToSupervisor::Counters { counters } => known.counters = counters,
     }
-    Ok(None)
 }
 
 fn send(worker: &mut Worker, msg: &ToWorker) {
