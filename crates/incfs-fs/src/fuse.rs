@@ -23,6 +23,7 @@ use parking_lot::Mutex;
 use crate::handover::OpenMode;
 use crate::plain::PlainCopies;
 use crate::reader::{FileRef, Local, ReadFailure, Reader};
+use crate::served::Served;
 use crate::stats::{FailCause, Stats};
 use crate::view::{View, Views};
 
@@ -485,12 +486,12 @@ impl Filesystem for IncFs {
         }
         let label = f.label.clone();
         let served =
-            move |reader: &Reader, result: Result<Vec<u8>, ReadFailure>, waited: bool, reply: ReplyData| match result {
+            move |reader: &Reader, result: Result<Served, ReadFailure>, waited: bool, reply: ReplyData| match result {
                 Ok(data) => {
                     Stats::add(&reader.stats.reads_served, 1);
                     let count = (offset + data.len() as u64).div_ceil(4096).saturating_sub(first_block).max(1);
                     reader.pending.log(&label, first_block, count, waited);
-                    reply.data(&data)
+                    reply.data_vectored(&data.io_slices())
                 }
                 Err(e) => reply.error(errno_for(reader, &e)),
             };

@@ -7,6 +7,7 @@
 //! - [`view`]: a version as the kernel sees it (inode numbers kept across versions).
 //! - [`live`]: the version being served and switching it (`incfs update`, `--follow`).
 //! - [`reader`]: the data path: local store first, else fetch, verify, store.
+//! - [`served`]: the bytes of a read, as pieces of the verified blocks (one `writev` reply).
 //! - [`nearby`]: small files packed next to a cold small file, fetched with it.
 //! - [`background`]: completes the image at low priority (profile first), and `incfs prefetch`.
 //! - [`plain`]: verified plain copies of complete files, the backing files of FUSE passthrough.
@@ -37,6 +38,7 @@ pub mod pending;
 pub mod plain;
 pub mod presence;
 pub mod reader;
+pub mod served;
 pub mod stats;
 pub mod supervisor;
 pub mod view;

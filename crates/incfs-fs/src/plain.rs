@@ -241,7 +241,7 @@ impl PlainCopies {
                     return Err(PlainError::Stopped);
                 }
                 let data = match reader.read_local(f, offset, STEP) {
-                    Ok(d) => d,
+                    Ok(d) => d.to_vec(),
                     Err(Local::Need(_)) => return Err(PlainError::Incomplete),
                     Err(Local::Fail(e)) => return Err(PlainError::Read(e.message)),
                 };

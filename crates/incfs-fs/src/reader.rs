@@ -29,6 +29,7 @@ use crate::mirrors::Mirrors;
 use crate::nearby::Nearby;
 use crate::pending::Pending;
 use crate::presence::Presence;
+use crate::served::{Block, RunBlock, Served};
 use crate::stats::{FailCause, Stats};
 
 /// The object of a file pushed into the mount (`incfs add`): it lies in no source; its tree is
@@ -209,35 +210,6 @@ impl Staged {
 
     fn take(&mut self, leaf: &Hash) -> Option<RunBlock> {
         self.blocks.remove(leaf)
-    }
-}
-
-/// Block `.1` of a fetched run's decoded blocks, which lie back to back in `.0`: one
-/// allocation per run, not per block (a quarter of a million 4 KiB allocations per GiB, made on
-/// the verifying threads and freed on the reading ones, kept glibc's arena lock busy: 8% of the
-/// daemon's CPU waiting on it).
-struct RunBlock(Arc<Vec<u8>>, usize);
-
-impl std::ops::Deref for RunBlock {
-    type Target = [u8; BLOCK_SIZE];
-    fn deref(&self) -> &Self::Target {
-        self.0[self.1 * BLOCK_SIZE..][..BLOCK_SIZE].try_into().expect("a whole block")
-    }
-}
-
-/// A verified, decoded block: taken from [`Staged`] (owned) or shared with the cache.
-enum Block {
-    Owned(RunBlock),
-    Shared(Arc<[u8; BLOCK_SIZE]>),
-}
-
-impl std::ops::Deref for Block {
-    type Target = [u8; BLOCK_SIZE];
-    fn deref(&self) -> &Self::Target {
-        match self {
-            Block::Owned(b) => b,
-            Block::Shared(b) => b,
-        }
     }
 }
 
@@ -696,14 +668,14 @@ impl Reader {
     }
 
     /// Serve bytes `offset..offset+size` of `f` from local data only.
-    pub fn read_local(&self, f: &FileRef, offset: u64, size: u32) -> Result<Vec<u8>, Local> {
+    pub fn read_local(&self, f: &FileRef, offset: u64, size: u32) -> Result<Served, Local> {
         let end = (offset + size as u64).min(f.data.size);
         if offset >= end {
-            return Ok(Vec::new());
+            return Ok(Served::default());
         }
         let geo = Geometry::new(f.data.size);
         let bs = BLOCK_SIZE as u64;
-        let mut out = Vec::with_capacity((end - offset) as usize);
+        let mut out = Served::default();
         let mut missing = Vec::new();
         let mut found = Vec::new();
         let (first, last) = (offset / bs, (end - 1) / bs);
@@ -715,7 +687,7 @@ impl Reader {
             let from = offset.max(i * bs) - i * bs;
             let to = end.min((i + 1) * bs) - i * bs;
             if leaf == self.zero_hash {
-                out.resize(out.len() + (to - from) as usize, 0);
+                out.push_zeros((to - from) as usize);
                 found.push(i);
                 continue;
             }
@@ -740,7 +712,7 @@ impl Reader {
             };
             match block {
                 Some(block) if missing.is_empty() => {
-                    out.extend_from_slice(&block[from as usize..to as usize]);
+                    out.push_block(block, from as usize..to as usize);
                     found.push(i);
                 }
                 Some(_) => found.push(i),
@@ -819,7 +791,7 @@ impl Reader {
         size: u32,
         ahead: Range<u64>,
         deadline: Instant,
-    ) -> Result<Vec<u8>, ReadFailure> {
+    ) -> Result<Served, ReadFailure> {
         if let Some((at, e)) = self.recent_failures.lock().get(&f.key) {
             if at.elapsed() < FAILURE_MEMORY {
                 return Err(e.clone());
@@ -859,7 +831,7 @@ impl Reader {
         offset: u64,
         size: u32,
         mut ahead: Range<u64>,
-    ) -> Result<Vec<u8>, ReadFailure> {
+    ) -> Result<Served, ReadFailure> {
         // Subscribed before the first look, so that no fill can slip between a look and the wait.
         let mut fills = self.filled.subscribe();
         let since = *fills.borrow_and_update();
@@ -1267,6 +1239,20 @@ impl Reader {
             .unwrap_or_default()
     }
 
+    /// Keep a run's verified blocks for the reader about to read them: each is a view of the
+    /// response `body` (blocks stored raw) or of the run's decoded buffer `run`.
+    fn stage(&self, body: &bytes::Bytes, run: Vec<u8>, decoded: Vec<(Hash, Place)>) {
+        let run = bytes::Bytes::from(run);
+        let mut staged = self.staged.lock();
+        for (leaf, place) in decoded {
+            let block = match place {
+                Place::Body(at) => RunBlock { buf: body.clone(), at },
+                Place::Run(at) => RunBlock { buf: run.clone(), at },
+            };
+            staged.put(leaf, block);
+        }
+    }
+
     /// Verify blocks `items` of `f` out of `bytes` (which start at object offset `base`, as
     /// served by mirror `mirror`), store the good ones and report the bad. For a read, also keep
     /// them in memory for the reader about to read them (not for background fetching).
@@ -1274,7 +1260,7 @@ impl Reader {
         &self,
         f: &FileRef,
         items: &[(u64, Hash, BlockRecord)],
-        bytes: &[u8],
+        bytes: &bytes::Bytes,
         base: u64,
         mirror: usize,
         purpose: Purpose,
@@ -1282,22 +1268,39 @@ impl Reader {
         let keep_decoded = purpose == Purpose::Read;
         let mut outcome = RunOutcome::default();
         let mut good = Vec::new();
-        let mut decoded = Vec::new();
-        // Decoded blocks are kept for a reader in one buffer for the run; otherwise each is
+        // Where each good block's decoded bytes lie: in the response itself (a whole block
+        // stored raw: hashed and served where it is), or at this offset of `run`.
+        let mut decoded: Vec<(Hash, Place)> = Vec::new();
+        let in_place = |r: &BlockRecord| r.codec == Codec::Raw && r.len as usize == BLOCK_SIZE;
+        // Other blocks are decoded for a reader into one buffer for the run; otherwise each is
         // only checked, in a scratch block.
-        let mut run = vec![0u8; if keep_decoded { items.len() * BLOCK_SIZE } else { 0 }];
+        let decodes = if keep_decoded { items.iter().filter(|(_, _, r)| !in_place(r)).count() } else { 0 };
+        let mut run = vec![0u8; decodes * BLOCK_SIZE];
+        let mut next = 0;
         let mut lied = false;
         let mut scratch = [0u8; BLOCK_SIZE];
-        for (k, (i, leaf, r)) in items.iter().enumerate() {
-            let stored = &bytes[(r.offset - base) as usize..(r.range().end - base) as usize];
-            let out: &mut [u8; BLOCK_SIZE] = match keep_decoded {
-                true => (&mut run[k * BLOCK_SIZE..][..BLOCK_SIZE]).try_into().expect("a whole block"),
-                false => &mut scratch,
+        for (i, leaf, r) in items {
+            let at = (r.offset - base) as usize;
+            let stored = &bytes[at..at + r.len as usize];
+            let checked = if in_place(r) {
+                match hash_data_block(stored) == *leaf {
+                    true => Ok(Place::Body(at)),
+                    false => Err(incfs_fetch::image::BlockFault::Mismatch),
+                }
+            } else {
+                let slot = next;
+                let out: &mut [u8; BLOCK_SIZE] = match keep_decoded {
+                    true => (&mut run[slot * BLOCK_SIZE..][..BLOCK_SIZE]).try_into().expect("a whole block"),
+                    false => &mut scratch,
+                };
+                verify_block_into(r, stored, leaf, out).map(|()| {
+                    next += 1;
+                    Place::Run(slot * BLOCK_SIZE)
+                })
             };
-            match verify_block_into(r, stored, leaf, out) {
-                Ok(()) => {
-                    decoded.push((*leaf, k));
-                    let at = (r.offset - base) as usize;
+            match checked {
+                Ok(place) => {
+                    decoded.push((*leaf, place));
                     good.push((*i, (*leaf, r.codec, at..at + stored.len())))
                 }
                 Err(e) => {
@@ -1333,11 +1336,7 @@ impl Reader {
                 Stats::add(&self.stats.blocks_fetched, blocks.len() as u64);
                 // Only once written: a block served is a block kept, even if killed now.
                 if keep_decoded {
-                    let run = Arc::new(run);
-                    let mut staged = self.staged.lock();
-                    for (leaf, k) in decoded {
-                        staged.put(leaf, RunBlock(run.clone(), k));
-                    }
+                    self.stage(bytes, run, decoded);
                 }
             }
             Err(e @ incfs_store::StoreError::Full { .. }) if keep_decoded => {
@@ -1345,11 +1344,7 @@ impl Reader {
                 // memory, and the blocks are not kept.
                 tracing::debug!("{}: blocks served without being stored: {e}", f.label);
                 Stats::add(&self.stats.blocks_fetched, blocks.len() as u64);
-                let run = Arc::new(run);
-                let mut staged = self.staged.lock();
-                for (leaf, k) in decoded {
-                    staged.put(leaf, RunBlock(run.clone(), k));
-                }
+                self.stage(bytes, run, decoded);
             }
             Err(e) => {
                 tracing::error!("cannot store blocks: {e}");
@@ -1393,6 +1388,13 @@ pub(crate) async fn get_counted(
 
 /// Split blocks (in file order) into runs one ranged GET can serve: stored back to back in one
 /// object, at most [`MAX_RUN_BYTES`] long.
+/// Where a verified block of a fetched run lies: at this offset of the response body (stored
+/// raw, so its bytes are its data), or of the run's buffer of decoded blocks.
+enum Place {
+    Body(usize),
+    Run(usize),
+}
+
 /// Why a run of blocks was fetched: what is done with it besides storing it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Purpose {

@@ -53,7 +53,7 @@ fn spawn_read(
     size: u32,
 ) -> tokio::task::JoinHandle<Result<Vec<u8>, ReadFailure>> {
     let (reader, f) = (reader.clone(), f.clone());
-    tokio::spawn(async move { reader.read(&f, offset, size, 0..0, deadline()).await })
+    tokio::spawn(async move { reader.read(&f, offset, size, 0..0, deadline()).await.map(|s| s.to_vec()) })
 }
 
 /// Concurrent reads of one range of a cold file share the fetches: one metadata request and one

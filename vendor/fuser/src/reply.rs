@@ -209,6 +209,12 @@ impl ReplyData {
         self.reply.send_ll(&ll::ResponseSlice(data));
     }
 
+    /// Reply to a request with the concatenation of `data`, written with one `writev` (no
+    /// copy into one buffer first). At most `IOV_MAX - 1` (1023) slices.
+    pub fn data_vectored(self, data: &[std::io::IoSlice<'_>]) {
+        self.reply.send_ll(&ll::ResponseSlices(data));
+    }
+
     /// Reply to a request with the given error code
     pub fn error(self, err: Errno) {
         self.reply.error(err);
