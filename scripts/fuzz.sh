@@ -12,7 +12,7 @@ if ! cargo fuzz --version >/dev/null 2>&1; then
 fi
 # cargo fuzz needs -Z flags; this machine has only a stable toolchain.
 export RUSTC_BOOTSTRAP=1
-targets=(manifest block_map codec merkle_tree profile)
+targets=(manifest block_map codec merkle_tree profile compact_map)
 
 # Seed corpora from a real repository: this project's own sources, packed.
 work=$(mktemp -d)
@@ -39,6 +39,11 @@ for i, off in enumerate(range(0, min(len(data), 64 << 10), 8 << 10)):
 tail = data[-(16 << 10):]
 open("fuzz/corpus/block_map/seed", "wb").write(struct.pack("<Q", 1 << 20) + tail)
 open("fuzz/corpus/merkle_tree/seed", "wb").write(struct.pack("<Q", 1 << 20) + bytes(32) + tail)
+# Compact map seed: a 1 GiB file with two runs (a distinct block, then one repeated 300 times).
+def run(first, count, leaf, offset):
+    return struct.pack("<QQ", first, count) + bytes([leaf]) * 32 + struct.pack("<IBBHQ", 0, 1, 0, 4096, offset)
+cmap = struct.pack("<Q", 2) + run(5, 1, 1, 0) + run(1000, 300, 2, 4096)
+open("fuzz/corpus/compact_map/seed", "wb").write(struct.pack("<Q", (1 << 30) - 1) + cmap)
 PY
 
 found=0

@@ -1,6 +1,7 @@
 //! Repositories packed by earlier releases still read, and a repository of a newer format is
 //! refused with a message asking for an upgrade (fixtures in `tests/fixtures/`, never
-//! regenerated).
+//! regenerated). A client from before format 3 refuses a format-3 repository the same way
+//! ("manifest format 3 is newer than this incfs reads ... upgrade incfs").
 
 mod common;
 
@@ -11,6 +12,10 @@ use common::*;
 
 fn fixture() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/repo-2026-12")
+}
+
+fn compact_fixture() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/repo-2026-12-compact")
 }
 
 #[test]
@@ -42,17 +47,41 @@ fn a_repository_packed_in_2026_12_verifies_extracts_and_mounts() {
 }
 
 #[test]
+fn a_format_3_repository_with_compact_maps_verifies_extracts_and_mounts() {
+    let (repo, public) = (compact_fixture().join("repo"), compact_fixture().join("publisher.pub.pem"));
+    let (r, t) = (repo.to_str().unwrap(), public.to_str().unwrap());
+    assert_eq!(fs::read(repo.join("manifest")).unwrap()[8], 3, "format 3");
+    let out = incfs_ok(&["verify", r, "--trust", t, "-q"]);
+    assert!(out.contains("OK: fixture version 1"), "{out}");
+    let dir = tempdir();
+    let dest = dir.path().join("out");
+    incfs_ok(&["extract", r, dest.to_str().unwrap(), "--trust", t, "-q"]);
+    let expected = fs::read_to_string(compact_fixture().join("digests")).unwrap();
+    for line in expected.lines() {
+        let (digest, path) = line.split_once(' ').unwrap();
+        let got = incfs_ok(&["digest", dest.join(path).to_str().unwrap()]);
+        assert!(got.starts_with(digest), "{path}: {got} instead of {digest}");
+    }
+    let sparse = fs::read(dest.join("sparse.bin")).unwrap();
+    assert_eq!(sparse.len(), 64 << 20);
+    assert!(sparse[..10 << 20].iter().chain(&sparse[(10 << 20) + 8192..]).all(|&b| b == 0), "a hole but 8 KiB");
+
+    let m = Mount::start(r, &dir.path().join("mnt"), &public, &dir.path().join("cache"), &[]);
+    diff_r(&m.dir, &dest);
+}
+
+#[test]
 fn a_repository_of_a_newer_format_is_refused_with_a_request_to_upgrade() {
     let dir = tempdir();
     let repo = dir.path().join("repo");
     run("cp", &["-a", fixture().join("repo").to_str().unwrap(), repo.to_str().unwrap()]);
     let mut manifest = fs::read(repo.join("manifest")).unwrap();
-    manifest[8] = 3; // the format a later release might write
+    manifest[8] = 4; // the format a later release might write
     fs::write(repo.join("manifest"), &manifest).unwrap();
     let public = fixture().join("publisher.pub.pem");
     let dest = dir.path().join("out");
     let out = incfs(&["extract", repo.to_str().unwrap(), dest.to_str().unwrap(), "--trust", public.to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(2));
     let err = text(&out.stderr);
-    assert!(err.contains("manifest format 3 is newer than this incfs reads") && err.contains("upgrade incfs"), "{err}");
+    assert!(err.contains("manifest format 4 is newer than this incfs reads") && err.contains("upgrade incfs"), "{err}");
 }

@@ -306,7 +306,7 @@ fn hostile_manifests_are_refused_by_verify_extract_and_mount() {
     let file = |size: u64| Inode {
         meta,
         xattrs: vec![],
-        kind: InodeKind::File(FileData { size, root_hash: [7; 32], meta: Some(MetaRef { object: 0, offset: 0 }) }),
+        kind: InodeKind::File(FileData { size, root_hash: [7; 32], meta: Some(MetaRef::dense(0, 0)) }),
     };
     let base = Manifest {
         name: "hostile".into(),

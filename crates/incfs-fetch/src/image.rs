@@ -11,8 +11,9 @@ use std::sync::Arc;
 use bytes::Bytes;
 use futures::stream::{self, StreamExt};
 
-use incfs_format::block_map::{BlockRecord, FileMetaLayout, BLOCK_RECORD_SIZE};
+use incfs_format::block_map::BlockRecord;
 use incfs_format::codec::decode_block;
+use incfs_format::compact_map::decode_region;
 use incfs_format::manifest::{FileData, Manifest};
 use incfs_format::{layout, wire, Codec, Hash, BLOCK_SIZE};
 use incfs_sign::{PublicKey, SignatureError, TrustedKeys};
@@ -61,8 +62,8 @@ pub fn format_time(at: i64) -> String {
 pub enum MetaError {
     #[error("metadata: {0}")]
     Source(#[from] SourceError),
-    #[error("Merkle tree does not match the signed root hash: {0}")]
-    Tree(#[from] incfs_verity::TreeError),
+    #[error("{0}")]
+    Region(#[from] incfs_format::compact_map::RegionError),
     #[error("block {block}: bad block record: {reason}")]
     Record { block: u64, reason: String },
 }
@@ -211,31 +212,18 @@ impl Image {
         let Some(meta) = file.meta else {
             return Ok(FileMeta { tree: MerkleTree::from_leaves(0, Vec::new()), records: Vec::new() });
         };
-        let layout = FileMetaLayout::new(file.size);
         // validate() guaranteed the region lies inside the object, so this cannot overflow.
-        let len = layout.len().unwrap();
+        let len = meta.stored_len(file.size).unwrap();
         let bytes = self.object_range(held, meta.object, meta.offset..meta.offset + len).await?;
-        let (tree, map) = bytes.split_at(layout.map_offset() as usize);
-        let tree = MerkleTree::from_compact(file.size, tree, &file.root_hash)?;
-        let records = map
-            .chunks_exact(BLOCK_RECORD_SIZE)
-            .enumerate()
-            .map(|(i, c)| {
-                let bad = |reason: String| MetaError::Record { block: i as u64, reason };
-                let r = BlockRecord::decode(c.try_into().unwrap()).map_err(|e| bad(e.to_string()))?;
-                if r.codec != Codec::Zero {
-                    let obj = self
-                        .manifest
-                        .objects
-                        .get(r.object as usize)
-                        .ok_or_else(|| bad("names a missing object".into()))?;
-                    if r.range().end > obj.size {
-                        return Err(bad(format!("bytes {:?} lie outside object {}", r.range(), r.object)));
-                    }
-                }
-                Ok(r)
-            })
-            .collect::<Result<Vec<_>, _>>()?;
+        let (tree, records) = decode_region(file.size, &meta, &bytes, &file.root_hash)?;
+        for (i, r) in records.iter().enumerate().filter(|(_, r)| r.codec != Codec::Zero) {
+            let bad = |reason: String| MetaError::Record { block: i as u64, reason };
+            let obj =
+                self.manifest.objects.get(r.object as usize).ok_or_else(|| bad("names a missing object".into()))?;
+            if r.range().end > obj.size {
+                return Err(bad(format!("bytes {:?} lie outside object {}", r.range(), r.object)));
+            }
+        }
         Ok(FileMeta { tree, records })
     }
 

@@ -40,7 +40,7 @@ pub fn plan(files: &[FileData], objects: usize) -> Vec<Window> {
     for (i, f) in files.iter().enumerate() {
         let Some(m) = f.meta else { continue };
         // validate() guaranteed the region lies inside its object.
-        let len = incfs_format::FileMetaLayout::new(f.size).len().unwrap_or(0);
+        let len = m.stored_len(f.size).unwrap_or(0);
         by_object[m.object as usize].push((m.offset, m.offset + len, i));
     }
     let mut out = Vec::new();
@@ -79,7 +79,7 @@ mod tests {
     use incfs_format::manifest::MetaRef;
 
     fn file(size: u64, object: u32, offset: u64) -> FileData {
-        FileData { size, root_hash: [0; 32], meta: Some(MetaRef { object, offset }) }
+        FileData { size, root_hash: [0; 32], meta: Some(MetaRef::dense(object, offset)) }
     }
 
     #[test]

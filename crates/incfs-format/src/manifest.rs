@@ -112,10 +112,29 @@ impl FileData {
     }
 }
 
+/// Where a file's metadata region lies, and in which form.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct MetaRef {
     pub object: u32,
     pub offset: u64,
+    /// 0: the dense region ([`FileMetaLayout`]); else the length of a compact map
+    /// ([`crate::compact_map`], manifest format 3) stored there instead.
+    pub compact: u32,
+}
+
+impl MetaRef {
+    /// A dense region at `offset` of `object`.
+    pub fn dense(object: u32, offset: u64) -> Self {
+        MetaRef { object, offset, compact: 0 }
+    }
+
+    /// Bytes the region takes in its object, for a file of `size` bytes (`None`: overflow).
+    pub fn stored_len(&self, size: u64) -> Option<u64> {
+        match self.compact {
+            0 => FileMetaLayout::new(size).len(),
+            n => Some(n as u64),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -231,7 +250,14 @@ impl Manifest {
                     .objects
                     .get(m.object as usize)
                     .ok_or_else(|| format!("metadata names object {} of {}", m.object, self.objects.len()))?;
-                let len = FileMetaLayout::new(size).len().ok_or("metadata length overflows")?;
+                if m.compact != 0 {
+                    use crate::compact_map::{MAX_COMPACT_LEN, RUN_SIZE};
+                    let n = m.compact as u64;
+                    if !(8..=MAX_COMPACT_LEN).contains(&n) || !(n - 8).is_multiple_of(RUN_SIZE as u64) {
+                        return Err(format!("compact map length {n} is not 8 + 64 per run up to 1 MiB"));
+                    }
+                }
+                let len = m.stored_len(size).ok_or("metadata length overflows")?;
                 match m.offset.checked_add(len) {
                     Some(end) if end <= obj.size => Ok(()),
                     _ => Err(format!(
@@ -379,11 +405,7 @@ pub(crate) mod tests {
         let file = |size: u64| Inode {
             meta,
             xattrs: vec![Xattr { name: b"user.k".to_vec(), value: b"v".to_vec() }],
-            kind: InodeKind::File(FileData {
-                size,
-                root_hash: [size as u8; 32],
-                meta: Some(MetaRef { object: 0, offset: 0 }),
-            }),
+            kind: InodeKind::File(FileData { size, root_hash: [size as u8; 32], meta: Some(MetaRef::dense(0, 0)) }),
         };
         Manifest {
             name: "sample".into(),
@@ -461,7 +483,7 @@ pub(crate) mod tests {
 
         let mut m = sample();
         if let InodeKind::File(f) = &mut m.inodes[1].kind {
-            f.meta = Some(MetaRef { object: 0, offset: (1 << 20) - 10 });
+            f.meta = Some(MetaRef::dense(0, (1 << 20) - 10));
         }
         assert!(matches!(m.validate(), Err(ManifestError::Inode { inode: 1, .. })));
 

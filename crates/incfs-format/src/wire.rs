@@ -1,7 +1,7 @@
 //! The manifest's bytes: a fixed header, the body, and a signature trailer.
 //!
 //! ```text
-//! header   magic "INCFSMAN" | format u16 (1 or 2) | reserved u16 = 0 | reserved u32 = 0 | body_len u64
+//! header   magic "INCFSMAN" | format u16 (1, 2 or 3) | reserved u16 = 0 | reserved u32 = 0 | body_len u64
 //! body     body_len bytes (see `docs/format.md`)
 //! trailer  algorithm u8 | key_id [32] | sig_len u16 | signature
 //! ```
@@ -20,7 +20,7 @@ pub const MAGIC: &[u8; 8] = b"INCFSMAN";
 /// The newest manifest format this build reads and writes. A writer uses the oldest format
 /// that can express a manifest (format 1 unless it has an expiry), so that older readers keep
 /// reading images that use nothing new; a reader refuses a newer format, asking for an upgrade.
-pub const FORMAT_VERSION: u16 = 2;
+pub const FORMAT_VERSION: u16 = 3;
 /// Body flag (format 2): an `i64` expiry time follows the flags.
 const FLAG_EXPIRES: u16 = 1;
 pub const HEADER_LEN: usize = 24;
@@ -93,15 +93,30 @@ pub struct Envelope<'a> {
     pub signature: &'a [u8],
 }
 
+/// The oldest format that can express `manifest`: 3 if a file's metadata is a compact map, else
+/// 2 if it expires, else 1.
+pub fn format_for(manifest: &Manifest) -> u16 {
+    let compact = manifest.inodes.iter().any(|i| match &i.kind {
+        InodeKind::File(f) => f.meta.is_some_and(|m| m.compact != 0),
+        _ => false,
+    });
+    match (compact, manifest.expires.is_some()) {
+        (true, _) => 3,
+        (false, true) => 2,
+        (false, false) => 1,
+    }
+}
+
 /// The header and body of `manifest`: the bytes to sign.
 pub fn encode_signed_part(manifest: &Manifest) -> Vec<u8> {
     let mut w = Writer(Vec::with_capacity(4096));
     w.bytes(MAGIC);
-    w.u16(if manifest.expires.is_some() { 2 } else { 1 });
+    let format = format_for(manifest);
+    w.u16(format);
     w.u16(0);
     w.u32(0);
     w.u64(0); // body length, patched below
-    encode_body(manifest, &mut w);
+    encode_body(manifest, format, &mut w);
     let body_len = (w.0.len() - HEADER_LEN) as u64;
     w.0[16..24].copy_from_slice(&body_len.to_le_bytes());
     w.0
@@ -180,7 +195,7 @@ pub fn decode_body(body: &[u8], format: u16) -> Result<Manifest, WireError> {
     let n = r.count(INODE_MIN_LEN, "inodes")?;
     let mut inodes = Vec::with_capacity(n);
     for _ in 0..n {
-        inodes.push(decode_inode(&mut r)?);
+        inodes.push(decode_inode(&mut r, format)?);
     }
 
     let n = r.count(DIRENT_MIN_LEN, "directory entries")?;
@@ -202,7 +217,7 @@ pub fn decode_body(body: &[u8], format: u16) -> Result<Manifest, WireError> {
 const INODE_MIN_LEN: usize = 1 + 2 + 4 + 4 + 8 + 4 + 2;
 const DIRENT_MIN_LEN: usize = 4 + 4 + 2;
 
-fn decode_inode(r: &mut Reader<'_>) -> Result<Inode, WireError> {
+fn decode_inode(r: &mut Reader<'_>, format: u16) -> Result<Inode, WireError> {
     let kind = r.u8("inode")?;
     let meta = Metadata {
         mode: r.u16("inode")?,
@@ -226,9 +241,13 @@ fn decode_inode(r: &mut Reader<'_>) -> Result<Inode, WireError> {
             let root_hash = r.take(HASH_SIZE, "file")?.try_into().unwrap();
             let object = r.u32("file")?;
             let offset = r.u64("file")?;
-            let meta = (object != NO_OBJECT).then_some(MetaRef { object, offset });
+            let compact = if format >= 3 { r.u32("file")? } else { 0 };
+            let meta = (object != NO_OBJECT).then_some(MetaRef { object, offset, compact });
             if meta.is_none() && offset != 0 {
                 return Err(WireError::Field { field: "meta_offset", value: offset });
+            }
+            if meta.is_none() && compact != 0 {
+                return Err(WireError::Field { field: "compact", value: compact.into() });
             }
             InodeKind::File(FileData { size, root_hash, meta })
         }
@@ -245,7 +264,7 @@ fn decode_inode(r: &mut Reader<'_>) -> Result<Inode, WireError> {
     Ok(Inode { meta, xattrs, kind })
 }
 
-fn encode_body(m: &Manifest, w: &mut Writer) {
+fn encode_body(m: &Manifest, format: u16, w: &mut Writer) {
     w.u16(m.name.len() as u16);
     w.bytes(m.name.as_bytes());
     w.u64(m.version);
@@ -282,9 +301,12 @@ fn encode_body(m: &Manifest, w: &mut Writer) {
             InodeKind::File(f) => {
                 w.u64(f.size);
                 w.bytes(&f.root_hash);
-                let m = f.meta.unwrap_or(MetaRef { object: NO_OBJECT, offset: 0 });
+                let m = f.meta.unwrap_or(MetaRef { object: NO_OBJECT, offset: 0, compact: 0 });
                 w.u32(m.object);
                 w.u64(m.offset);
+                if format >= 3 {
+                    w.u32(m.compact);
+                }
             }
             InodeKind::Symlink(t) => {
                 w.u16(t.len() as u16);
@@ -432,14 +454,40 @@ mod tests {
         bad[0] = b'X';
         assert_eq!(open_envelope(&bad), Err(WireError::Magic));
         let mut bad = file.clone();
-        bad[8] = 3;
-        assert_eq!(open_envelope(&bad), Err(WireError::FormatVersion(3)));
+        bad[8] = 4;
+        assert_eq!(open_envelope(&bad), Err(WireError::FormatVersion(4)));
         let mut bad = file.clone();
         bad[8] = 0;
         assert_eq!(open_envelope(&bad), Err(WireError::FormatVersion(0)));
         let mut bad = file;
         bad[HEADER_LEN - 8] ^= 0x80;
         assert!(open_envelope(&bad).is_err());
+    }
+
+    #[test]
+    fn compact_maps_need_format_3_and_are_checked() {
+        let mut m = sample();
+        let InodeKind::File(f) = &mut m.inodes[1].kind else { panic!("inode 1 is a file") };
+        f.meta.as_mut().unwrap().compact = 8 + 64;
+        let signed = encode_signed_part(&m);
+        assert_eq!(signed[8], 3);
+        let file = seal(signed, SignatureAlgorithm::Ed25519, &[7; 32], &[1; 64]);
+        let env = open_envelope(&file).unwrap();
+        assert_eq!(decode(&env).unwrap(), m);
+        // Read as format 2, the body has four bytes per file too many.
+        assert!(decode_body(env.body, 2).is_err());
+        // A length that is not 8 + 64 per run, or over 1 MiB, is refused; so is a compact map
+        // where there is no region.
+        for bad in [9, 8 + 64 + 1, (1 << 20) + 8] {
+            let mut b = m.clone();
+            let InodeKind::File(f) = &mut b.inodes[1].kind else { unreachable!() };
+            f.meta.as_mut().unwrap().compact = bad;
+            assert!(matches!(b.validate(), Err(ManifestError::Inode { inode: 1, .. })), "compact {bad}");
+        }
+        let mut body = encode_signed_part(&m)[HEADER_LEN..].to_vec();
+        let empty = body.windows(12).rposition(|w| w == [0xff, 0xff, 0xff, 0xff, 0, 0, 0, 0, 0, 0, 0, 0]).unwrap();
+        body[empty + 12] = 1; // the empty file's compact field
+        assert_eq!(decode_body(&body, 3), Err(WireError::Field { field: "compact", value: 1 }));
     }
 
     #[test]

@@ -14,7 +14,8 @@ use std::fs::File;
 use std::path::Path;
 
 use incfs_fetch::image::verify_block;
-use incfs_format::block_map::{BlockRecord, FileMetaLayout};
+use incfs_format::block_map::BlockRecord;
+use incfs_format::compact_map::decode_region;
 use incfs_format::manifest::InodeKind;
 use incfs_format::{wire, Hash};
 use incfs_store::{file_key, FileKey, Store, PRESENCE_CHUNK_BITS};
@@ -133,7 +134,7 @@ pub fn fsck(cache: &Path, repair: bool, progress: &dyn Fn(&str)) -> Result<FsckR
                 Some(vec![f.root_hash])
             } else {
                 // The compact tree is the start of the metadata region, in cached pieces.
-                let len = geo.compact_len();
+                let len = if meta.compact != 0 { meta.compact as u64 } else { geo.compact_len() };
                 let mut compact = Vec::with_capacity(len as usize);
                 let mut complete = true;
                 for chunk in 0..len.div_ceil(META_CHUNK) {
@@ -146,13 +147,17 @@ pub fn fsck(cache: &Path, repair: bool, progress: &dyn Fn(&str)) -> Result<FsckR
                     }
                 }
                 compact.truncate(len as usize);
-                match complete.then(|| MerkleTree::from_compact(f.size, &compact, &f.root_hash)) {
+                let tree = |bytes: &[u8]| match meta.compact {
+                    0 => MerkleTree::from_compact(f.size, bytes, &f.root_hash).map_err(|e| e.to_string()),
+                    _ => decode_region(f.size, &meta, bytes, &f.root_hash).map(|(t, _)| t).map_err(|e| e.to_string()),
+                };
+                match complete.then(|| tree(&compact)) {
                     Some(Ok(tree)) => Some(tree.leaves().to_vec()),
                     Some(Err(_)) => {
                         report.trees_damaged += 1;
                         tracing::warn!("cached tree of a file with root {} is damaged", hex::encode(f.root_hash));
                         if repair {
-                            let region = FileMetaLayout::new(f.size).len().unwrap_or(0);
+                            let region = meta.stored_len(f.size).unwrap_or(0);
                             for chunk in 0..region.div_ceil(META_CHUNK) {
                                 store.remove_meta(&object, meta.offset, chunk)?;
                             }

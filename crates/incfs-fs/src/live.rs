@@ -124,7 +124,7 @@ fn check_push(f: &PushedFile, image: &str, trust: &TrustedKeys, reader: &Reader)
         kind: InodeKind::File(FileData {
             size: f.size,
             root_hash: f.root,
-            meta: Some(MetaRef { object: crate::reader::PUSHED_OBJECT, offset }),
+            meta: Some(MetaRef::dense(crate::reader::PUSHED_OBJECT, offset)),
         }),
     };
     Ok((Pushed { parent: dirs.join(&b'/'), name: name.to_vec(), inode }, digest))

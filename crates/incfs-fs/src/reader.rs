@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 use futures::future::{BoxFuture, FutureExt, Shared};
 use incfs_fetch::image::{verify_block, verify_block_into};
 use incfs_format::block_map::{BlockRecord, FileMetaLayout, BLOCK_RECORD_SIZE};
+use incfs_format::compact_map::CompactMap;
 use incfs_format::manifest::{FileData, ObjectRef};
 use incfs_format::{layout, Codec, Hash, BLOCK_SIZE};
 use incfs_store::{FileKey, NewBlock, Store};
@@ -165,6 +166,11 @@ pub struct Reader {
     fills_only: AtomicBool,
     /// Compact Merkle trees of pushed files (checked against their roots when pushed).
     pushed: RwLock<Vec<Arc<Vec<u8>>>>,
+    /// Compact maps decoded (they matched their signed roots), by region.
+    compacts: Cache<(u32, u64), Arc<CompactMap>>,
+    /// Pieces of dense regions rebuilt from compact maps, keyed as `meta`'s pieces (which, for
+    /// such files, hold the map's own bytes).
+    compact_dense: Cache<(u32, u64, u64), Arc<Vec<u8>>>,
     /// Requests that are not a read's own (readahead, background completion) take a slot
     /// each: bounds their number in flight, and so the bytes they buffer.
     pub(crate) slots: Arc<tokio::sync::Semaphore>,
@@ -272,6 +278,8 @@ impl Reader {
             bad_fills: Mutex::new(HashMap::new()),
             fills_only: AtomicBool::new(false),
             pushed: RwLock::new(Vec::new()),
+            compacts: Cache::new(64),
+            compact_dense: Cache::new(64),
             slots: Arc::new(tokio::sync::Semaphore::new(parallel)),
             parallel,
             plain_dir: std::sync::OnceLock::new(),
@@ -478,7 +486,7 @@ impl Reader {
     fn region(&self, f: &FileRef) -> (u32, u64, u64) {
         let m = f.data.meta.expect("non-empty files have a metadata region");
         // validate() guaranteed the region fits in its object.
-        (m.object, m.offset, FileMetaLayout::new(f.data.size).len().unwrap())
+        (m.object, m.offset, m.stored_len(f.data.size).unwrap())
     }
 
     fn meta_chunk_local(&self, f: &FileRef, chunk: u64) -> Result<Option<Arc<Vec<u8>>>, Local> {
@@ -494,6 +502,14 @@ impl Reader {
                 _ => Err(fail(FailCause::Other, format!("{}: pushed file without its tree", f.label))),
             };
         }
+        if f.data.meta.is_some_and(|m| m.compact != 0) {
+            return self.compact_chunk(f, chunk);
+        }
+        self.stored_piece(object, offset, chunk)
+    }
+
+    /// Piece `chunk` of the region at `offset` of `object` as stored (memory, then the store).
+    fn stored_piece(&self, object: u32, offset: u64, chunk: u64) -> Result<Option<Arc<Vec<u8>>>, Local> {
         if let Some(c) = self.meta.get(&(object, offset, chunk)) {
             return Ok(Some(c));
         }
@@ -507,6 +523,53 @@ impl Reader {
             Ok(None) => Ok(None),
             Err(e) => Err(fail(FailCause::Other, e.to_string())),
         }
+    }
+
+    /// Piece `chunk` of the dense region of a file stored as a compact map, rebuilt from the
+    /// map (the map itself is fetched and stored whole, as its one piece group).
+    fn compact_chunk(&self, f: &FileRef, chunk: u64) -> Result<Option<Arc<Vec<u8>>>, Local> {
+        let (object, offset, _) = self.region(f);
+        if let Some(c) = self.compact_dense.get(&(object, offset, chunk)) {
+            return Ok(Some(c));
+        }
+        let Some(map) = self.compact_map(f)? else { return Ok(None) };
+        let dense = FileMetaLayout::new(f.data.size).len().unwrap_or(0);
+        let start = chunk * META_CHUNK;
+        if start >= dense {
+            return Err(fail(FailCause::Other, format!("{}: metadata piece {chunk} is past its end", f.label)));
+        }
+        let c = Arc::new(map.dense(start..dense.min(start + META_CHUNK)));
+        self.compact_dense.insert((object, offset, chunk), c.clone());
+        Ok(Some(c))
+    }
+
+    /// The decoded compact map of `f`, if its bytes are local; one that does not give the
+    /// signed root is dropped (and its mirror blamed) so that it is fetched again.
+    fn compact_map(&self, f: &FileRef) -> Result<Option<Arc<CompactMap>>, Local> {
+        let (object, offset, len) = self.region(f);
+        if let Some(m) = self.compacts.get(&(object, offset)) {
+            return Ok(Some(m));
+        }
+        let mut bytes = Vec::with_capacity(len as usize);
+        for chunk in 0..len.div_ceil(META_CHUNK) {
+            match self.stored_piece(object, offset, chunk)? {
+                Some(piece) => bytes.extend_from_slice(&piece),
+                None => return Ok(None),
+            }
+        }
+        let problem = match CompactMap::decode(f.data.size, &bytes) {
+            Ok(map) if map.root() == &f.data.root_hash => {
+                let map = Arc::new(map);
+                self.compacts.insert((object, offset), map.clone());
+                return Ok(Some(map));
+            }
+            Ok(_) => "does not match the signed root hash".to_string(),
+            Err(e) => e.to_string(),
+        };
+        self.drop_meta(f, 0..1);
+        Stats::add(&self.stats.blocks_bad, 1);
+        tracing::error!("{}: compact block map failed verification: {problem}", f.label);
+        Err(fail(FailCause::Verification, format!("{}: compact block map failed verification", f.label)))
     }
 
     /// Bytes `range` of the file's metadata region, from memory or the store.
@@ -551,7 +614,16 @@ impl Reader {
         }
         let digest = self.digest(object);
         let mut liars = Vec::new();
-        for chunk in range.start / META_CHUNK..=(range.end.max(1) - 1) / META_CHUNK {
+        // A compact map is one answer: all of it goes, and what was rebuilt from it.
+        let chunks = match f.data.meta.is_some_and(|m| m.compact != 0) {
+            true => {
+                self.compacts.remove(&(object, offset));
+                self.compact_dense.retain(|k, _| (k.0, k.1) != (object, offset));
+                0..self.region(f).2.div_ceil(META_CHUNK)
+            }
+            false => range.start / META_CHUNK..(range.end.max(1) - 1) / META_CHUNK + 1,
+        };
+        for chunk in chunks {
             self.meta.remove(&(object, offset, chunk));
             let _ = self.store.remove_meta(&digest, offset, chunk);
             liars.extend(self.meta_from.lock().remove(&(object, offset, chunk)));
@@ -1051,7 +1123,9 @@ impl Reader {
             let message = format!("{}: pushed file without its tree", f.label);
             return Err(ReadFailure { cause: FailCause::Other, message });
         }
-        let group = chunk / META_PIECES_PER_FETCH;
+        // A compact map (at most one group long) is fetched whole, whichever piece was asked.
+        let compact = f.data.meta.is_some_and(|m| m.compact != 0);
+        let group = if compact { 0 } else { chunk / META_PIECES_PER_FETCH };
         let key = (object, offset, group);
         let local = || matches!(self.meta_chunk_local(f, chunk), Ok(Some(_)));
         let shared = self.meta_flight(key, local, || {

@@ -327,7 +327,7 @@ mod tests {
     use incfs_format::manifest::{Dirent, FileData, MetaRef, Metadata};
 
     fn file(size: u64, root: u8) -> Inode {
-        let meta = Some(MetaRef { object: 0, offset: root as u64 * 100 });
+        let meta = Some(MetaRef::dense(0, root as u64 * 100));
         Inode {
             meta: Metadata { mode: 0o644, ..Default::default() },
             xattrs: vec![],

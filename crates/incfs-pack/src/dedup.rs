@@ -14,9 +14,10 @@ use std::path::{Path, PathBuf};
 
 use incfs_format::block_map::{BlockRecord, FileMetaLayout, BLOCK_RECORD_SIZE};
 use incfs_format::codec::decode_block;
+use incfs_format::compact_map::{decode_region, CompactMap};
 use incfs_format::manifest::{InodeKind, Manifest, MetaRef, ObjectRef};
 use incfs_format::{layout, wire, Hash, BLOCK_SIZE};
-use incfs_verity::{hash_data_block, MerkleTree};
+use incfs_verity::hash_data_block;
 use sha2::{Digest, Sha256};
 
 use crate::PackError;
@@ -74,14 +75,18 @@ pub(crate) fn read_manifest(repo: &Path, v: u64) -> Result<Manifest, String> {
 /// The block records of a file, read from its metadata region in `repo` (bounds-checked against
 /// `m`'s object table).
 pub(crate) fn read_records(repo: &Path, m: &Manifest, size: u64, meta: MetaRef) -> Result<Vec<BlockRecord>, String> {
-    let layout = FileMetaLayout::new(size);
-    let len = layout.len().ok_or("metadata too large")?;
+    let len = meta.stored_len(size).ok_or("metadata too large")?;
     let object = m.objects.get(meta.object as usize).ok_or("metadata in a missing object")?;
     let path = repo.join(layout::object(&object.digest));
-    let mut map = vec![0u8; (len - layout.map_offset()) as usize];
+    let mut bytes = vec![0u8; len as usize];
     File::open(&path)
-        .and_then(|f| f.read_exact_at(&mut map, meta.offset + layout.map_offset()))
+        .and_then(|f| f.read_exact_at(&mut bytes, meta.offset))
         .map_err(|e| format!("{}: {e}", path.display()))?;
+    if meta.compact != 0 {
+        let map = CompactMap::decode(size, &bytes).map_err(|e| e.to_string())?;
+        return Ok((0..incfs_verity::block_count(size)).map(|i| map.record(i)).collect());
+    }
+    let map = &bytes[FileMetaLayout::new(size).map_offset() as usize..];
     map.chunks_exact(BLOCK_RECORD_SIZE)
         .map(|c| BlockRecord::decode(c.try_into().unwrap()).map_err(|e| e.to_string()))
         .collect()
@@ -145,19 +150,14 @@ impl DedupIndex {
     }
 
     fn learn_file(&mut self, m: &Manifest, size: u64, root: &Hash, meta: MetaRef) -> Result<(), String> {
-        let layout = FileMetaLayout::new(size);
-        let len = layout.len().ok_or("metadata too large")? as usize;
+        let len = meta.stored_len(size).ok_or("metadata too large")? as usize;
         let bytes = self.read_old(meta.object, meta.offset, len)?;
-        let (tree, map) = bytes.split_at(layout.map_offset() as usize);
-        let tree = MerkleTree::from_compact(size, tree, root).map_err(|e| e.to_string())?;
-        let mut records = Vec::with_capacity(map.len() / BLOCK_RECORD_SIZE);
-        for chunk in map.chunks_exact(BLOCK_RECORD_SIZE) {
-            let r = BlockRecord::decode(chunk.try_into().unwrap()).map_err(|e| e.to_string())?;
+        let (tree, records) = decode_region(size, &meta, &bytes, root).map_err(|e| e.to_string())?;
+        for r in records.iter().filter(|r| r.codec != incfs_format::Codec::Zero) {
             let obj = m.objects.get(r.object as usize).ok_or("block record names a missing object")?;
             if r.range().end > obj.size {
                 return Err("block record lies outside its object".into());
             }
-            records.push(r);
         }
         for (leaf, r) in tree.leaves().iter().zip(&records) {
             if r.codec != incfs_format::Codec::Zero {

@@ -24,6 +24,7 @@ use rayon::prelude::*;
 
 use incfs_format::block_map::BlockRecord;
 use incfs_format::codec::{encode_block, EncodedBlock};
+use incfs_format::compact_map;
 use incfs_format::manifest::{is_valid_image_name, FileData, Inode, Manifest, MetaRef};
 use incfs_format::profile::Profile;
 use incfs_format::{layout, wire, Compression, Hash, BLOCK_SIZE};
@@ -491,17 +492,26 @@ impl Packer {
         if size == 0 {
             return Ok(FileData { size, root_hash: [0; 32], meta: None });
         }
+        // Sparse and repetitive files: a compact map where it is much smaller (format 3).
+        let runs = compact_map::runs_of(&leaves, &records);
+        let compact = compact_map::worth_it(size, runs.len());
         let tree = MerkleTree::from_leaves(size, leaves);
         let digest = dedup::records_digest(&records);
         let meta = match self.dedup.file(tree.root(), size, &digest) {
             Some(m) => m,
             None => {
-                let mut bytes = tree.to_compact();
-                for r in &records {
-                    bytes.extend_from_slice(&r.encode());
-                }
+                let bytes = match compact {
+                    true => compact_map::encode(&runs),
+                    false => {
+                        let mut bytes = tree.to_compact();
+                        for r in &records {
+                            bytes.extend_from_slice(&r.encode());
+                        }
+                        bytes
+                    }
+                };
                 let (object, offset) = self.objects.append(&bytes)?;
-                let m = MetaRef { object, offset };
+                let m = MetaRef { object, offset, compact: if compact { bytes.len() as u32 } else { 0 } };
                 self.dedup.insert_file(*tree.root(), size, m, digest);
                 m
             }
