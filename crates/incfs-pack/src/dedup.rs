@@ -11,6 +11,7 @@ use std::collections::{HashMap, HashSet};
 use std::fs::{self, File};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use incfs_format::block_map::{BlockRecord, FileMetaLayout, BLOCK_RECORD_SIZE};
 use incfs_format::codec::decode_block;
@@ -18,6 +19,7 @@ use incfs_format::compact_map::{decode_region, CompactMap};
 use incfs_format::manifest::{InodeKind, Manifest, MetaRef, ObjectRef};
 use incfs_format::{layout, wire, Hash, BLOCK_SIZE};
 use incfs_verity::hash_data_block;
+use parking_lot::RwLock;
 use sha2::{Digest, Sha256};
 
 use crate::PackError;
@@ -34,7 +36,9 @@ pub(crate) fn records_digest(records: &[BlockRecord]) -> Hash {
 
 #[derive(Default)]
 pub(crate) struct DedupIndex {
-    blocks: HashMap<Hash, BlockRecord>,
+    /// Shared with [`Known`] handles, so that blocks of the next batch are prepared (hashed,
+    /// looked up, encoded) while this batch is stored.
+    blocks: Arc<RwLock<HashMap<Hash, BlockRecord>>>,
     files: HashMap<(Hash, u64), (MetaRef, Hash)>,
     /// Objects with an index below this were written by earlier packs.
     old_objects: u32,
@@ -42,6 +46,17 @@ pub(crate) struct DedupIndex {
     verified: HashSet<(u32, u64)>,
     open: HashMap<u32, File>,
     repo: PathBuf,
+}
+
+/// Which blocks have a stored copy, as the index knows at the moment of asking.
+#[derive(Clone)]
+pub(crate) struct Known(Arc<RwLock<HashMap<Hash, BlockRecord>>>);
+
+impl Known {
+    /// Whether a stored copy of the block is known (unchecked: [`DedupIndex::block`] checks).
+    pub fn contains(&self, hash: &Hash) -> bool {
+        self.0.read().contains_key(hash)
+    }
 }
 
 /// The repository's newest version, if any, and the reuse index over all its versions.
@@ -161,7 +176,7 @@ impl DedupIndex {
         }
         for (leaf, r) in tree.leaves().iter().zip(&records) {
             if r.codec != incfs_format::Codec::Zero {
-                self.blocks.entry(*leaf).or_insert(*r);
+                self.blocks.write().entry(*leaf).or_insert(*r);
             }
         }
         self.files.entry((*root, size)).or_insert((meta, records_digest(&records)));
@@ -170,7 +185,7 @@ impl DedupIndex {
 
     /// A stored copy of the block with leaf hash `hash`, checked if it comes from an earlier pack.
     pub fn block(&mut self, hash: &Hash) -> Option<BlockRecord> {
-        let r = *self.blocks.get(hash)?;
+        let r = *self.blocks.read().get(hash)?;
         if r.object >= self.old_objects || self.verified.contains(&(r.object, r.offset)) {
             return Some(r);
         }
@@ -191,18 +206,18 @@ impl DedupIndex {
                 r.object,
                 r.offset
             );
-            self.blocks.remove(hash);
+            self.blocks.write().remove(hash);
             None
         }
     }
 
-    /// Whether a stored copy of the block is known (unchecked: [`DedupIndex::block`] checks).
-    pub fn knows_block(&self, hash: &Hash) -> bool {
-        self.blocks.contains_key(hash)
+    /// A handle that tells which blocks have a stored copy, usable while the index changes.
+    pub fn known(&self) -> Known {
+        Known(self.blocks.clone())
     }
 
     pub fn insert_block(&mut self, hash: Hash, r: BlockRecord) {
-        self.blocks.insert(hash, r);
+        self.blocks.write().insert(hash, r);
     }
 
     /// An existing metadata region for a file with this root hash, size and block records.

@@ -18,6 +18,8 @@ mod scan;
 
 use std::fs::{self, File};
 use std::io::{Read, Write};
+use std::ops::Range;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use rayon::prelude::*;
@@ -306,11 +308,11 @@ fn block_of(chunk: &[u8], i: usize) -> &[u8] {
 }
 
 /// Hash `chunk`'s blocks and encode those that may be new (`parallel`: the encoding too).
-fn prepare(chunk: &[u8], dedup: &dedup::DedupIndex, compression: Compression, parallel: bool) -> Prepared {
+fn prepare(chunk: &[u8], known: &dedup::Known, compression: Compression, parallel: bool) -> Prepared {
     let hashes: Vec<Hash> = incfs_verity::hash_data(chunk);
     let mut seen = std::collections::HashSet::new();
     let todo: Vec<usize> = (0..hashes.len())
-        .filter(|&i| hashes[i] != *ZERO_HASH && !dedup.knows_block(&hashes[i]) && seen.insert(hashes[i]))
+        .filter(|&i| hashes[i] != *ZERO_HASH && !known.contains(&hashes[i]) && seen.insert(hashes[i]))
         .collect();
     let done: Vec<EncodedBlock> = if parallel {
         todo.par_iter().map(|&i| encode_block(block_of(chunk, i), compression)).collect()
@@ -347,6 +349,37 @@ fn read_small(path: &Path, size: u64) -> Result<Vec<u8>, PackError> {
     Ok(data)
 }
 
+/// Where the next data (`SEEK_DATA`) or hole (`SEEK_HOLE`) of `f` begins at or after `at`;
+/// `Some(end)` when only a hole remains (`SEEK_DATA` past the last data), `None` where the file
+/// system cannot tell (then the file is simply read).
+fn seek(f: &File, at: u64, whence: libc::c_int, end: u64) -> Option<u64> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: lseek on a descriptor `f` keeps open; it only moves the file offset, which
+    // nothing here uses (reads give their offsets).
+    let r = unsafe { libc::lseek(f.as_raw_fd(), at as libc::off_t, whence) };
+    match r {
+        r if r >= 0 => Some(r as u64),
+        _ if whence == libc::SEEK_DATA && std::io::Error::last_os_error().raw_os_error() == Some(libc::ENXIO) => {
+            Some(end)
+        }
+        _ => None,
+    }
+}
+
+/// Fill `buf` from `f` at `offset`, short only at the end of the file.
+fn read_full_at(f: &File, buf: &mut [u8], offset: u64) -> std::io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match f.read_at(&mut buf[n..], offset + n as u64) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(n)
+}
+
 fn read_full(f: &mut File, buf: &mut [u8]) -> std::io::Result<usize> {
     let mut n = 0;
     while n < buf.len() {
@@ -374,46 +407,68 @@ impl Packer {
             _ => unreachable!("only regular files are ordered for packing"),
         };
         let mut packed = vec![None; inodes.len()];
+        // Large files one by one (their chunks are worked on in parallel); runs of small files
+        // in batches, each read, hashed and encoded in parallel while the batch before it is
+        // stored (storing is sequential: the output's order is fixed).
+        let mut steps: Vec<Range<usize>> = Vec::new();
         let mut at = 0;
         while at < order.len() {
-            let (path, size) = file(order[at]);
-            if size > CHUNK as u64 {
-                progress.file(path);
-                packed[order[at]] = Some(self.pack_large(path, size, progress)?);
-                at += 1;
-                continue;
-            }
-            // A batch of consecutive small files, read, hashed and encoded in parallel.
             let (mut end, mut bytes) = (at, 0);
             while end < order.len() {
                 let size = file(order[end]).1;
-                if size > CHUNK as u64 || (end > at && bytes + size > BATCH_BYTES) {
+                if (size > CHUNK as u64 && end > at) || (end > at && bytes + size > BATCH_BYTES) {
                     break;
                 }
                 bytes += size;
                 end += 1;
+                if size > CHUNK as u64 {
+                    break;
+                }
             }
-            let (dedup, compression) = (&self.dedup, self.compression);
-            let batch: Vec<Result<SmallFile, PackError>> = order[at..end]
+            steps.push(at..end);
+            at = end;
+        }
+        let is_large = |r: &Range<usize>| file(order[r.start]).1 > CHUNK as u64;
+        let (known, compression) = (self.dedup.known(), self.compression);
+        let prepare_batch = |r: Range<usize>| -> Vec<Result<SmallFile, PackError>> {
+            order[r]
                 .par_iter()
                 .map(|&i| {
                     let (path, size) = file(i);
                     let data = read_small(path, size)?;
-                    let prepared = prepare(&data, dedup, compression, false);
+                    let prepared = prepare(&data, &known, compression, false);
                     Ok(SmallFile { data, prepared })
                 })
-                .collect();
-            for (&i, f) in order[at..end].iter().zip(batch) {
-                let f = f?;
-                let (path, size) = file(i);
-                progress.file(path);
-                let leaves = f.prepared.hashes.clone();
-                let records = self.place(&f.data, f.prepared)?;
-                progress.advance(size);
-                packed[i] = Some(self.finish_file(size, leaves, records)?);
+                .collect()
+        };
+        std::thread::scope(|scope| -> Result<(), PackError> {
+            let mut ahead: Option<std::thread::ScopedJoinHandle<'_, _>> = None;
+            for (k, step) in steps.iter().enumerate() {
+                if is_large(step) {
+                    let (path, size) = file(order[step.start]);
+                    progress.file(path);
+                    packed[order[step.start]] = Some(self.pack_large(path, size, progress)?);
+                    continue;
+                }
+                let batch = match ahead.take() {
+                    Some(h) => h.join().expect("preparing a batch does not panic"),
+                    None => prepare_batch(step.clone()),
+                };
+                if let Some(next) = steps.get(k + 1).filter(|r| !is_large(r)).cloned() {
+                    ahead = Some(scope.spawn(move || prepare_batch(next)));
+                }
+                for (&i, f) in order[step.clone()].iter().zip(batch) {
+                    let f = f?;
+                    let (path, size) = file(i);
+                    progress.file(path);
+                    let leaves = f.prepared.hashes.clone();
+                    let records = self.place(&f.data, f.prepared)?;
+                    progress.advance(size);
+                    packed[i] = Some(self.finish_file(size, leaves, records)?);
+                }
             }
-            at = end;
-        }
+            Ok(())
+        })?;
         Ok(packed)
     }
 
@@ -421,7 +476,7 @@ impl Packer {
     /// parallel.
     fn pack_large(&mut self, path: &Path, size: u64, progress: &dyn Progress) -> Result<FileData, PackError> {
         let io = |source| PackError::Io { path: path.to_path_buf(), source };
-        let mut f = File::open(path).map_err(io)?;
+        let f = File::open(path).map_err(io)?;
         if f.metadata().map_err(io)?.len() != size {
             return Err(PackError::Changed(path.to_path_buf()));
         }
@@ -430,8 +485,29 @@ impl Packer {
         let mut records = Vec::with_capacity(blocks);
         let mut total = 0u64;
         let mut buf = std::mem::take(&mut self.buf);
+        let bs = BLOCK_SIZE as u64;
         let result = loop {
-            let n = match read_full(&mut f, &mut buf) {
+            // Whole blocks of a hole are zero blocks without being read or hashed: a 1 GiB disk
+            // image holding 1 MiB of data packs in the time of its data.
+            if let Some(data) = seek(&f, total, libc::SEEK_DATA, size).filter(|_| total < size) {
+                let to = data.min(size) / bs * bs;
+                if to > total {
+                    let n = ((to - total) / bs) as usize;
+                    leaves.extend(std::iter::repeat_n(*ZERO_HASH, n));
+                    records.extend(std::iter::repeat_n(BlockRecord::ZERO, n));
+                    self.summary.zero_bytes += to - total;
+                    progress.advance(to - total);
+                    total = to;
+                    continue;
+                }
+            }
+            // Data up to the next hole (whole blocks), at most a chunk; then EOF is read for,
+            // so that a file that grew since the scan is noticed.
+            let want = match seek(&f, total, libc::SEEK_HOLE, size) {
+                Some(hole) if hole > total => (hole.div_ceil(bs) * bs - total).min(buf.len() as u64) as usize,
+                _ => buf.len(),
+            };
+            let n = match read_full_at(&f, &mut buf[..want], total) {
                 Ok(n) => n,
                 Err(e) => break Err(io(e)),
             };
@@ -442,7 +518,7 @@ impl Packer {
             if total > size {
                 break Err(PackError::Changed(path.to_path_buf()));
             }
-            let prepared = prepare(&buf[..n], &self.dedup, self.compression, true);
+            let prepared = prepare(&buf[..n], &self.dedup.known(), self.compression, true);
             leaves.extend_from_slice(&prepared.hashes);
             match self.place(&buf[..n], prepared) {
                 Ok(r) => records.extend(r),
@@ -544,7 +620,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (_, dedup) = dedup::load(dir.path()).unwrap();
         for parallel in [false, true] {
-            let p = prepare(&chunk, &dedup, Compression::Lz4, parallel);
+            let p = prepare(&chunk, &dedup.known(), Compression::Lz4, parallel);
             let encoded: Vec<bool> = p.encoded.iter().map(Option::is_some).collect();
             assert_eq!(encoded, [true, false, false, true], "block 1 is zero, block 2 repeats block 0");
         }
