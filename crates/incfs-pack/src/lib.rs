@@ -416,7 +416,7 @@ impl Packer {
             let (mut end, mut bytes) = (at, 0);
             while end < order.len() {
                 let size = file(order[end]).1;
-                if (size > CHUNK as u64 && end > at) || (end > at && bytes + size > BATCH_BYTES) {
+                if end > at && (size > CHUNK as u64 || bytes + size > BATCH_BYTES) {
                     break;
                 }
                 bytes += size;
