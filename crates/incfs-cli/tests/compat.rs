@@ -18,6 +18,15 @@ fn compact_fixture() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/repo-2026-12-compact")
 }
 
+/// Every file `digests` lists (lines of "DIGEST PATH") has that `incfs digest` under `dest`.
+fn check_digests(dest: &Path, digests: &Path) {
+    for line in fs::read_to_string(digests).unwrap().lines() {
+        let (digest, path) = line.split_once(' ').unwrap();
+        let got = incfs_ok(&["digest", dest.join(path).to_str().unwrap()]);
+        assert!(got.starts_with(digest), "{path}: {got} instead of {digest}");
+    }
+}
+
 #[test]
 fn a_repository_packed_in_2026_12_verifies_extracts_and_mounts() {
     let (repo, public) = (fixture().join("repo"), fixture().join("publisher.pub.pem"));
@@ -31,12 +40,7 @@ fn a_repository_packed_in_2026_12_verifies_extracts_and_mounts() {
     let dir = tempdir();
     let dest = dir.path().join("v2");
     incfs_ok(&["extract", r, dest.to_str().unwrap(), "--trust", t, "-q"]);
-    let expected = fs::read_to_string(fixture().join("v2.digests")).unwrap();
-    for line in expected.lines() {
-        let (digest, path) = line.split_once(' ').unwrap();
-        let got = incfs_ok(&["digest", dest.join(path).to_str().unwrap()]);
-        assert!(got.starts_with(digest), "{path}: {got} instead of {digest}");
-    }
+    check_digests(&dest, &fixture().join("v2.digests"));
     assert_eq!(fs::read_link(dest.join("link")).unwrap(), Path::new("hello.txt"));
     let dest1 = dir.path().join("v1");
     incfs_ok(&["extract", r, dest1.to_str().unwrap(), "--trust", t, "--version", "1", "-q"]);
@@ -56,12 +60,7 @@ fn a_format_3_repository_with_compact_maps_verifies_extracts_and_mounts() {
     let dir = tempdir();
     let dest = dir.path().join("out");
     incfs_ok(&["extract", r, dest.to_str().unwrap(), "--trust", t, "-q"]);
-    let expected = fs::read_to_string(compact_fixture().join("digests")).unwrap();
-    for line in expected.lines() {
-        let (digest, path) = line.split_once(' ').unwrap();
-        let got = incfs_ok(&["digest", dest.join(path).to_str().unwrap()]);
-        assert!(got.starts_with(digest), "{path}: {got} instead of {digest}");
-    }
+    check_digests(&dest, &compact_fixture().join("digests"));
     let sparse = fs::read(dest.join("sparse.bin")).unwrap();
     assert_eq!(sparse.len(), 64 << 20);
     assert!(sparse[..10 << 20].iter().chain(&sparse[(10 << 20) + 8192..]).all(|&b| b == 0), "a hole but 8 KiB");
