@@ -258,6 +258,13 @@ impl CompactMap {
         &self.runs
     }
 
+    /// Bytes this map holds in memory, about (runs and rebuilt levels): a few KiB for a sparse
+    /// file, some MiB at most for the largest map.
+    pub fn memory_bytes(&self) -> u64 {
+        let level_runs: usize = self.levels.iter().map(|l| l.runs.len()).sum();
+        (self.runs.len() * std::mem::size_of::<Run>() + level_runs * std::mem::size_of::<(u64, u64, Hash)>()) as u64
+    }
+
     /// Bytes `range` of the file's dense metadata region (compact tree, then block map), as a
     /// writer of the dense layout would have stored them.
     pub fn dense(&self, range: Range<u64>) -> Vec<u8> {
@@ -434,6 +441,7 @@ mod tests {
         assert!(worth_it(size, 256));
         let map = CompactMap::decode(size, &compact).unwrap();
         assert_eq!(map.root(), &root);
+        assert!(map.memory_bytes() < 64 * 1024, "{} bytes in memory", map.memory_bytes());
         for i in [0, 999, 1000, 1255, 1256, blocks - 1] {
             let rec_at = FileMetaLayout::new(size).record_offset(i);
             assert_eq!(map.dense(rec_at..rec_at + 16), dense[rec_at as usize..rec_at as usize + 16]);

@@ -166,8 +166,9 @@ pub struct Reader {
     fills_only: AtomicBool,
     /// Compact Merkle trees of pushed files (checked against their roots when pushed).
     pushed: RwLock<Vec<Arc<Vec<u8>>>>,
-    /// Compact maps decoded (they matched their signed roots), by region.
-    compacts: Cache<(u32, u64), Arc<CompactMap>>,
+    /// Compact maps decoded (they matched their signed roots), by region; at most
+    /// [`COMPACT_MAPS_BYTES`] of them.
+    compacts: Cache<(u32, u64), Arc<CompactMap>, MapWeight>,
     /// Pieces of dense regions rebuilt from compact maps, keyed as `meta`'s pieces (which, for
     /// such files, hold the map's own bytes).
     compact_dense: Cache<(u32, u64, u64), Arc<Vec<u8>>>,
@@ -216,6 +217,20 @@ impl Staged {
 
     fn take(&mut self, leaf: &Hash) -> Option<RunBlock> {
         self.blocks.remove(leaf)
+    }
+}
+
+/// Memory for decoded compact maps: a sparse file's map is a few KiB, the largest (16,383
+/// runs) some MiB, and one is decoded again (hashing its levels) whenever it is not held.
+const COMPACT_MAPS_BYTES: u64 = 16 << 20;
+
+/// Weighs a decoded compact map by its memory.
+#[derive(Clone)]
+struct MapWeight;
+
+impl quick_cache::Weighter<(u32, u64), Arc<CompactMap>> for MapWeight {
+    fn weight(&self, _: &(u32, u64), map: &Arc<CompactMap>) -> u64 {
+        map.memory_bytes().max(1)
     }
 }
 
@@ -278,7 +293,7 @@ impl Reader {
             bad_fills: Mutex::new(HashMap::new()),
             fills_only: AtomicBool::new(false),
             pushed: RwLock::new(Vec::new()),
-            compacts: Cache::new(64),
+            compacts: Cache::with_weighter(16, COMPACT_MAPS_BYTES, MapWeight),
             compact_dense: Cache::new(64),
             slots: Arc::new(tokio::sync::Semaphore::new(parallel)),
             parallel,
