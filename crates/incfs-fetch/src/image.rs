@@ -269,19 +269,45 @@ impl Image {
                 .map_err(|e| BlockFault::Fetch(e.to_string()))
         };
         let leaves = &meta.tree.leaves()[run.start as usize..run.end as usize];
-        records
-            .iter()
-            .zip(leaves)
-            .map(|(r, leaf)| {
-                let stored: &[u8] = match &fetched {
-                    Err(e) => return Err(e.clone()),
-                    Ok(None) => &[],
-                    Ok(Some(b)) => &b[(r.offset - first.offset) as usize..(r.range().end - first.offset) as usize],
-                };
-                verify_block(r, stored, leaf)
+        let fetched = match fetched {
+            Err(e) => return records.iter().map(|_| Err(e.clone())).collect(),
+            Ok(f) => f,
+        };
+        // Decoding and hashing are the CPU of verify and extract: a run of some size goes to the
+        // blocking pool, so that runs of several files are checked on every core, not on the
+        // task polling them all.
+        if records.len() < OFFLOAD_BLOCKS {
+            return check_run(records, leaves, first.offset, fetched.as_deref());
+        }
+        let (records, leaves) = (records.to_vec(), leaves.to_vec());
+        let n = records.len();
+        tokio::task::spawn_blocking(move || check_run(&records, &leaves, first.offset, fetched.as_deref()))
+            .await
+            .unwrap_or_else(|e| {
+                (0..n).map(|_| Err(BlockFault::Decode(format!("checking blocks failed: {e}")))).collect()
             })
-            .collect()
     }
+}
+
+/// Runs of at least this many blocks are checked on the blocking pool.
+const OFFLOAD_BLOCKS: usize = 8;
+
+/// Check blocks stored at `records` (their stored bytes lie in `fetched`, which starts at
+/// object offset `base`; `None` for zero blocks) against `leaves`.
+fn check_run(
+    records: &[BlockRecord],
+    leaves: &[Hash],
+    base: u64,
+    fetched: Option<&[u8]>,
+) -> Vec<Result<Box<[u8; BLOCK_SIZE]>, BlockFault>> {
+    records
+        .iter()
+        .zip(leaves)
+        .map(|(r, leaf)| {
+            let stored = fetched.map_or(&[][..], |b| &b[(r.offset - base) as usize..(r.range().end - base) as usize]);
+            verify_block(r, stored, leaf)
+        })
+        .collect()
 }
 
 /// Decode stored bytes and check them against their leaf hash.
