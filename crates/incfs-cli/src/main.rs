@@ -128,8 +128,9 @@ enum Command {
         /// Block compression; a block that does not shrink is stored raw either way.
         #[arg(long, value_enum, default_value = "zstd")]
         compression: CompressionArg,
-        /// zstd level (1-19).
-        #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(i32).range(1..=19))]
+        /// zstd level (1-19). Every 4 KiB block is compressed on its own, where higher levels
+        /// gain little: 3 is 0.8% smaller than the default 2 on /usr/share, and 10% slower.
+        #[arg(long, default_value_t = incfs_format::Compression::DEFAULT_ZSTD_LEVEL, value_parser = clap::value_parser!(i32).range(1..=19))]
         zstd_level: i32,
         /// Start a new object after this many MiB.
         #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..=4096))]

@@ -55,8 +55,10 @@ pub enum Compression {
 }
 
 impl Compression {
-    /// zstd level used when none is given: a good ratio while packing at well over 100 MB/s.
-    pub const DEFAULT_ZSTD_LEVEL: i32 = 3;
+    /// zstd level used when none is given. Each 4 KiB block is its own frame, where the levels
+    /// differ little in ratio: /usr/share packed at level 2 is 0.8% larger than at 3 and packs
+    /// in 2.17 s instead of 2.40 (level 1: +0.9%, 2.14 s).
+    pub const DEFAULT_ZSTD_LEVEL: i32 = 2;
 }
 
 /// A block as stored: its codec and stored bytes.
