@@ -17,7 +17,7 @@ mod prune;
 mod scan;
 
 use std::fs::{self, File};
-use std::io::{Read, Write};
+use std::io::Write;
 use std::ops::Range;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -335,13 +335,13 @@ struct SmallFile {
 /// Read a file of `size` bytes (at most [`CHUNK`]) whole, checking it does not change size.
 fn read_small(path: &Path, size: u64) -> Result<Vec<u8>, PackError> {
     let io = |source| PackError::Io { path: path.to_path_buf(), source };
-    let mut f = File::open(path).map_err(io)?;
+    let f = File::open(path).map_err(io)?;
     if f.metadata().map_err(io)?.len() != size {
         return Err(PackError::Changed(path.to_path_buf()));
     }
     // One byte more than expected tells a file that grew.
     let mut data = vec![0u8; size as usize + 1];
-    let n = read_full(&mut f, &mut data).map_err(io)?;
+    let n = read_full_at(&f, &mut data, 0).map_err(io)?;
     if n as u64 != size {
         return Err(PackError::Changed(path.to_path_buf()));
     }
@@ -371,19 +371,6 @@ fn read_full_at(f: &File, buf: &mut [u8], offset: u64) -> std::io::Result<usize>
     let mut n = 0;
     while n < buf.len() {
         match f.read_at(&mut buf[n..], offset + n as u64) {
-            Ok(0) => break,
-            Ok(k) => n += k,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(n)
-}
-
-fn read_full(f: &mut File, buf: &mut [u8]) -> std::io::Result<usize> {
-    let mut n = 0;
-    while n < buf.len() {
-        match f.read(&mut buf[n..]) {
             Ok(0) => break,
             Ok(k) => n += k,
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
