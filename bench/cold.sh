@@ -274,6 +274,15 @@ for rtt in 0 20; do
   mi=$(mibps $big_bytes "$ti") mc=$(mibps "$bc" "$tc")
   row "   $lbl: MiB/s (incfs: of 1 GiB file; curl: of objects)" "$mi" "$mc" "$(ratio "$mi" "$mc")" "incfs/curl MiB/s"
   row "   $lbl: seconds (incfs: cat file; curl: all objects)" "$ti" "$tc" "$(ratio "$tc" "$ti")" "curl/incfs time"
+  # Each run's curl and incfs read back to back: the median of those ratios is steadier than
+  # the ratio of medians when the machine's speed drifts from run to run (curl alone varied
+  # 0.4-1.2 s between runs of one bench on a 2-core VM).
+  pairs=()
+  for k in $(seq 0 $((RUNS - 1))); do
+    if [ $rtt = 0 ]; then pt=${i0_t[$k]} pc=${c0_t[$k]} pb=${c0_b[$k]}; else pt=${i20_t[$k]} pc=${c20_t[$k]} pb=${c20_b[$k]}; fi
+    pairs+=("$(ratio "$(mibps $big_bytes "$pt")" "$(mibps "$pb" "$pc")")")
+  done
+  row "   $lbl: MiB/s ratio of each run's pair, median (runs: ${pairs[*]})" "" "" "$(median "${pairs[@]}")" "incfs/curl MiB/s"
 done
 note "1: the file is 1024 MiB (512 MiB random, 512 MiB text); curl fetched $(mib "$b_c0") MiB of objects (all ${#objects[@]}, stdlib included); incfs fetched $(mib "$(median "${i0_fetched[@]}")") MiB in $(median "${i0_req[@]}") requests at loopback, $(mib "$(median "${i20_fetched[@]}")") MiB in $(median "${i20_req[@]}") requests at 20 ms RTT"
 cpu_i=$(median "${i0_cpu[@]}") cpu_c=$(median "${c0_cpu[@]}") hwm=$(median "${i0_hwm[@]}")
