@@ -33,12 +33,12 @@ fn tree(src: &Path) {
 
 /// Read `path` whole after dropping its pages from the page cache, so that the read reaches
 /// the daemon (warm: from the local store; cold: from the network).
-fn read_uncached(path: &Path) -> std::io::Result<Vec<u8>> {
-    let mut f = fs::File::open(path)?;
+fn read_uncached(path: &Path) -> Result<Vec<u8>, String> {
+    let mut f = fs::File::open(path).map_err(|e| format!("open: {e}"))?;
     // SAFETY: posix_fadvise on an fd we own; no memory is passed.
     unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
     let mut v = Vec::new();
-    f.read_to_end(&mut v)?;
+    f.read_to_end(&mut v).map_err(|e| format!("read: {e}"))?;
     Ok(v)
 }
 
@@ -141,10 +141,13 @@ fn restart_replaces_the_daemon_while_programs_read() {
     for i in 0..5 {
         let before = passes.load(Ordering::Relaxed);
         assert!(
-            wait_for(Duration::from_secs(60), || passes.load(Ordering::Relaxed) > before),
+            wait_for(Duration::from_secs(60), || passes.load(Ordering::Relaxed) > before || looper.is_finished()),
             "the reading loop made no progress before restart {i}:\n{}",
             m.log()
         );
+        if looper.is_finished() {
+            panic!("the reading loop ended before restart {i}: {:?}\n{}", looper.join(), m.log());
+        }
         let served = m.stat("reads_served");
         let out = incfs(&["restart", m.dir.to_str().unwrap()]);
         assert!(out.status.success(), "restart {i}: {}{}\n{}", text(&out.stdout), text(&out.stderr), m.log());
@@ -162,7 +165,13 @@ fn restart_replaces_the_daemon_while_programs_read() {
         assert_eq!(buf, open_expected[off..off + buf.len()], "open.bin after restart {i}");
     }
     let before = passes.load(Ordering::Relaxed);
-    assert!(wait_for(Duration::from_secs(60), || passes.load(Ordering::Relaxed) > before));
+    let progressed =
+        wait_for(Duration::from_secs(60), || passes.load(Ordering::Relaxed) > before || looper.is_finished());
+    if !progressed || looper.is_finished() {
+        stop.store(true, Ordering::Relaxed);
+        let ended = looper.is_finished().then(|| looper.join());
+        panic!("the reading loop made no progress after the restarts (ended: {ended:?}):\n{}", m.log());
+    }
     stop.store(true, Ordering::Relaxed);
     looper.join().unwrap().unwrap_or_else(|e| panic!("the reading loop saw an error: {e}\n{}", m.log()));
     let longest = streamer.join().unwrap().unwrap_or_else(|e| panic!("the streaming reader: {e}\n{}", m.log()));

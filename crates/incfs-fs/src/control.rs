@@ -219,7 +219,7 @@ pub enum RequestError {
     Pin(String),
     #[error("this mount's daemon has no supervisor (it was started by an older incfs); unmount and mount it again")]
     NoSupervisor,
-    #[error("log and loader open a stream: send them first")]
+    #[error("log, loader and restart must be the first request on a connection")]
     StreamNotFirst,
     #[error(transparent)]
     Update(#[from] crate::live::UpdateError),
@@ -692,21 +692,31 @@ impl Control {
                     .await
                     .map_err(RequestError::Refused)
             }
-            Request::Restart { binary } => {
-                let link = self.supervisor.as_ref().ok_or(RequestError::NoSupervisor)?;
-                if let Some(b) = &binary {
-                    if !b.is_absolute() || !b.is_file() {
-                        return Err(RequestError::Refused(format!(
-                            "{}: not an absolute path to a file; give the new incfs binary's full path",
-                            b.display()
-                        )));
-                    }
-                }
-                link.send(&crate::handover::ToSupervisor::Restart { binary })
-                    .map_err(|e| RequestError::Refused(e.to_string()))?;
-                value(std::process::id())
+            Request::Log | Request::Loader | Request::Restart { .. } => Err(RequestError::StreamNotFirst),
+        }
+    }
+
+    /// `incfs restart`: answered (this daemon's pid) before the supervisor is asked, because
+    /// the supervisor stops this daemon at once and an answer still to be written would die
+    /// with it (the client then saw an empty reply).
+    async fn restart(&self, binary: Option<PathBuf>, mut w: tokio::net::unix::OwnedWriteHalf) {
+        let checked = match (&self.supervisor, &binary) {
+            (None, _) => Err(RequestError::NoSupervisor),
+            (Some(_), Some(b)) if !b.is_absolute() || !b.is_file() => Err(RequestError::Refused(format!(
+                "{}: not an absolute path to a file; give the new incfs binary's full path",
+                b.display()
+            ))),
+            (Some(link), _) => Ok(link),
+        };
+        let answer = match &checked {
+            Ok(_) => serde_json::json!({ "ok": std::process::id() }),
+            Err(e) => serde_json::json!({ "error": e.to_string() }),
+        };
+        let written = w.write_all(format!("{answer}\n").as_bytes()).await.is_ok() && w.shutdown().await.is_ok();
+        if let (Ok(link), true) = (checked, written) {
+            if let Err(e) = link.send(&crate::handover::ToSupervisor::Restart { binary }) {
+                tracing::error!("restart: cannot ask the supervisor: {e}");
             }
-            Request::Log | Request::Loader => Err(RequestError::StreamNotFirst),
         }
     }
 
@@ -757,6 +767,7 @@ impl Control {
                 match serde_json::from_str::<Request>(&first) {
                     Ok(Request::Loader) => return loader::session(me.live.clone(), r, w).await,
                     Ok(Request::Log) => return me.stream_log(w).await,
+                    Ok(Request::Restart { binary }) => return me.restart(binary, w).await,
                     _ => {}
                 }
                 let mut line = first;

@@ -557,8 +557,11 @@ impl Filesystem for IncFs {
                     None => m.cached = m.cached.saturating_sub(1),
                 }
                 if m.passthrough == 0 && m.cached == 0 {
-                    modes.remove(&ino.0);
+                    // The supervisor hears of it before the backing id closes (dropping the entry
+                    // closes it): a successor told of an id already closed would hand it to the
+                    // kernel, which fails that open with EIO.
                     self.report_mode(ino.0, None);
+                    modes.remove(&ino.0);
                 }
             }
         }
