@@ -106,6 +106,11 @@ pub struct FileData {
 }
 
 impl FileData {
+    /// Whether the file's metadata is a compact map (format 3) rather than the dense region.
+    pub fn has_compact_map(&self) -> bool {
+        self.meta.is_some_and(|m| m.compact != 0)
+    }
+
     /// The fs-verity digest (`fsverity digest` output) of the file.
     pub fn digest(&self) -> Hash {
         incfs_verity::file_digest(&self.root_hash, self.size)

@@ -97,7 +97,7 @@ pub struct Envelope<'a> {
 /// 2 if it expires, else 1.
 pub fn format_for(manifest: &Manifest) -> u16 {
     let compact = manifest.inodes.iter().any(|i| match &i.kind {
-        InodeKind::File(f) => f.meta.is_some_and(|m| m.compact != 0),
+        InodeKind::File(f) => f.has_compact_map(),
         _ => false,
     });
     match (compact, manifest.expires.is_some()) {

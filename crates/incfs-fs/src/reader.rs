@@ -517,7 +517,7 @@ impl Reader {
                 _ => Err(fail(FailCause::Other, format!("{}: pushed file without its tree", f.label))),
             };
         }
-        if f.data.meta.is_some_and(|m| m.compact != 0) {
+        if f.data.has_compact_map() {
             return self.compact_chunk(f, chunk);
         }
         self.stored_piece(object, offset, chunk)
@@ -630,7 +630,7 @@ impl Reader {
         let digest = self.digest(object);
         let mut liars = Vec::new();
         // A compact map is one answer: all of it goes, and what was rebuilt from it.
-        let chunks = match f.data.meta.is_some_and(|m| m.compact != 0) {
+        let chunks = match f.data.has_compact_map() {
             true => {
                 self.compacts.remove(&(object, offset));
                 self.compact_dense.retain(|k, _| (k.0, k.1) != (object, offset));
@@ -1139,7 +1139,7 @@ impl Reader {
             return Err(ReadFailure { cause: FailCause::Other, message });
         }
         // A compact map (at most one group long) is fetched whole, whichever piece was asked.
-        let compact = f.data.meta.is_some_and(|m| m.compact != 0);
+        let compact = f.data.has_compact_map();
         let group = if compact { 0 } else { chunk / META_PIECES_PER_FETCH };
         let key = (object, offset, group);
         let local = || matches!(self.meta_chunk_local(f, chunk), Ok(Some(_)));
