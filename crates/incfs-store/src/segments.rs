@@ -38,7 +38,7 @@ use std::fs::File;
 use std::io::{Read, Write};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
@@ -382,14 +382,55 @@ pub struct LimitState {
 struct Writer {
     id: u32,
     data: File,
+    /// The same segment opened with `O_DIRECT`, for large runs (see [`DIRECT_MIN`]); `None`
+    /// where the filesystem refuses it (tmpfs, some FUSE filesystems).
+    direct: Option<File>,
+    /// Where a run is aligned for a direct write (writes are serialized by the writer's lock).
+    aligned: Vec<u8>,
     journal: File,
     tail: u64,
 }
+
+/// Runs at least this long are written with `O_DIRECT`, at an offset and of a length rounded
+/// up to [`DIRECT_ALIGN`] (the gap and the padding are dead bytes, never indexed). A buffered
+/// write of a fetched run cost the daemon a copy into the page cache and ext4's delayed
+/// allocation per page (7-23% of its CPU on a cold read, and dirty-page throttling stalls);
+/// the device copies a direct write itself: 552 MiB in 2 MiB writes took 0.02 s of system time
+/// direct against 0.13-1.19 s buffered (measured on this VM). Small runs stay buffered: the
+/// padding would cost more than the copy saves. The bytes are read back through the page cache
+/// as before (the kernel drops cached pages a direct write overlaps).
+const DIRECT_MIN: usize = 128 << 10;
+/// Offset, length and memory alignment for direct writes: covers 512- and 4096-byte devices.
+const DIRECT_ALIGN: usize = 4096;
+
+/// Write `data` at `offset` (a multiple of [`DIRECT_ALIGN`]) through `direct`, copied into
+/// `buf` aligned and padded with zeros to a multiple of [`DIRECT_ALIGN`]; returns the length
+/// written.
+fn write_direct(direct: &File, buf: &mut Vec<u8>, data: &[u8], offset: u64) -> std::io::Result<u64> {
+    let padded = data.len().next_multiple_of(DIRECT_ALIGN);
+    if buf.len() < padded + DIRECT_ALIGN {
+        *buf = vec![0; padded + DIRECT_ALIGN]; // a fresh allocation may sit elsewhere: realigned below
+    }
+    let at = buf.as_ptr().align_offset(DIRECT_ALIGN);
+    let aligned = &mut buf[at..at + padded];
+    aligned[..data.len()].copy_from_slice(data);
+    aligned[data.len()..].fill(0);
+    let written = direct.write_all_at(aligned, offset);
+    if buf.len() > KEEP_ALIGNED {
+        *buf = Vec::new(); // a rare large write (compaction): not kept
+    }
+    written.map(|()| padded as u64)
+}
+
+/// The aligned buffer is kept up to this size: a fetched run (up to 2 MiB) fits.
+const KEEP_ALIGNED: usize = (4 << 20) + DIRECT_ALIGN;
 
 pub struct Segments {
     dir: PathBuf,
     index: RwLock<Index>,
     writer: Mutex<Option<Writer>>,
+    /// Direct writes work here (until one is refused with EINVAL).
+    direct_ok: AtomicBool,
     /// Highest segment id seen; new segments take the next free one.
     last_id: Mutex<u32>,
     files: RwLock<HashMap<u32, Arc<SegFile>>>,
@@ -571,6 +612,7 @@ impl Segments {
             dir: dir.to_path_buf(),
             index: RwLock::new(index),
             writer: Mutex::new(None),
+            direct_ok: AtomicBool::new(true),
             last_id: Mutex::new(ids.last().copied().unwrap_or(0)),
             files: RwLock::new(HashMap::new()),
             budget,
@@ -789,7 +831,11 @@ impl Segments {
                 .open(&jpath)
                 .map_err(self.io(jpath.clone()))?;
             journal.write_all(&journal::MAGIC).map_err(self.io(jpath))?;
-            return Ok(Writer { id, data, journal, tail: 0 });
+            let direct = match self.direct_ok.load(Ordering::Relaxed) {
+                true => File::options().write(true).custom_flags(libc::O_DIRECT).open(&spath).ok(),
+                false => None,
+            };
+            return Ok(Writer { id, data, direct, aligned: Vec::new(), journal, tail: 0 });
         }
     }
 
@@ -815,7 +861,12 @@ impl Segments {
     ) -> Result<(), StoreError> {
         let mut w = if pinned { self.pin_writer.lock() } else { self.writer.lock() };
         let max = limit::segment_size(self.budget.limit(), SEGMENT_MAX);
-        if w.as_ref().is_none_or(|w| w.tail > 0 && w.tail + data.len() as u64 > max) {
+        // Room for a direct write's alignment gap and padding too.
+        let room = match data.len() >= DIRECT_MIN {
+            true => (data.len() + 2 * DIRECT_ALIGN) as u64,
+            false => data.len() as u64,
+        };
+        if w.as_ref().is_none_or(|w| w.tail > 0 && w.tail + room > max) {
             *w = None; // sealed: its lock goes with it
             *w = Some(self.new_writer(pinned)?);
         }
@@ -824,11 +875,32 @@ impl Segments {
             (None, Vec::new())
         } else {
             let gate = self.budget.gate.lock();
-            let gone = self.make_room(data.len() as u64, Some(w.id), evict)?;
+            let gone = self.make_room(room, Some(w.id), evict)?;
             (Some(gate), gone)
         };
-        let offset = w.tail;
-        if !data.is_empty() {
+        let mut offset = w.tail;
+        let mut written = false;
+        if let Some(direct) = w.direct.as_ref().filter(|_| data.len() >= DIRECT_MIN) {
+            offset = w.tail.next_multiple_of(DIRECT_ALIGN as u64);
+            match write_direct(direct, &mut w.aligned, data, offset) {
+                Ok(len) => {
+                    w.tail = offset + len;
+                    written = true;
+                }
+                // Refused (alignment rules of this filesystem or device): buffered from now on.
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                    tracing::info!(
+                        "direct writes refused in {} ({e}): writing through the page cache",
+                        self.dir.display()
+                    );
+                    self.direct_ok.store(false, Ordering::Relaxed);
+                    w.direct = None;
+                    offset = w.tail;
+                }
+                Err(e) => return Err(self.io(self.dir.join(seg_name(w.id)))(e)),
+            }
+        }
+        if !data.is_empty() && !written {
             w.data.write_all_at(data, offset).map_err(self.io(self.dir.join(seg_name(w.id))))?;
             w.tail += data.len() as u64;
         }
