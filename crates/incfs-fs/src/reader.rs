@@ -51,6 +51,10 @@ const META_PIECES_PER_FETCH: u64 = 16;
 /// Largest ranged GET for a run of blocks. A readahead window is cut into requests of this size
 /// that run in parallel: one HTTP stream rarely fills a link, several do.
 pub const MAX_RUN_BYTES: u64 = 2 << 20;
+/// Most blocks in one run (2 MiB of file): a run of compressible blocks is decoded into one
+/// buffer that its staged blocks share, so this, not [`MAX_RUN_BYTES`], bounds the memory a
+/// request of text takes (with 4 MiB runs, decode buffers were 31 MiB of the daemon's peak).
+pub const MAX_RUN_BLOCKS: usize = 512;
 /// Readahead and background requests in flight at once, by default (`--parallel`). With
 /// [`MAX_RUN_BYTES`], the bound on fetched bytes buffered for them: 16 MiB.
 pub const DEFAULT_PARALLEL: usize = 8;
@@ -1480,7 +1484,7 @@ pub(crate) async fn get_counted(
 }
 
 /// Split blocks (in file order) into runs one ranged GET can serve: stored back to back in one
-/// object, at most [`MAX_RUN_BYTES`] long.
+/// object, at most [`MAX_RUN_BYTES`] long and [`MAX_RUN_BLOCKS`] blocks.
 /// Where a verified block of a fetched run lies: at this offset of the response body (stored
 /// raw, so its bytes are its data), or of the run's buffer of decoded blocks.
 enum Place {
@@ -1505,7 +1509,7 @@ pub(crate) fn group_runs(items: &[(u64, Hash, BlockRecord)]) -> Vec<Range<usize>
         if let Some(run) = runs.last_mut() {
             let prev = &items[run.end - 1].2;
             let start = &items[run.start].2;
-            if prev.joins_run(r, start, MAX_RUN_BYTES) {
+            if k - run.start < MAX_RUN_BLOCKS && prev.joins_run(r, start, MAX_RUN_BYTES) {
                 run.end = k + 1;
                 continue;
             }
@@ -1530,5 +1534,7 @@ mod tests {
         assert_eq!(group_runs(&items), vec![0..2, 2..3, 3..5]);
         let big: Vec<_> = (0..2000).map(|i| item(i, 0, i * 4096, 4096)).collect();
         assert_eq!(group_runs(&big).len(), 4, "8 MiB in runs of 2 MiB");
+        let text: Vec<_> = (0..2000).map(|i| item(i, 0, i * 200, 200)).collect();
+        assert_eq!(group_runs(&text), vec![0..512, 512..1024, 1024..1536, 1536..2000], "2 MiB of file per run");
     }
 }
