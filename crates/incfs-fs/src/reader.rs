@@ -1270,6 +1270,9 @@ impl Reader {
             }
         }
         let outcomes = futures::future::join_all(waits).await;
+        if outcomes.iter().all(|o| o.failed.is_empty()) {
+            return Ok(());
+        }
         for leaf in &needed_leaves {
             if let Some(e) = outcomes.iter().find_map(|o| o.failed.get(leaf)) {
                 return Err(e.clone());
