@@ -153,7 +153,7 @@ pub enum MountError {
 
 /// The manifest a mount serves, and how it was had.
 struct Opened {
-    manifest: Manifest,
+    manifest: Arc<Manifest>,
     /// The manifest as signed and published.
     bytes: bytes::Bytes,
     /// From the cache, not from a source.
@@ -225,7 +225,7 @@ fn accept_manifest(
     store: &Store,
     source: &Source,
     bytes: bytes::Bytes,
-) -> Result<Manifest, MountError> {
+) -> Result<Arc<Manifest>, MountError> {
     let image = Image::from_manifest_bytes(source.clone(), bytes.clone(), &opts.trust)?;
     image.check_fresh(opts.settings.allow_expired)?;
     let m = image.manifest();
@@ -256,7 +256,7 @@ fn accept_manifest(
     for s in sources {
         store.remember_source(s.name(), &key_id, &m.name)?;
     }
-    Ok((**m).clone())
+    Ok(m.clone())
 }
 
 /// Refuse image `offered` from `source_name` if `mount --image` named another.
@@ -276,7 +276,7 @@ fn cached_image(
     opts: &MountOptions,
     sources: &[Source],
     store: &Store,
-) -> Result<Option<(Manifest, bytes::Bytes)>, MountError> {
+) -> Result<Option<(Arc<Manifest>, bytes::Bytes)>, MountError> {
     let primary = &sources[0];
     let Some(acc) = store.manifest_for_source(primary.name())? else {
         return Ok(None);
@@ -290,7 +290,7 @@ fn cached_image(
     if m.expired_at(incfs_fetch::image::unix_now()) && !opts.settings.allow_expired {
         tracing::warn!("mounting {} version {} from the cache: its signed expiry has passed", m.name, m.version);
     }
-    Ok(Some(((**m).clone(), bytes)))
+    Ok(Some((m.clone(), bytes)))
 }
 
 /// The access profile to fetch first: the one given, else the one published beside the
@@ -411,7 +411,7 @@ pub fn mount(opts: MountOptions, on_ready: impl FnOnce(&[String])) -> Result<(),
         tokio::runtime::Builder::new_multi_thread().worker_threads(2).max_blocking_threads(8).enable_all().build()?;
     let (store, cache_lock) = open_cache(&opts)?;
     let (sources, opened) = accept(&opts, &store, &rt, takeover.as_deref())?;
-    let manifest = Arc::new(opened.manifest);
+    let manifest = opened.manifest;
     // Held while mounted: `incfs cache rm` refuses an image in use.
     let image_lock = crate::cache::image_lock(&opts.cache, &manifest.name)?;
     let _ = image_lock.try_lock_shared();
@@ -725,7 +725,7 @@ fn accept(
         // source is contacted: the mount must answer again at once.
         let bytes = bytes::Bytes::from(t.view.manifest.clone());
         let image = Image::from_manifest_bytes(sources[0].clone(), bytes.clone(), &opts.trust)?;
-        let m = (**image.manifest()).clone();
+        let m = image.manifest().clone();
         tracing::info!("taking the mount over: {} version {}", m.name, m.version);
         Opened { manifest: m, bytes, from_cache: opts.settings.offline, warnings: Vec::new() }
     } else if opts.settings.offline {
@@ -773,7 +773,6 @@ fn build_view(
     for s in skipped {
         tracing::warn!("pushed file {s} has no place in version {}: not shown", manifest.version);
     }
-    let served = Arc::new(served);
     let view = match takeover {
         None => View::first(served, recording),
         // The kernel knows files by the numbers the previous daemon gave: the same ones, for

@@ -151,8 +151,13 @@ pub fn restore_pushed(reader: &Reader, trust: &TrustedKeys, base: &Manifest) -> 
 }
 
 /// `base` with the pushed files whose place is free in it (the others are returned by path).
-pub fn with_pushed(base: &Manifest, pushed: &[Pushed]) -> (Manifest, Vec<String>) {
-    let mut m = base.clone();
+/// Without pushed files, `base` itself: a copy would hold the whole tree twice (for an image of
+/// 100,000 files, 14 MiB of the daemon's memory).
+pub fn with_pushed(base: &Arc<Manifest>, pushed: &[Pushed]) -> (Arc<Manifest>, Vec<String>) {
+    if pushed.is_empty() {
+        return (base.clone(), Vec::new());
+    }
+    let mut m = (**base).clone();
     let mut skipped = Vec::new();
     for p in pushed {
         let label = || incfs_format::manifest::display_path(&[&p.parent[..], &p.name[..]].join(&b'/'));
@@ -172,7 +177,7 @@ pub fn with_pushed(base: &Manifest, pushed: &[Pushed]) -> (Manifest, Vec<String>
         let at = m.dirents.partition_point(|e| (e.parent, &e.name[..]) < (d.parent, &d.name[..]));
         m.dirents.insert(at, d);
     }
-    (m, skipped)
+    (Arc::new(m), skipped)
 }
 
 /// What `incfs update` reports.
@@ -475,8 +480,8 @@ impl Live {
 
     /// Make `served` the tree shown, as the view after `current`: presence of its files loaded,
     /// then switched in one step, then the kernel told what went stale.
-    fn show(&self, current: &View, served: Manifest) -> Result<Changes, UpdateError> {
-        let (view, changes) = current.next(Arc::new(served), self.views.max_ino() + 1, self.recording);
+    fn show(&self, current: &View, served: Arc<Manifest>) -> Result<Changes, UpdateError> {
+        let (view, changes) = current.next(served, self.views.max_ino() + 1, self.recording);
         self.reader.presence.load(self.reader.store(), view.contents.iter().map(|(k, _)| *k))?;
         self.views.switch(view);
         self.invalidate(&changes.invalidate);
