@@ -7,6 +7,8 @@
 #        vs  curl of every object of the repository from the same nginx (same path)
 #   2. daemon CPU seconds (utime+stime) per GiB and peak RSS (VmHWM) during the loopback cold read
 #        vs  curl's CPU seconds per GiB of object bytes
+#      (and for 1: the machine's cores busy on average during each curl and cat, every process
+#      counted: near the core count, the CPU rather than the network sets the pace)
 #   3. PERF=1: perf record -g of the daemon during one more loopback cold read, report saved to
 #      bench/out/perf-cold.txt
 #   4. background completion of the whole image (default --background on, --passthrough off),
@@ -113,6 +115,7 @@ mounted() { grep -q " $1 fuse" /proc/mounts; }
 # wait_gone PID: wait up to 10 s for a process to exit, then kill it.
 wait_gone() { for _ in $(seq 100); do kill -0 "$1" 2>/dev/null || return 0; sleep 0.1; done; kill "$1" 2>/dev/null || true; }
 json_field() { { "$INCFS" status "$1" --json | "$PY" -c 'import json, sys; print(json.load(sys.stdin).get(sys.argv[1]))' "$2"; } 2>/dev/null || echo n/a; }
+machine_busy() { awk '$1 == "cpu" {print $2 + $3 + $4 + $7 + $8}' /proc/stat; } # user+nice+system+irq+softirq ticks, all cores
 cpu_ticks() { awk '{sub(/^.*\) /, ""); print $12 + $13}' "/proc/$1/stat" 2>/dev/null || echo n/a; } # utime+stime of PID
 vm_kib() { awk -v k="$2:" '$1 == k {print $2}' "/proc/$1/status" 2>/dev/null || echo n/a; }            # PID VmHWM|VmRSS
 kib2mib() { awk -v k="$1" 'BEGIN {if (k+0 > 0) printf "%.1f", k/1024; else printf "n/a"}'; }
@@ -225,8 +228,11 @@ log_since() { tail -n +$(($1 + 1)) "$ng/access.log" | awk '{n++; b += $2} END {p
 curl_objects() {
   local args=() o
   for o in "${objects[@]}"; do args+=(-o /dev/null "$1/objects/${o##*/}"); done
-  C_BYTES=0
+  C_BYTES=0 C_BUSY=
+  local s0
+  s0=$(machine_busy)
   timed curl -sS --fail --max-time 600 -w '%{size_download}\n' "${args[@]}" || { note "curl of the objects failed: $(tail -1 "$work/last.err")"; return 0; }
+  C_BUSY=$(awk -v a="$s0" -v b="$(machine_busy)" -v t="$CLK_TCK" -v r="$T_REAL" 'BEGIN {if (r+0 > 0) printf "%.2f", (b-a)/t/r; else printf "n/a"}')
   C_BYTES=$(awk '{s += $1} END {printf "%d", s}' "$work/last.out")
 }
 
@@ -237,13 +243,17 @@ echo "== 1, 2. cold sequential read of the 1 GiB file ($RUNS runs)" >&2
 # R_REQ/R_FETCHED (the daemon's fetch requests and bytes fetched), R_REQS/R_BYTES (nginx's).
 cold_read() {
   local name=$1 c0 c1 l0
-  R_T=fail R_CPU= R_HWM= R_REQ= R_FETCHED= R_REQS= R_BYTES=
+  R_T=fail R_CPU= R_HWM= R_REQ= R_FETCHED= R_REQS= R_BYTES= R_BUSY=
   l0=$(log_lines)
   incfs_mount "$name" "$2/repo" --background off || return 0
   drop
   c0=$(cpu_ticks "$DPID")
+  s0=$(machine_busy)
   if timed timeout 900 cat "$work/mnt-$name/big/file.bin"; then R_T=$T_REAL; else note "cold read $name failed: $(tail -1 "$work/last.err")"; fi
+  s1=$(machine_busy)
   c1=$(cpu_ticks "$DPID")
+  # Cores busy on average during the read (every process: daemon, cat, nginx, proxy, kernel).
+  R_BUSY=$(awk -v a="$s0" -v b="$s1" -v t="$CLK_TCK" -v r="$R_T" 'BEGIN {if (r+0 > 0) printf "%.2f", (b-a)/t/r; else printf "n/a"}')
   R_CPU=$(awk -v a="$c0" -v b="$c1" -v t="$CLK_TCK" 'BEGIN {if (a ~ /^[0-9]+$/ && b ~ /^[0-9]+$/) printf "%.2f", (b-a)/t; else printf "n/a"}')
   R_HWM=$(vm_kib "$DPID" VmHWM)
   R_REQ=$(json_field "$work/mnt-$name" fetch_requests)
@@ -251,19 +261,21 @@ cold_read() {
   read -r R_REQS R_BYTES < <(log_since "$l0")
   incfs_unmount "$name"
 }
-c0_t=() c0_cpu=() c0_b=() c20_t=() c20_b=()
+c0_t=() c0_cpu=() c0_b=() c20_t=() c20_b=() busy_c0=() busy_i0=() busy_c20=() busy_i20=()
 i0_t=() i0_cpu=() i0_hwm=() i0_req=() i0_fetched=() i20_t=() i20_req=() i20_fetched=()
 for r in $(seq "$RUNS"); do
   drop; curl_objects "$url/repo"
   c0_t+=("$T_REAL") c0_cpu+=("$T_CPU") c0_b+=("$C_BYTES")
   cold_read cold0 "$url"
   i0_t+=("$R_T") i0_cpu+=("$R_CPU") i0_hwm+=("$R_HWM") i0_req+=("$R_REQ") i0_fetched+=("$R_FETCHED")
-  echo "  run $r loopback: curl ${c0_t[-1]} s, incfs ${R_T} s (daemon cpu ${R_CPU} s, VmHWM ${R_HWM} KiB, $R_REQ requests, nginx $R_REQS requests / $R_BYTES bytes)" >&2
+  busy_c0+=("$C_BUSY") busy_i0+=("$R_BUSY")
+  echo "  run $r loopback: curl ${c0_t[-1]} s ($C_BUSY cores busy), incfs ${R_T} s (daemon cpu ${R_CPU} s, $R_BUSY of $(nproc) cores busy, VmHWM ${R_HWM} KiB, $R_REQ requests, nginx $R_REQS requests / $R_BYTES bytes)" >&2
   drop; curl_objects "$url20/repo"
   c20_t+=("$T_REAL") c20_b+=("$C_BYTES")
   cold_read cold20 "$url20"
   i20_t+=("$R_T") i20_req+=("$R_REQ") i20_fetched+=("$R_FETCHED")
-  echo "  run $r 20 ms RTT: curl ${c20_t[-1]} s, incfs ${R_T} s ($R_REQ requests, nginx $R_REQS requests / $R_BYTES bytes)" >&2
+  busy_c20+=("$C_BUSY") busy_i20+=("$R_BUSY")
+  echo "  run $r 20 ms RTT: curl ${c20_t[-1]} s ($C_BUSY cores busy), incfs ${R_T} s ($R_BUSY of $(nproc) cores busy, $R_REQ requests, nginx $R_REQS requests / $R_BYTES bytes)" >&2
 done
 t_c0=$(median "${c0_t[@]}") t_c20=$(median "${c20_t[@]}")
 t_i0=$(median "${i0_t[@]}") t_i20=$(median "${i20_t[@]}")
@@ -285,6 +297,7 @@ for rtt in 0 20; do
   row "   $lbl: MiB/s ratio of each run's pair, median (runs: ${pairs[*]})" "" "" "$(median "${pairs[@]}")" "incfs/curl MiB/s"
 done
 note "1: the file is 1024 MiB (512 MiB random, 512 MiB text); curl fetched $(mib "$b_c0") MiB of objects (all ${#objects[@]}, stdlib included); incfs fetched $(mib "$(median "${i0_fetched[@]}")") MiB in $(median "${i0_req[@]}") requests at loopback, $(mib "$(median "${i20_fetched[@]}")") MiB in $(median "${i20_req[@]}") requests at 20 ms RTT"
+note "1: cores busy on average during each command (all processes, of $(nproc)), median: loopback curl $(median "${busy_c0[@]}"), incfs $(median "${busy_i0[@]}"); 20 ms RTT curl $(median "${busy_c20[@]}"), incfs $(median "${busy_i20[@]}") (near $(nproc): the machine's CPU, not the network, sets the pace)"
 cpu_i=$(median "${i0_cpu[@]}") cpu_c=$(median "${c0_cpu[@]}") hwm=$(median "${i0_hwm[@]}")
 cpu_i_gib=$(per_gib "$cpu_i" $big_bytes) cpu_c_gib=$(per_gib "$cpu_c" "$b_c0")
 row "2  CPU seconds per GiB, loopback cold read" "incfs" "curl" "ratio" ""
