@@ -334,6 +334,9 @@ impl Filesystem for IncFs {
 
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
         let _ = config.set_max_readahead(1 << 20);
+        // Read-only: no write ever comes, and a small max_write lets each request thread read
+        // requests into a small buffer (the kernel wants room for max_write in every read).
+        let _ = config.set_max_write(fuser::SMALL_MAX_WRITE as u32);
         let _ = config.set_max_background(64);
         // Listings return attributes too; lookups in one directory may run in parallel; symlink
         // targets are cached by the kernel (the image is immutable). Each is optional.

@@ -3,8 +3,16 @@ use std::mem::align_of;
 use crate::ll::fuse_abi as abi;
 use crate::session::MAX_WRITE_SIZE;
 
-/// Size of the buffer for reading a request from the kernel. Since the kernel may send
-/// up to `MAX_WRITE_SIZE` bytes in a write request, we use that value plus some extra space.
+/// Size of the buffer for reading a request from the kernel at first (incfs patch): the kernel
+/// refuses a read smaller than the connection's `max_write` plus headers (EINVAL), so a
+/// filesystem that negotiates a `max_write` of at most [`SMALL_MAX_WRITE`] (incfs: read-only, no
+/// writes ever come) needs no more. Upstream allocated `MAX_WRITE_SIZE` (16 MiB) per session
+/// thread, part of which ended up resident.
+const SMALL_BUFFER_SIZE: usize = SMALL_MAX_WRITE + 4096;
+/// Largest `max_write` a buffer of [`SMALL_BUFFER_SIZE`] serves.
+pub const SMALL_MAX_WRITE: usize = 64 * 1024;
+/// Size of the buffer once the kernel refused the small one: a connection initialized with a
+/// larger `max_write` (by an earlier daemon, when a session takes a live connection over).
 const BUFFER_SIZE: usize = MAX_WRITE_SIZE + 4096;
 
 /// A buffer that provides an aligned sub-slice for FUSE operations.
@@ -17,13 +25,22 @@ pub(crate) struct FuseReadBuf {
 }
 
 impl FuseReadBuf {
-    /// Creates a new `FuseReadBuf` with the default buffer size.
+    /// Creates a new `FuseReadBuf` of the small size (see [`FuseReadBuf::grow`]).
     ///
     /// The actual buffer may be slightly larger to accommodate alignment requirements.
     pub(crate) fn new() -> Self {
         Self {
-            buffer: vec![0; BUFFER_SIZE],
+            buffer: vec![0; SMALL_BUFFER_SIZE],
         }
+    }
+
+    /// Grow to the full size, once; `false` if it already was (the refusal was not about size).
+    pub(crate) fn grow(&mut self) -> bool {
+        if self.buffer.len() >= BUFFER_SIZE {
+            return false;
+        }
+        self.buffer = vec![0; BUFFER_SIZE];
+        true
     }
 
     /// Returns a mutable reference to the aligned portion of the buffer.

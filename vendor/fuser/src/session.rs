@@ -550,9 +550,9 @@ impl<FS: Filesystem> SessionEventLoop<FS> {
     fn event_loop(&self) -> io::Result<()> {
         // Buffer for receiving requests from the kernel. Only one is allocated and
         // it is reused immediately after dispatching to conserve memory and allocations.
-        let mut buf = FuseReadBuf::new();
-        let buf = buf.as_mut();
+        let mut owned = FuseReadBuf::new();
         loop {
+            let buf = owned.as_mut();
             // Read the next request from the given channel to kernel driver
             // The kernel driver makes sure that we get exactly one request per read
             match self.ch.receive_retrying(buf) {
@@ -575,6 +575,8 @@ impl<FS: Filesystem> SessionEventLoop<FS> {
                     }
                 },
                 Err(nix::errno::Errno::ENODEV) => return Ok(()),
+                // The connection's max_write needs the full buffer (incfs patch, see read_buf).
+                Err(nix::errno::Errno::EINVAL) if owned.grow() => {}
                 Err(err) => return Err(err.into()),
             }
         }
