@@ -334,8 +334,9 @@ impl Filesystem for IncFs {
 
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
         let _ = config.set_max_readahead(1 << 20);
-        // Read-only: no write ever comes, and a small max_write lets each request thread read
-        // requests into a small buffer (the kernel wants room for max_write in every read).
+        // Read-only: no write ever comes, and a max_write of 1 MiB (not fuser's 16 MiB) lets each
+        // request thread read requests into a 1 MiB buffer (the kernel wants room for max_write
+        // in every read). Not less: fuser sizes read requests (max_pages) by it too.
         let _ = config.set_max_write(fuser::SMALL_MAX_WRITE as u32);
         let _ = config.set_max_background(64);
         // Listings return attributes too; lookups in one directory may run in parallel; symlink

@@ -9,8 +9,10 @@ use crate::session::MAX_WRITE_SIZE;
 /// writes ever come) needs no more. Upstream allocated `MAX_WRITE_SIZE` (16 MiB) per session
 /// thread, part of which ended up resident.
 const SMALL_BUFFER_SIZE: usize = SMALL_MAX_WRITE + 4096;
-/// Largest `max_write` a buffer of [`SMALL_BUFFER_SIZE`] serves.
-pub const SMALL_MAX_WRITE: usize = 64 * 1024;
+/// Largest `max_write` a buffer of [`SMALL_BUFFER_SIZE`] serves: 1 MiB, because the INIT reply
+/// derives `max_pages`, the size of read requests too, from the larger of `max_write` and
+/// `max_readahead` (and the kernel offers 128 KiB of readahead): 64 KiB made reads 128 KiB.
+pub const SMALL_MAX_WRITE: usize = 1024 * 1024;
 /// Size of the buffer once the kernel refused the small one: a connection initialized with a
 /// larger `max_write` (by an earlier daemon, when a session takes a live connection over).
 const BUFFER_SIZE: usize = MAX_WRITE_SIZE + 4096;
