@@ -138,6 +138,47 @@ fn one_small_file_costs_about_its_own_blocks() {
     assert_eq!(m.stat("bytes_fetched"), fetched, "S3 costs the same bytes as HTTP");
 }
 
+/// A sequential cold read reaches the daemon as 1 MiB reads (the negotiated `max_pages`), not
+/// 128 KiB ones: read sizes set the request count and the readahead window's steps. (A
+/// `max_write` of 64 KiB once made them 128 KiB, unnoticed but for the request count.)
+#[test]
+fn sequential_reads_reach_the_daemon_1_mib_at_a_time() {
+    use std::io::{BufRead, BufReader};
+    let p = Published::new(|src| fs::write(src.join("seq.bin"), random_bytes(8, 16 << 20)).unwrap(), &[]);
+    let serve = IncfsServer::start(&p.repo);
+    let m = p.mount(&serve.url, "seq", &["--background", "off"]);
+    let mnt = m.dir.to_str().unwrap().to_string();
+    let mut log = ChildGuard(
+        Command::new(incfs_bin()).args(["log", &mnt, "--json"]).stdout(std::process::Stdio::piped()).spawn().unwrap(),
+    );
+    // The log's lines, as they come, on a channel (the reading thread ends with the stream).
+    let (tx, rx) = std::sync::mpsc::channel();
+    let out = log.0.stdout.take().unwrap();
+    let reading = std::thread::spawn(move || {
+        for line in BufReader::new(out).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    assert_eq!(fs::read(m.path("seq.bin")).unwrap(), fs::read(p.src.join("seq.bin")).unwrap());
+    // Every read of the file is logged; stop at the one that ends it, waiting 10 s at most.
+    let blocks = (16u64 << 20) / 4096;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut largest = 0;
+    while let Ok(line) = rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+        let Ok(r) = serde_json::from_str::<serde_json::Value>(&line) else { continue };
+        let (block, count) = (r["block"].as_u64().unwrap_or(0), r["count"].as_u64().unwrap_or(0));
+        largest = largest.max(count);
+        if block + count >= blocks {
+            break;
+        }
+    }
+    drop(log); // kills and reaps `incfs log`: its stream ends, and with it the reading thread
+    reading.join().unwrap();
+    assert_eq!(largest, 256, "largest read the daemon saw: {largest} blocks");
+}
+
 fn nginx_body_bytes(log: &Path) -> u64 {
     fs::read_to_string(log)
         .unwrap_or_default()
