@@ -383,7 +383,8 @@ struct Writer {
     id: u32,
     data: File,
     /// The same segment opened with `O_DIRECT`, for large runs (see [`DIRECT_MIN`]); `None`
-    /// where the filesystem refuses it (tmpfs, some FUSE filesystems).
+    /// where the filesystem refuses it (tmpfs before Linux 6.6, FUSE filesystems without direct
+    /// I/O).
     direct: Option<File>,
     /// Where a run is aligned for a direct write (writes are serialized by the writer's lock).
     aligned: Vec<u8>,
