@@ -274,7 +274,8 @@ enum Command {
         threads: u32,
         /// Ranged GETs in flight at once for readahead and background completion (each up to
         /// 2 MiB, so this also bounds the fetched bytes they buffer); a read's own requests
-        /// come on top.
+        /// come on top. Doubled while the source's round trip is 15 ms or more (a long link
+        /// needs more bytes in flight to stay busy).
         #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=64))]
         parallel: u32,
         /// When a read finds a small file cold, also fetch the small files packed within SIZE

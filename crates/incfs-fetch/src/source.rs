@@ -2,6 +2,7 @@
 //! directory, all through `object_store` so that each is one ranged GET away.
 
 use std::ops::Range;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -56,6 +57,9 @@ pub struct Source {
     /// A local directory: its ranged reads are exact by construction (and one `pread`, where
     /// streaming would come in 8 KiB chunks).
     local: bool,
+    /// Moving average of the time ranged GETs took to their first byte (the response head),
+    /// microseconds; zero until one did (and always, for a local directory).
+    first_byte_us: Arc<AtomicU64>,
 }
 
 impl Source {
@@ -83,7 +87,13 @@ impl Source {
                 .with_retry(retry)
                 .build()
                 .map_err(|e| err(e.to_string()))?;
-            Ok(Source { store: Arc::new(store), prefix: String::new(), name: spec.to_string(), local: false })
+            Ok(Source {
+                store: Arc::new(store),
+                prefix: String::new(),
+                name: spec.to_string(),
+                local: false,
+                first_byte_us: Default::default(),
+            })
         } else if let Some(rest) = spec.strip_prefix("s3://") {
             let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
             if bucket.is_empty() {
@@ -102,6 +112,7 @@ impl Source {
                 prefix: prefix.trim_matches('/').to_string(),
                 name: spec.to_string(),
                 local: false,
+                first_byte_us: Default::default(),
             })
         } else if spec.contains("://") {
             Err(err("unsupported scheme; use http://, https://, s3:// or a local directory".into()))
@@ -111,7 +122,13 @@ impl Source {
                 return Err(err("not a directory".into()));
             }
             let store = object_store::local::LocalFileSystem::new_with_prefix(&path).map_err(|e| err(e.to_string()))?;
-            Ok(Source { store: Arc::new(store), prefix: String::new(), name: path.display().to_string(), local: true })
+            Ok(Source {
+                store: Arc::new(store),
+                prefix: String::new(),
+                name: path.display().to_string(),
+                local: true,
+                first_byte_us: Default::default(),
+            })
         }
     }
 
@@ -120,7 +137,13 @@ impl Source {
     /// For tests and embedders: an in-memory store, a store wrapped to add latency or faults,
     /// or one configured in ways [`Source::parse`] does not offer. `name` is used in messages.
     pub fn from_object_store(name: &str, store: Arc<dyn ObjectStore>) -> Source {
-        Source { store, prefix: String::new(), name: name.to_string(), local: false }
+        Source { store, prefix: String::new(), name: name.to_string(), local: false, first_byte_us: Default::default() }
+    }
+
+    /// How long ranged GETs have recently taken to their first byte (a moving average): about
+    /// the round trip to the server; zero before the first one, and for a local directory.
+    pub fn first_byte_latency(&self) -> Duration {
+        Duration::from_micros(self.first_byte_us.load(Relaxed))
     }
 
     /// The source as the user wrote it (for messages).
@@ -155,7 +178,7 @@ impl Source {
         if r.meta.size > limit {
             return Err(too_large(format!("the server declares {} bytes", r.meta.size)));
         }
-        self.read_capped(key, r, limit).await?.ok_or_else(|| too_large("the body went on past it".into()))
+        self.read_capped(key, r, limit, false).await?.ok_or_else(|| too_large("the body went on past it".into()))
     }
 
     /// Bytes `range` of `key`; anything but exactly that many bytes is an error (a body that
@@ -167,13 +190,18 @@ impl Source {
             return self.exact(key, b, start, end);
         }
         let opts = GetOptions { range: Some(GetRange::Bounded(range.clone())), ..Default::default() };
+        let asked = std::time::Instant::now();
         let r = self.store.get_opts(&self.path(key), opts).await.map_err(|e| self.map_err(key, e))?;
+        let us = (asked.elapsed().as_micros() as u64).max(1);
+        // A weight of 1/8 for each new one; updates that race lose one sample, harmlessly.
+        let old = self.first_byte_us.load(Relaxed);
+        self.first_byte_us.store(if old == 0 { us } else { (old * 7 + us) / 8 }, Relaxed);
         if r.range != range {
             let message = format!("asked for bytes {start}..{end}, the server answered with bytes {:?}", r.range);
             return Err(SourceError::Other { source_name: self.name.clone(), key: key.to_string(), message });
         }
         let len = end - start;
-        let b = self.read_capped(key, r, len).await?.ok_or_else(|| SourceError::LongRead {
+        let b = self.read_capped(key, r, len, true).await?.ok_or_else(|| SourceError::LongRead {
             source_name: self.name.clone(),
             key: key.to_string(),
             start,
@@ -196,28 +224,43 @@ impl Source {
         Ok(b)
     }
 
-    /// The body of `r`, or `None` once it passes `limit` bytes (reading stops there). Nothing
-    /// is allocated from what the server declares: chunks are kept as they come (one chunk, the
-    /// common case for a ranged GET, is returned without a copy).
-    async fn read_capped(&self, key: &str, r: GetResult, limit: u64) -> Result<Option<Bytes>, SourceError> {
+    /// The body of `r`, or `None` once it passes `limit` bytes (reading stops there). A body
+    /// that comes in one chunk (common for short ranges) is returned without a copy; otherwise
+    /// chunks are copied into one buffer as they come and dropped, so a body costs its size
+    /// once, not twice. That buffer is sized up front only when `limit` is a size we chose (a
+    /// range we asked for), never from what the server declares.
+    async fn read_capped(
+        &self,
+        key: &str,
+        r: GetResult,
+        limit: u64,
+        exact: bool,
+    ) -> Result<Option<Bytes>, SourceError> {
         let mut stream = r.into_stream();
-        let mut chunks = Vec::new();
+        let mut first: Option<Bytes> = None;
+        let mut buf: Option<BytesMut> = None;
         let mut total = 0u64;
         while let Some(chunk) = stream.next().await.transpose().map_err(|e| self.map_err(key, e))? {
             total += chunk.len() as u64;
             if total > limit {
                 return Ok(None);
             }
-            chunks.push(chunk);
-        }
-        Ok(Some(match chunks.len() {
-            0 => Bytes::new(),
-            1 => chunks.pop().expect("one chunk"),
-            _ => {
-                let mut buf = BytesMut::with_capacity(total as usize);
-                chunks.iter().for_each(|c| buf.extend_from_slice(c));
-                buf.freeze()
+            match (&mut buf, first.take()) {
+                (Some(buf), _) => buf.extend_from_slice(&chunk),
+                (None, None) => first = Some(chunk),
+                (None, Some(one)) => {
+                    let room = if exact { limit as usize } else { 2 * total as usize };
+                    let mut b = BytesMut::with_capacity(room);
+                    b.extend_from_slice(&one);
+                    b.extend_from_slice(&chunk);
+                    buf = Some(b);
+                }
             }
+        }
+        Ok(Some(match (buf, first) {
+            (Some(buf), _) => buf.freeze(),
+            (None, Some(one)) => one,
+            (None, None) => Bytes::new(),
         }))
     }
 

@@ -285,8 +285,8 @@ pub struct Status {
     /// Plain copies kept for passthrough (files, bytes); `None`: passthrough off.
     pub plain_files: Option<u64>,
     pub plain_bytes: Option<u64>,
-    /// Readahead and background requests in flight now, and their bound (`--parallel`; each
-    /// up to [`crate::reader::MAX_RUN_BYTES`]).
+    /// Readahead and background requests in flight now, and their bound now (`--parallel`,
+    /// doubled on a long link; each up to [`crate::reader::MAX_RUN_BYTES`]).
     #[serde(default)]
     pub requests_in_flight: u64,
     #[serde(default)]

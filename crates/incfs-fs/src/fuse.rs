@@ -30,10 +30,11 @@ use crate::view::{View, Views};
 /// An inode never changes (a new version gives changed inodes new numbers, and the kernel is
 /// told to forget the names that moved), so the kernel may cache names and attributes long.
 const TTL: Duration = Duration::from_secs(24 * 3600);
-/// Readahead window bounds, in blocks: it doubles on sequential reads up to 16 MiB (about what
-/// a 1 GB/s link delivers in one 20 ms round trip, fetched as several parallel requests: see
-/// [`crate::reader`]), and drops to nothing on random reads. 32 MiB read a cold 1 GiB file at
-/// 20 ms RTT 4-9% faster, but raised the daemon's peak RSS on loopback from 81-85 to 89-94 MiB.
+/// Readahead window bounds, in blocks: it doubles on sequential reads up to 16 MiB, fetched as
+/// several parallel requests (see [`crate::reader`]), 32 MiB on a long link
+/// ([`crate::reader::LONG_LINK`]), and drops to nothing on random reads. On loopback, 32 MiB
+/// raised the daemon's peak RSS from 81-85 to 89-94 MiB and read no faster (the CPU is the limit
+/// there).
 const READAHEAD_START: u64 = 16;
 const READAHEAD_MAX: u64 = 4096;
 /// A read this close to where the last one ended still counts as sequential: the kernel sends
@@ -461,11 +462,13 @@ impl Filesystem for IncFs {
     ) {
         let first_block = offset / 4096;
         let next_block = (offset + size as u64).div_ceil(4096);
+        // Twice the window on a long link (its requests are in flight longer).
+        let readahead_max = READAHEAD_MAX * self.reader.link_scale() as u64;
         let (f, ahead, window) = {
             let mut h = self.handles.lock();
             let ra = h.entry(fh.0).or_insert(Handle::new(None, READAHEAD_START, None));
             let sequential = first_block.abs_diff(ra.next_block) <= SEQUENTIAL_SLACK.max(ra.window);
-            ra.window = if sequential { (ra.window * 2).clamp(READAHEAD_START, READAHEAD_MAX) } else { 0 };
+            ra.window = if sequential { (ra.window * 2).clamp(READAHEAD_START, readahead_max) } else { 0 };
             if !sequential {
                 ra.ahead_until = 0;
             }

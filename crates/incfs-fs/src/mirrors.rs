@@ -40,12 +40,14 @@ fn backoff(first: Duration, max: Duration, count: u32) -> Duration {
 pub struct Mirrors {
     sources: Vec<Source>,
     health: Mutex<Vec<Health>>,
+    /// The mirror that answered last.
+    last: std::sync::atomic::AtomicUsize,
 }
 
 impl Mirrors {
     pub fn new(sources: Vec<Source>) -> Self {
         let health = sources.iter().map(|_| Health::default()).collect();
-        Mirrors { sources, health: Mutex::new(health) }
+        Mirrors { sources, health: Mutex::new(health), last: Default::default() }
     }
 
     pub fn sources(&self) -> &[Source] {
@@ -63,6 +65,11 @@ impl Mirrors {
             (lied.is_some(), backoff.is_some(), lied.max(backoff).unwrap_or(now), i)
         });
         idx
+    }
+
+    /// Time to first byte of the mirror that answered last ([`Source::first_byte_latency`]).
+    pub fn first_byte_latency(&self) -> Duration {
+        self.sources[self.last.load(std::sync::atomic::Ordering::Relaxed)].first_byte_latency()
     }
 
     /// Put mirror `i` in backoff.
@@ -114,6 +121,7 @@ impl Mirrors {
             match self.sources[i].get_range(key, range.clone()).await {
                 Ok(b) => {
                     self.succeeded(i);
+                    self.last.store(i, std::sync::atomic::Ordering::Relaxed);
                     return Ok((b, i));
                 }
                 Err(e) => {

@@ -337,6 +337,39 @@ async fn readahead_bounds_requests_and_bytes_in_flight() {
     assert!(c.bytes_served <= object.size, "no byte fetched twice: {c:?}, object of {}", object.size);
 }
 
+/// On a long link (first bytes after >= `LONG_LINK`), readahead keeps twice `parallel`
+/// requests in flight, and still no more; on a short one, `parallel` (the test above).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_long_link_gets_twice_the_requests_in_flight() {
+    const PARALLEL: usize = 4;
+    let big = random_bytes(11, 24 * MIB);
+    let fx = Fixture::new(&[("big", &big)], PARALLEL).await;
+    let _bg = fx.background(BackgroundOptions { enabled: false, ..Default::default() });
+    fx.store.set_latency(incfs_fs::reader::LONG_LINK + Duration::from_millis(10));
+    let f = fx.file("big");
+    assert_eq!(fx.reader.parallel(), PARALLEL, "nothing measured yet");
+    // One read first (its last MiB, no readahead), which measures the link.
+    let last = big.len() - MIB;
+    let got = bounded("first read", fx.reader.read(&f, last as u64, MIB as u32, 0..0, deadline())).await.unwrap();
+    assert!(got == big[last..], "wrong bytes at {last}");
+    assert_eq!(fx.reader.parallel(), 2 * PARALLEL, "a long link doubles the requests in flight");
+    bounded("sequential read", async {
+        for off in (0..last).step_by(MIB) {
+            let next = (off + MIB) as u64 / BS;
+            let got = fx.reader.read(&f, off as u64, MIB as u32, next..next + 4096, deadline()).await.unwrap();
+            assert!(got == big[off..off + MIB], "wrong bytes at {off}");
+        }
+    })
+    .await;
+    let c = fx.store.counts();
+    eprintln!("sequential read on a long link: {c:?}");
+    assert_eq!(fx.reader.parallel(), 2 * PARALLEL, "a long link doubles the requests in flight");
+    let own = 2;
+    assert!(c.max_in_flight as usize > PARALLEL + own, "more than --parallel in flight: {c:?}");
+    assert!(c.max_in_flight as usize <= 2 * PARALLEL + own, "{c:?}");
+    assert_eq!(Stats::get(&fx.reader.stats.blocks_fetched), big.len() as u64 / BS, "every block fetched once");
+}
+
 /// A read that cannot get its data in time fails with a timeout at its deadline.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn slow_source_times_out_at_the_deadline() {

@@ -181,6 +181,7 @@ impl Reader {
             Some(found) => found,
             None => get_counted(&self.mirrors, &self.stats, &key, first.offset..end).await,
         };
+        self.fit_slots();
         let outcome = match fetched {
             Err(failure) => {
                 let mut outcome = RunOutcome::default();

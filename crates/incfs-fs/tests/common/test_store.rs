@@ -4,8 +4,8 @@
 //! to it, adding on every GET (ranged or not; `get_range` and `head` arrive here as `get_opts`):
 //!
 //! - a fixed latency before the first byte;
-//! - an optional bandwidth limit, shared by all requests like one network link: a response is
-//!   sent in chunks, each reserving its transfer time on the link in turn, so concurrent
+//! - an optional bandwidth limit, shared by all requests like one network link: a response's
+//!   body (after its head, which comes after the latency) is sent in chunks, each reserving its transfer time on the link in turn, so concurrent
 //!   requests share the rate about evenly, and a request dropped midway frees it;
 //! - counters: requests, bytes served, requests and bytes in flight now and at most, and a log
 //!   of every request (key, range);
@@ -65,11 +65,7 @@ pub struct Counts {
 pub struct TestStore {
     inner: InMemory,
     latency_us: AtomicU64,
-    /// Bytes per second; 0: unlimited.
-    bandwidth: AtomicU64,
-    /// When the link is next free.
-    link: Mutex<Instant>,
-    counts: Mutex<Counts>,
+    wire: Arc<Wire>,
     log: Mutex<Vec<Request>>,
     fail_next: AtomicU64,
     flip: AtomicBool,
@@ -92,9 +88,11 @@ impl Default for TestStore {
         TestStore {
             inner: InMemory::new(),
             latency_us: AtomicU64::new(0),
-            bandwidth: AtomicU64::new(0),
-            link: Mutex::new(Instant::now()),
-            counts: Mutex::new(Counts::default()),
+            wire: Arc::new(Wire {
+                bandwidth: AtomicU64::new(0),
+                link: Mutex::new(Instant::now()),
+                counts: Mutex::new(Counts::default()),
+            }),
             log: Mutex::new(Vec::new()),
             fail_next: AtomicU64::new(0),
             flip: AtomicBool::new(false),
@@ -102,15 +100,24 @@ impl Default for TestStore {
     }
 }
 
-/// Takes a request out of the in-flight counts when dropped (finished or cancelled).
-struct InFlight<'a> {
-    store: &'a TestStore,
+/// The link and the counters, shared with response bodies still being sent.
+struct Wire {
+    /// Bytes per second; 0: unlimited.
+    bandwidth: AtomicU64,
+    /// When the link is next free.
+    link: Mutex<Instant>,
+    counts: Mutex<Counts>,
+}
+
+/// Takes a request out of the in-flight counts when dropped (its body sent, or cancelled).
+struct InFlight {
+    wire: Arc<Wire>,
     bytes: u64,
 }
 
-impl Drop for InFlight<'_> {
+impl Drop for InFlight {
     fn drop(&mut self) {
-        let mut c = self.store.counts.lock();
+        let mut c = self.wire.counts.lock();
         c.in_flight -= 1;
         c.bytes_in_flight -= self.bytes;
     }
@@ -128,7 +135,7 @@ impl TestStore {
 
     /// Limit the link shared by all responses to `bytes_per_sec` (`None`: unlimited).
     pub fn set_bandwidth(&self, bytes_per_sec: Option<u64>) {
-        self.bandwidth.store(bytes_per_sec.unwrap_or(0), SeqCst);
+        self.wire.bandwidth.store(bytes_per_sec.unwrap_or(0), SeqCst);
     }
 
     /// Answer the next `n` GETs with an error.
@@ -142,7 +149,7 @@ impl TestStore {
     }
 
     pub fn counts(&self) -> Counts {
-        *self.counts.lock()
+        *self.wire.counts.lock()
     }
 
     /// Every request so far (since the last reset), in the order they arrived.
@@ -152,7 +159,7 @@ impl TestStore {
 
     /// Zero the counters (in-flight counts of running requests are kept) and clear the log.
     pub fn reset(&self) {
-        let mut c = self.counts.lock();
+        let mut c = self.wire.counts.lock();
         *c = Counts {
             in_flight: c.in_flight,
             max_in_flight: c.in_flight,
@@ -193,15 +200,17 @@ impl TestStore {
         n
     }
 
-    fn begin(&self, bytes: u64) -> InFlight<'_> {
-        let mut c = self.counts.lock();
+    fn begin(&self, bytes: u64) -> InFlight {
+        let mut c = self.wire.counts.lock();
         c.in_flight += 1;
         c.max_in_flight = c.max_in_flight.max(c.in_flight);
         c.bytes_in_flight += bytes;
         c.max_bytes_in_flight = c.max_bytes_in_flight.max(c.bytes_in_flight);
-        InFlight { store: self, bytes }
+        InFlight { wire: self.wire.clone(), bytes }
     }
+}
 
+impl Wire {
     /// Send `len` bytes over the shared link, a chunk at a time.
     async fn transmit(&self, len: u64) {
         let mut left = len;
@@ -243,11 +252,11 @@ impl ObjectStore for TestStore {
         let len = range.end - range.start;
         let fail = self.fail_next.fetch_update(SeqCst, SeqCst, |n| n.checked_sub(1)).is_ok();
         self.log.lock().push(Request { key: location.to_string(), range, head, failed: fail });
-        self.counts.lock().requests += 1;
+        self.wire.counts.lock().requests += 1;
         let _flight = self.begin(len);
         tokio::time::sleep(Duration::from_micros(self.latency_us.load(SeqCst))).await;
         if fail {
-            self.counts.lock().failures_injected += 1;
+            self.wire.counts.lock().failures_injected += 1;
             return Err(object_store::Error::Generic { store: "TestStore", source: "injected failure".into() });
         }
         let r = result?;
@@ -256,18 +265,24 @@ impl ObjectStore for TestStore {
         }
         let (meta, range, attributes) = (r.meta.clone(), r.range.clone(), r.attributes.clone());
         let bytes = r.bytes().await?;
-        self.transmit(bytes.len() as u64).await;
         let bytes = if self.flip.load(SeqCst) && !bytes.is_empty() {
             let mut v = bytes.to_vec();
             let mid = v.len() / 2;
             v[mid] ^= 0x01;
-            self.counts.lock().bytes_corrupted += 1;
+            self.wire.counts.lock().bytes_corrupted += 1;
             Bytes::from(v)
         } else {
             bytes
         };
-        self.counts.lock().bytes_served += bytes.len() as u64;
-        let stream = futures::stream::once(futures::future::ready(Ok(bytes)));
+        self.wire.counts.lock().bytes_served += bytes.len() as u64;
+        // The head goes out after the latency; the body takes its time on the link after it, as
+        // over HTTP (a client sees its first byte before the last).
+        let wire = self.wire.clone();
+        let stream = futures::stream::once(async move {
+            wire.transmit(bytes.len() as u64).await;
+            drop(_flight);
+            Ok(bytes)
+        });
         Ok(GetResult { payload: GetResultPayload::Stream(stream.boxed()), meta, range, attributes })
     }
 
