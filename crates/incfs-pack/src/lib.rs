@@ -40,7 +40,9 @@ pub const DEFAULT_OBJECT_SIZE: u64 = 64 << 20;
 const CHUNK: usize = 4 << 20;
 
 /// Small files read, hashed and compressed at once (bounds the memory of a batch).
-pub const BATCH_BYTES: u64 = 32 << 20;
+pub const BATCH_BYTES: u64 = 8 << 20;
+/// Batches prepared ahead of the one being stored (memory: this many + 1 batches).
+const BATCHES_AHEAD: usize = 3;
 
 #[derive(Debug, thiserror::Error)]
 pub enum PackError {
@@ -219,7 +221,6 @@ pub fn pack(
             skipped: scanned.skipped.len() as u64,
             ..Default::default()
         },
-        buf: vec![0u8; CHUNK],
     };
     // Files named by the profile are packed first, in its order; the rest in tree order.
     let is_file = |i: usize| matches!(scanned.inodes[i].kind, scan::ScannedKind::File { .. });
@@ -287,7 +288,6 @@ struct Packer {
     dedup: dedup::DedupIndex,
     compression: Compression,
     summary: PackSummary,
-    buf: Vec<u8>,
 }
 
 /// A piece of a file (a whole small file, or a chunk of a large one) hashed, with the blocks
@@ -380,6 +380,65 @@ fn read_full_at(f: &File, buf: &mut [u8], offset: u64) -> std::io::Result<usize>
     Ok(n)
 }
 
+/// A piece of a large file, in file order: whole zero blocks found as a hole (not read), or
+/// data read (the first `n` bytes of a buffer) and prepared.
+enum Piece {
+    Hole(u64),
+    Data(Vec<u8>, usize, Prepared),
+}
+
+/// Read `f` (`size` bytes when scanned) piece by piece into the buffers `free` hands over,
+/// prepare each, and send them to `out`, in order; stops at the end of the file, on an error
+/// (sent), or when either channel is closed (the packer gave up).
+fn read_pieces(
+    f: &File,
+    path: &Path,
+    size: u64,
+    known: &dedup::Known,
+    compression: Compression,
+    free: &std::sync::mpsc::Receiver<Vec<u8>>,
+    out: &std::sync::mpsc::SyncSender<Result<Piece, PackError>>,
+) {
+    let io = |source| PackError::Io { path: path.to_path_buf(), source };
+    let bs = BLOCK_SIZE as u64;
+    let mut total = 0u64;
+    loop {
+        // Whole blocks of a hole are zero blocks without being read or hashed: a 1 GiB disk
+        // image holding 1 MiB of data packs in the time of its data.
+        if let Some(data) = seek(f, total, libc::SEEK_DATA, size).filter(|_| total < size) {
+            let to = data.min(size) / bs * bs;
+            if to > total {
+                if out.send(Ok(Piece::Hole(to - total))).is_err() {
+                    return;
+                }
+                total = to;
+                continue;
+            }
+        }
+        let Ok(mut buf) = free.recv() else { return };
+        // Data up to the next hole (whole blocks), at most a chunk; then EOF is read for, so
+        // that a file that grew since the scan is noticed.
+        let want = match seek(f, total, libc::SEEK_HOLE, size) {
+            Some(hole) if hole > total => (hole.div_ceil(bs) * bs - total).min(buf.len() as u64) as usize,
+            _ => buf.len(),
+        };
+        let piece = match read_full_at(f, &mut buf[..want], total) {
+            Ok(0) => return,
+            Ok(n) if total + n as u64 > size => Err(PackError::Changed(path.to_path_buf())),
+            Ok(n) => {
+                total += n as u64;
+                let prepared = prepare(&buf[..n], known, compression, true);
+                Ok(Piece::Data(buf, n, prepared))
+            }
+            Err(e) => Err(io(e)),
+        };
+        let stop = piece.is_err();
+        if out.send(piece).is_err() || stop {
+            return;
+        }
+    }
+}
+
 impl Packer {
     /// Pack the files `order` names (indexes into `inodes`, each a regular file), in that order;
     /// their data, by inode index.
@@ -429,21 +488,29 @@ impl Packer {
                 .collect()
         };
         std::thread::scope(|scope| -> Result<(), PackError> {
-            let mut ahead: Option<std::thread::ScopedJoinHandle<'_, _>> = None;
+            // Batches of small files prepared ahead, in step order: several at once, so that one
+            // batch's slowest file does not leave a core idle while the next waits to start.
+            let mut ahead = std::collections::VecDeque::new();
+            let mut queued = 0;
             for (k, step) in steps.iter().enumerate() {
+                while queued < steps.len() && queued <= k + BATCHES_AHEAD {
+                    let next = steps[queued].clone();
+                    if !is_large(&next) {
+                        ahead.push_back(scope.spawn(move || prepare_batch(next)));
+                    }
+                    queued += 1;
+                }
                 if is_large(step) {
                     let (path, size) = file(order[step.start]);
                     progress.file(path);
                     packed[order[step.start]] = Some(self.pack_large(path, size, progress)?);
                     continue;
                 }
-                let batch = match ahead.take() {
-                    Some(h) => h.join().expect("preparing a batch does not panic"),
-                    None => prepare_batch(step.clone()),
-                };
-                if let Some(next) = steps.get(k + 1).filter(|r| !is_large(r)).cloned() {
-                    ahead = Some(scope.spawn(move || prepare_batch(next)));
-                }
+                let batch = ahead
+                    .pop_front()
+                    .expect("every small step is queued")
+                    .join()
+                    .expect("preparing a batch does not panic");
                 for (&i, f) in order[step.clone()].iter().zip(batch) {
                     let f = f?;
                     let (path, size) = file(i);
@@ -460,7 +527,8 @@ impl Packer {
     }
 
     /// A file larger than [`CHUNK`], read chunk by chunk, each chunk's blocks worked on in
-    /// parallel.
+    /// parallel; the next chunk is read and prepared (on a thread of its own) while this one's
+    /// new blocks are stored, so that neither the reading nor the storing leaves cores idle.
     fn pack_large(&mut self, path: &Path, size: u64, progress: &dyn Progress) -> Result<FileData, PackError> {
         let io = |source| PackError::Io { path: path.to_path_buf(), source };
         let f = File::open(path).map_err(io)?;
@@ -471,50 +539,38 @@ impl Packer {
         let mut leaves = Vec::with_capacity(blocks);
         let mut records = Vec::with_capacity(blocks);
         let mut total = 0u64;
-        let mut buf = std::mem::take(&mut self.buf);
-        let bs = BLOCK_SIZE as u64;
-        let result = loop {
-            // Whole blocks of a hole are zero blocks without being read or hashed: a 1 GiB disk
-            // image holding 1 MiB of data packs in the time of its data.
-            if let Some(data) = seek(&f, total, libc::SEEK_DATA, size).filter(|_| total < size) {
-                let to = data.min(size) / bs * bs;
-                if to > total {
-                    let n = ((to - total) / bs) as usize;
-                    leaves.extend(std::iter::repeat_n(*ZERO_HASH, n));
-                    records.extend(std::iter::repeat_n(BlockRecord::ZERO, n));
-                    self.summary.zero_bytes += to - total;
-                    progress.advance(to - total);
-                    total = to;
-                    continue;
+        let (known, compression) = (self.dedup.known(), self.compression);
+        std::thread::scope(|scope| -> Result<(), PackError> {
+            // Declared in here, so that an early return drops them before the scope waits for
+            // the reader: it then finds both channels closed and stops.
+            let (pieces_tx, pieces) = std::sync::mpsc::sync_channel(1);
+            let (free, free_rx) = std::sync::mpsc::channel();
+            for _ in 0..2 {
+                let _ = free.send(vec![0u8; CHUNK]);
+            }
+            let f = &f;
+            scope.spawn(move || read_pieces(f, path, size, &known, compression, &free_rx, &pieces_tx));
+            for piece in pieces {
+                match piece? {
+                    Piece::Hole(bytes) => {
+                        let n = (bytes / BLOCK_SIZE as u64) as usize;
+                        leaves.extend(std::iter::repeat_n(*ZERO_HASH, n));
+                        records.extend(std::iter::repeat_n(BlockRecord::ZERO, n));
+                        self.summary.zero_bytes += bytes;
+                        total += bytes;
+                        progress.advance(bytes);
+                    }
+                    Piece::Data(buf, n, prepared) => {
+                        leaves.extend_from_slice(&prepared.hashes);
+                        records.extend(self.place(&buf[..n], prepared)?);
+                        total += n as u64;
+                        progress.advance(n as u64);
+                        let _ = free.send(buf);
+                    }
                 }
             }
-            // Data up to the next hole (whole blocks), at most a chunk; then EOF is read for,
-            // so that a file that grew since the scan is noticed.
-            let want = match seek(&f, total, libc::SEEK_HOLE, size) {
-                Some(hole) if hole > total => (hole.div_ceil(bs) * bs - total).min(buf.len() as u64) as usize,
-                _ => buf.len(),
-            };
-            let n = match read_full_at(&f, &mut buf[..want], total) {
-                Ok(n) => n,
-                Err(e) => break Err(io(e)),
-            };
-            if n == 0 {
-                break Ok(());
-            }
-            total += n as u64;
-            if total > size {
-                break Err(PackError::Changed(path.to_path_buf()));
-            }
-            let prepared = prepare(&buf[..n], &self.dedup.known(), self.compression, true);
-            leaves.extend_from_slice(&prepared.hashes);
-            match self.place(&buf[..n], prepared) {
-                Ok(r) => records.extend(r),
-                Err(e) => break Err(e),
-            }
-            progress.advance(n as u64);
-        };
-        self.buf = buf;
-        result?;
+            Ok(())
+        })?;
         if total != size {
             return Err(PackError::Changed(path.to_path_buf()));
         }
