@@ -91,27 +91,57 @@ fn trim_trailing_zeros(block: &[u8]) -> &[u8] {
 
 /// Encode one data block (at most 4096 bytes; shorter only for a file's last block).
 pub fn encode_block(block: &[u8], compression: Compression) -> EncodedBlock {
+    let mut bytes = Vec::new();
+    let codec = encode_block_into(block, compression, &mut bytes);
+    EncodedBlock { codec, bytes }
+}
+
+/// [`encode_block`], appending the stored bytes to `out` (which may hold other blocks': one
+/// allocation for many blocks rather than one per block); returns the codec.
+pub fn encode_block_into(block: &[u8], compression: Compression, out: &mut Vec<u8>) -> Codec {
     assert!(block.len() <= BLOCK_SIZE);
     let payload = trim_trailing_zeros(block);
     if payload.is_empty() {
-        return EncodedBlock { codec: Codec::Zero, bytes: Vec::new() };
+        return Codec::Zero;
     }
-    let compressed = match compression {
+    let start = out.len();
+    // Compressed output is kept only if strictly shorter than the payload.
+    let limit = payload.len() - 1;
+    let codec = match compression {
         Compression::None => None,
-        Compression::Lz4 => Some((Codec::Lz4, lz4_flex::block::compress(payload))),
+        Compression::Lz4 => {
+            out.resize(start + lz4_flex::block::get_maximum_output_size(payload.len()), 0);
+            match lz4_flex::block::compress_into(payload, &mut out[start..]) {
+                Ok(n) if n <= limit => {
+                    out.truncate(start + n);
+                    Some(Codec::Lz4)
+                }
+                _ => None,
+            }
+        }
         Compression::Zstd { level } => ZSTD_ENCODER.with(|cell| {
             let mut cell = cell.borrow_mut();
             if cell.as_ref().is_none_or(|(l, _)| *l != level) {
                 *cell = zstd::bulk::Compressor::new(level).ok().map(|c| (level, c));
             }
             let (_, c) = cell.as_mut()?;
-            c.compress(payload).ok().map(|b| (Codec::Zstd, b))
+            // Room for the worst case: with less, zstd takes another path whose frames differ
+            // (packs would no longer be byte-identical to earlier releases').
+            out.resize(start + zstd::zstd_safe::compress_bound(payload.len()), 0);
+            match c.compress_to_buffer(payload, &mut out[start..]) {
+                Ok(n) if n <= limit => {
+                    out.truncate(start + n);
+                    Some(Codec::Zstd)
+                }
+                _ => None,
+            }
         }),
     };
-    match compressed {
-        Some((codec, bytes)) if bytes.len() < payload.len() => EncodedBlock { codec, bytes },
-        _ => EncodedBlock { codec: Codec::Raw, bytes: payload.to_vec() },
-    }
+    codec.unwrap_or_else(|| {
+        out.truncate(start);
+        out.extend_from_slice(payload);
+        Codec::Raw
+    })
 }
 
 /// Decode stored bytes into `out`, a whole 4096-byte block (payload, then zeros).

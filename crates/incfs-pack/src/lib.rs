@@ -25,11 +25,11 @@ use std::path::{Path, PathBuf};
 use rayon::prelude::*;
 
 use incfs_format::block_map::BlockRecord;
-use incfs_format::codec::{encode_block, EncodedBlock};
+use incfs_format::codec::{encode_block, encode_block_into};
 use incfs_format::compact_map;
 use incfs_format::manifest::{is_valid_image_name, FileData, Inode, Manifest, MetaRef};
 use incfs_format::profile::Profile;
-use incfs_format::{layout, wire, Compression, Hash, BLOCK_SIZE};
+use incfs_format::{layout, wire, Codec, Compression, Hash, BLOCK_SIZE};
 use incfs_sign::SigningKey;
 use incfs_verity::{hash_data_block, MerkleTree};
 
@@ -295,8 +295,10 @@ struct Packer {
 struct Prepared {
     hashes: Vec<Hash>,
     /// `Some` for the first block of each content that is not zero and was not known to the
-    /// dedup index when prepared.
-    encoded: Vec<Option<EncodedBlock>>,
+    /// dedup index when prepared: its codec and where its stored bytes lie in `stored`.
+    encoded: Vec<Option<(Codec, Range<usize>)>>,
+    /// The encoded blocks' stored bytes, back to back.
+    stored: Vec<u8>,
 }
 
 /// Leaf hash of an all-zero block (stored as a hole, never as data).
@@ -314,16 +316,33 @@ fn prepare(chunk: &[u8], known: &dedup::Known, compression: Compression, paralle
     let todo: Vec<usize> = (0..hashes.len())
         .filter(|&i| hashes[i] != *ZERO_HASH && !known.contains(&hashes[i]) && seen.insert(hashes[i]))
         .collect();
-    let done: Vec<EncodedBlock> = if parallel {
-        todo.par_iter().map(|&i| encode_block(block_of(chunk, i), compression)).collect()
-    } else {
-        todo.iter().map(|&i| encode_block(block_of(chunk, i), compression)).collect()
+    // Each group of blocks is encoded into a buffer of its own, then the buffers joined.
+    let encode = |group: &[usize]| {
+        let mut stored = Vec::with_capacity(group.len() * BLOCK_SIZE / 2);
+        let mut at = Vec::with_capacity(group.len());
+        for &i in group {
+            let start = stored.len();
+            let codec = encode_block_into(block_of(chunk, i), compression, &mut stored);
+            at.push((i, codec, start..stored.len()));
+        }
+        (stored, at)
     };
-    let mut encoded: Vec<Option<EncodedBlock>> = (0..hashes.len()).map(|_| None).collect();
-    for (i, e) in todo.into_iter().zip(done) {
-        encoded[i] = Some(e);
+    // Per group: its stored bytes, and per block (index, codec, bytes in the group's buffer).
+    type Group = (Vec<u8>, Vec<(usize, Codec, Range<usize>)>);
+    let groups: Vec<Group> = match parallel {
+        true => todo.par_chunks(64).map(encode).collect(),
+        false => vec![encode(&todo)],
+    };
+    let mut encoded: Vec<Option<(Codec, Range<usize>)>> = vec![None; hashes.len()];
+    let mut stored = Vec::with_capacity(groups.iter().map(|g| g.0.len()).sum());
+    for (bytes, at) in groups {
+        let base = stored.len();
+        stored.extend_from_slice(&bytes);
+        for (i, codec, r) in at {
+            encoded[i] = Some((codec, base + r.start..base + r.end));
+        }
     }
-    Prepared { hashes, encoded }
+    Prepared { hashes, encoded, stored }
 }
 
 /// A small file read whole and prepared.
@@ -593,12 +612,19 @@ impl Packer {
             } else {
                 // Encoded when prepared, unless the index then knew a copy that turned out
                 // damaged when checked.
-                let e = p.encoded[i].take().unwrap_or_else(|| encode_block(block, self.compression));
-                let (object, offset) = self.objects.append(&e.bytes)?;
-                let r = BlockRecord { object, codec: e.codec, len: e.bytes.len() as u16, offset };
+                let fresh;
+                let (codec, bytes) = match p.encoded[i].take() {
+                    Some((codec, at)) => (codec, &p.stored[at]),
+                    None => {
+                        fresh = encode_block(block, self.compression);
+                        (fresh.codec, &fresh.bytes[..])
+                    }
+                };
+                let (object, offset) = self.objects.append(bytes)?;
+                let r = BlockRecord { object, codec, len: bytes.len() as u16, offset };
                 self.dedup.insert_block(*h, r);
                 self.summary.new_block_bytes += len;
-                self.summary.new_block_stored += e.bytes.len() as u64;
+                self.summary.new_block_stored += bytes.len() as u64;
                 records.push(r);
             }
         }

@@ -15,6 +15,8 @@ use std::path::{Path, PathBuf};
 
 use incfs_format::manifest::{Dirent, InodeKind, Metadata, Xattr, MAX_SYMLINK_LEN, MAX_XATTR_VALUE_LEN};
 
+use rayon::prelude::*;
+
 use crate::PackError;
 
 /// An inode found in the source tree; regular files carry their path and size for later.
@@ -76,6 +78,74 @@ fn xattrs_of(path: &Path) -> Result<Vec<Xattr>, PackError> {
     Ok(out)
 }
 
+/// One entry of a directory as listed: everything the scan needs from the filesystem, gathered
+/// on the thread pool (lstat, extended attributes and link targets are most of a scan's time).
+struct Listed {
+    name: OsString,
+    path: PathBuf,
+    md: fs::Metadata,
+    xattrs: Vec<Xattr>,
+    /// A symlink's target.
+    target: Option<Vec<u8>>,
+    /// A directory's own listing: its index in the listings.
+    listing: Option<usize>,
+}
+
+/// The entries of `dir` in byte order of their names, with their metadata.
+fn list_dir(dir: &Path) -> Result<Vec<Listed>, PackError> {
+    let mut names: Vec<OsString> = fs::read_dir(dir)
+        .map_err(io_err(dir))?
+        .map(|e| e.map(|e| e.file_name()))
+        .collect::<Result<_, _>>()
+        .map_err(io_err(dir))?;
+    names.sort_by(|a, b| a.as_bytes().cmp(b.as_bytes()));
+    names
+        .into_par_iter()
+        .with_min_len(8)
+        .map(|name| {
+            let path = dir.join(&name);
+            let md = fs::symlink_metadata(&path).map_err(io_err(&path))?;
+            let ft = md.file_type();
+            if ft.is_socket() {
+                return Ok(Listed { name, path, md, xattrs: Vec::new(), target: None, listing: None });
+            }
+            let target = if ft.is_symlink() {
+                let target = fs::read_link(&path).map_err(io_err(&path))?.into_os_string().into_vec();
+                if target.len() > MAX_SYMLINK_LEN {
+                    return Err(PackError::Unsupported { path, what: "a symlink target over 4095 bytes".into() });
+                }
+                Some(target)
+            } else {
+                None
+            };
+            let xattrs = xattrs_of(&path)?;
+            Ok(Listed { name, path, md, xattrs, target, listing: None })
+        })
+        .collect()
+}
+
+/// Every directory under `root` listed, level by level, the directories of a level in parallel
+/// (no recursion: a deeply nested tree cannot overflow a stack). Index 0 is `root`'s listing.
+fn list_tree(root: &Path) -> Result<Vec<Vec<Listed>>, PackError> {
+    let mut listings: Vec<Vec<Listed>> = vec![Vec::new()];
+    let mut level = vec![(0usize, root.to_path_buf())];
+    while !level.is_empty() {
+        let listed: Vec<Result<Vec<Listed>, PackError>> = level.par_iter().map(|(_, dir)| list_dir(dir)).collect();
+        let mut next = Vec::new();
+        for ((at, _), entries) in level.iter().zip(listed) {
+            let mut entries = entries?;
+            for e in entries.iter_mut().filter(|e| e.md.is_dir()) {
+                e.listing = Some(listings.len());
+                listings.push(Vec::new());
+                next.push((listings.len() - 1, e.path.clone()));
+            }
+            listings[*at] = entries;
+        }
+        level = next;
+    }
+    Ok(listings)
+}
+
 pub(crate) fn scan(root: &Path) -> Result<Scan, PackError> {
     let md = fs::metadata(root).map_err(io_err(root))?;
     if !md.is_dir() {
@@ -87,20 +157,15 @@ pub(crate) fn scan(root: &Path) -> Result<Scan, PackError> {
         xattrs: xattrs_of(root)?,
         kind: ScannedKind::Other(InodeKind::Dir),
     });
+    let mut listings = list_tree(root)?;
     let mut hard_links: HashMap<(u64, u64), u32> = HashMap::new();
-    // Depth first with an explicit stack: a deeply nested tree cannot overflow ours.
-    let mut stack = vec![(root.to_path_buf(), 0u32)];
-    while let Some((dir, dir_inode)) = stack.pop() {
-        let mut names: Vec<OsString> = fs::read_dir(&dir)
-            .map_err(io_err(&dir))?
-            .map(|e| e.map(|e| e.file_name()))
-            .collect::<Result<_, _>>()
-            .map_err(io_err(&dir))?;
-        names.sort_by(|a, b| a.as_bytes().cmp(b.as_bytes()));
+    // Inodes are numbered depth first, a directory's entries together, in name order: the same
+    // tree always gives the same numbers.
+    let mut stack = vec![(0usize, 0u32)];
+    while let Some((listing, dir_inode)) = stack.pop() {
         let mut subdirs = Vec::new();
-        for name in names {
-            let path = dir.join(&name);
-            let md = fs::symlink_metadata(&path).map_err(io_err(&path))?;
+        for e in std::mem::take(&mut listings[listing]) {
+            let Listed { name, path, md, xattrs, target, listing } = e;
             let ft = md.file_type();
             if ft.is_socket() {
                 tracing::warn!("skipping socket {}: sockets cannot be published", path.display());
@@ -116,18 +181,11 @@ pub(crate) fn scan(root: &Path) -> Result<Scan, PackError> {
                     let kind = if ft.is_file() {
                         s.file_bytes += md.len();
                         s.file_count += 1;
-                        ScannedKind::File { path: path.clone(), size: md.len() }
-                    } else if ft.is_dir() {
-                        subdirs.push((path.clone(), index));
+                        ScannedKind::File { path, size: md.len() }
+                    } else if let Some(listing) = listing {
+                        subdirs.push((listing, index));
                         ScannedKind::Other(InodeKind::Dir)
-                    } else if ft.is_symlink() {
-                        let target = fs::read_link(&path).map_err(io_err(&path))?.into_os_string().into_vec();
-                        if target.len() > MAX_SYMLINK_LEN {
-                            return Err(PackError::Unsupported {
-                                path,
-                                what: "a symlink target over 4095 bytes".into(),
-                            });
-                        }
+                    } else if let Some(target) = target {
                         ScannedKind::Other(InodeKind::Symlink(target))
                     } else if ft.is_fifo() {
                         ScannedKind::Other(InodeKind::Fifo)
@@ -142,7 +200,7 @@ pub(crate) fn scan(root: &Path) -> Result<Scan, PackError> {
                     if md.nlink() > 1 && !ft.is_dir() {
                         hard_links.insert(key, index);
                     }
-                    s.inodes.push(ScannedInode { meta: metadata_of(&md), xattrs: xattrs_of(&path)?, kind });
+                    s.inodes.push(ScannedInode { meta: metadata_of(&md), xattrs, kind });
                     index
                 }
             };
