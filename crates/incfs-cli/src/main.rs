@@ -132,6 +132,18 @@ enum Command {
         /// gain little: 3 is 0.8% smaller than the default 2 on /usr/share, and 10% slower.
         #[arg(long, default_value_t = incfs_format::Compression::DEFAULT_ZSTD_LEVEL, value_parser = clap::value_parser!(i32).range(1..=19))]
         zstd_level: i32,
+        /// Compress new blocks with a zstd dictionary: the repository's newest, or one trained
+        /// on a sample of this tree (64 KiB, stored as an object and named in the signed
+        /// manifest; a client fetches it once). Blocks of earlier versions keep theirs, so a new
+        /// version fetches only what changed. On text-heavy trees blocks are ~1% smaller and
+        /// decode ~7% faster; on machine code it gains nothing. Needs incfs 2026-12 or newer
+        /// with dictionaries to read (manifest format 4).
+        #[arg(long)]
+        dictionary: bool,
+        /// With --dictionary: train a new dictionary even if the repository has one (when the
+        /// tree's content has changed in kind).
+        #[arg(long, requires = "dictionary")]
+        new_dictionary: bool,
         /// Start a new object after this many MiB.
         #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..=4096))]
         object_mib: u64,
@@ -607,6 +619,8 @@ fn main() {
             version,
             compression,
             zstd_level,
+            dictionary,
+            new_dictionary,
             object_mib,
             profile,
             expires,
@@ -622,7 +636,13 @@ fn main() {
             expires.and_then(|expires| {
                 let profile = publish::load_profile(profile.as_deref())?;
                 let object_size = object_mib << 20;
-                let opts = incfs_pack::PackOptions { name, version, compression, object_size, profile, expires };
+                let dictionary = match (dictionary, new_dictionary) {
+                    (_, true) => incfs_pack::DictionaryMode::New,
+                    (true, false) => incfs_pack::DictionaryMode::Use,
+                    (false, false) => incfs_pack::DictionaryMode::Off,
+                };
+                let opts =
+                    incfs_pack::PackOptions { name, version, compression, object_size, profile, expires, dictionary };
                 publish::pack(&src_dir, &repo_dir, &key, &opts, quiet)
             })
         }

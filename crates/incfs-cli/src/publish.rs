@@ -80,6 +80,14 @@ pub fn pack(src: &Path, repo: &Path, key: &Path, opts: &PackOptions, quiet: bool
         HumanBytes(s.dedup_saved),
         HumanBytes(s.zero_bytes)
     );
+    if let Some((id, size, new)) = s.dictionary {
+        println!(
+            "  dictionary: {} ({}), {}",
+            id,
+            HumanBytes(size),
+            if new { "trained on this tree (clients fetch it once)" } else { "the repository's, reused" }
+        );
+    }
     Ok(0)
 }
 

@@ -26,10 +26,12 @@ pub async fn open(repo: &str, trust: &[PathBuf], how: &ReadArgs) -> Result<Image
     let trust = load_trusted(trust)?;
     let opts = SourceOptions { request_timeout: how.timeout, ..SourceOptions::default() };
     let source = Source::parse(repo, &opts)?;
-    Ok(match how.version {
+    let image = match how.version {
         Some(v) => Image::open_version(source, v, &trust).await?,
         None => Image::open(source, &trust).await?,
-    })
+    };
+    image.load_dictionaries().await?;
+    Ok(image)
 }
 
 pub async fn verify(repo: &str, trust: &[PathBuf], how: &ReadArgs) -> Result<i32> {

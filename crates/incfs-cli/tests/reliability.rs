@@ -313,6 +313,7 @@ fn hostile_manifests_are_refused_by_verify_extract_and_mount() {
         version: 1,
         expires: None,
         objects: vec![ObjectRef { digest: [1; 32], size: 1 << 20 }],
+        dictionaries: vec![],
         inodes: vec![dir_inode.clone(), file(10)],
         dirents: vec![Dirent { parent: 0, inode: 1, name: b"ok".to_vec() }],
     };

@@ -79,10 +79,6 @@ fn a_sparse_gigabyte_costs_kilobytes_of_metadata_and_reads_back() {
     incfs_ok(&["verify", r, "--trust", t, "-q"]);
 }
 
-fn dir_bytes(dir: &Path) -> u64 {
-    fs::read_dir(dir).unwrap().map(|e| e.unwrap().metadata().unwrap().len()).sum()
-}
-
 #[test]
 fn a_lying_compact_map_is_never_believed() {
     let dir = tempdir();

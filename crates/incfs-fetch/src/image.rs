@@ -44,6 +44,8 @@ pub enum ImageError {
          a server still serving this one may be replaying an old version); --allow-expired uses it anyway"
     )]
     Expired { source_name: String, name: String, version: u64, at: String },
+    #[error("{source_name}: compression dictionary {key}: {error}")]
+    Dictionary { source_name: String, key: String, error: incfs_format::codec::DictionaryError },
 }
 
 /// Seconds since the Unix epoch, now.
@@ -174,6 +176,18 @@ impl Image {
 
     pub fn manifest(&self) -> &Arc<Manifest> {
         &self.manifest
+    }
+
+    /// Fetch the image's compression dictionaries (format 4), check each against the signed
+    /// object table and make them known to the block decoder. Before any block is decoded.
+    pub async fn load_dictionaries(&self) -> Result<(), ImageError> {
+        for &index in &self.manifest.dictionaries {
+            let key = self.object_key(index);
+            let bytes = self.source.get(&key, incfs_format::manifest::MAX_DICTIONARY_SIZE).await?;
+            incfs_format::codec::accept_dictionary(&self.manifest.objects[index as usize], &bytes)
+                .map_err(|error| ImageError::Dictionary { source_name: self.source.name().to_string(), key, error })?;
+        }
+        Ok(())
     }
 
     /// The signed manifest exactly as fetched.

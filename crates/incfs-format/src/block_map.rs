@@ -66,7 +66,7 @@ impl BlockRecord {
         match codec {
             Codec::Zero if r.len != 0 => Err(RecordError::Length(r.len)),
             Codec::Zero if r.object != 0 || r.offset != 0 => Err(RecordError::ZeroLocation),
-            Codec::Raw | Codec::Lz4 | Codec::Zstd if r.len == 0 || r.len as usize > BLOCK_SIZE => {
+            Codec::Raw | Codec::Lz4 | Codec::Zstd | Codec::ZstdDict if r.len == 0 || r.len as usize > BLOCK_SIZE => {
                 Err(RecordError::Length(r.len))
             }
             // So that `range()` cannot overflow (found by fuzzing).

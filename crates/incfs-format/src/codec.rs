@@ -23,6 +23,9 @@ pub enum Codec {
     Lz4 = 2,
     /// The payload compressed as one zstd frame.
     Zstd = 3,
+    /// The payload compressed as one zstd frame with one of the image's dictionaries, the one
+    /// the frame header's Dictionary_ID names (format 4).
+    ZstdDict = 4,
 }
 
 impl Codec {
@@ -32,6 +35,7 @@ impl Codec {
             1 => Codec::Raw,
             2 => Codec::Lz4,
             3 => Codec::Zstd,
+            4 => Codec::ZstdDict,
             _ => return None,
         })
     }
@@ -42,6 +46,7 @@ impl Codec {
             Codec::Raw => "raw",
             Codec::Lz4 => "lz4",
             Codec::Zstd => "zstd",
+            Codec::ZstdDict => "zstd+dict",
         }
     }
 }
@@ -51,7 +56,14 @@ impl Codec {
 pub enum Compression {
     None,
     Lz4,
-    Zstd { level: i32 },
+    Zstd {
+        level: i32,
+    },
+    /// zstd with the dictionary of this id, registered with [`register_dictionary`].
+    ZstdDict {
+        level: i32,
+        dict: u32,
+    },
 }
 
 impl Compression {
@@ -77,11 +89,90 @@ pub enum DecodeError {
     TooLong(usize),
     #[error("{codec} data does not decode to at most 4096 bytes: {reason}")]
     Corrupt { codec: &'static str, reason: String },
+    #[error("the block was compressed with dictionary {0}, which this image does not have")]
+    NoDictionary(u32),
+}
+
+/// Why a dictionary could not be registered.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum DictionaryError {
+    #[error("not a zstd dictionary with an id (a trained dictionary starts with its magic and id)")]
+    NotADictionary,
+    #[error("two different dictionaries share id {0}")]
+    IdClash(u32),
+    #[error("its bytes do not match the digest and size the signed manifest gives (a damaged or substituted object)")]
+    Mismatch,
+}
+
+/// Check a dictionary object against the manifest's entry for it (size, SHA-256: the signed
+/// name) and register it; returns its id.
+pub fn accept_dictionary(expected: &crate::manifest::ObjectRef, bytes: &[u8]) -> Result<u32, DictionaryError> {
+    use sha2::Digest;
+    if bytes.len() as u64 != expected.size || <[u8; 32]>::from(sha2::Sha256::digest(bytes)) != expected.digest {
+        return Err(DictionaryError::Mismatch);
+    }
+    register_dictionary(bytes)
+}
+
+/// Train a zstd dictionary of at most `size` bytes on `samples` (whole payloads of blocks).
+/// Deterministic: the same samples give the same dictionary, and its id is derived from its
+/// content. `None` when there is too little to learn from.
+pub fn train_dictionary(samples: &[&[u8]], size: usize) -> Option<Vec<u8>> {
+    let dict = zstd::dict::from_samples(samples, size).ok()?;
+    dictionary_id(&dict).map(|_| dict)
+}
+
+/// The dictionaries this process knows, by the id their frames carry. Registered once per image
+/// (a handful); decoding looks the frame's id up here, so stored bytes name their dictionary
+/// themselves and a cache shared by several images needs no record of which one each block used.
+struct Registered {
+    bytes: Vec<u8>,
+    ddict: zstd::zstd_safe::DDict<'static>,
+    /// Encoder tables, by level, made on first use (only a writer encodes).
+    cdicts: Vec<(i32, std::sync::Arc<zstd::zstd_safe::CDict<'static>>)>,
+}
+
+static DICTIONARIES: std::sync::LazyLock<parking_lot::RwLock<std::collections::HashMap<u32, Registered>>> =
+    std::sync::LazyLock::new(Default::default);
+
+/// The id a zstd dictionary's frames carry, if `bytes` is a dictionary that has one.
+pub fn dictionary_id(bytes: &[u8]) -> Option<u32> {
+    zstd::zstd_safe::get_dict_id_from_dict(bytes).map(|id| id.get())
+}
+
+/// Make a dictionary known to [`decode_block`] (and to [`encode_block`] with
+/// [`Compression::ZstdDict`]); returns its id. Registering the same bytes again is a no-op.
+pub fn register_dictionary(bytes: &[u8]) -> Result<u32, DictionaryError> {
+    let id = dictionary_id(bytes).ok_or(DictionaryError::NotADictionary)?;
+    let mut all = DICTIONARIES.write();
+    if let Some(r) = all.get(&id) {
+        return if r.bytes == bytes { Ok(id) } else { Err(DictionaryError::IdClash(id)) };
+    }
+    let ddict = zstd::zstd_safe::DDict::create(bytes);
+    all.insert(id, Registered { bytes: bytes.to_vec(), ddict, cdicts: Vec::new() });
+    Ok(id)
+}
+
+/// Encoder tables of registered dictionary `id` at `level`.
+fn cdict(id: u32, level: i32) -> Option<std::sync::Arc<zstd::zstd_safe::CDict<'static>>> {
+    if let Some(c) = DICTIONARIES.read().get(&id)?.cdicts.iter().find(|c| c.0 == level) {
+        return Some(c.1.clone());
+    }
+    let mut all = DICTIONARIES.write();
+    let r = all.get_mut(&id)?;
+    if let Some(c) = r.cdicts.iter().find(|c| c.0 == level) {
+        return Some(c.1.clone());
+    }
+    let c = std::sync::Arc::new(zstd::zstd_safe::CDict::create(&r.bytes, level));
+    r.cdicts.push((level, c.clone()));
+    Some(c)
 }
 
 thread_local! {
     static ZSTD_DECODER: RefCell<Option<zstd::bulk::Decompressor<'static>>> = const { RefCell::new(None) };
     static ZSTD_ENCODER: RefCell<Option<(i32, zstd::bulk::Compressor<'static>)>> = const { RefCell::new(None) };
+    static ZSTD_DICT_DECODER: RefCell<Option<zstd::zstd_safe::DCtx<'static>>> = const { RefCell::new(None) };
+    static ZSTD_DICT_ENCODER: RefCell<Option<zstd::zstd_safe::CCtx<'static>>> = const { RefCell::new(None) };
 }
 
 fn trim_trailing_zeros(block: &[u8]) -> &[u8] {
@@ -136,6 +227,21 @@ pub fn encode_block_into(block: &[u8], compression: Compression, out: &mut Vec<u
                 _ => None,
             }
         }),
+        Compression::ZstdDict { level, dict } => {
+            let cdict = cdict(dict, level).expect("a dictionary is registered before blocks are encoded with it");
+            ZSTD_DICT_ENCODER.with(|cell| {
+                let mut cell = cell.borrow_mut();
+                let cctx = cell.get_or_insert_with(zstd::zstd_safe::CCtx::create);
+                out.resize(start + zstd::zstd_safe::compress_bound(payload.len()), 0);
+                match cctx.compress_using_cdict(&mut out[start..], payload, &cdict) {
+                    Ok(n) if n <= limit => {
+                        out.truncate(start + n);
+                        Some(Codec::ZstdDict)
+                    }
+                    _ => None,
+                }
+            })
+        }
     };
     codec.unwrap_or_else(|| {
         out.truncate(start);
@@ -178,6 +284,20 @@ pub fn decode_block(codec: Codec, stored: &[u8], out: &mut [u8; BLOCK_SIZE]) -> 
                 .decompress_to_buffer(stored, &mut out[..])
                 .map_err(|e| DecodeError::Corrupt { codec: "zstd", reason: e.to_string() })
         })?,
+        Codec::ZstdDict => {
+            let corrupt = |reason: String| DecodeError::Corrupt { codec: "zstd+dict", reason };
+            let id = zstd::zstd_safe::get_dict_id_from_frame(stored)
+                .ok_or_else(|| corrupt("the frame names no dictionary".into()))?
+                .get();
+            let all = DICTIONARIES.read();
+            let dict = all.get(&id).ok_or(DecodeError::NoDictionary(id))?;
+            ZSTD_DICT_DECODER.with(|cell| {
+                let mut cell = cell.borrow_mut();
+                let dctx = cell.get_or_insert_with(zstd::zstd_safe::DCtx::create);
+                dctx.decompress_using_ddict(&mut out[..], stored, &dict.ddict)
+                    .map_err(|code| corrupt(zstd::zstd_safe::get_error_name(code).to_string()))
+            })?
+        }
     };
     out[n..].fill(0);
     Ok(())
@@ -238,5 +358,52 @@ mod tests {
         assert!(decode_block(Codec::Lz4, &[0xff; 20], &mut out).is_err());
         assert_eq!(decode_block(Codec::Zero, b"x", &mut out), Err(DecodeError::ZeroWithBytes(1)));
         assert_eq!(decode_block(Codec::Raw, &[1; 4097], &mut out), Err(DecodeError::TooLong(4097)));
+    }
+
+    fn text_samples(seed: usize) -> Vec<Vec<u8>> {
+        (0..300)
+            .map(|i| {
+                let line = format!("{seed} entry {i}: name=value-{} path=/usr/share/doc/{}\n", i * 7, i % 13);
+                line.repeat(4096 / line.len()).into_bytes()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_dictionary_is_named_by_its_frames_and_checked_before_use() {
+        let samples = text_samples(1);
+        let refs: Vec<&[u8]> = samples.iter().map(|s| &s[..]).collect();
+        let dict = train_dictionary(&refs, 8192).expect("enough samples to train on");
+        let id = dictionary_id(&dict).unwrap();
+        // Checked against the signed entry before it is registered.
+        let entry = crate::manifest::ObjectRef { digest: [0; 32], size: dict.len() as u64 };
+        assert_eq!(accept_dictionary(&entry, &dict), Err(DictionaryError::Mismatch));
+        use sha2::Digest;
+        let entry = crate::manifest::ObjectRef { digest: sha2::Sha256::digest(&dict).into(), size: dict.len() as u64 };
+        assert_eq!(accept_dictionary(&entry, &dict), Ok(id));
+        assert_eq!(register_dictionary(&dict), Ok(id), "again: a no-op");
+        let mut other = dict.clone();
+        *other.last_mut().unwrap() ^= 1;
+        assert_eq!(register_dictionary(&other), Err(DictionaryError::IdClash(id)));
+        assert_eq!(register_dictionary(b"not a dictionary"), Err(DictionaryError::NotADictionary));
+
+        let e = round_trip(&samples[7], Compression::ZstdDict { level: 2, dict: id });
+        assert_eq!(e.codec, Codec::ZstdDict);
+        assert_eq!(zstd::zstd_safe::get_dict_id_from_frame(&e.bytes).map(|i| i.get()), Some(id));
+        let plain = encode_block(&samples[7], Compression::Zstd { level: 2 });
+        assert!(e.bytes.len() < plain.bytes.len(), "{} vs {}", e.bytes.len(), plain.bytes.len());
+
+        // A frame naming a dictionary this process was not given.
+        let unknown_samples = text_samples(2);
+        let refs: Vec<&[u8]> = unknown_samples.iter().map(|s| &s[..]).collect();
+        let unknown = train_dictionary(&refs, 8192).unwrap();
+        let frame =
+            zstd::bulk::Compressor::with_dictionary(2, &unknown).unwrap().compress(&unknown_samples[3]).unwrap();
+        let mut out = [0u8; BLOCK_SIZE];
+        let unknown_id = dictionary_id(&unknown).unwrap();
+        assert_ne!(unknown_id, id);
+        assert_eq!(decode_block(Codec::ZstdDict, &frame, &mut out), Err(DecodeError::NoDictionary(unknown_id)));
+        // A plain frame is no dictionary frame.
+        assert!(decode_block(Codec::ZstdDict, &plain.bytes, &mut out).is_err());
     }
 }

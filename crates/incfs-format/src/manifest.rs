@@ -34,6 +34,10 @@ pub struct Manifest {
     pub expires: Option<i64>,
     /// Objects referenced by this version, addressed by index.
     pub objects: Vec<ObjectRef>,
+    /// The image's zstd dictionaries (format 4): indexes of objects that each hold one, whole.
+    /// Append-only across versions like the object table: blocks stored with an older
+    /// dictionary stay readable.
+    pub dictionaries: Vec<u32>,
     /// Inodes; index 0 is the root directory.
     pub inodes: Vec<Inode>,
     /// Directory entries, sorted by (parent, name).
@@ -166,7 +170,14 @@ pub enum ManifestError {
     DirentOrder(usize),
     #[error("inode {0} is not reachable from the root directory")]
     Unreachable(u32),
+    #[error("dictionary {index}: {what}")]
+    Dictionary { index: usize, what: String },
 }
+
+/// Most dictionaries a manifest lists.
+pub const MAX_DICTIONARIES: usize = 255;
+/// Largest dictionary object (a client fetches and keeps each whole).
+pub const MAX_DICTIONARY_SIZE: u64 = 1 << 20;
 
 /// Whether `name` may be a directory entry: 1-255 bytes, no `/`, no NUL, not `.` or `..`.
 ///
@@ -208,7 +219,24 @@ impl Manifest {
         for (i, inode) in self.inodes.iter().enumerate() {
             self.validate_inode(inode).map_err(|what| ManifestError::Inode { inode: i as u32, what })?;
         }
+        self.validate_dictionaries()?;
         self.validate_tree()
+    }
+
+    fn validate_dictionaries(&self) -> Result<(), ManifestError> {
+        let err = |index, what: &str| Err(ManifestError::Dictionary { index, what: what.into() });
+        if self.dictionaries.len() > MAX_DICTIONARIES {
+            return err(MAX_DICTIONARIES, "more than 255 dictionaries");
+        }
+        for (i, &d) in self.dictionaries.iter().enumerate() {
+            match self.objects.get(d as usize) {
+                None => return err(i, "names an object the table does not have"),
+                Some(o) if o.size == 0 || o.size > MAX_DICTIONARY_SIZE => return err(i, "is empty or over 1 MiB"),
+                Some(_) if self.dictionaries[..i].contains(&d) => return err(i, "is listed twice"),
+                Some(_) => {}
+            }
+        }
+        Ok(())
     }
 
     fn validate_inode(&self, inode: &Inode) -> Result<(), String> {
@@ -417,6 +445,7 @@ pub(crate) mod tests {
             version: 3,
             expires: None,
             objects: vec![ObjectRef { digest: [9; 32], size: 1 << 20 }],
+            dictionaries: vec![],
             inodes: vec![
                 Inode { meta, xattrs: vec![], kind: InodeKind::Dir },
                 file(10),

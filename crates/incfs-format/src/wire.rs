@@ -20,7 +20,7 @@ pub const MAGIC: &[u8; 8] = b"INCFSMAN";
 /// The newest manifest format this build reads and writes. A writer uses the oldest format
 /// that can express a manifest (format 1 unless it has an expiry), so that older readers keep
 /// reading images that use nothing new; a reader refuses a newer format, asking for an upgrade.
-pub const FORMAT_VERSION: u16 = 3;
+pub const FORMAT_VERSION: u16 = 4;
 /// Body flag (format 2): an `i64` expiry time follows the flags.
 const FLAG_EXPIRES: u16 = 1;
 pub const HEADER_LEN: usize = 24;
@@ -93,9 +93,12 @@ pub struct Envelope<'a> {
     pub signature: &'a [u8],
 }
 
-/// The oldest format that can express `manifest`: 3 if a file's metadata is a compact map, else
-/// 2 if it expires, else 1.
+/// The oldest format that can express `manifest`: 4 if it has compression dictionaries, 3 if a
+/// file's metadata is a compact map, else 2 if it expires, else 1.
 pub fn format_for(manifest: &Manifest) -> u16 {
+    if !manifest.dictionaries.is_empty() {
+        return 4;
+    }
     let compact = manifest.inodes.iter().any(|i| match &i.kind {
         InodeKind::File(f) => f.has_compact_map(),
         _ => false,
@@ -191,6 +194,13 @@ pub fn decode_body(body: &[u8], format: u16) -> Result<Manifest, WireError> {
         let digest = r.take(HASH_SIZE, "objects")?.try_into().unwrap();
         objects.push(ObjectRef { digest, size: r.u64("objects")? });
     }
+    let mut dictionaries = Vec::new();
+    if format >= 4 {
+        let n = r.u8("dictionaries")?;
+        for _ in 0..n {
+            dictionaries.push(r.u32("dictionaries")?);
+        }
+    }
 
     let n = r.count(INODE_MIN_LEN, "inodes")?;
     let mut inodes = Vec::with_capacity(n);
@@ -208,7 +218,7 @@ pub fn decode_body(body: &[u8], format: u16) -> Result<Manifest, WireError> {
     }
     r.finish()?;
 
-    let m = Manifest { name, version, expires, objects, inodes, dirents };
+    let m = Manifest { name, version, expires, objects, dictionaries, inodes, dirents };
     m.validate()?;
     Ok(m)
 }
@@ -281,6 +291,12 @@ fn encode_body(m: &Manifest, format: u16, w: &mut Writer) {
     for o in &m.objects {
         w.bytes(&o.digest);
         w.u64(o.size);
+    }
+    if format >= 4 {
+        w.u8(m.dictionaries.len() as u8);
+        for &d in &m.dictionaries {
+            w.u32(d);
+        }
     }
     w.u32(m.inodes.len() as u32);
     for i in &m.inodes {
@@ -454,8 +470,8 @@ mod tests {
         bad[0] = b'X';
         assert_eq!(open_envelope(&bad), Err(WireError::Magic));
         let mut bad = file.clone();
-        bad[8] = 4;
-        assert_eq!(open_envelope(&bad), Err(WireError::FormatVersion(4)));
+        bad[8] = FORMAT_VERSION as u8 + 1;
+        assert_eq!(open_envelope(&bad), Err(WireError::FormatVersion(FORMAT_VERSION + 1)));
         let mut bad = file.clone();
         bad[8] = 0;
         assert_eq!(open_envelope(&bad), Err(WireError::FormatVersion(0)));
@@ -488,6 +504,27 @@ mod tests {
         let empty = body.windows(12).rposition(|w| w == [0xff, 0xff, 0xff, 0xff, 0, 0, 0, 0, 0, 0, 0, 0]).unwrap();
         body[empty + 12] = 1; // the empty file's compact field
         assert_eq!(decode_body(&body, 3), Err(WireError::Field { field: "compact", value: 1 }));
+    }
+
+    #[test]
+    fn dictionaries_need_format_4_and_are_checked() {
+        let mut m = sample();
+        m.objects.push(ObjectRef { digest: [3; 32], size: 64 << 10 });
+        m.dictionaries = vec![1];
+        let signed = encode_signed_part(&m);
+        assert_eq!(signed[8], 4);
+        let file = seal(signed, SignatureAlgorithm::Ed25519, &[7; 32], &[1; 64]);
+        let env = open_envelope(&file).unwrap();
+        assert_eq!(decode(&env).unwrap(), m);
+        // Read as format 3, the body has the list's five bytes too many.
+        assert!(decode_body(env.body, 3).is_err());
+        // An index past the table, an object over 1 MiB, or one listed twice is refused.
+        for (list, size) in [(vec![2], 1 << 16), (vec![1], (1 << 20) + 1), (vec![1, 1], 1 << 16)] {
+            let mut b = m.clone();
+            b.objects[1].size = size;
+            b.dictionaries = list.clone();
+            assert!(matches!(b.validate(), Err(ManifestError::Dictionary { .. })), "{list:?} of {size}");
+        }
     }
 
     #[test]

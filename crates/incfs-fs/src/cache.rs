@@ -200,6 +200,7 @@ pub fn gc(cache: &Path) -> Result<GcReport, CacheError> {
                 leaves.extend(l);
             }
         }
+        regions.extend(crate::dictionaries::cache_keys(&m).map(|(object, region, _)| (object, region)));
         for p in store.pushed(&m.name)? {
             keys.insert(file_key(&p.root, p.size));
             if let Ok(t) = MerkleTree::from_compact(p.size, &p.tree, &p.root) {

@@ -542,7 +542,9 @@ impl Control {
                 if !pinned_now.contains(&f.key) {
                     bytes += store.stored_len(&leaves);
                 }
-                plan.push((f.key, leaves, self.reader.meta_keys(f)));
+                let mut meta = self.reader.meta_keys(f);
+                meta.extend(crate::dictionaries::cache_keys(&manifest));
+                plan.push((f.key, leaves, meta));
             }
         }
         self.fits_pinned(bytes)?;

@@ -110,6 +110,8 @@ impl Default for MountSettings {
 #[derive(Debug, thiserror::Error)]
 pub enum MountError {
     #[error(transparent)]
+    Dictionary(#[from] crate::dictionaries::DictionaryLoadError),
+    #[error(transparent)]
     Source(#[from] incfs_fetch::SourceError),
     #[error(transparent)]
     Image(#[from] ImageError),
@@ -412,6 +414,9 @@ pub fn mount(opts: MountOptions, on_ready: impl FnOnce(&[String])) -> Result<(),
     let (store, cache_lock) = open_cache(&opts)?;
     let (sources, opened) = accept(&opts, &store, &rt, takeover.as_deref())?;
     let manifest = opened.manifest;
+    // Before any block is decoded. From the cache when it has them: offline, no source is asked.
+    let dictionary_sources: &[Source] = if opened.from_cache { &[] } else { &sources };
+    rt.block_on(crate::dictionaries::load(&manifest, &store, dictionary_sources))?;
     // Held while mounted: `incfs cache rm` refuses an image in use.
     let image_lock = crate::cache::image_lock(&opts.cache, &manifest.name)?;
     let _ = image_lock.try_lock_shared();

@@ -15,9 +15,10 @@ use std::path::Path;
 
 use incfs_fetch::image::verify_block;
 use incfs_format::block_map::BlockRecord;
+use incfs_format::codec::{decode_block, DecodeError};
 use incfs_format::compact_map::decode_region;
 use incfs_format::manifest::InodeKind;
-use incfs_format::{wire, Hash};
+use incfs_format::{wire, Codec, Hash};
 use incfs_store::{file_key, FileKey, Store, PRESENCE_CHUNK_BITS};
 use incfs_verity::{hash_data_block, Geometry, MerkleTree};
 
@@ -73,8 +74,24 @@ pub fn fsck(cache: &Path, repair: bool, progress: &dyn Fn(&str)) -> Result<FsckR
     let store = Store::open(cache)?;
     let mut report = FsckReport::default();
 
+    // Blocks stored with a dictionary decode only with it: every accepted image's, as the
+    // cache keeps them (nothing is fetched).
+    for acc in store.all_accepted()? {
+        let Ok(manifest) = wire::open_envelope(&acc.bytes).and_then(|env| wire::decode(&env)) else { continue };
+        if let Err(e) = futures::executor::block_on(crate::dictionaries::load(&manifest, &store, &[])) {
+            tracing::warn!("{}: {e}", manifest.name);
+        }
+    }
+
     progress("checking blocks");
+    let mut scratch = [0u8; incfs_format::BLOCK_SIZE];
     for hash in store.block_hashes()? {
+        // Its dictionary is not in the cache: it cannot be checked here (nor is it damaged).
+        if let Some((Codec::ZstdDict, data)) = store.get_block(&hash)? {
+            if let Err(DecodeError::NoDictionary(_)) = decode_block(Codec::ZstdDict, &data, &mut scratch) {
+                continue;
+            }
+        }
         report.blocks_checked += 1;
         // Unreadable (a segment cut short) counts as damaged too: the index claims it.
         let good = match store.get_block(&hash)? {

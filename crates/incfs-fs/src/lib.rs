@@ -26,6 +26,7 @@ pub mod background;
 pub mod cache;
 pub mod control;
 pub mod daemon;
+pub mod dictionaries;
 pub mod fsck;
 pub mod fuse;
 pub mod handover;

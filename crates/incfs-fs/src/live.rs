@@ -36,6 +36,8 @@ use crate::view::{Changes, Inval, View, Views};
 #[derive(Debug, thiserror::Error)]
 pub enum UpdateError {
     #[error(transparent)]
+    Dictionary(#[from] crate::dictionaries::DictionaryLoadError),
+    #[error(transparent)]
     Source(#[from] SourceError),
     #[error(transparent)]
     Image(#[from] ImageError),
@@ -399,6 +401,8 @@ impl Live {
         if longer[..shorter.len()] != shorter[..] {
             return Err(UpdateError::Unrelated { offered: new.version, current: cur.version });
         }
+        // A new version may bring a new dictionary: known before any of its blocks is read.
+        crate::dictionaries::load(&new, store, self.reader.mirrors().sources()).await?;
         if new.version < newest_seen {
             store.accept_rollback(&key_id, &new.name, new.version, image.manifest_bytes())?;
         } else {

@@ -353,7 +353,15 @@ mod tests {
             dirents.push(Dirent { parent, inode: inodes.len() as u32 - 1, name: name.as_bytes().to_vec() });
         }
         dirents.sort_by(|x, y| (x.parent, &x.name).cmp(&(y.parent, &y.name)));
-        Arc::new(Manifest { name: "t".into(), version: 1, expires: None, objects: vec![], inodes, dirents })
+        Arc::new(Manifest {
+            name: "t".into(),
+            version: 1,
+            expires: None,
+            objects: vec![],
+            dictionaries: vec![],
+            inodes,
+            dirents,
+        })
     }
 
     #[test]

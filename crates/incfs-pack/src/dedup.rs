@@ -20,6 +20,7 @@ use incfs_format::manifest::{InodeKind, Manifest, MetaRef, ObjectRef};
 use incfs_format::{layout, wire, Hash, BLOCK_SIZE};
 use incfs_verity::hash_data_block;
 use parking_lot::RwLock;
+use rustc_hash::FxBuildHasher;
 use sha2::{Digest, Sha256};
 
 use crate::PackError;
@@ -38,8 +39,9 @@ pub(crate) fn records_digest(records: &[BlockRecord]) -> Hash {
 pub(crate) struct DedupIndex {
     /// Shared with [`Known`] handles, so that blocks of the next batch are prepared (hashed,
     /// looked up, encoded) while this batch is stored.
-    blocks: Arc<RwLock<HashMap<Hash, BlockRecord>>>,
-    files: HashMap<(Hash, u64), (MetaRef, Hash)>,
+    // Keys are SHA-256 digests: a fast hash of them spreads as well as SipHash would.
+    blocks: Arc<RwLock<HashMap<Hash, BlockRecord, FxBuildHasher>>>,
+    files: HashMap<(Hash, u64), (MetaRef, Hash), FxBuildHasher>,
     /// Objects with an index below this were written by earlier packs.
     old_objects: u32,
     old_table: Vec<ObjectRef>,
@@ -50,7 +52,7 @@ pub(crate) struct DedupIndex {
 
 /// Which blocks have a stored copy, as the index knows at the moment of asking.
 #[derive(Clone)]
-pub(crate) struct Known(Arc<RwLock<HashMap<Hash, BlockRecord>>>);
+pub(crate) struct Known(Arc<RwLock<HashMap<Hash, BlockRecord, FxBuildHasher>>>);
 
 impl Known {
     /// Whether a stored copy of the block is known (unchecked: [`DedupIndex::block`] checks).

@@ -12,6 +12,7 @@
 //! tree, options and key always give a byte-identical repository.
 
 mod dedup;
+mod dictionary;
 mod objects;
 mod prune;
 mod scan;
@@ -68,6 +69,8 @@ pub enum PackError {
     TooManyObjects,
     #[error("internal error, the manifest built is invalid: {0}")]
     Internal(String),
+    #[error("a dictionary is for zstd: use --compression zstd with --dictionary")]
+    DictionaryNeedsZstd,
 }
 
 /// What to publish and how.
@@ -85,6 +88,8 @@ pub struct PackOptions {
     /// Signed expiry of the manifest (seconds since the Unix epoch): mounts refuse it from a
     /// source after that time, so the publisher must publish again before then.
     pub expires: Option<i64>,
+    /// Compress new blocks with a dictionary (zstd only).
+    pub dictionary: DictionaryMode,
 }
 
 impl Default for PackOptions {
@@ -96,6 +101,7 @@ impl Default for PackOptions {
             object_size: DEFAULT_OBJECT_SIZE,
             profile: None,
             expires: None,
+            dictionary: DictionaryMode::Off,
         }
     }
 }
@@ -128,6 +134,8 @@ pub struct PackSummary {
     pub zero_bytes: u64,
     pub objects_written: u64,
     pub manifest_bytes: u64,
+    /// The dictionary new blocks were compressed with: its id, size and whether it is new.
+    pub dictionary: Option<(u32, u64, bool)>,
 }
 
 /// Receives progress while packing. Implemented by the CLI (a bar on a terminal, lines otherwise).
@@ -164,6 +172,7 @@ fn clean_leftovers(dir: &Path) -> Result<(), PackError> {
     Ok(())
 }
 
+pub use dictionary::DictionaryMode;
 pub use prune::{prune, PruneReport};
 
 /// Pack the tree at `src` as the next version of the repository at `repo` (created if needed).
@@ -210,18 +219,10 @@ pub fn pack(
 
     let scanned = scan::scan(src)?;
     progress.start(scanned.file_count, scanned.file_bytes);
-    let base_table = previous.map(|m| m.objects).unwrap_or_default();
-    let mut packer = Packer {
-        objects: objects::ObjectWriter::new(repo, base_table, opts.object_size),
-        dedup,
-        compression: opts.compression,
-        summary: PackSummary {
-            name: name.clone(),
-            version,
-            skipped: scanned.skipped.len() as u64,
-            ..Default::default()
-        },
-    };
+    let (mut base_table, mut dictionaries) = previous.map(|m| (m.objects, m.dictionaries)).unwrap_or_default();
+    let mut summary =
+        PackSummary { name: name.clone(), version, skipped: scanned.skipped.len() as u64, ..Default::default() };
+    let newest_dictionary = dictionary::register_existing(repo, &base_table, &dictionaries)?;
     // Files named by the profile are packed first, in its order; the rest in tree order.
     let is_file = |i: usize| matches!(scanned.inodes[i].kind, scan::ScannedKind::File { .. });
     let mut order: Vec<usize> = Vec::with_capacity(scanned.file_count as usize);
@@ -244,6 +245,54 @@ pub fn pack(
         }
     }
     order.extend((0..scanned.inodes.len()).filter(|&i| is_file(i) && !queued[i]));
+    let compression = match (opts.dictionary, opts.compression) {
+        (DictionaryMode::Off, c) => c,
+        (mode, Compression::Zstd { level }) => {
+            let reuse = newest_dictionary.filter(|_| mode == DictionaryMode::Use);
+            let id = match reuse {
+                Some(id) => {
+                    let size = base_table[*dictionaries.last().unwrap() as usize].size;
+                    summary.dictionary = Some((id, size, false));
+                    Some(id)
+                }
+                None => {
+                    let files: Vec<(&Path, u64)> = order
+                        .iter()
+                        .filter_map(|&i| match &scanned.inodes[i].kind {
+                            scan::ScannedKind::File { path, size } => Some((path.as_path(), *size)),
+                            scan::ScannedKind::Other(_) => None,
+                        })
+                        .collect();
+                    match dictionary::train(&files)? {
+                        Some(dict) => {
+                            let entry = dictionary::store(repo, &dict)?;
+                            let id = incfs_format::codec::accept_dictionary(&entry, &dict).map_err(|e| {
+                                PackError::Internal(format!("the new dictionary: {e}; pack again to reuse the old one"))
+                            })?;
+                            // Trained again on the same sample (--new-dictionary, same tree): the
+                            // same bytes, listed once.
+                            let listed = dictionaries.iter().any(|&i| base_table[i as usize] == entry);
+                            if !listed {
+                                let index = u32::try_from(base_table.len()).map_err(|_| PackError::TooManyObjects)?;
+                                dictionaries.push(index);
+                                base_table.push(entry);
+                            }
+                            summary.dictionary = Some((id, dict.len() as u64, !listed));
+                            Some(id)
+                        }
+                        None => {
+                            tracing::warn!("too little data to train a compression dictionary on; packed without one");
+                            None
+                        }
+                    }
+                }
+            };
+            id.map_or(Compression::Zstd { level }, |dict| Compression::ZstdDict { level, dict })
+        }
+        (_, _) => return Err(PackError::DictionaryNeedsZstd),
+    };
+    let mut packer =
+        Packer { objects: objects::ObjectWriter::new(repo, base_table, opts.object_size), dedup, compression, summary };
     let mut packed = packer.pack_files(&scanned.inodes, &order, progress)?;
     let mut inodes = Vec::with_capacity(scanned.inodes.len());
     for (i, s) in scanned.inodes.into_iter().enumerate() {
@@ -267,7 +316,8 @@ pub fn pack(
     let (objects, written) = packer.objects.finish()?;
     summary.objects_written = written;
 
-    let manifest = Manifest { name, version, expires: opts.expires, objects, inodes, dirents: scanned.dirents };
+    let manifest =
+        Manifest { name, version, expires: opts.expires, objects, dictionaries, inodes, dirents: scanned.dirents };
     manifest.validate().map_err(|e| PackError::Internal(e.to_string()))?;
     let signed = wire::encode_signed_part(&manifest);
     let signature = key.sign(&signed);
@@ -312,7 +362,7 @@ fn block_of(chunk: &[u8], i: usize) -> &[u8] {
 /// Hash `chunk`'s blocks and encode those that may be new (`parallel`: the encoding too).
 fn prepare(chunk: &[u8], known: &dedup::Known, compression: Compression, parallel: bool) -> Prepared {
     let hashes: Vec<Hash> = incfs_verity::hash_data(chunk);
-    let mut seen = std::collections::HashSet::new();
+    let mut seen = rustc_hash::FxHashSet::default();
     let todo: Vec<usize> = (0..hashes.len())
         .filter(|&i| hashes[i] != *ZERO_HASH && !known.contains(&hashes[i]) && seen.insert(hashes[i]))
         .collect();

@@ -52,6 +52,8 @@ pub fn prune(repo: &Path, keep: usize, dry_run: bool) -> Result<PruneReport, Pac
         if !latest.objects.starts_with(&m.objects) {
             return Err(damaged(format!("version {v} does not share the newest version's object table")));
         }
+        // Clients load every dictionary a manifest lists, used by its blocks or not.
+        used.extend(m.dictionaries.iter().copied());
         for inode in &m.inodes {
             let InodeKind::File(f) = &inode.kind else { continue };
             let Some(meta) = f.meta else { continue };

@@ -81,6 +81,12 @@ pub fn pack(src: &Path, repo: &Path, key: &Path, extra: &[&str]) -> String {
     incfs_ok(&args)
 }
 
+/// Bytes of the files directly in `dir`.
+#[allow(dead_code)]
+pub fn dir_bytes(dir: &Path) -> u64 {
+    fs::read_dir(dir).unwrap().map(|e| e.unwrap().metadata().unwrap().len()).sum()
+}
+
 /// `diff -r A B` through the kernel, which must find no difference.
 pub fn diff_r(a: &Path, b: &Path) {
     let out = Command::new("diff").arg("-r").arg(a).arg(b).output().unwrap();
