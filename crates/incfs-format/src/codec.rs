@@ -175,7 +175,8 @@ thread_local! {
     static ZSTD_DICT_ENCODER: RefCell<Option<zstd::zstd_safe::CCtx<'static>>> = const { RefCell::new(None) };
 }
 
-fn trim_trailing_zeros(block: &[u8]) -> &[u8] {
+/// A block's payload (section 2.1 of docs/format.md): the block without its trailing zeros.
+pub fn trim_trailing_zeros(block: &[u8]) -> &[u8] {
     let end = block.iter().rposition(|&b| b != 0).map_or(0, |i| i + 1);
     &block[..end]
 }

@@ -12,7 +12,7 @@ use std::fs::{self, File};
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
-use incfs_format::codec::{accept_dictionary, train_dictionary};
+use incfs_format::codec::{accept_dictionary, train_dictionary, trim_trailing_zeros};
 use incfs_format::manifest::{ObjectRef, MAX_DICTIONARY_SIZE};
 use incfs_format::{layout, BLOCK_SIZE};
 use rayon::prelude::*;
@@ -83,10 +83,7 @@ pub(crate) fn train(files: &[(&Path, u64)]) -> Result<Option<Vec<u8>>, PackError
             let f = File::open(path).map_err(io)?;
             let mut buf = vec![0u8; BLOCK_SIZE];
             let n = f.read_at(&mut buf, block * BLOCK_SIZE as u64).map_err(io)?;
-            buf.truncate(n);
-            while buf.last() == Some(&0) {
-                buf.pop();
-            }
+            buf.truncate(trim_trailing_zeros(&buf[..n]).len());
             Ok(buf)
         })
         .collect::<Result<_, _>>()?;
