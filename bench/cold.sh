@@ -10,7 +10,7 @@
 #      (and for 1: the machine's cores busy on average during each curl and cat, every process
 #      counted: near the core count, the CPU rather than the network sets the pace)
 #   3. PERF=1: perf record -g of the daemon during one more loopback cold read, report saved to
-#      bench/out/perf-cold.txt
+#      bench/out/perf-cold.txt (and the data, bench/out/perf-cold.data)
 #   4. background completion of the whole image (default --background on, --passthrough off),
 #      from running `incfs mount` until `incfs status --json` says "complete": true
 #        vs  curl of every object (loopback)
@@ -28,6 +28,8 @@
 # curl and incfs figures measured it; through tools/delay-proxy curl gets ~1.2 GiB/s from a hot
 # page cache, about what it gets from nginx directly.
 # Usage: [RUNS=3] [PERF=1] [SKIP_SCALE=1] [NO_BUILD=1] [INCFS=PATH] [DELAY_PROXY=PATH] bench/cold.sh
+#        [COMPARE=OTHER_INCFS [PAIRS=6]]: only a paired A/B of the loopback cold read (time and
+#        daemon CPU of this binary against OTHER_INCFS, in alternating order), then exit
 #        (root; with the ~60 MiB/s build at d871580: ~2.5 minutes at RUNS=1, ~6 at RUNS=3;
 #        uses /var/tmp, ~4 GiB)
 # The binaries are target/release/incfs and target/release/delay-proxy, built first (cargo build
@@ -261,6 +263,29 @@ cold_read() {
   read -r R_REQS R_BYTES < <(log_since "$l0")
   incfs_unmount "$name"
 }
+# COMPARE=OTHER: paired A/B of the loopback cold read only, this binary (A) against OTHER (B),
+# PAIRS pairs, the order alternating within pairs; each pair's ratios, then their medians.
+if [ -n "${COMPARE:-}" ]; then
+  A=$INCFS B=$(realpath -m -- "$COMPARE")
+  [ -x "$B" ] || { echo "COMPARE=$COMPARE: not an executable" >&2; exit 1; }
+  echo "== A/B: A=$A, B=$B, ${PAIRS:-6} pairs, loopback cold read" >&2
+  tr=() cr=()
+  for p in $(seq "${PAIRS:-6}"); do
+    order=(A B)
+    [ $((p % 2)) = 0 ] && order=(B A)
+    for which in "${order[@]}"; do
+      if [ "$which" = A ]; then INCFS=$A; else INCFS=$B; fi
+      cold_read "ab$which" "$url"
+      declare "t_$which=$R_T" "c_$which=$R_CPU"
+      echo "  pair $p $which: ${R_T} s, daemon cpu ${R_CPU} s, ${R_BUSY} cores busy, VmHWM ${R_HWM} KiB" >&2
+    done
+    tr+=("$(ratio "$t_A" "$t_B")") cr+=("$(ratio "$c_A" "$c_B")")
+  done
+  INCFS=$A
+  echo "A/B time ratios (A/B, lower: A faster): ${tr[*]}; median $(median "${tr[@]}")"
+  echo "A/B daemon CPU ratios (A/B, lower: A cheaper): ${cr[*]}; median $(median "${cr[@]}")"
+  exit 0
+fi
 c0_t=() c0_cpu=() c0_b=() c20_t=() c20_b=() busy_c0=() busy_i0=() busy_c20=() busy_i20=()
 i0_t=() i0_cpu=() i0_hwm=() i0_req=() i0_fetched=() i20_t=() i20_req=() i20_fetched=()
 for r in $(seq "$RUNS"); do
@@ -320,6 +345,8 @@ if [ "$PERF" = 1 ]; then
   for _ in $(seq 600); do kill -0 "$perfpid" 2>/dev/null || break; sleep 0.1; done
   wait "$perfpid" 2>/dev/null || true
   incfs_unmount perf
+  # Kept for a closer look (perf report -i bench/out/perf-cold.data --children ...).
+  cp "$work/perf.data" bench/out/perf-cold.data 2>/dev/null || true
   {
     echo "# $header"
     echo "# perf record -g -p DAEMON during a cold loopback read of the 1 GiB file ($t_perf s)"
@@ -332,7 +359,7 @@ if [ "$PERF" = 1 ]; then
     echo "# by thread and library: perf report --no-children -g none --sort comm,dso --stdio"
     timeout 300 perf report -i "$work/perf.data" --no-children -g none --sort comm,dso --stdio 2>/dev/null | grep -v '^#' | grep -v '^$' | head -30 || true
   } > bench/out/perf-cold.txt
-  note "3: perf: cold read took $t_perf s under perf record; report in bench/out/perf-cold.txt ($(wc -l < bench/out/perf-cold.txt) lines)"
+  note "3: perf: cold read took $t_perf s under perf record; report in bench/out/perf-cold.txt ($(wc -l < bench/out/perf-cold.txt) lines), data in bench/out/perf-cold.data"
 fi
 
 # ---------------------------------------------------------------------------------------------
