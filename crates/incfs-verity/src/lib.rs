@@ -18,8 +18,8 @@ mod tree;
 
 pub use geometry::Geometry;
 pub use tree::{
-    check_hash_block, file_digest, format_digest, formatted_digest, hash_data, hash_data_block, hash_hash_block,
-    MerkleTree, TreeError,
+    check_hash_block, file_digest, format_digest, formatted_digest, hash_data, hash_data_block, hash_data_blocks,
+    hash_hash_block, MerkleTree, TreeError,
 };
 
 /// Size of a data block and of a hash block, in bytes.

@@ -2,6 +2,9 @@
 //! leaf before anything else; good ones stored in one write, staged for the reader about to
 //! read them; bad ones counted, logged, and their mirror blamed.
 
+use incfs_format::codec::decode_block;
+use incfs_verity::hash_data_blocks;
+
 use super::*;
 
 impl Reader {
@@ -173,54 +176,80 @@ impl Reader {
         // stored raw: hashed and served where it is), or at this offset of `run`.
         let mut decoded: Vec<(Hash, Place)> = Vec::new();
         let in_place = |r: &BlockRecord| r.codec == Codec::Raw && r.len as usize == BLOCK_SIZE;
-        // Other blocks are decoded for a reader into one buffer for the run; otherwise each is
-        // only checked, in a scratch block.
+        // Other blocks are decoded for a reader into one buffer for the run; otherwise into a
+        // scratch buffer of one batch, reused.
         let decodes = if keep_decoded { items.iter().filter(|(_, _, r)| !in_place(r)).count() } else { 0 };
         let mut run = vec![0u8; decodes * BLOCK_SIZE];
+        let mut scratch = if keep_decoded { Vec::new() } else { vec![0u8; VERIFY_BATCH * BLOCK_SIZE] };
         let mut next = 0;
         let mut lied = false;
-        let mut scratch = [0u8; BLOCK_SIZE];
-        for (i, leaf, r) in items {
-            let at = (r.offset - base) as usize;
-            let stored = &bytes[at..at + r.len as usize];
-            let checked = if in_place(r) {
-                match hash_data_block(stored) == *leaf {
-                    true => Ok(Place::Body(at)),
-                    false => Err(incfs_fetch::image::BlockFault::Mismatch),
+        // In batches: decoded first, then hashed together (several SHA-256 streams at once).
+        for batch in items.chunks(VERIFY_BATCH) {
+            let mut checked: Vec<Result<Place, incfs_fetch::image::BlockFault>> = Vec::with_capacity(batch.len());
+            for (k, (_, _, r)) in batch.iter().enumerate() {
+                let at = (r.offset - base) as usize;
+                let stored = &bytes[at..at + r.len as usize];
+                checked.push(if in_place(r) {
+                    Ok(Place::Body(at))
+                } else {
+                    let (buf, slot) = match keep_decoded {
+                        true => (&mut run, next),
+                        false => (&mut scratch, k),
+                    };
+                    let out: &mut [u8; BLOCK_SIZE] =
+                        (&mut buf[slot * BLOCK_SIZE..][..BLOCK_SIZE]).try_into().expect("a whole block");
+                    next += keep_decoded as usize;
+                    match decode_block(r.codec, stored, out) {
+                        Ok(()) => Ok(Place::Run(slot * BLOCK_SIZE)),
+                        Err(e) => Err(incfs_fetch::image::BlockFault::Decode(e.to_string())),
+                    }
+                });
+            }
+            let data = |place: &Place| -> &[u8] {
+                match *place {
+                    Place::Body(at) => &bytes[at..at + BLOCK_SIZE],
+                    Place::Run(at) if keep_decoded => &run[at..at + BLOCK_SIZE],
+                    Place::Run(at) => &scratch[at..at + BLOCK_SIZE],
                 }
-            } else {
-                let slot = next;
-                let out: &mut [u8; BLOCK_SIZE] = match keep_decoded {
-                    true => (&mut run[slot * BLOCK_SIZE..][..BLOCK_SIZE]).try_into().expect("a whole block"),
-                    false => &mut scratch,
-                };
-                verify_block_into(r, stored, leaf, out).map(|()| {
-                    next += 1;
-                    Place::Run(slot * BLOCK_SIZE)
-                })
             };
-            match checked {
-                Ok(place) => {
-                    decoded.push((*leaf, place));
-                    good.push((*i, (*leaf, r.codec, at..at + stored.len())))
-                }
-                Err(e) => {
-                    Stats::add(&self.stats.blocks_bad, 1);
-                    tracing::error!(
-                        "{}: block {i} from {} failed verification ({e}); not stored",
-                        f.label,
-                        self.mirrors.sources()[mirror].name()
-                    );
-                    lied = true;
-                    // The block's record (where it lies, its codec) came from the same kind of
-                    // untrusted bytes: forget its piece, so the next try reads it afresh rather
-                    // than asking for the wrong bytes again.
-                    let at = FileMetaLayout::new(f.data.size).record_offset(*i);
-                    self.drop_meta(f, at..at + BLOCK_RECORD_SIZE as u64);
-                    outcome.failed.insert(
-                        *leaf,
-                        ReadFailure { cause: FailCause::Verification, message: format!("{}: block {i}: {e}", f.label) },
-                    );
+            let blocks: Vec<&[u8]> = checked.iter().filter_map(|c| c.as_ref().ok()).map(data).collect();
+            let mut hashes = vec![[0u8; HASH_SIZE]; blocks.len()];
+            hash_data_blocks(&blocks, &mut hashes);
+            let mut hashes = hashes.into_iter();
+            for ((i, leaf, r), checked) in batch.iter().zip(checked) {
+                let at = (r.offset - base) as usize;
+                let checked = checked.and_then(|place| match hashes.next() == Some(*leaf) {
+                    true => Ok(place),
+                    false => Err(incfs_fetch::image::BlockFault::Mismatch),
+                });
+                match checked {
+                    Ok(place) => {
+                        if keep_decoded {
+                            decoded.push((*leaf, place));
+                        }
+                        good.push((*i, (*leaf, r.codec, at..at + r.len as usize)))
+                    }
+                    Err(e) => {
+                        Stats::add(&self.stats.blocks_bad, 1);
+                        tracing::error!(
+                            "{}: block {i} from {} failed verification ({e}); not stored",
+                            f.label,
+                            self.mirrors.sources()[mirror].name()
+                        );
+                        lied = true;
+                        // The block's record (where it lies, its codec) came from the same kind of
+                        // untrusted bytes: forget its piece, so the next try reads it afresh rather
+                        // than asking for the wrong bytes again.
+                        let at = FileMetaLayout::new(f.data.size).record_offset(*i);
+                        self.drop_meta(f, at..at + BLOCK_RECORD_SIZE as u64);
+                        outcome.failed.insert(
+                            *leaf,
+                            ReadFailure {
+                                cause: FailCause::Verification,
+                                message: format!("{}: block {i}: {e}", f.label),
+                            },
+                        );
+                    }
                 }
             }
         }
@@ -257,6 +286,10 @@ impl Reader {
         outcome
     }
 }
+
+/// Blocks of a run decoded, then hashed together: enough to fill every stream of the batch
+/// hasher, few enough that a scratch buffer for them stays small (256 KiB).
+const VERIFY_BATCH: usize = 64;
 
 /// Where a verified block of a fetched run lies: at this offset of the response body (stored
 /// raw, so its bytes are its data), or of the run's buffer of decoded blocks.

@@ -28,7 +28,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::future::{BoxFuture, FutureExt, Shared};
-use incfs_fetch::image::{verify_block, verify_block_into};
+use incfs_fetch::image::verify_block;
 use incfs_format::block_map::{BlockRecord, FileMetaLayout, BLOCK_RECORD_SIZE};
 use incfs_format::compact_map::CompactMap;
 use incfs_format::manifest::{FileData, ObjectRef};
