@@ -652,6 +652,29 @@ mod tests {
     use super::*;
 
     #[test]
+    fn presence_of_runs_across_chunks_marks_exactly_those_blocks() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path()).unwrap();
+        let key = file_key(&[3; 32], 40 << 20);
+        // Runs inside a chunk, ending on its last bit, and crossing into the next two.
+        let marked: Vec<u64> = (5..9).chain(4000..4096).chain(4100..12290).collect();
+        s.put_blocks(&[], Some((&key, &marked))).unwrap();
+        for s in [s, { Store::open(dir.path()).unwrap() }] {
+            let mut present = Vec::new();
+            for (chunk, bits) in s.presence(&key) {
+                for (i, byte) in bits.iter().enumerate() {
+                    for b in 0..8 {
+                        if byte & (1 << b) != 0 {
+                            present.push(chunk * 4096 + i as u64 * 8 + b);
+                        }
+                    }
+                }
+            }
+            assert_eq!(present, marked);
+        }
+    }
+
+    #[test]
     fn blocks_presence_meta_and_manifests_round_trip() {
         let dir = tempfile::tempdir().unwrap();
         let s = Store::open(dir.path()).unwrap();

@@ -132,7 +132,7 @@ struct Index {
     presence: HashMap<FileKey, Chunks>,
     block_bytes: u64,
     /// Bytes indexed per segment (blocks and metadata pieces): what compaction would keep.
-    live: HashMap<u32, u64>,
+    live: HashMap<u32, u64, FxBuildHasher>,
 }
 
 impl Index {
@@ -206,10 +206,16 @@ impl Index {
             }
             Record::Present { file, first, count } => {
                 let chunks = self.presence.entry(file).or_default();
-                for i in first..first.saturating_add(count as u64) {
-                    let (c, b) = (i / PRESENCE_CHUNK_BITS, i % PRESENCE_CHUNK_BITS);
+                // Chunk by chunk: a run of a few hundred blocks finds its chunk once.
+                let (mut i, end) = (first, first.saturating_add(count as u64));
+                while i < end {
+                    let c = i / PRESENCE_CHUNK_BITS;
+                    let until = end.min((c + 1) * PRESENCE_CHUNK_BITS);
                     let bits = chunks.entry(c).or_insert_with(|| Box::new([0; PRESENCE_CHUNK_BYTES]));
-                    bits[(b / 8) as usize] |= 1 << (b % 8);
+                    for b in i % PRESENCE_CHUNK_BITS..(until - 1) % PRESENCE_CHUNK_BITS + 1 {
+                        bits[(b / 8) as usize] |= 1 << (b % 8);
+                    }
+                    i = until;
                 }
             }
             Record::PresenceChunk { file, chunk, bits } => {
@@ -974,7 +980,7 @@ impl Segments {
     ) -> Result<(), StoreError> {
         let new: Vec<&(Hash, Codec, std::ops::Range<usize>)> = {
             let index = self.index.read();
-            let mut seen = std::collections::HashSet::new();
+            let mut seen = rustc_hash::FxHashSet::default();
             blocks.iter().filter(|(h, _, _)| !index.blocks.contains_key(&block_key(h)) && seen.insert(*h)).collect()
         };
         let present_runs = present.map(|(f, b)| (*f, journal::runs(b))).filter(|(_, r)| !r.is_empty());
