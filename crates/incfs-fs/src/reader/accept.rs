@@ -177,10 +177,12 @@ impl Reader {
         let mut decoded: Vec<(Hash, Place)> = Vec::new();
         let in_place = |r: &BlockRecord| r.codec == Codec::Raw && r.len as usize == BLOCK_SIZE;
         // Other blocks are decoded for a reader into one buffer for the run; otherwise into a
-        // scratch buffer of one batch, reused.
+        // scratch buffer of one batch, reused (no larger than the run: a small file's blocks
+        // need a few KiB, not a fresh mapping of 256 KiB).
         let decodes = if keep_decoded { items.iter().filter(|(_, _, r)| !in_place(r)).count() } else { 0 };
         let mut run = vec![0u8; decodes * BLOCK_SIZE];
-        let mut scratch = if keep_decoded { Vec::new() } else { vec![0u8; VERIFY_BATCH * BLOCK_SIZE] };
+        let scratch_blocks = if keep_decoded { 0 } else { items.len().min(VERIFY_BATCH) };
+        let mut scratch = vec![0u8; scratch_blocks * BLOCK_SIZE];
         let mut next = 0;
         let mut lied = false;
         // In batches: decoded first, then hashed together (several SHA-256 streams at once).
