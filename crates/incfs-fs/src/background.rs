@@ -523,41 +523,54 @@ impl Background {
                 return false;
             }
         };
-        let mut ok = true;
-        for &i in files {
-            let f = &self.files[i];
-            if self.complete(i) {
-                continue;
+        // Every file of the span on one blocking task: storing its metadata, planning and
+        // verifying are disk and CPU work, and a task per file (thousands for a tree of small
+        // files) cost more in hand-offs than the work itself.
+        let reader = self.reader.clone();
+        let todo: Vec<(usize, FileRef)> =
+            files.iter().filter(|&&i| !self.complete(i)).map(|&i| (i, self.files[i].clone())).collect();
+        let purpose = purpose(yields);
+        let checked = tokio::task::spawn_blocking(move || {
+            let mut ok = true;
+            // Blocks to fetch from elsewhere afterwards: some (deduplicated, packed in another
+            // place) or, with `None`, the whole file (its metadata was not all in the span).
+            let mut elsewhere: Vec<(usize, Option<Vec<u64>>)> = Vec::new();
+            for (i, f) in &todo {
+                let (_, offset, len) = reader.meta_region(f).expect("files with data have metadata");
+                let at = (offset - range.start) as usize;
+                reader.put_meta_region(f, &bytes[at..at + len as usize], mirror);
+                let missing: Vec<u64> = (0..incfs_verity::block_count(f.data.size))
+                    .filter(|&b| !reader.presence.is_present(&f.key, b))
+                    .collect();
+                let plan = match reader.plan(f, &missing) {
+                    Ok(p) => p,
+                    Err(Local::Need(Need::Meta { .. } | Need::Blocks(_))) => {
+                        elsewhere.push((*i, None));
+                        continue;
+                    }
+                    Err(Local::Fail(e)) => {
+                        tracing::warn!("background fetch: {}", e.message);
+                        ok = false;
+                        continue;
+                    }
+                };
+                let (inside, outside): (Vec<_>, Vec<_>) = plan
+                    .into_iter()
+                    .partition(|(_, _, r)| r.object == object && r.offset >= range.start && r.range().end <= range.end);
+                ok &= reader.accept(f, &inside, &bytes, range.start, mirror, purpose).failed.is_empty();
+                if !outside.is_empty() {
+                    elsewhere.push((*i, Some(outside.iter().map(|(b, _, _)| *b).collect())));
+                }
             }
-            let (_, offset, len) = self.reader.meta_region(f).expect("files with data have metadata");
-            let at = (offset - range.start) as usize;
-            self.reader.put_meta_region(f, &bytes[at..at + len as usize], mirror);
-            let missing: Vec<u64> = (0..incfs_verity::block_count(f.data.size))
-                .filter(|&b| !self.reader.presence.is_present(&f.key, b))
-                .collect();
-            let plan = match self.reader.plan(f, &missing) {
-                Ok(p) => p,
-                Err(Local::Need(Need::Meta { .. } | Need::Blocks(_))) => {
-                    ok &= self.fetch_file_blocks(i, 0..incfs_verity::block_count(f.data.size), yields).await;
-                    continue;
-                }
-                Err(Local::Fail(e)) => {
-                    tracing::warn!("background fetch: {}", e.message);
-                    ok = false;
-                    continue;
-                }
+            (ok, elsewhere)
+        })
+        .await;
+        let Ok((mut ok, elsewhere)) = checked else { return false };
+        for (i, blocks) in elsewhere {
+            ok &= match blocks {
+                None => self.fetch_file_blocks(i, 0..incfs_verity::block_count(self.files[i].data.size), yields).await,
+                Some(blocks) => self.fetch_blocks(i, blocks, yields).await,
             };
-            let (inside, outside): (Vec<_>, Vec<_>) = plan
-                .into_iter()
-                .partition(|(_, _, r)| r.object == object && r.offset >= range.start && r.range().end <= range.end);
-            let outcome =
-                self.reader.accept_off_thread(f, inside, bytes.clone(), range.start, mirror, purpose(yields)).await;
-            ok &= outcome.failed.is_empty();
-            if !outside.is_empty() {
-                // Blocks shared with files packed elsewhere (deduplicated): fetched from there.
-                let blocks: Vec<u64> = outside.iter().map(|(b, _, _)| *b).collect();
-                ok &= self.fetch_blocks(i, blocks, yields).await;
-            }
         }
         ok
     }
