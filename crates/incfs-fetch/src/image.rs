@@ -339,22 +339,11 @@ fn check_run(
 /// Decode stored bytes and check them against their leaf hash.
 pub fn verify_block(r: &BlockRecord, stored: &[u8], leaf: &Hash) -> Result<Box<[u8; BLOCK_SIZE]>, BlockFault> {
     let mut block = Box::new([0u8; BLOCK_SIZE]);
-    verify_block_into(r, stored, leaf, &mut block)?;
-    Ok(block)
-}
-
-/// [`verify_block`] into a buffer of the caller's (all of it is written).
-pub fn verify_block_into(
-    r: &BlockRecord,
-    stored: &[u8],
-    leaf: &Hash,
-    out: &mut [u8; BLOCK_SIZE],
-) -> Result<(), BlockFault> {
-    decode_block(r.codec, stored, out).map_err(|e| BlockFault::Decode(e.to_string()))?;
-    if &hash_data_block(&out[..]) != leaf {
+    decode_block(r.codec, stored, &mut block).map_err(|e| BlockFault::Decode(e.to_string()))?;
+    if &hash_data_block(&block[..]) != leaf {
         return Err(BlockFault::Mismatch);
     }
-    Ok(())
+    Ok(block)
 }
 
 /// Split `blocks` into runs that one GET can serve: zero blocks alone (nothing to fetch), or
