@@ -12,6 +12,8 @@ use object_store::client::{HttpClient, HttpConnector};
 use object_store::path::Path as StorePath;
 use object_store::{ClientOptions, GetOptions, GetRange, GetResult, ObjectStore, RetryConfig};
 
+use crate::body;
+
 /// Redirects followed within a source's own origin before giving up.
 const MAX_REDIRECTS: usize = 5;
 
@@ -224,11 +226,13 @@ impl Source {
         Ok(b)
     }
 
-    /// The body of `r`, or `None` once it passes `limit` bytes (reading stops there). A body
-    /// that comes in one chunk (common for short ranges) is returned without a copy; otherwise
-    /// chunks are copied into one buffer as they come and dropped, so a body costs its size
-    /// once, not twice. That buffer is sized up front only when `limit` is a size we chose (a
-    /// range we asked for), never from what the server declares.
+    /// The body of `r`, or `None` once it passes `limit` bytes (reading stops there). A range
+    /// we asked for (`exact`) of at least [`body::ALIGNED_MIN`] bytes is received into a
+    /// page-aligned buffer ([`body::BodyBuf`]); otherwise a body that comes in one chunk (common
+    /// for short ranges) is returned without a copy, and chunks are copied into one buffer as
+    /// they come and dropped, so a body costs its size once, not twice. A buffer is sized up
+    /// front only when `limit` is a size we chose (a range we asked for), never from what the
+    /// server declares.
     async fn read_capped(
         &self,
         key: &str,
@@ -239,11 +243,19 @@ impl Source {
         let mut stream = r.into_stream();
         let mut first: Option<Bytes> = None;
         let mut buf: Option<BytesMut> = None;
+        let mut aligned =
+            (exact && limit >= body::ALIGNED_MIN as u64).then(|| body::BodyBuf::with_room(limit as usize));
         let mut total = 0u64;
         while let Some(chunk) = stream.next().await.transpose().map_err(|e| self.map_err(key, e))? {
             total += chunk.len() as u64;
             if total > limit {
                 return Ok(None);
+            }
+            if let Some(a) = &mut aligned {
+                if !a.extend(&chunk) {
+                    return Ok(None); // cannot happen: within `limit`, for which it has room
+                }
+                continue;
             }
             match (&mut buf, first.take()) {
                 (Some(buf), _) => buf.extend_from_slice(&chunk),
@@ -257,10 +269,11 @@ impl Source {
                 }
             }
         }
-        Ok(Some(match (buf, first) {
-            (Some(buf), _) => buf.freeze(),
-            (None, Some(one)) => one,
-            (None, None) => Bytes::new(),
+        Ok(Some(match (aligned, buf, first) {
+            (Some(a), _, _) => a.freeze(),
+            (None, Some(buf), _) => buf.freeze(),
+            (None, None, Some(one)) => one,
+            (None, None, None) => Bytes::new(),
         }))
     }
 

@@ -410,11 +410,29 @@ const DIRECT_MIN: usize = 128 << 10;
 /// Offset, length and memory alignment for direct writes: covers 512- and 4096-byte devices.
 const DIRECT_ALIGN: usize = 4096;
 
-/// Write `data` at `offset` (a multiple of [`DIRECT_ALIGN`]) through `direct`, copied into
-/// `buf` aligned and padded with zeros to a multiple of [`DIRECT_ALIGN`]; returns the length
-/// written.
+/// Write `data` at `offset` (a multiple of [`DIRECT_ALIGN`]) through `direct`, padded with zeros
+/// to a multiple of [`DIRECT_ALIGN`]; returns the length written. Data that starts on an
+/// aligned address (a response body received page-aligned) is written where it lies, only its
+/// partial last page copied into `buf`; other data is copied whole into `buf`, aligned.
 fn write_direct(direct: &File, buf: &mut Vec<u8>, data: &[u8], offset: u64) -> std::io::Result<u64> {
     let padded = data.len().next_multiple_of(DIRECT_ALIGN);
+    if data.as_ptr().align_offset(DIRECT_ALIGN) == 0 {
+        let head = data.len() / DIRECT_ALIGN * DIRECT_ALIGN;
+        let tail = &data[head..];
+        if buf.len() < 2 * DIRECT_ALIGN {
+            *buf = vec![0; 2 * DIRECT_ALIGN];
+        }
+        let at = buf.as_ptr().align_offset(DIRECT_ALIGN);
+        let last = &mut buf[at..at + DIRECT_ALIGN];
+        last[..tail.len()].copy_from_slice(tail);
+        last[tail.len()..].fill(0);
+        let pieces: &[&[u8]] = match tail.is_empty() {
+            true => &[&data[..head]],
+            false => &[&data[..head], last],
+        };
+        pwrite_all(direct, pieces, offset)?;
+        return Ok(padded as u64);
+    }
     if buf.len() < padded + DIRECT_ALIGN {
         *buf = vec![0; padded + DIRECT_ALIGN]; // a fresh allocation may sit elsewhere: realigned below
     }
@@ -427,6 +445,34 @@ fn write_direct(direct: &File, buf: &mut Vec<u8>, data: &[u8], offset: u64) -> s
         *buf = Vec::new(); // a rare large write (compaction): not kept
     }
     written.map(|()| padded as u64)
+}
+
+/// All of `pieces`, back to back, at `offset` of `file`: one `pwritev(2)` (std has no
+/// positioned vectored write), the rest of a short write piece by piece.
+fn pwrite_all(file: &File, pieces: &[&[u8]], offset: u64) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let iov: Vec<libc::iovec> =
+        pieces.iter().map(|p| libc::iovec { iov_base: p.as_ptr() as *mut libc::c_void, iov_len: p.len() }).collect();
+    let total: usize = pieces.iter().map(|p| p.len()).sum();
+    let at = libc::off_t::try_from(offset).map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
+    // SAFETY: each iovec points into a slice borrowed for the whole call, with that slice's
+    // length; pwritev only reads from them, and `file` is an open descriptor.
+    let n = unsafe { libc::pwritev(file.as_raw_fd(), iov.as_ptr(), iov.len() as libc::c_int, at) };
+    if n < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let mut done = n as usize;
+    let mut start = 0;
+    for p in pieces {
+        let end = start + p.len();
+        if done < end {
+            file.write_all_at(&p[done - start..], offset + done as u64)?;
+            done = end;
+        }
+        start = end;
+    }
+    debug_assert_eq!(done, total);
+    Ok(())
 }
 
 /// The aligned buffer is kept up to this size: a fetched run (up to 2 MiB) fits.
@@ -968,9 +1014,10 @@ impl Segments {
     }
 
     /// Store the blocks of a fetched run: `blocks` (leaf hash, codec, range in `bytes`) verified,
-    /// and mark blocks `present` of content `file`. The bytes from the first block's start to
-    /// the last one's end go in one write, as fetched (no copy); blocks already stored are not
-    /// indexed again (their bytes are written along: cheaper than cutting the run).
+    /// and mark blocks `present` of content `file`. The bytes from the first new block's start
+    /// (from the page boundary before it, in a page-aligned body: see [`write_direct`]) to the
+    /// last one's end go in one write, as fetched; blocks already stored are not indexed again
+    /// (their bytes are written along: cheaper than cutting the run).
     pub fn put_run(
         &self,
         bytes: &[u8],
@@ -988,6 +1035,15 @@ impl Segments {
             return Ok(());
         }
         let span = match (new.iter().map(|b| b.2.start).min(), new.iter().map(|b| b.2.end).max()) {
+            // In a page-aligned body (a response as received), from the page boundary at or
+            // before the first new block: written with O_DIRECT where it lies, with no copy
+            // (write_direct), at the cost of at most a page of dead bytes before it.
+            (Some(a), Some(b))
+                if bytes.as_ptr().align_offset(DIRECT_ALIGN) == 0
+                    && b - a / DIRECT_ALIGN * DIRECT_ALIGN >= DIRECT_MIN =>
+            {
+                a / DIRECT_ALIGN * DIRECT_ALIGN..b
+            }
             (Some(a), Some(b)) => a..b,
             _ => 0..0,
         };
