@@ -468,7 +468,10 @@ impl Filesystem for IncFs {
             let mut h = self.handles.lock();
             let ra = h.entry(fh.0).or_insert(Handle::new(None, READAHEAD_START, None));
             let sequential = first_block.abs_diff(ra.next_block) <= SEQUENTIAL_SLACK.max(ra.window);
-            ra.window = if sequential { (ra.window * 2).clamp(READAHEAD_START, readahead_max) } else { 0 };
+            // At least twice this read: the kernel's first reads of a file are its readahead
+            // (512 KiB and more), and doubling from 64 KiB took a round trip per step.
+            let least = READAHEAD_START.max(2 * (next_block - first_block)).min(readahead_max);
+            ra.window = if sequential { (ra.window * 2).clamp(least, readahead_max) } else { 0 };
             if !sequential {
                 ra.ahead_until = 0;
             }

@@ -127,7 +127,10 @@ impl Reader {
     }
 
     /// [`Reader::accept`] on the blocking pool: decoding, hashing and storing are CPU and disk
-    /// work, kept off the async workers.
+    /// work, kept off the async workers. Readahead runs take their turn on the cores
+    /// ([`Reader::cpu`]); others (`urgent`: a run a read waits for itself, and background
+    /// work, bounded by its own count of jobs) go at once.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) async fn accept_off_thread(
         self: &Arc<Self>,
         f: &FileRef,
@@ -136,8 +139,13 @@ impl Reader {
         base: u64,
         mirror: usize,
         purpose: Purpose,
+        urgent: bool,
     ) -> RunOutcome {
         let (me, f) = (self.clone(), f.clone());
+        let _turn = match urgent {
+            true => None,
+            false => self.cpu.clone().acquire_owned().await.ok(),
+        };
         tokio::task::spawn_blocking(move || me.accept(&f, &items, &bytes, base, mirror, purpose))
             .await
             .unwrap_or_default()

@@ -68,7 +68,7 @@ impl Reader {
                         .filter(|(_, _, r)| r.object == object && r.offset >= span.start && r.range().end <= span.end)
                         .collect();
                     if !inside.is_empty() {
-                        me.accept_off_thread(&f, inside, bytes, span.start, mirror, Purpose::Read).await;
+                        me.accept_off_thread(&f, inside, bytes, span.start, mirror, Purpose::Read, true).await;
                     }
                 }
                 Ok(Arc::new(Vec::new()))
@@ -98,10 +98,20 @@ impl Reader {
             match self.plan(f, &wanted) {
                 Ok(p) => break p,
                 Err(Local::Fail(e)) => return Err(e),
-                Err(Local::Need(Need::Meta { chunk })) => self.fetch_meta(f, chunk).await?,
+                Err(Local::Need(Need::Meta { chunk })) => self.fetch_meta_for(f, wanted[0], Some(chunk)).await?,
                 Err(Local::Need(Need::Blocks(_))) => unreachable!("planning needs no blocks"),
             }
         };
+        // Readahead: the metadata of what comes after the window, before planning needs it.
+        if !ahead.is_empty() && blocks_total > 0 {
+            let probe = (ahead.end + META_LOOKAHEAD * self.link_scale() as u64).min(blocks_total - 1);
+            if probe >= ahead.end && !self.missing_meta_for(f, probe).is_empty() {
+                let (me, f) = (self.clone(), f.clone());
+                tokio::spawn(async move {
+                    let _ = me.fetch_meta_for(&f, probe, None).await;
+                });
+            }
+        }
         // Sets, not list scans: a plan covers up to a readahead window (thousands of blocks), and
         // scanning lists per item made planning quadratic (4% of the daemon's CPU on a cold read).
         let needed: rustc_hash::FxHashSet<u64> = needed.iter().copied().collect();
@@ -192,7 +202,7 @@ impl Reader {
             }
             Ok((bytes, mirror)) => {
                 let purpose = if keep_decoded { Purpose::Read } else { Purpose::Prefetch };
-                self.accept_off_thread(&f, items.clone(), bytes, first.offset, mirror, purpose).await
+                self.accept_off_thread(&f, items.clone(), bytes, first.offset, mirror, purpose, slot.is_none()).await
             }
         };
         let mut inflight = self.inflight.lock();

@@ -314,6 +314,46 @@ impl Reader {
         Some(shared)
     }
 
+    /// The pieces of `f`'s metadata region a read of block `i` uses (its hash block at every
+    /// level of the tree, and its block record) that are not local. All are known from the
+    /// file's size alone, so they can be fetched at once: one round trip, not one per level.
+    pub(super) fn missing_meta_for(&self, f: &FileRef, i: u64) -> Vec<u64> {
+        if Self::is_pushed(f) || f.data.meta.is_none() {
+            return Vec::new();
+        }
+        let mut chunks = Vec::new();
+        if f.data.has_compact_map() {
+            chunks.push(0); // fetched whole, whichever piece is asked for
+        } else {
+            let geo = Geometry::new(f.data.size);
+            if geo.data_blocks() > 1 {
+                let mut index = i;
+                for level in 0..geo.levels().len() {
+                    index /= HASHES_PER_BLOCK as u64;
+                    let r = geo.hash_block_range(level, index);
+                    chunks.extend([r.start / META_CHUNK, (r.end - 1) / META_CHUNK]);
+                }
+            }
+            let at = FileMetaLayout::new(f.data.size).record_offset(i);
+            chunks.extend([at / META_CHUNK, (at + BLOCK_RECORD_SIZE as u64 - 1) / META_CHUNK]);
+        }
+        chunks.sort_unstable();
+        chunks.dedup();
+        chunks.retain(|&c| !matches!(self.meta_chunk_local(f, c), Ok(Some(_))));
+        chunks
+    }
+
+    /// Make local every metadata piece a read of block `i` of `f` uses ([`Reader::missing_meta_for`]),
+    /// and piece `also` if given: one request per group of pieces, all in flight together.
+    pub(crate) async fn fetch_meta_for(&self, f: &FileRef, i: u64, also: Option<u64>) -> Result<(), ReadFailure> {
+        let mut chunks = self.missing_meta_for(f, i);
+        chunks.extend(also);
+        chunks.sort_unstable();
+        chunks.dedup_by_key(|c| *c / META_PIECES_PER_FETCH);
+        let fetched = futures::future::join_all(chunks.iter().map(|&c| self.fetch_meta(f, c))).await;
+        fetched.into_iter().collect()
+    }
+
     /// Fetch the group of metadata pieces holding piece `chunk` of `f`'s region; concurrent
     /// callers for one group share one request.
     pub(crate) async fn fetch_meta(&self, f: &FileRef, chunk: u64) -> Result<(), ReadFailure> {
