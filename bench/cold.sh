@@ -28,8 +28,9 @@
 # curl and incfs figures measured it; through tools/delay-proxy curl gets ~1.2 GiB/s from a hot
 # page cache, about what it gets from nginx directly.
 # Usage: [RUNS=3] [PERF=1] [SKIP_SCALE=1] [NO_BUILD=1] [INCFS=PATH] [DELAY_PROXY=PATH] bench/cold.sh
-#        [COMPARE=OTHER_INCFS [PAIRS=6]]: only a paired A/B of the loopback cold read (time and
-#        daemon CPU of this binary against OTHER_INCFS, in alternating order), then exit
+#        [COMPARE=OTHER_INCFS [PAIRS=6] [COMPARE_ON=cold|py20]]: only a paired A/B of the loopback
+#        cold read (time and daemon CPU of this binary against OTHER_INCFS, in alternating order),
+#        or with COMPARE_ON=py20 of the python workload at 20 ms RTT, default settings; then exit
 #        (root; with the ~60 MiB/s build at d871580: ~2.5 minutes at RUNS=1, ~6 at RUNS=3;
 #        uses /var/tmp, ~4 GiB)
 # The binaries are target/release/incfs and target/release/delay-proxy, built first (cargo build
@@ -268,21 +269,64 @@ cold_read() {
   read -r R_REQS R_BYTES < <(log_since "$l0")
   incfs_unmount "$name"
 }
-# COMPARE=OTHER: paired A/B of the loopback cold read only, this binary (A) against OTHER (B),
-# PAIRS pairs, the order alternating within pairs; each pair's ratios, then their medians.
+# The python import workload (5), defined here for COMPARE_ON=py20 too.
+imports="import json, email.parser, http.client, decimal, csv, argparse, logging, unittest, asyncio, xml.dom.minidom"
+# -B: no bytecode written, so that the local copy stays the packed tree (the .pyc files are in it)
+workload() { timeout 300 "$PY" -B -I -S -c "import sys; sys.path.insert(0, '$1'); $imports; assert json.__file__.startswith('$1'), json.__file__"; }
+# py_mount NAME URL [options]: fresh mount, page cache dropped, time the workload; sets P_T,
+# P_REQ (daemon fetch requests), P_NG_MOUNT / P_NG_RUN ("REQUESTS BYTES" nginx served during
+# the mount / during the workload).
+py_mount() {
+  local name=$1 u=$2 l0 l1
+  shift 2
+  P_T=fail P_REQ= P_NG_MOUNT= P_NG_RUN=
+  l0=$(log_lines)
+  incfs_mount "$name" "$u/repo" "$@" || return 0
+  drop
+  l1=$(log_lines)
+  if timed workload "$work/mnt-$name/stdlib"; then P_T=$T_REAL; else note "5: workload on $name failed: $(tail -1 "$work/last.err")"; fi
+  P_REQ=$(json_field "$work/mnt-$name" fetch_requests)
+  # Lines l0+1..l1 (sed, not tail | head: head stopping early fails the pipe under pipefail).
+  if [ "$l1" -gt "$l0" ]; then
+    P_NG_MOUNT=$(sed -n "$((l0 + 1)),${l1}p" "$ng/access.log" | awk '{n++; b += $2} END {printf "%d %d\n", n, b}')
+  else
+    P_NG_MOUNT="0 0"
+  fi
+  P_NG_RUN=$(log_since "$l1")
+  incfs_unmount "$name"
+}
+# COMPARE=OTHER: paired A/B of one measure only, this binary (A) against OTHER (B), PAIRS pairs,
+# the order alternating within pairs; each pair's ratios, then their medians. COMPARE_ON says
+# which: cold (default: the loopback cold read, time and daemon CPU) or py20 (the python
+# workload with default settings at 20 ms RTT, time; "CPU" is then the daemon's for the run).
 if [ -n "${COMPARE:-}" ]; then
   A=$INCFS B=$(realpath -m -- "$COMPARE")
   [ -x "$B" ] || { echo "COMPARE=$COMPARE: not an executable" >&2; exit 1; }
-  echo "== A/B: A=$A, B=$B, ${PAIRS:-6} pairs, loopback cold read" >&2
+  on=${COMPARE_ON:-cold}
+  case $on in cold | py20) ;; *) echo "COMPARE_ON=$on: cold or py20" >&2; exit 1 ;; esac
+  echo "== A/B: A=$A, B=$B, ${PAIRS:-6} pairs, $on" >&2
   tr=() cr=()
   for p in $(seq "${PAIRS:-6}"); do
     order=(A B)
     [ $((p % 2)) = 0 ] && order=(B A)
     for which in "${order[@]}"; do
       if [ "$which" = A ]; then INCFS=$A; else INCFS=$B; fi
-      cold_read "ab$which" "$url"
+      if [ "$on" = cold ]; then
+        cold_read "ab$which" "$url"
+      else
+        R_CPU= R_BUSY= R_HWM=
+        incfs_mount "ab$which" "$url20/repo" && {
+          drop
+          c0=$(cpu_ticks "$DPID")
+          R_T=fail
+          if timed workload "$work/mnt-ab$which/stdlib"; then R_T=$T_REAL; else note "workload failed: $(tail -1 "$work/last.err")"; fi
+          R_CPU=$(awk -v a="$c0" -v b="$(cpu_ticks "$DPID")" -v t="$CLK_TCK" 'BEGIN {printf "%.2f", (b-a)/t}')
+          R_HWM=$(vm_kib "$DPID" VmHWM)
+          incfs_unmount "ab$which"
+        }
+      fi
       declare "t_$which=$R_T" "c_$which=$R_CPU"
-      echo "  pair $p $which: ${R_T} s, daemon cpu ${R_CPU} s, ${R_BUSY} cores busy, VmHWM ${R_HWM} KiB" >&2
+      echo "  pair $p $which: ${R_T} s, daemon cpu ${R_CPU} s,${R_BUSY:+ $R_BUSY cores busy,} VmHWM ${R_HWM} KiB" >&2
     done
     tr+=("$(ratio "$t_A" "$t_B")") cr+=("$(ratio "$c_A" "$c_B")")
   done
@@ -392,34 +436,9 @@ note "4: --background on (default), --passthrough off; time from running incfs m
 
 # ---------------------------------------------------------------------------------------------
 echo "== 5. python import workload ($RUNS runs each)" >&2
-imports="import json, email.parser, http.client, decimal, csv, argparse, logging, unittest, asyncio, xml.dom.minidom"
-# -B: no bytecode written, so that the local copy stays the packed tree (the .pyc files are in it)
-workload() { timeout 300 "$PY" -B -I -S -c "import sys; sys.path.insert(0, '$1'); $imports; assert json.__file__.startswith('$1'), json.__file__"; }
 py_local=()
 for _ in $(seq "$RUNS"); do drop; timed workload "$src/stdlib" || note "5: local workload failed: $(tail -1 "$work/last.err")"; py_local+=("$T_REAL"); done
 t_py_local=$(median "${py_local[@]}")
-# py_mount NAME URL [options]: fresh mount, page cache dropped, time the workload; sets P_T,
-# P_REQ (daemon fetch requests), P_NG_MOUNT / P_NG_RUN ("REQUESTS BYTES" nginx served during
-# the mount / during the workload).
-py_mount() {
-  local name=$1 u=$2 l0 l1
-  shift 2
-  P_T=fail P_REQ= P_NG_MOUNT= P_NG_RUN=
-  l0=$(log_lines)
-  incfs_mount "$name" "$u/repo" "$@" || return 0
-  drop
-  l1=$(log_lines)
-  if timed workload "$work/mnt-$name/stdlib"; then P_T=$T_REAL; else note "5: workload on $name failed: $(tail -1 "$work/last.err")"; fi
-  P_REQ=$(json_field "$work/mnt-$name" fetch_requests)
-  # Lines l0+1..l1 (sed, not tail | head: head stopping early fails the pipe under pipefail).
-  if [ "$l1" -gt "$l0" ]; then
-    P_NG_MOUNT=$(sed -n "$((l0 + 1)),${l1}p" "$ng/access.log" | awk '{n++; b += $2} END {printf "%d %d\n", n, b}')
-  else
-    P_NG_MOUNT="0 0"
-  fi
-  P_NG_RUN=$(log_since "$l1")
-  incfs_unmount "$name"
-}
 py_off0=() py_off20=() py_on20=() ng_run=() ng_runb=() ng_mnt=() ng_mntb=() req_off20=()
 for r in $(seq "$RUNS"); do
   py_mount pyoff0 "$url" --background off

@@ -253,7 +253,12 @@ impl PlainCopies {
                 offset += data.len() as u64;
             }
             out.set_len(size)?;
-            out.sync_data()?;
+            // No fsync: the store's segments and journals get none either (a kill of the
+            // daemon loses nothing written; a power loss may), and a copy left by an earlier
+            // daemon is checked against the file's root before its first use (`check`): one
+            // torn by a power loss is found and deleted, the file fetched again. An fdatasync
+            // per copy made in `open` waited behind background completion's direct writes: it
+            // was the FUSE threads' main wait during a program's cold start.
             fs::rename(&tmp, path)?;
             Ok(())
         })();
