@@ -353,7 +353,10 @@ pub fn status(mountpoint: &Path, path: Option<&Path>, json: bool) -> Result<i32>
         s.reads_served, s.reads_waited, s.pending_reads, s.opens_passthrough
     );
     match (s.plain_files, s.plain_bytes) {
-        (Some(n), Some(b)) => println!("plain:     {} in {n} plain copies for passthrough", HumanBytes(b)),
+        (Some(n), Some(b)) => match s.plain_queued.unwrap_or(0) {
+            0 => println!("plain:     {} in {n} plain copies for passthrough", HumanBytes(b)),
+            q => println!("plain:     {} in {n} plain copies for passthrough, {q} being made", HumanBytes(b)),
+        },
         _ => println!("plain:     passthrough off"),
     }
     if !s.fetching.is_empty() {

@@ -177,7 +177,8 @@ fn every_byte_is_stored_once() {
     let m = Mount::start(&serve.url, &p.dir.path().join("mnt-auto"), &p.public, &cache, &["--background", "on"]);
     m.wait_complete(Duration::from_secs(120));
     read_all(&m);
-    // Copies of files over 8 MiB are written in the background: wait for them, bounded.
+    // Copies are written in the background: wait for them, bounded.
+    m.wait_plain_copies(Duration::from_secs(60));
     let bound = tree + tree / 10;
     let stored_once = wait_for(Duration::from_secs(30), || du(&cache) <= bound);
     let s = m.status();
@@ -228,9 +229,11 @@ fn a_file_whose_plain_copy_goes_keeps_its_blocks() {
     m.wait_complete(Duration::from_secs(30));
     let requests = m.stat("fetch_requests");
     cmp(&m.path("f00.bin"), &p.src.join("f00.bin")); // copied, its blocks released
+    m.wait_plain_copies(Duration::from_secs(30));
     let blocks = m.status()["cache_usage"]["blocks"].as_u64().unwrap();
     assert!(blocks <= 1400 << 10, "f00's blocks were not released: {}", m.status());
     cmp(&m.path("f01.bin"), &p.src.join("f01.bin")); // copied; f00's copy goes (limit 1 MiB)
+    m.wait_plain_copies(Duration::from_secs(30));
     assert_eq!(m.stat("plain_files"), 1, "{}", m.status());
     assert_eq!(m.status()["complete"], true, "{}", m.status());
     drop_caches();

@@ -93,6 +93,8 @@ fn restart_replaces_the_daemon_while_programs_read() {
 
     // A file held open through FUSE passthrough across every restart.
     incfs_ok(&["prefetch", m.dir.to_str().unwrap(), "open.bin"]);
+    drop(fs::File::open(m.path("open.bin")).unwrap()); // its plain copy is made after this open
+    m.wait_plain_copies(Duration::from_secs(30));
     let held = fs::File::open(m.path("open.bin")).unwrap();
     let open_expected = fs::read(p.src.join("open.bin")).unwrap();
     assert_eq!(m.stat("opens_passthrough"), 1, "open.bin is passed through:\n{}", m.log());

@@ -285,6 +285,9 @@ pub struct Status {
     /// Plain copies kept for passthrough (files, bytes); `None`: passthrough off.
     pub plain_files: Option<u64>,
     pub plain_bytes: Option<u64>,
+    /// Plain copies asked for (a complete file's first open) and not made yet.
+    #[serde(default)]
+    pub plain_queued: Option<u64>,
     /// Readahead and background requests in flight now, and their bound now (`--parallel`,
     /// doubled on a long link; each up to [`crate::reader::MAX_RUN_BYTES`]).
     #[serde(default)]
@@ -435,6 +438,7 @@ impl Control {
             background_cancelled: Stats::get(&s.background_cancelled),
             plain_files: self.plain.as_ref().map(|p| p.usage().0),
             plain_bytes: self.plain.as_ref().map(|p| p.usage().1),
+            plain_queued: self.plain.as_ref().map(|p| p.queued()),
             requests_in_flight: self.reader.requests_in_flight() as u64,
             parallel: self.reader.parallel() as u64,
             staged_bytes: self.reader.staged_bytes(),

@@ -48,6 +48,12 @@ pub fn render(s: &Status) -> String {
     metric("complete", "gauge", "1 when every block is present.", &[("", if s.complete { 1.0 } else { 0.0 })]);
     metric("stored_bytes", "gauge", "Compressed bytes in the local store.", &[("", n(s.bytes_stored))]);
     metric("plain_bytes", "gauge", "Bytes of plain copies for passthrough.", &[("", n(s.plain_bytes.unwrap_or(0)))]);
+    metric(
+        "plain_queued",
+        "gauge",
+        "Plain copies asked for and not made yet.",
+        &[("", n(s.plain_queued.unwrap_or(0)))],
+    );
     let u = &s.cache_usage;
     metric(
         "cache_bytes",

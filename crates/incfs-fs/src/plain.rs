@@ -52,6 +52,8 @@ pub struct PlainCopies {
     reserved: AtomicU64,
     /// The mount is ending: copies being written give up (their temporary file removed).
     stopped: AtomicBool,
+    /// Contents whose copy was asked for in the background and is not done yet.
+    queued: Mutex<HashSet<FileKey>>,
 }
 
 /// Holds the claim on one content's copy; released (and waiters woken) when dropped.
@@ -117,6 +119,7 @@ impl PlainCopies {
             made: Condvar::new(),
             reserved: AtomicU64::new(0),
             stopped: AtomicBool::new(false),
+            queued: Mutex::new(HashSet::new()),
         })
     }
 
@@ -133,6 +136,26 @@ impl PlainCopies {
     /// Whether a file of `size` bytes may have a copy at all (larger ones are never copied).
     pub fn fits(&self, size: u64) -> bool {
         size <= self.limit
+    }
+
+    /// Note that `key`'s copy is to be made in the background: false if it is already.
+    pub fn queue(&self, key: &FileKey) -> bool {
+        self.queued.lock().insert(*key)
+    }
+
+    /// The background copy of `key` is done (made, or failed).
+    pub fn dequeue(&self, key: &FileKey) {
+        self.queued.lock().remove(key);
+    }
+
+    /// Copies asked for in the background and not done yet.
+    pub fn queued(&self) -> u64 {
+        self.queued.lock().len() as u64
+    }
+
+    /// Whether a copy of `key` is there, verified or left by an earlier daemon (to be checked).
+    pub fn known(&self, key: &FileKey) -> bool {
+        self.copies.lock().contains_key(key)
     }
 
     /// Whether a verified copy of `key` is ready to open without work.

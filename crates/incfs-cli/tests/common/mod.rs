@@ -371,6 +371,13 @@ impl Mount {
         }
     }
 
+    /// Wait (bounded) until every plain copy asked for is made: a complete file's copy is made
+    /// in the background after its first open, and only later opens pass through.
+    pub fn wait_plain_copies(&self, within: Duration) {
+        let ok = wait_for(within, || self.status()["plain_queued"].as_u64() == Some(0));
+        assert!(ok, "plain copies still being made after {within:?}: {}\n{}", self.status(), self.log());
+    }
+
     /// Present block ranges of one file.
     pub fn present(&self, rel: &str) -> Vec<(u64, u64)> {
         let out = incfs_ok(&["status", self.dir.to_str().unwrap(), rel, "--json"]);
