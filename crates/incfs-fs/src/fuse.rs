@@ -326,8 +326,9 @@ impl IncFs {
         let copy = {
             let (plain, reader) = (plain.clone(), self.reader.clone());
             move |f: FileRef| {
-                if let Err(e) = plain.get(&reader, &f) {
-                    tracing::warn!("{}: {e}", f.label);
+                match plain.get(&reader, &f) {
+                    Ok(_) | Err(crate::plain::PlainError::Stopped) => {}
+                    Err(e) => tracing::warn!("{}: {e}", f.label),
                 }
                 plain.dequeue(&f.key);
             }

@@ -166,6 +166,9 @@ impl PlainCopies {
     /// The plain copy of complete file `f`, opened read-only: checked if left by an earlier
     /// daemon, written now if missing.
     pub fn get(&self, reader: &Reader, f: &FileRef) -> Result<File, PlainError> {
+        if self.stopped.load(Ordering::Relaxed) {
+            return Err(PlainError::Stopped); // the rest of a queue, at unmount: at once
+        }
         let path = self.path(&f.key);
         let known = self.copies.lock().get(&f.key).map(|c| c.verified);
         match known {
