@@ -274,17 +274,21 @@ imports="import json, email.parser, http.client, decimal, csv, argparse, logging
 # -B: no bytecode written, so that the local copy stays the packed tree (the .pyc files are in it)
 workload() { timeout 300 "$PY" -B -I -S -c "import sys; sys.path.insert(0, '$1'); $imports; assert json.__file__.startswith('$1'), json.__file__"; }
 # py_mount NAME URL [options]: fresh mount, page cache dropped, time the workload; sets P_T,
-# P_REQ (daemon fetch requests), P_NG_MOUNT / P_NG_RUN ("REQUESTS BYTES" nginx served during
-# the mount / during the workload).
+# P_CPU (daemon utime+stime seconds during it), P_HWM (daemon VmHWM, KiB), P_REQ (daemon fetch
+# requests), P_NG_MOUNT / P_NG_RUN ("REQUESTS BYTES" nginx served during the mount / during the
+# workload).
 py_mount() {
-  local name=$1 u=$2 l0 l1
+  local name=$1 u=$2 l0 l1 c0
   shift 2
-  P_T=fail P_REQ= P_NG_MOUNT= P_NG_RUN=
+  P_T=fail P_CPU= P_HWM= P_REQ= P_NG_MOUNT= P_NG_RUN=
   l0=$(log_lines)
   incfs_mount "$name" "$u/repo" "$@" || return 0
   drop
   l1=$(log_lines)
+  c0=$(cpu_ticks "$DPID")
   if timed workload "$work/mnt-$name/stdlib"; then P_T=$T_REAL; else note "5: workload on $name failed: $(tail -1 "$work/last.err")"; fi
+  P_CPU=$(awk -v a="$c0" -v b="$(cpu_ticks "$DPID")" -v t="$CLK_TCK" 'BEGIN {if (a != "n/a" && b != "n/a") printf "%.2f", (b-a)/t; else printf "n/a"}')
+  P_HWM=$(vm_kib "$DPID" VmHWM)
   P_REQ=$(json_field "$work/mnt-$name" fetch_requests)
   # Lines l0+1..l1 (sed, not tail | head: head stopping early fails the pipe under pipefail).
   if [ "$l1" -gt "$l0" ]; then
@@ -314,16 +318,8 @@ if [ -n "${COMPARE:-}" ]; then
       if [ "$on" = cold ]; then
         cold_read "ab$which" "$url"
       else
-        R_CPU= R_BUSY= R_HWM=
-        incfs_mount "ab$which" "$url20/repo" && {
-          drop
-          c0=$(cpu_ticks "$DPID")
-          R_T=fail
-          if timed workload "$work/mnt-ab$which/stdlib"; then R_T=$T_REAL; else note "workload failed: $(tail -1 "$work/last.err")"; fi
-          R_CPU=$(awk -v a="$c0" -v b="$(cpu_ticks "$DPID")" -v t="$CLK_TCK" 'BEGIN {printf "%.2f", (b-a)/t}')
-          R_HWM=$(vm_kib "$DPID" VmHWM)
-          incfs_unmount "ab$which"
-        }
+        py_mount "ab$which" "$url20"
+        R_T=$P_T R_CPU=$P_CPU R_HWM=$P_HWM R_BUSY=
       fi
       declare "t_$which=$R_T" "c_$which=$R_CPU"
       echo "  pair $p $which: ${R_T} s, daemon cpu ${R_CPU} s,${R_BUSY:+ $R_BUSY cores busy,} VmHWM ${R_HWM} KiB" >&2
