@@ -282,9 +282,9 @@ impl PlainCopies {
             // No fsync: the store's segments and journals get none either (a kill of the
             // daemon loses nothing written; a power loss may), and a copy left by an earlier
             // daemon is checked against the file's root before its first use (`check`): one
-            // torn by a power loss is found and deleted, the file fetched again. An fdatasync
-            // per copy made in `open` waited behind background completion's direct writes: it
-            // was the FUSE threads' main wait during a program's cold start.
+            // torn by a power loss is found and deleted, the file fetched again. When copies
+            // were made in `open`, an fdatasync per copy waited behind background completion's
+            // direct writes: it was the FUSE threads' main wait during a program's cold start.
             fs::rename(&tmp, path)?;
             Ok(())
         })();
