@@ -239,28 +239,47 @@ impl Reader {
         Ok(hashes[(i % HASHES_PER_BLOCK as u64) as usize])
     }
 
-    pub(super) fn record(&self, f: &FileRef, i: u64) -> Result<BlockRecord, Local> {
+    /// The records of blocks `blocks` (ascending) of `f`, checked against the object table.
+    /// Consecutive blocks' records lie back to back: each such run is read with one metadata
+    /// lookup, not one per block (a cold read plans thousands of blocks at a time).
+    pub(super) fn records(&self, f: &FileRef, blocks: &[u64]) -> Result<Vec<BlockRecord>, Local> {
         if Self::is_pushed(f) {
             return Err(fail(FailCause::Other, format!("{}: a pushed file's blocks come only from fills", f.label)));
         }
         let layout = FileMetaLayout::new(f.data.size);
-        let at = layout.record_offset(i);
-        let range = at..at + BLOCK_RECORD_SIZE as u64;
-        let mut bytes = [0; BLOCK_RECORD_SIZE];
-        self.meta_local_into(f, range.clone(), &mut bytes)?;
-        let bad = |what: String| {
-            // Unverified bytes from a server: forget the piece so it is fetched afresh.
-            self.drop_meta(f, range.clone());
-            fail(FailCause::Verification, format!("{}: block {i}: {what}", f.label))
-        };
-        let r = BlockRecord::decode(&bytes).map_err(|e| bad(format!("bad block record: {e}")))?;
-        if r.codec != Codec::Zero {
-            let size = self.object(r.object).map(|o| o.size);
-            if size.is_none_or(|s| r.range().end > s) {
-                return Err(bad("record points outside the image".into()));
+        let objects = self.objects.read().clone();
+        let mut out = Vec::with_capacity(blocks.len());
+        let mut bytes = Vec::new();
+        let mut k = 0;
+        while k < blocks.len() {
+            let mut end = k + 1;
+            while end < blocks.len() && blocks[end] == blocks[end - 1] + 1 {
+                end += 1;
             }
+            let at = layout.record_offset(blocks[k]);
+            bytes.resize((end - k) * BLOCK_RECORD_SIZE, 0);
+            self.meta_local_into(f, at..at + bytes.len() as u64, &mut bytes)?;
+            for (n, raw) in bytes.chunks_exact(BLOCK_RECORD_SIZE).enumerate() {
+                let i = blocks[k + n];
+                let bad = |what: String| {
+                    // Unverified bytes from a server: forget the piece so it is fetched afresh.
+                    let at = layout.record_offset(i);
+                    self.drop_meta(f, at..at + BLOCK_RECORD_SIZE as u64);
+                    fail(FailCause::Verification, format!("{}: block {i}: {what}", f.label))
+                };
+                let r = BlockRecord::decode(raw.try_into().expect("chunks of a record's size"))
+                    .map_err(|e| bad(format!("bad block record: {e}")))?;
+                if r.codec != Codec::Zero {
+                    let size = objects.get(r.object as usize).map(|o| o.size);
+                    if size.is_none_or(|s| r.range().end > s) {
+                        return Err(bad("record points outside the image".into()));
+                    }
+                }
+                out.push(r);
+            }
+            k = end;
         }
-        Ok(r)
+        Ok(out)
     }
 
     /// Cache a whole metadata region fetched along with other bytes (unverified, as any piece:

@@ -14,19 +14,14 @@ impl Reader {
         }
         let hashes: Vec<Hash> = leaves.iter().map(|(_, h)| *h).filter(|h| *h != self.zero_hash).collect();
         let stored = self.store.stored_among(&hashes);
-        let mut out = Vec::new();
-        let mut present = Vec::new();
-        for (i, leaf) in leaves {
-            if leaf == self.zero_hash || stored.contains(&leaf) {
-                present.push(i);
-                continue;
-            }
-            out.push((i, leaf, self.record(f, i)?));
-        }
+        let (present, todo): (Vec<_>, Vec<_>) =
+            leaves.into_iter().partition(|(_, leaf)| *leaf == self.zero_hash || stored.contains(leaf));
         if !present.is_empty() {
-            self.persist_presence(&f.key, present);
+            self.persist_presence(&f.key, present.into_iter().map(|(i, _)| i).collect());
         }
-        Ok(out)
+        let indices: Vec<u64> = todo.iter().map(|(i, _)| *i).collect();
+        let records = self.records(f, &indices)?;
+        Ok(todo.into_iter().zip(records).map(|((i, leaf), r)| (i, leaf, r)).collect())
     }
 }
 
