@@ -26,7 +26,7 @@ use rusqlite::{params, Connection, OptionalExtension};
 pub use journal::{FileKey, PRESENCE_CHUNK_BITS};
 pub use limit::Usage;
 use segments::Segments;
-pub use segments::{EvictHook, LimitState};
+pub use segments::{EvictHook, LimitState, Via};
 
 /// The cache layout this build writes: `PRAGMA user_version` of `store.db`. Version 1 (blocks,
 /// metadata and presence in SQLite tables) is migrated at open.
@@ -204,8 +204,9 @@ impl Store {
         blocks: &[(Hash, Codec, std::ops::Range<usize>)],
         present: Option<(&FileKey, &[u64])>,
         evict: bool,
+        via: Via,
     ) -> Result<(), StoreError> {
-        self.data.put_run(bytes, blocks, present, evict)
+        self.data.put_run(bytes, blocks, present, evict, via)
     }
 
     /// The cache limit in force and what it caused in this process.
@@ -266,7 +267,7 @@ impl Store {
             ranges.push((b.hash, b.codec, data.len()..data.len() + b.data.len()));
             data.extend_from_slice(b.data);
         }
-        self.data.put_run(&data, &ranges, None, false)
+        self.data.put_run(&data, &ranges, None, false, Via::Direct)
     }
 
     /// Pin content `key` (see [`segments::Segments::pin`]); returns the bytes it occupies.
@@ -773,7 +774,7 @@ mod tests {
         {
             let s = Store::open(dir.path()).unwrap();
             for (k, (bytes, blocks)) in runs.iter().enumerate() {
-                s.put_run(bytes, blocks, Some((&key, &[k as u64])), true).unwrap();
+                s.put_run(bytes, blocks, Some((&key, &[k as u64])), true, Via::Direct).unwrap();
             }
             check(&s);
         }
@@ -868,9 +869,9 @@ mod tests {
         let s = Store::open(dir.path()).unwrap();
         let (h, d) = block(1);
         let big = vec![0u8; 2 << 20];
-        let e = s.put_run(&big, &[(h, Codec::Raw, 0..big.len())], None, true).unwrap_err();
+        let e = s.put_run(&big, &[(h, Codec::Raw, 0..big.len())], None, true, Via::Direct).unwrap_err();
         assert!(matches!(e, StoreError::Full { .. }) && e.to_string().contains("incfs cache limit"), "{e}");
-        let e = s.put_run(&d, &[(h, Codec::Raw, 0..4096)], None, false);
+        let e = s.put_run(&d, &[(h, Codec::Raw, 0..4096)], None, false, Via::Direct);
         assert!(e.is_ok(), "room without evicting");
         assert!(s.has_room(4096).unwrap());
         assert!(!s.has_room(2 << 20).unwrap());

@@ -98,10 +98,18 @@ impl Reader {
         bytes: &[u8],
         blocks: &[(Hash, Codec, Range<usize>)],
         present: Vec<u64>,
-        evict: bool,
+        purpose: Purpose,
     ) -> Result<(), incfs_store::StoreError> {
+        // Background completion never evicts (it stops at the limit); reads and prefetching do.
+        let evict = purpose != Purpose::Complete;
+        // A run a reader waits on goes through the page cache (the reader is not held to the
+        // disk's write speed); background work is written direct (see `incfs_store::Via`).
+        let via = match purpose {
+            Purpose::Read => incfs_store::Via::PageCache,
+            Purpose::Prefetch | Purpose::Complete => incfs_store::Via::Direct,
+        };
         self.store_marking(key, present, blocks.is_empty(), |new| {
-            self.store.put_run(bytes, blocks, Some((key, new)), evict)
+            self.store.put_run(bytes, blocks, Some((key, new)), evict, via)
         })
     }
 
@@ -269,9 +277,7 @@ impl Reader {
         }
         let present: Vec<u64> = good.iter().map(|(i, _)| *i).collect();
         let blocks: Vec<(Hash, Codec, Range<usize>)> = good.into_iter().map(|(_, b)| b).collect();
-        // Background completion never evicts (it stops at the limit); reads and prefetching do.
-        let evict = purpose != Purpose::Complete;
-        match self.store_run(&f.key, bytes, &blocks, present, evict) {
+        match self.store_run(&f.key, bytes, &blocks, present, purpose) {
             Ok(()) => {
                 Stats::add(&self.stats.blocks_fetched, blocks.len() as u64);
                 // Only once written: a block served is a block kept, even if killed now.
