@@ -398,14 +398,13 @@ struct Writer {
     tail: u64,
 }
 
-/// Runs at least this long are written with `O_DIRECT`, at an offset and of a length rounded
-/// up to [`DIRECT_ALIGN`] (the gap and the padding are dead bytes, never indexed). A buffered
-/// write of a fetched run cost the daemon a copy into the page cache and ext4's delayed
-/// allocation per page (7-23% of its CPU on a cold read, and dirty-page throttling stalls);
-/// the device copies a direct write itself: 552 MiB in 2 MiB writes took 0.02 s of system time
-/// direct against 0.13-1.19 s buffered (measured on this VM). Small runs stay buffered: the
-/// padding would cost more than the copy saves. The bytes are read back through the page cache
-/// as before (the kernel drops cached pages a direct write overlaps).
+/// Writes at least this long made [`Via::Direct`] use `O_DIRECT`, at an offset and of a length
+/// rounded up to [`DIRECT_ALIGN`] (the gap and the padding are dead bytes, never indexed). A
+/// buffered write costs the daemon a copy into the page cache and ext4's delayed allocation per
+/// page (7% of its CPU on a cold read, half of it the copy); the device copies a direct write
+/// itself, but the writer waits for it. Small writes stay buffered: the padding would cost more
+/// than the copy saves. The bytes are read back through the page cache either way (the kernel
+/// drops cached pages a direct write overlaps).
 const DIRECT_MIN: usize = 128 << 10;
 /// How a large write reaches the segment.
 ///
@@ -415,7 +414,7 @@ const DIRECT_MIN: usize = 128 << 10;
 /// once the kernel holds the bytes (a `kill -9` of the daemon loses nothing; the kernel writes
 /// them back later): for a run a reader is waiting on, so that a cold read is not held to the
 /// local disk's write speed. On the bench's VM, where the server reads the same disk, the cold
-/// read of a 1 GiB file took 1.22-1.48 s so against 1.41-1.61 s direct, at the same daemon CPU.
+/// read of a 1 GiB file took 1.20-1.24 s against 1.39-1.46 s direct, at the same daemon CPU.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Via {
     Direct,

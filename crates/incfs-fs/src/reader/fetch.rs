@@ -137,7 +137,6 @@ impl Reader {
                     Some(s) if is_needed && !waits.last().is_some_and(|w: &SharedRun| w.ptr_eq(s)) => {
                         waits.push(s.clone())
                     }
-                    Some(_) if is_needed => {}
                     Some(_) => {}
                     None if !planned.insert(item.1) => {}
                     None if stored.contains(&item.1) => {}
