@@ -360,12 +360,17 @@ for r in $(seq "$RUNS"); do
   w_i+=("$R_T")
   echo "  run $r loopback, server's page cache warm: curl ${w_c[-1]} s ($C_BUSY cores busy), incfs ${R_T} s (daemon cpu ${R_CPU} s, $R_BUSY of $(nproc) cores busy)" >&2
 done
-t_c0=$(median "${c0_t[@]}") t_c20=$(median "${c20_t[@]}")
-t_i0=$(median "${i0_t[@]}") t_i20=$(median "${i20_t[@]}")
-b_c0=$(median "${c0_b[@]}") b_c20=$(median "${c20_b[@]}")
+t_c0=$(median "${c0_t[@]}") b_c0=$(median "${c0_b[@]}")
 row "1  cold sequential read, 1 GiB file (fresh mount, --background off)" "incfs" "curl" "ratio" ""
-for rtt in 0 20; do
-  if [ $rtt = 0 ]; then ti=$t_i0 tc=$t_c0 bc=$b_c0 lbl="loopback"; else ti=$t_i20 tc=$t_c20 bc=$b_c20 lbl="20 ms RTT"; fi
+# Three pairs: loopback, 20 ms RTT, and loopback with the server's files in the page cache.
+for pair in 0 20 warm; do
+  unset -n it ct cb
+  case $pair in
+    0) lbl="loopback"; declare -n it=i0_t ct=c0_t cb=c0_b ;;
+    20) lbl="20 ms RTT"; declare -n it=i20_t ct=c20_t cb=c20_b ;;
+    warm) lbl="loopback, server's page cache warm"; declare -n it=w_i ct=w_c cb=w_b ;;
+  esac
+  ti=$(median "${it[@]}") tc=$(median "${ct[@]}") bc=$(median "${cb[@]}")
   mi=$(mibps $big_bytes "$ti") mc=$(mibps "$bc" "$tc")
   row "   $lbl: MiB/s (incfs: of 1 GiB file; curl: of objects)" "$mi" "$mc" "$(ratio "$mi" "$mc")" "incfs/curl MiB/s"
   row "   $lbl: seconds (incfs: cat file; curl: all objects)" "$ti" "$tc" "$(ratio "$tc" "$ti")" "curl/incfs time"
@@ -374,15 +379,11 @@ for rtt in 0 20; do
   # 0.4-1.2 s between runs of one bench on a 2-core VM).
   pairs=()
   for k in $(seq 0 $((RUNS - 1))); do
-    if [ $rtt = 0 ]; then pt=${i0_t[$k]} pc=${c0_t[$k]} pb=${c0_b[$k]}; else pt=${i20_t[$k]} pc=${c20_t[$k]} pb=${c20_b[$k]}; fi
-    pairs+=("$(ratio "$(mibps $big_bytes "$pt")" "$(mibps "$pb" "$pc")")")
+    pairs+=("$(ratio "$(mibps $big_bytes "${it[$k]}")" "$(mibps "${cb[$k]}" "${ct[$k]}")")")
   done
   row "   $lbl: MiB/s ratio of each run's pair, median (runs: ${pairs[*]})" "" "" "$(median "${pairs[@]}")" "incfs/curl MiB/s"
 done
-pairs=()
-for k in $(seq 0 $((RUNS - 1))); do pairs+=("$(ratio "$(mibps $big_bytes "${w_i[$k]}")" "$(mibps "${w_b[$k]}" "${w_c[$k]}")")"); done
-row "   loopback, server's page cache warm: seconds" "$(median "${w_i[@]}")" "$(median "${w_c[@]}")" "$(ratio "$(median "${w_c[@]}")" "$(median "${w_i[@]}")")" "curl/incfs time"
-row "   the same, MiB/s ratio of each run's pair, median (runs: ${pairs[*]})" "" "" "$(median "${pairs[@]}")" "incfs/curl MiB/s"
+unset -n it ct cb
 note "1: the file is 1024 MiB (512 MiB random, 512 MiB text); curl fetched $(mib "$b_c0") MiB of objects (all ${#objects[@]}, stdlib included); incfs fetched $(mib "$(median "${i0_fetched[@]}")") MiB in $(median "${i0_req[@]}") requests at loopback, $(mib "$(median "${i20_fetched[@]}")") MiB in $(median "${i20_req[@]}") requests at 20 ms RTT"
 note "1: cores busy on average during each command (all processes, of $(nproc)), median: loopback curl $(median "${busy_c0[@]}"), incfs $(median "${busy_i0[@]}"); 20 ms RTT curl $(median "${busy_c20[@]}"), incfs $(median "${busy_i20[@]}") (near $(nproc): the machine's CPU, not the network, sets the pace)"
 cpu_i=$(median "${i0_cpu[@]}") cpu_c=$(median "${c0_cpu[@]}") hwm=$(median "${i0_hwm[@]}")
