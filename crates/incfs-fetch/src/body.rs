@@ -1,8 +1,9 @@
 //! Response bodies in page-aligned buffers, reused.
 //!
-//! The block store writes a fetched run with `O_DIRECT` as it was received: with the body's
-//! first byte on a page boundary it is written where it lies (only a partial last page is
-//! copied), where a body anywhere in memory was copied whole into an aligned buffer first.
+//! The block store writes a run fetched for background work with `O_DIRECT` as it was received
+//! (runs a reader waits on go through the page cache: `incfs_store::Via`): with the body's first
+//! byte on a page boundary it is written where it lies (only a partial last page is copied),
+//! where a body anywhere in memory was copied whole into an aligned buffer first.
 //! Buffers of run size are kept for reuse (a few): glibc maps every allocation of that size
 //! afresh, and the page faults of a fresh 2 MiB buffer per request cost ~4% of the daemon's CPU
 //! on a cold read, the copy another 2%.
